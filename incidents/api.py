@@ -1,0 +1,245 @@
+"""Ingestion and read endpoints. Thin: validate, call a service or selector, shape the answer."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from django.conf import settings
+from django.http import HttpRequest
+from ninja import Query, Router, Schema, Status
+from pydantic import ValidationError as PydanticValidationError
+
+from metaclaw_site.api import validation_errors
+from metaclaw_site.auth import admin_auth, ingest_auth, read_auth
+from metaclaw_site.pagination import paginate
+from metaclaw_site.services import DomainError
+
+from . import selectors, services
+from .schemas import (
+    BatchIn,
+    BatchItemResult,
+    BatchOut,
+    GroupOut,
+    GroupPage,
+    GroupStatusIn,
+    IncidentAccepted,
+    IncidentIn,
+    IncidentOut,
+    IncidentPage,
+    TrajectoryIn,
+)
+
+router = Router(tags=["incidents"])
+
+
+def _actor_label(request: HttpRequest) -> str:
+    return f"api-key:{request.api_key.prefix}"  # type: ignore[attr-defined]
+
+
+@router.post(
+    "/incidents",
+    auth=ingest_auth,
+    response={200: IncidentAccepted, 202: IncidentAccepted},
+    summary="Report one incident",
+)
+def post_incident(request: HttpRequest, payload: IncidentIn):
+    """Store one incident and group it. 202 when stored now; 200 with the stored incident when
+    this client id was seen before (nothing is stored twice)."""
+    (result,) = services.incidents_ingest(
+        project=request.project, items=[payload], actor_label=_actor_label(request)
+    )
+    body = IncidentAccepted(
+        id=result.incident_id,
+        client_id=result.client_id,
+        group_id=result.group_id,
+        status=result.status,
+        duplicate=result.duplicate,
+    )
+    return Status(200 if result.duplicate else 202, body)
+
+
+def _validate_items(
+    items: list[Any], schema: type
+) -> tuple[list[tuple[int, Any]], dict[int, list]]:
+    valid: list[tuple[int, Any]] = []
+    invalid: dict[int, list] = {}
+    for index, raw in enumerate(items):
+        try:
+            valid.append((index, schema.model_validate(raw)))
+        except PydanticValidationError as exc:
+            invalid[index] = validation_errors(exc.errors(include_url=False, include_input=False))
+    return valid, invalid
+
+
+def _check_batch_size(items: list[Any]) -> None:
+    limit = settings.METACLAW["BATCH_MAX_ITEMS"]
+    if len(items) > limit:
+        raise DomainError(f"A batch holds at most {limit} items; got {len(items)}.", field="items")
+
+
+@router.post(
+    "/incidents/batch",
+    auth=ingest_auth,
+    response={207: BatchOut},
+    summary="Report up to 1,000 incidents; per-item results",
+)
+def post_incident_batch(request: HttpRequest, payload: BatchIn):
+    """Each item is validated and stored on its own: good items are stored even when others
+    fail. Per-item status: 202 stored, 200 duplicate client id, 422 invalid (with errors)."""
+    _check_batch_size(payload.items)
+    valid, invalid = _validate_items(payload.items, IncidentIn)
+    stored = (
+        services.incidents_ingest(
+            project=request.project,
+            items=[item for _, item in valid],
+            actor_label=_actor_label(request),
+        )
+        if valid
+        else []
+    )
+    results: list[BatchItemResult] = [
+        BatchItemResult(index=index, status=422, errors=errors) for index, errors in invalid.items()
+    ]
+    for (index, _), result in zip(valid, stored, strict=True):
+        results.append(
+            BatchItemResult(
+                index=index,
+                status=200 if result.duplicate else 202,
+                id=result.incident_id,
+                client_id=result.client_id,
+                group_id=result.group_id,
+                duplicate=result.duplicate,
+            )
+        )
+    results.sort(key=lambda r: r.index)
+    duplicates = sum(1 for r in results if r.duplicate)
+    return Status(
+        207,
+        BatchOut(
+            accepted=len(stored) - duplicates,
+            duplicates=duplicates,
+            rejected=len(invalid),
+            results=results,
+        ),
+    )
+
+
+@router.post(
+    "/trajectories/batch",
+    auth=ingest_auth,
+    response={207: BatchOut},
+    tags=["trajectories"],
+    summary="Report ordinary turns for the slow loop; per-item results",
+)
+def post_trajectory_batch(request: HttpRequest, payload: BatchIn):
+    _check_batch_size(payload.items)
+    valid, invalid = _validate_items(payload.items, TrajectoryIn)
+    stored = (
+        services.trajectories_ingest(project=request.project, items=[item for _, item in valid])
+        if valid
+        else []
+    )
+    results = [
+        BatchItemResult(index=index, status=422, errors=errors) for index, errors in invalid.items()
+    ]
+    for (index, item), (trajectory_id, duplicate) in zip(valid, stored, strict=True):
+        results.append(
+            BatchItemResult(
+                index=index,
+                status=200 if duplicate else 202,
+                id=trajectory_id,
+                client_id=item.id,
+                duplicate=duplicate,
+            )
+        )
+    results.sort(key=lambda r: r.index)
+    duplicates = sum(1 for r in results if r.duplicate)
+    return Status(
+        207,
+        BatchOut(
+            accepted=len(stored) - duplicates,
+            duplicates=duplicates,
+            rejected=len(invalid),
+            results=results,
+        ),
+    )
+
+
+class IncidentFilter(Schema):
+    status: str | None = None
+    kind: str | None = None
+    agent: str | None = None
+    group: int | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    cursor: str | None = None
+    limit: int = 50
+
+
+class GroupFilter(Schema):
+    status: str | None = None
+    kind: str | None = None
+    agent: str | None = None
+    synthesis_status: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    cursor: str | None = None
+    limit: int = 50
+
+
+def _limit(value: int) -> int:
+    if not 1 <= value <= 200:
+        raise DomainError("limit must be between 1 and 200.", field="limit")
+    return value
+
+
+@router.get("/incidents", auth=read_auth, response=IncidentPage, summary="List incidents")
+def list_incidents(request: HttpRequest, filters: Query[IncidentFilter]):
+    qs = selectors.incidents_for_project(
+        request.project,
+        status=filters.status,
+        kind=filters.kind,
+        agent=filters.agent,
+        group_id=filters.group,
+        since=filters.since,
+        until=filters.until,
+    )
+    items, next_cursor = paginate(
+        qs, time_field="occurred_at", cursor=filters.cursor, limit=_limit(filters.limit)
+    )
+    return {"items": items, "next_cursor": next_cursor}
+
+
+@router.get("/incidents/{incident_id}", auth=read_auth, response=IncidentOut)
+def get_incident(request: HttpRequest, incident_id: UUID):
+    return selectors.incident_for_project(request.project, incident_id)
+
+
+@router.get("/groups", auth=read_auth, response=GroupPage, summary="List incident groups")
+def list_groups(request: HttpRequest, filters: Query[GroupFilter]):
+    qs = selectors.groups_for_project(
+        request.project,
+        status=filters.status,
+        kind=filters.kind,
+        agent=filters.agent,
+        synthesis_status=filters.synthesis_status,
+        since=filters.since,
+        until=filters.until,
+    )
+    items, next_cursor = paginate(
+        qs, time_field="last_seen", cursor=filters.cursor, limit=_limit(filters.limit)
+    )
+    return {"items": items, "next_cursor": next_cursor}
+
+
+@router.get("/groups/{group_id}", auth=read_auth, response=GroupOut)
+def get_group(request: HttpRequest, group_id: int):
+    return selectors.group_for_project(request.project, group_id)
+
+
+@router.post("/groups/{group_id}/status", auth=admin_auth, response=GroupOut)
+def set_group_status(request: HttpRequest, group_id: int, payload: GroupStatusIn):
+    group = selectors.group_for_project(request.project, group_id)
+    return services.group_set_status(group=group, status=payload.status, actor=None)

@@ -1,0 +1,129 @@
+"""The single NinjaAPI: every app's router is mounted here (the composition root)."""
+
+from __future__ import annotations
+
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponse
+from ninja import NinjaAPI
+from ninja.errors import AuthenticationError, HttpError, ValidationError
+
+from .auth import RateLimited, ScopeDenied
+from .services import Conflict, DomainError, NotFound, PermissionDenied
+
+api = NinjaAPI(
+    title="MetaClaw API",
+    version="1",
+    description=(
+        "Agents report failures and turns; MetaClaw turns them into reviewed skills and LoRA "
+        "adapters, served as versioned policies. Authenticate with `Authorization: Bearer <key>`."
+    ),
+    urls_namespace="api",
+)
+
+
+def _field_name(loc: list | tuple) -> str:
+    # ninja prefixes locations with the parameter source ("body", "query", payload name).
+    parts = [str(p) for p in loc]
+    while parts and parts[0] in {"body", "query", "path", "header", "payload", "item", "items"}:
+        if parts[0] == "items" and len(parts) > 1 and parts[1].isdigit():
+            break
+        parts = parts[1:]
+    return ".".join(parts) or "body"
+
+
+def validation_errors(errors: list[dict]) -> list[dict]:
+    return [
+        {
+            "field": _field_name(err.get("loc", ())),
+            "message": err.get("msg", "invalid"),
+            "type": err.get("type", "value_error"),
+        }
+        for err in errors
+    ]
+
+
+@api.exception_handler(ValidationError)
+def on_validation_error(request: HttpRequest, exc: ValidationError) -> HttpResponse:
+    return api.create_response(
+        request,
+        {"detail": "Invalid input.", "code": "invalid", "errors": validation_errors(exc.errors)},
+        status=422,
+    )
+
+
+@api.exception_handler(AuthenticationError)
+def on_auth_error(request: HttpRequest, exc: AuthenticationError) -> HttpResponse:
+    response = api.create_response(
+        request,
+        {
+            "detail": "A valid API key is required (Authorization: Bearer <key>).",
+            "code": "unauthorized",
+        },
+        status=401,
+    )
+    response["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+@api.exception_handler(ScopeDenied)
+def on_scope_denied(request: HttpRequest, exc: ScopeDenied) -> HttpResponse:
+    return api.create_response(request, {"detail": str(exc), "code": "forbidden"}, status=403)
+
+
+@api.exception_handler(RateLimited)
+def on_rate_limited(request: HttpRequest, exc: RateLimited) -> HttpResponse:
+    response = api.create_response(
+        request,
+        {"detail": str(exc), "code": "rate_limited", "retry_after": exc.retry_after},
+        status=429,
+    )
+    response["Retry-After"] = str(exc.retry_after)
+    return response
+
+
+@api.exception_handler(RequestDataTooBig)
+def on_too_big(request: HttpRequest, exc: RequestDataTooBig) -> HttpResponse:
+    return api.create_response(
+        request, {"detail": "Request body too large.", "code": "payload_too_large"}, status=413
+    )
+
+
+@api.exception_handler(DomainError)
+def on_domain_error(request: HttpRequest, exc: DomainError) -> HttpResponse:
+    status = 400
+    if isinstance(exc, NotFound):
+        status = 404
+    elif isinstance(exc, Conflict):
+        status = 409
+    elif isinstance(exc, PermissionDenied):
+        status = 403
+    elif exc.field:
+        status = 422
+    body: dict = {"detail": str(exc), "code": exc.code}
+    if exc.field:
+        body["errors"] = [{"field": exc.field, "message": str(exc), "type": exc.code}]
+    return api.create_response(request, body, status=status)
+
+
+@api.exception_handler(HttpError)
+def on_http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
+    return api.create_response(
+        request, {"detail": str(exc), "code": "error"}, status=exc.status_code
+    )
+
+
+def _mount_routers() -> None:
+    from incidents.api import router as incidents_router
+
+    api.add_router("/", incidents_router)
+    for module_name in ("skills.api", "training.api"):
+        try:
+            module = __import__(module_name, fromlist=["router"])
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        api.add_router("/", module.router)
+
+
+_mount_routers()

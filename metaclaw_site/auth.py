@@ -1,0 +1,61 @@
+"""API key authentication for django-ninja, with scopes and a per-key rate limit."""
+
+from __future__ import annotations
+
+import time
+
+from django.conf import settings
+from django.http import HttpRequest
+from ninja.security import HttpBearer
+
+from . import counters
+from .models import ApiKey
+from .services import api_key_authenticate
+
+
+class ScopeDenied(Exception):
+    def __init__(self, scope: str) -> None:
+        super().__init__(f"This API key lacks the '{scope}' scope.")
+        self.scope = scope
+
+
+class RateLimited(Exception):
+    def __init__(self, retry_after: int, limit: int) -> None:
+        super().__init__(f"Rate limit of {limit} requests per minute exceeded.")
+        self.retry_after = retry_after
+        self.limit = limit
+
+
+def check_key(request: HttpRequest, token: str, scopes: tuple[str, ...]) -> ApiKey | None:
+    """Authenticate ``token`` for any of ``scopes``, count the request, apply the rate limit.
+    Sets ``request.api_key`` and ``request.project``."""
+    api_key = api_key_authenticate(token.strip())
+    if api_key is None:
+        return None
+    if not any(api_key.has_scope(scope) for scope in scopes):
+        raise ScopeDenied(scopes[0])
+    now = time.time()
+    count = counters.hit(key_id=api_key.pk, project_id=api_key.project_id, now=now)
+    limit = api_key.project.rate_limit_per_minute or settings.METACLAW["RATE_LIMIT_PER_MINUTE"]
+    if count > limit:
+        raise RateLimited(retry_after=max(1, 60 - int(now) % 60), limit=limit)
+    request.api_key = api_key  # type: ignore[attr-defined]
+    request.project = api_key.project  # type: ignore[attr-defined]
+    return api_key
+
+
+class ApiKeyAuth(HttpBearer):
+    """``Authorization: Bearer mc_...`` with one of the given scopes."""
+
+    def __init__(self, *scopes: str) -> None:
+        super().__init__()
+        self.scopes = scopes
+
+    def authenticate(self, request: HttpRequest, token: str) -> ApiKey | None:
+        return check_key(request, token, self.scopes)
+
+
+ingest_auth = ApiKeyAuth("ingest")
+read_auth = ApiKeyAuth("ingest", "admin")
+runtime_auth = ApiKeyAuth("runtime")
+admin_auth = ApiKeyAuth("admin")

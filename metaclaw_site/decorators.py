@@ -1,0 +1,44 @@
+"""Role checks for pages: every project page goes through ``project_view``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import wraps
+
+from django.contrib.auth.decorators import login_required
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseForbidden
+from django.template.loader import render_to_string
+
+from .middleware import CurrentProjectMiddleware
+from .models import Role
+from .selectors import project_for_user
+from .services import NotFound, PermissionDenied
+
+
+def project_view(role: str = Role.VIEWER) -> Callable:
+    """Resolve ``project_slug`` to ``request.project`` / ``request.membership`` for a member
+    with at least ``role``; 404 for non-members (no leak), 403 for a too-low role."""
+
+    def decorator(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+        @login_required
+        @wraps(view)
+        def wrapper(request: HttpRequest, project_slug: str, *args, **kwargs) -> HttpResponse:
+            try:
+                project, membership = project_for_user(
+                    user=request.user, slug=project_slug, role=role
+                )
+            except NotFound as exc:
+                raise Http404(str(exc)) from exc
+            except PermissionDenied as exc:
+                return HttpResponseForbidden(
+                    render_to_string("403.html", {"message": str(exc)}, request=request)
+                )
+            request.project = project  # type: ignore[attr-defined]
+            request.membership = membership  # type: ignore[attr-defined]
+            request.current_project = project  # type: ignore[attr-defined]
+            request.session[CurrentProjectMiddleware.SESSION_KEY] = project.slug
+            return view(request, *args, **kwargs)
+
+        return wrapper
+
+    return decorator

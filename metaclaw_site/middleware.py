@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse
+
+from .models import Project
+
+
+class ApiBodyLimitMiddleware:
+    """Answer 413 with a JSON body before reading an over-large API request."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        limit = self._limit_for(request.path)
+        if limit is not None:
+            try:
+                length = int(request.META.get("CONTENT_LENGTH") or 0)
+            except ValueError:
+                length = 0
+            if length > limit:
+                return JsonResponse(
+                    {
+                        "detail": f"Request body too large: {length} bytes, the limit is {limit}.",
+                        "code": "payload_too_large",
+                        "limit_bytes": limit,
+                    },
+                    status=413,
+                )
+        return self.get_response(request)
+
+    @staticmethod
+    def _limit_for(path: str) -> int | None:
+        conf = settings.METACLAW
+        if path.startswith("/api/") and path.endswith("/batch"):
+            return conf["BATCH_MAX_BODY_BYTES"]
+        if path.startswith("/api/"):
+            return conf["INGEST_MAX_BODY_BYTES"]
+        return None
+
+
+class CurrentProjectMiddleware:
+    """Remember the project a signed-in person is looking at (the project switcher)."""
+
+    SESSION_KEY = "current_project_slug"
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        request.current_project = None  # type: ignore[attr-defined]
+        user = getattr(request, "user", None)
+        if user is not None and user.is_authenticated and not request.path.startswith("/api/"):
+            from .selectors import projects_for_user
+
+            projects = projects_for_user(user)
+            slug = request.session.get(self.SESSION_KEY)
+            project: Project | None = projects.filter(slug=slug).first() if slug else None
+            if project is None:
+                project = projects.order_by("name").first()
+            request.current_project = project  # type: ignore[attr-defined]
+        return self.get_response(request)

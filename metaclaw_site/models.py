@@ -1,0 +1,145 @@
+"""Tenancy (projects, memberships, API keys) and the append-only audit log."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+
+class Project(models.Model):
+    name = models.CharField(max_length=200)
+    slug = models.SlugField(max_length=64, unique=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    # Ingestion
+    rate_limit_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Requests per minute per API key; empty = site default."
+    )
+    # Review and approval
+    require_second_approver = models.BooleanField(
+        default=False, help_text="A skill revision goes live only after two different reviewers."
+    )
+    approval_link_ttl_hours = models.PositiveIntegerField(default=72)
+    approval_links_require_login = models.BooleanField(default=False)
+    # Fast loop
+    llm_daily_token_budget = models.PositiveIntegerField(
+        default=0, help_text="Tokens in + out per day for skill synthesis; 0 = unlimited."
+    )
+    # Integrations (secrets are write-only in the UI)
+    slack_webhook_url = models.URLField(blank=True, default="")
+    slack_signing_secret = models.CharField(max_length=200, blank=True, default="")
+    webhook_url = models.URLField(blank=True, default="")
+    webhook_secret = models.CharField(max_length=200, blank=True, default="")
+    notify_emails = models.TextField(blank=True, default="", help_text="One address a line.")
+    # Runtime
+    upstream_base_url = models.URLField(blank=True, default="")
+    upstream_api_key = models.CharField(max_length=500, blank=True, default="")
+    upstream_model_map = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Role(models.TextChoices):
+    VIEWER = "viewer", "Viewer"
+    REVIEWER = "reviewer", "Reviewer"
+    ADMIN = "admin", "Admin"
+
+
+ROLE_RANK = {Role.VIEWER: 1, Role.REVIEWER: 2, Role.ADMIN: 3}
+
+
+class Membership(models.Model):
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships"
+    )
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.VIEWER)
+    slack_user_id = models.CharField(max_length=64, blank=True, default="", db_index=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "project"], name="membership_unique_user"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} @ {self.project} ({self.role})"
+
+    def has_role(self, role: str) -> bool:
+        return ROLE_RANK[Role(self.role)] >= ROLE_RANK[Role(role)]
+
+
+class ApiKeyScope(models.TextChoices):
+    INGEST = "ingest", "Ingest"
+    RUNTIME = "runtime", "Runtime"
+    ADMIN = "admin", "Admin"
+
+
+class ApiKey(models.Model):
+    """A project's API key. Only a SHA-256 hash of the secret is stored; ``prefix`` is the
+    visible part people use to tell keys apart (and the index we look keys up by)."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=200)
+    prefix = models.CharField(max_length=16, unique=True)
+    hashed_secret = models.CharField(max_length=64)
+    scopes = models.JSONField(default=list)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in self.scopes
+
+
+class AuditEvent(models.Model):
+    """Append-only: nothing updates or deletes these rows (the admin is read-only)."""
+
+    project = models.ForeignKey(
+        Project, null=True, blank=True, on_delete=models.CASCADE, related_name="audit_events"
+    )
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    # Who acted when there is no user: "api-key:mc_ab12", "system", "slack:U123".
+    actor_label = models.CharField(max_length=200, blank=True, default="")
+    action = models.CharField(max_length=100, db_index=True)
+    object_type = models.CharField(max_length=100, blank=True, default="")
+    object_id = models.CharField(max_length=64, blank=True, default="")
+    object_repr = models.CharField(max_length=300, blank=True, default="")
+    before = models.JSONField(null=True, blank=True)
+    after = models.JSONField(null=True, blank=True)
+    message = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["project", "-created_at", "-id"], name="audit_project_recent")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.object_type}:{self.object_id}"
+
+    def save(self, *args, **kwargs) -> None:
+        if self.pk is not None:
+            raise RuntimeError("Audit events are append-only.")
+        super().save(*args, **kwargs)

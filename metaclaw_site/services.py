@@ -1,0 +1,216 @@
+"""Tenancy and audit services: the only code that writes projects, memberships, keys and
+audit events."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.db import transaction
+from django.utils import timezone
+from django.utils.text import slugify
+
+from .models import ApiKey, ApiKeyScope, AuditEvent, Membership, Project, Role
+
+KEY_PREFIX = "mc_"
+VALID_SCOPES = {choice.value for choice in ApiKeyScope}
+
+
+class DomainError(Exception):
+    """A business rule refused the action. ``code`` is stable; the message is for people."""
+
+    code = "refused"
+
+    def __init__(self, message: str, *, code: str | None = None, field: str | None = None) -> None:
+        super().__init__(message)
+        if code:
+            self.code = code
+        self.field = field
+
+
+class NotFound(DomainError):
+    code = "not_found"
+
+
+class Conflict(DomainError):
+    """The object is not in a state that allows this action (someone else acted first...)."""
+
+    code = "conflict"
+
+
+class PermissionDenied(DomainError):
+    code = "forbidden"
+
+
+def audit_record(
+    *,
+    action: str,
+    project: Project | None = None,
+    actor: Any = None,
+    actor_label: str = "",
+    obj: Any = None,
+    before: dict | None = None,
+    after: dict | None = None,
+    message: str = "",
+) -> AuditEvent:
+    """Append one audit event. Call it inside the transaction that made the change."""
+    if actor is not None and not getattr(actor, "is_authenticated", False):
+        actor = None
+    if not actor_label:
+        actor_label = actor.get_username() if actor is not None else "system"
+    return AuditEvent.objects.create(
+        project=project,
+        actor=actor,
+        actor_label=actor_label[:200],
+        action=action,
+        object_type=obj._meta.label_lower if obj is not None else "",
+        object_id=str(obj.pk) if obj is not None else "",
+        object_repr=str(obj)[:300] if obj is not None else "",
+        before=before,
+        after=after,
+        message=message,
+    )
+
+
+@transaction.atomic
+def project_create(*, name: str, slug: str = "", actor: Any = None) -> Project:
+    slug = slugify(slug or name)[:64]
+    if not slug:
+        raise DomainError("A project needs a name.", field="name")
+    if Project.objects.filter(slug=slug).exists():
+        raise Conflict(f"A project with the slug '{slug}' exists already.", field="slug")
+    project = Project.objects.create(name=name, slug=slug)
+    audit_record(action="project.create", project=project, actor=actor, obj=project)
+    return project
+
+
+@transaction.atomic
+def membership_set(*, project: Project, user: Any, role: str, actor: Any = None) -> Membership:
+    """Add ``user`` to ``project`` with ``role``, or change the role of an existing member."""
+    if role not in Role.values:
+        raise DomainError(f"Unknown role '{role}'.", field="role")
+    membership, created = Membership.objects.select_for_update().get_or_create(
+        project=project, user=user, defaults={"role": role}
+    )
+    before = None if created else {"role": membership.role}
+    if not created and membership.role != role:
+        membership.role = role
+        membership.save(update_fields=["role"])
+    audit_record(
+        action="membership.set",
+        project=project,
+        actor=actor,
+        obj=membership,
+        before=before,
+        after={"role": role, "user": user.get_username()},
+    )
+    return membership
+
+
+@transaction.atomic
+def membership_remove(*, project: Project, user: Any, actor: Any = None) -> None:
+    deleted, _ = Membership.objects.filter(project=project, user=user).delete()
+    if deleted:
+        audit_record(
+            action="membership.remove",
+            project=project,
+            actor=actor,
+            before={"user": user.get_username()},
+        )
+
+
+def user_create(*, username: str, password: str, email: str = "", is_staff: bool = False) -> Any:
+    user_model = get_user_model()
+    user = user_model(username=username, email=email, is_staff=is_staff, is_superuser=is_staff)
+    user.set_password(password)
+    user.save()
+    return user
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    api_key: ApiKey
+    secret: str  # the full key; shown once and never stored
+
+
+def _hash_secret(secret: str) -> str:
+    # Keys carry 190+ bits of randomness, so a fast hash is safe here (no need for a KDF).
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@transaction.atomic
+def api_key_create(
+    *, project: Project, name: str, scopes: list[str], actor: Any = None
+) -> IssuedKey:
+    scopes = sorted(set(scopes))
+    unknown = set(scopes) - VALID_SCOPES
+    if not scopes or unknown:
+        raise DomainError(
+            f"Scopes must be a non-empty subset of {sorted(VALID_SCOPES)}.", field="scopes"
+        )
+    if not name.strip():
+        raise DomainError("A key needs a name.", field="name")
+    prefix = secrets.token_hex(4)
+    secret = f"{KEY_PREFIX}{prefix}_{secrets.token_urlsafe(32)}"
+    api_key = ApiKey.objects.create(
+        project=project,
+        name=name.strip(),
+        prefix=prefix,
+        hashed_secret=_hash_secret(secret),
+        scopes=scopes,
+        created_by=actor if getattr(actor, "is_authenticated", False) else None,
+    )
+    audit_record(
+        action="api_key.create",
+        project=project,
+        actor=actor,
+        obj=api_key,
+        after={"name": api_key.name, "prefix": prefix, "scopes": scopes},
+    )
+    return IssuedKey(api_key=api_key, secret=secret)
+
+
+@transaction.atomic
+def api_key_revoke(*, api_key: ApiKey, actor: Any = None) -> ApiKey:
+    api_key = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+    if api_key.revoked_at is not None:
+        raise Conflict("This key is revoked already.")
+    api_key.revoked_at = timezone.now()
+    api_key.save(update_fields=["revoked_at"])
+    audit_record(
+        action="api_key.revoke",
+        project=api_key.project,
+        actor=actor,
+        obj=api_key,
+        before={"revoked": False},
+        after={"revoked": True},
+    )
+    return api_key
+
+
+def api_key_authenticate(secret: str) -> ApiKey | None:
+    """The active key matching ``secret`` with its project loaded, or None.
+
+    Also stamps ``last_used_at``, at most once a minute per key, with a conditional UPDATE so
+    busy keys do not turn every request into a write."""
+    if not secret.startswith(KEY_PREFIX):
+        return None
+    prefix, _, rest = secret[len(KEY_PREFIX) :].partition("_")
+    if not prefix or not rest:
+        return None
+    api_key = (
+        ApiKey.objects.select_related("project")
+        .filter(prefix=prefix, revoked_at__isnull=True)
+        .first()
+    )
+    if api_key is None or not hmac.compare_digest(api_key.hashed_secret, _hash_secret(secret)):
+        return None
+    now = timezone.now()
+    if api_key.last_used_at is None or (now - api_key.last_used_at).total_seconds() > 60:
+        ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
+        api_key.last_used_at = now
+    return api_key

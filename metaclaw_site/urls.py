@@ -1,0 +1,31 @@
+"""URL configuration: the composition root that mounts every app."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.urls import include, path
+
+from . import views
+from .api import api
+
+urlpatterns = [
+    path("", views.home, name="home"),
+    path("healthz", views.healthz, name="healthz"),
+    path("login/", auth_views.LoginView.as_view(), name="login"),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("switch-project/", views.switch_project, name="switch_project"),
+    path("admin/", admin.site.urls),
+    path("api/v1/", api.urls),
+    path("p/<slug:project_slug>/", include("incidents.urls")),
+]
+
+# Optional app URL modules (pages of the skills and training apps, approval links, the proxy).
+for _module in ("skills.urls", "training.urls"):
+    try:
+        __import__(_module)
+    except ModuleNotFoundError as exc:
+        if exc.name != _module:
+            raise
+        continue
+    urlpatterns.append(path("", include(_module)))

@@ -1,0 +1,41 @@
+from django.contrib import admin
+
+from .models import ApprovalRequest, LlmUsage, PolicyVersion, Release, Skill, SkillRevision
+
+
+@admin.register(Skill)
+class SkillAdmin(admin.ModelAdmin):
+    list_display = ("slug", "project", "category", "created_at")
+    list_filter = ("category", "project")
+
+
+@admin.register(SkillRevision)
+class SkillRevisionAdmin(admin.ModelAdmin):
+    list_display = ("skill", "number", "name", "status", "author", "origin", "created_at")
+    list_filter = ("status", "author", "origin")
+    raw_id_fields = ("skill", "parent", "source_groups", "source_incidents")
+
+
+@admin.register(PolicyVersion)
+class PolicyVersionAdmin(admin.ModelAdmin):
+    list_display = ("number", "project", "status", "base_model", "adapter_ref", "created_at")
+    list_filter = ("status", "project")
+    raw_id_fields = ("parent", "revisions")
+
+
+@admin.register(Release)
+class ReleaseAdmin(admin.ModelAdmin):
+    list_display = ("created_at", "project", "kind", "from_version", "to_version", "actor_label")
+    list_filter = ("kind", "project")
+
+
+@admin.register(ApprovalRequest)
+class ApprovalRequestAdmin(admin.ModelAdmin):
+    list_display = ("action", "project", "addressee", "expires_at", "used_at", "outcome")
+    list_filter = ("action", "outcome")
+    exclude = ("token_hash",)
+
+
+@admin.register(LlmUsage)
+class LlmUsageAdmin(admin.ModelAdmin):
+    list_display = ("project", "day", "calls", "tokens_in", "tokens_out")

@@ -1,0 +1,15 @@
+"""What the skills app announces. Sent after commit unless noted.
+
+- ``revision_proposed(revision)``: a new proposed revision awaits review (notifications).
+- ``revision_decided(revision, outcome, actor_label)``: approved / rejected / superseded.
+- ``version_candidate_created(version)``: a candidate policy version awaits promotion.
+- ``active_version_changed(project_id, version_id)``: promotion, approval or rollback made
+  another version active (runtime caches invalidate on it).
+"""
+
+from django.dispatch import Signal
+
+revision_proposed = Signal()
+revision_decided = Signal()
+version_candidate_created = Signal()
+active_version_changed = Signal()

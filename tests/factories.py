@@ -1,0 +1,91 @@
+"""Test data builders. They go through services, as the product does."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+from django.contrib.auth import get_user_model
+
+from metaclaw_site import services
+from metaclaw_site.models import Project
+
+_seq = itertools.count(1)
+
+
+def make_project(name: str | None = None, **fields: Any) -> Project:
+    n = next(_seq)
+    project = services.project_create(name=name or f"Project {n}", slug=f"{(name or 'project')}-{n}")
+    if fields:
+        Project.objects.filter(pk=project.pk).update(**fields)
+        project.refresh_from_db()
+    return project
+
+
+def make_user(username: str | None = None, password: str = "pw-for-tests-123", **extra: Any):
+    username = username or f"user{next(_seq)}"
+    return services.user_create(username=username, password=password, **extra)
+
+
+def make_member(project: Project, role: str = "viewer", username: str | None = None):
+    user = make_user(username)
+    services.membership_set(project=project, user=user, role=role)
+    return user
+
+
+def make_key(project: Project, scopes: list[str] | None = None, name: str = "test key") -> str:
+    return services.api_key_create(
+        project=project, name=name, scopes=scopes or ["ingest", "runtime"]
+    ).secret
+
+
+def incident_payload(client_id: str | None = None, **overrides: Any) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "id": client_id or f"inc-{next(_seq)}",
+        "agent": {"name": "support-bot", "version": "1.0"},
+        "kind": "tool_error",
+        "severity": "high",
+        "error": {
+            "type": "ToolArgumentError",
+            "message": "search_orders: invalid value 'last week' for 'since' (request 4411)",
+        },
+        "messages": [
+            {"role": "user", "content": "Where is my order?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "search_orders", "arguments": '{"since": "last week"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "error: bad date"},
+        ],
+        "feedback": {"text": "It failed", "score": 1},
+        "metadata": {"region": "eu"},
+    }
+    payload.update(overrides)
+    return payload
+
+
+class ApiClient:
+    def __init__(self, client) -> None:
+        self.client = client
+
+    def _headers(self, key: str | None) -> dict[str, str]:
+        return {"HTTP_AUTHORIZATION": f"Bearer {key}"} if key else {}
+
+    def post(self, path: str, body: Any, key: str | None = None, raw: bool = False):
+        data = body if raw else json.dumps(body)
+        return self.client.post(path, data=data, content_type="application/json", **self._headers(key))
+
+    def get(self, path: str, key: str | None = None, **params: Any):
+        return self.client.get(path, data=params, **self._headers(key))
+
+
+def user_model():
+    return get_user_model()
