@@ -242,4 +242,6 @@ def get_group(request: HttpRequest, group_id: int):
 @router.post("/groups/{group_id}/status", auth=admin_auth, response=GroupOut)
 def set_group_status(request: HttpRequest, group_id: int, payload: GroupStatusIn):
     group = selectors.group_for_project(request.project, group_id)
-    return services.group_set_status(group=group, status=payload.status, actor=None)
+    return services.group_set_status(
+        group=group, status=payload.status, actor=None, actor_label=_actor_label(request)
+    )

@@ -151,6 +151,9 @@ def _upsert_groups(project: Project, incidents: list[Incident], now: datetime) -
                 agg["severity"] = incident.severity
 
     rows: list[Any] = []
+    # Rows in fingerprint order: concurrent batches then lock groups in the same order and
+    # cannot deadlock each other.
+    aggregates = dict(sorted(aggregates.items()))
     for fp, agg in aggregates.items():
         inc: Incident = agg["incident"]
         rows.extend(
@@ -236,7 +239,10 @@ def incidents_ingest(
             groups = _upsert_groups(project, [inc for _, inc in fresh], now)
             for _, inc in fresh:
                 inc.group_id = groups[inc.fingerprint]["id"]
-            Incident.objects.bulk_create([inc for _, inc in fresh], ignore_conflicts=True)
+            Incident.objects.bulk_create(
+                sorted((inc for _, inc in fresh), key=lambda inc: inc.client_id),
+                ignore_conflicts=True,
+            )
             stored = dict(
                 Incident.objects.filter(
                     project=project, client_id__in=[inc.client_id for _, inc in fresh]
@@ -385,7 +391,9 @@ _INCIDENT_STATUS_FOR_GROUP = {
 
 
 @transaction.atomic
-def group_set_status(*, group: IncidentGroup, status: str, actor: Any) -> IncidentGroup:
+def group_set_status(
+    *, group: IncidentGroup, status: str, actor: Any, actor_label: str = ""
+) -> IncidentGroup:
     """Resolve, ignore or reopen a group (a person's decision)."""
     group = IncidentGroup.objects.select_for_update().get(pk=group.pk)
     allowed_from = _GROUP_TRANSITIONS.get(status)
@@ -405,6 +413,7 @@ def group_set_status(*, group: IncidentGroup, status: str, actor: Any) -> Incide
         action=f"incident_group.{status}",
         project=group.project,
         actor=actor,
+        actor_label=actor_label,
         obj=group,
         before={"status": before},
         after={"status": status},

@@ -3,4 +3,9 @@ import os
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "metaclaw_site.settings")
-application = get_asgi_application()
+django_application = get_asgi_application()
+
+# The proxy's hot path skips Django's middleware stack (see skills.proxy.fast_lane).
+from skills.proxy import fast_lane  # noqa: E402
+
+application = fast_lane(django_application)

@@ -12,7 +12,11 @@ def current_project(request: HttpRequest) -> dict[str, Any]:
     from .selectors import membership_for, projects_for_user
 
     project = getattr(request, "current_project", None)
-    membership = membership_for(user=user, project=project) if project else None
+    if project is not None and not project:  # an empty lazy object: no project at all
+        project = None
+    membership = getattr(request, "membership", None)
+    if project is not None and (membership is None or membership.project_id != project.pk):
+        membership = membership_for(user=user, project=project)
     return {
         "current_project": project,
         "current_membership": membership,

@@ -36,7 +36,8 @@ def project_view(role: str = Role.VIEWER) -> Callable:
             request.project = project  # type: ignore[attr-defined]
             request.membership = membership  # type: ignore[attr-defined]
             request.current_project = project  # type: ignore[attr-defined]
-            request.session[CurrentProjectMiddleware.SESSION_KEY] = project.slug
+            if request.session.get(CurrentProjectMiddleware.SESSION_KEY) != project.slug:
+                request.session[CurrentProjectMiddleware.SESSION_KEY] = project.slug
             return view(request, *args, **kwargs)
 
         return wrapper

@@ -4,6 +4,7 @@ from collections.abc import Callable
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils.functional import SimpleLazyObject
 
 from .models import Project
 
@@ -51,15 +52,17 @@ class CurrentProjectMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
-        request.current_project = None  # type: ignore[attr-defined]
-        user = getattr(request, "user", None)
-        if user is not None and user.is_authenticated and not request.path.startswith("/api/"):
-            from .selectors import projects_for_user
-
-            projects = projects_for_user(user)
-            slug = request.session.get(self.SESSION_KEY)
-            project: Project | None = projects.filter(slug=slug).first() if slug else None
-            if project is None:
-                project = projects.order_by("name").first()
-            request.current_project = project  # type: ignore[attr-defined]
+        # Lazy: project pages set it from their URL, so most requests never run this query.
+        request.current_project = SimpleLazyObject(lambda: self._project(request))  # type: ignore[attr-defined]
         return self.get_response(request)
+
+    def _project(self, request: HttpRequest) -> Project | None:
+        user = getattr(request, "user", None)
+        if user is None or not user.is_authenticated:
+            return None
+        from .selectors import projects_for_user
+
+        projects = projects_for_user(user)
+        slug = request.session.get(self.SESSION_KEY)
+        project = projects.filter(slug=slug).first() if slug else None
+        return project or projects.order_by("name").first()

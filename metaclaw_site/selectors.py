@@ -48,3 +48,56 @@ def api_keys_for_project(project: Project) -> QuerySet[ApiKey]:
 
 def audit_events_for_project(project: Project) -> QuerySet[AuditEvent]:
     return AuditEvent.objects.filter(project=project).select_related("actor")
+
+
+def memberships_for_project(project: Project) -> QuerySet[Membership]:
+    return (
+        Membership.objects.filter(project=project).select_related("user").order_by("user__username")
+    )
+
+
+def audit_events_filtered(
+    project: Project,
+    *,
+    action: str = "",
+    actor: str = "",
+    object_type: str = "",
+    since: Any = None,
+    until: Any = None,
+) -> QuerySet[AuditEvent]:
+    """The project's audit events matching every given filter (empty ones are ignored).
+    ``action`` ending in "." matches a family ("api_key." = every API key action)."""
+    qs = audit_events_for_project(project)
+    if action:
+        qs = (
+            qs.filter(action__startswith=action)
+            if action.endswith(".")
+            else qs.filter(action=action)
+        )
+    if actor:
+        qs = qs.filter(actor_label__icontains=actor)
+    if object_type:
+        qs = qs.filter(object_type=object_type)
+    if since is not None:
+        qs = qs.filter(created_at__gte=since)
+    if until is not None:
+        qs = qs.filter(created_at__lt=until)
+    return qs
+
+
+def audit_filter_choices(project: Project) -> tuple[list[str], list[str]]:
+    """The actions and object types present in the project's log, for the filter menus
+    (one query)."""
+    pairs = (
+        AuditEvent.objects.filter(project=project)
+        .order_by()  # the default ordering would defeat DISTINCT
+        .values_list("action", "object_type")
+        .distinct()
+    )
+    actions: set[str] = set()
+    object_types: set[str] = set()
+    for action, object_type in pairs:
+        actions.add(action)
+        if object_type:
+            object_types.add(object_type)
+    return sorted(actions), sorted(object_types)

@@ -93,6 +93,9 @@ def membership_set(*, project: Project, user: Any, role: str, actor: Any = None)
     """Add ``user`` to ``project`` with ``role``, or change the role of an existing member."""
     if role not in Role.values:
         raise DomainError(f"Unknown role '{role}'.", field="role")
+    if role != Role.ADMIN:
+        # Admin rows first, always in this order, so concurrent role changes cannot deadlock.
+        _ensure_another_admin(project=project, user=user)
     membership, created = Membership.objects.select_for_update().get_or_create(
         project=project, user=user, defaults={"role": role}
     )
@@ -113,6 +116,7 @@ def membership_set(*, project: Project, user: Any, role: str, actor: Any = None)
 
 @transaction.atomic
 def membership_remove(*, project: Project, user: Any, actor: Any = None) -> None:
+    _ensure_another_admin(project=project, user=user)
     deleted, _ = Membership.objects.filter(project=project, user=user).delete()
     if deleted:
         audit_record(
@@ -121,6 +125,18 @@ def membership_remove(*, project: Project, user: Any, actor: Any = None) -> None
             actor=actor,
             before={"user": user.get_username()},
         )
+
+
+def _ensure_another_admin(*, project: Project, user: Any) -> None:
+    """Refuse to demote or remove the project's last admin. Locks the admin rows, so two
+    admins demoting each other at once cannot both succeed."""
+    admins = list(
+        Membership.objects.select_for_update()
+        .filter(project=project, role=Role.ADMIN)
+        .values_list("user_id", flat=True)
+    )
+    if user.pk in admins and len(admins) == 1:
+        raise Conflict("A project needs at least one admin; make someone else admin first.")
 
 
 def user_create(*, username: str, password: str, email: str = "", is_staff: bool = False) -> Any:

@@ -6,6 +6,8 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
+from skills import proxy
+
 from . import views
 from .api import api
 
@@ -18,6 +20,9 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),
     path("p/<slug:project_slug>/", include("incidents.urls")),
+    path("p/<slug:project_slug>/", include("metaclaw_site.project_urls")),
+    path("", include("skills.approval_urls")),
+    path("v1/chat/completions", proxy.chat_completions, name="proxy_chat_completions"),
 ]
 
 # Optional app URL modules (pages of the skills and training apps, approval links, the proxy).

@@ -1,14 +1,27 @@
 from __future__ import annotations
 
+import json
+from datetime import datetime, time, timedelta
+from urllib.parse import urlencode
+
+from django.contrib import messages
+from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import login_required
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.shortcuts import redirect, render
+from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
+from django.utils import timezone
+from django.utils.dateparse import parse_date, parse_datetime
 from django.views.decorators.http import require_GET, require_POST
 
+from . import selectors, services
+from .decorators import project_view
 from .middleware import CurrentProjectMiddleware
+from .models import ApiKeyScope, AuditEvent, Membership, Role
+from .pagination import paginate
 from .selectors import projects_for_user
+from .services import Conflict, DomainError
 
 
 @require_GET
@@ -22,7 +35,7 @@ def healthz(request: HttpRequest) -> HttpResponse:
 @login_required
 def home(request: HttpRequest) -> HttpResponse:
     project = getattr(request, "current_project", None)
-    if project is None:
+    if not project:
         return render(request, "no_project.html")
     return redirect(project_home_url(project.slug))
 
@@ -42,3 +55,236 @@ def switch_project(request: HttpRequest) -> HttpResponse:
         request.session[CurrentProjectMiddleware.SESSION_KEY] = slug
         return redirect(project_home_url(slug))
     return redirect("home")
+
+
+# --- Project administration pages: audit log, API keys, members ------------------------------
+# Thin views: reads through selectors, writes through metaclaw_site.services.
+
+AUDIT_PAGE_SIZE = 50
+
+
+def _parse_when(value: str, *, field: str, end: bool = False) -> datetime | None:
+    """A date or date-time from a filter box, aware in the site's time zone. A bare date as the
+    end of a range means the whole of that day."""
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        when = parse_datetime(value)
+        if when is None:
+            day = parse_date(value)
+            if day is None:
+                raise ValueError(value)
+            when = datetime.combine(day, time.min)
+            if end:
+                when += timedelta(days=1)
+    except ValueError as exc:
+        raise DomainError(
+            f"'{value}' is not a date (YYYY-MM-DD) or date and time.", field=field
+        ) from exc
+    if timezone.is_naive(when):
+        when = timezone.make_aware(when)
+    return when
+
+
+@require_GET
+@project_view()
+def audit_log(request: HttpRequest) -> HttpResponse:
+    project = request.project  # type: ignore[attr-defined]
+    filters = {
+        name: request.GET.get(name, "").strip()
+        for name in ("action", "actor", "object_type", "since", "until")
+    }
+    errors: dict[str, str] = {}
+    bounds: dict[str, datetime | None] = {}
+    for name in ("since", "until"):
+        try:
+            bounds[name] = _parse_when(filters[name], field=name, end=name == "until")
+        except DomainError as exc:
+            errors[name] = str(exc)
+            bounds[name] = None
+    events: list[AuditEvent] = []
+    next_cursor = None
+    if not errors:
+        qs = selectors.audit_events_filtered(
+            project,
+            action=filters["action"],
+            actor=filters["actor"],
+            object_type=filters["object_type"],
+            since=bounds["since"],
+            until=bounds["until"],
+        )
+        try:
+            events, next_cursor = paginate(
+                qs,
+                time_field="created_at",
+                cursor=request.GET.get("cursor") or None,
+                limit=AUDIT_PAGE_SIZE,
+            )
+        except DomainError as exc:
+            errors["cursor"] = str(exc)
+    actions, object_types = selectors.audit_filter_choices(project)
+    query = urlencode({k: v for k, v in filters.items() if v})
+    context = {
+        "rows": [
+            {
+                "event": event,
+                "before": _json(event.before),
+                "after": _json(event.after),
+            }
+            for event in events
+        ],
+        "filters": filters,
+        "errors": errors,
+        "actions": actions,
+        "object_types": object_types,
+        "next_url": "?" + urlencode({**filters, "cursor": next_cursor}) if next_cursor else "",
+        "first_url": f"?{query}" if query else request.path,
+        "is_later_page": bool(request.GET.get("cursor")),
+    }
+    template = "metaclaw_site/audit_log.html"
+    if request.htmx:  # type: ignore[attr-defined]
+        template += "#audit-table"
+    return render(request, template, context, status=400 if errors else 200)
+
+
+def _json(value: object) -> str:
+    if value is None:
+        return ""
+    return json.dumps(value, indent=1, sort_keys=True, default=str)
+
+
+def _api_keys_context(request: HttpRequest, **extra: object) -> dict:
+    project = request.project  # type: ignore[attr-defined]
+    return {
+        "keys": list(selectors.api_keys_for_project(project)),
+        "scopes": ApiKeyScope.choices,
+        **extra,
+    }
+
+
+@require_GET
+@project_view(role=Role.ADMIN)
+def api_keys(request: HttpRequest) -> HttpResponse:
+    return render(request, "metaclaw_site/api_keys.html", _api_keys_context(request, form={}))
+
+
+@require_POST
+@project_view(role=Role.ADMIN)
+def api_keys_create(request: HttpRequest) -> HttpResponse:
+    form = {"name": request.POST.get("name", ""), "scopes": request.POST.getlist("scopes")}
+    try:
+        issued = services.api_key_create(
+            project=request.project,  # type: ignore[attr-defined]
+            name=form["name"],
+            scopes=form["scopes"],
+            actor=request.user,
+        )
+    except DomainError as exc:
+        context = _api_keys_context(request, form=form, errors={exc.field or "name": str(exc)})
+        return render(request, "metaclaw_site/api_keys.html", context, status=422)
+    # The secret is in this response only: never stored, never cached, never shown again.
+    response = render(
+        request,
+        "metaclaw_site/api_keys.html",
+        _api_keys_context(request, form={}, issued=issued),
+        status=201,
+    )
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+@require_POST
+@project_view(role=Role.ADMIN)
+def api_keys_revoke(request: HttpRequest, key_id: int) -> HttpResponse:
+    project = request.project  # type: ignore[attr-defined]
+    api_key = get_object_or_404(selectors.api_keys_for_project(project), pk=key_id)
+    try:
+        services.api_key_revoke(api_key=api_key, actor=request.user)
+    except DomainError as exc:
+        if request.htmx:  # type: ignore[attr-defined]
+            return HttpResponse(str(exc), status=409)
+        messages.error(request, str(exc))
+    else:
+        if request.htmx:  # type: ignore[attr-defined]
+            return render(
+                request, "metaclaw_site/api_keys.html#key-table", _api_keys_context(request)
+            )
+        messages.success(request, f"Key {api_key.name} (mc_{api_key.prefix}…) revoked.")
+    return redirect("project:api_keys", project_slug=project.slug)
+
+
+def _members_context(request: HttpRequest, **extra: object) -> dict:
+    project = request.project  # type: ignore[attr-defined]
+    return {
+        "memberships": list(selectors.memberships_for_project(project)),
+        "roles": Role.choices,
+        **extra,
+    }
+
+
+@require_GET
+@project_view(role=Role.ADMIN)
+def members(request: HttpRequest) -> HttpResponse:
+    return render(request, "metaclaw_site/members.html", _members_context(request, form={}))
+
+
+@require_POST
+@project_view(role=Role.ADMIN)
+def members_add(request: HttpRequest) -> HttpResponse:
+    project = request.project  # type: ignore[attr-defined]
+    form = {"username": request.POST.get("username", "").strip(), "role": request.POST.get("role")}
+    user = get_user_model().objects.filter(username=form["username"]).first()
+    try:
+        if user is None:
+            raise DomainError(f"No user '{form['username']}'.", field="username")
+        if selectors.memberships_for_project(project).filter(user=user).exists():
+            raise Conflict(f"{user.get_username()} is a member already.", field="username")
+        services.membership_set(
+            project=project, user=user, role=form["role"] or "", actor=request.user
+        )
+    except DomainError as exc:
+        context = _members_context(request, form=form, errors={exc.field or "username": str(exc)})
+        return render(request, "metaclaw_site/members.html", context, status=422)
+    messages.success(request, f"{user.get_username()} added as {form['role']}.")
+    return redirect("project:members", project_slug=project.slug)
+
+
+def _member_or_404(request: HttpRequest, user_id: int) -> Membership:
+    project = request.project  # type: ignore[attr-defined]
+    return get_object_or_404(selectors.memberships_for_project(project), user_id=user_id)
+
+
+@require_POST
+@project_view(role=Role.ADMIN)
+def members_set_role(request: HttpRequest, user_id: int) -> HttpResponse:
+    project = request.project  # type: ignore[attr-defined]
+    membership = _member_or_404(request, user_id)
+    role = request.POST.get("role", "")
+    try:
+        services.membership_set(
+            project=project, user=membership.user, role=role, actor=request.user
+        )
+    except DomainError as exc:
+        messages.error(request, str(exc))
+        return redirect("project:members", project_slug=project.slug)
+    messages.success(request, f"{membership.user.get_username()} is now {role}.")
+    if membership.user == request.user and role != Role.ADMIN and not request.user.is_superuser:
+        return redirect("home")  # no longer allowed on this page
+    return redirect("project:members", project_slug=project.slug)
+
+
+@require_POST
+@project_view(role=Role.ADMIN)
+def members_remove(request: HttpRequest, user_id: int) -> HttpResponse:
+    project = request.project  # type: ignore[attr-defined]
+    membership = _member_or_404(request, user_id)
+    try:
+        services.membership_remove(project=project, user=membership.user, actor=request.user)
+        messages.success(request, f"{membership.user.get_username()} removed.")
+    except DomainError as exc:
+        messages.error(request, str(exc))
+        return redirect("project:members", project_slug=project.slug)
+    if membership.user == request.user and not request.user.is_superuser:
+        return redirect("home")
+    return redirect("project:members", project_slug=project.slug)

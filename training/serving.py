@@ -171,7 +171,9 @@ class _Handler(BaseHTTPRequestHandler):
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": self.server.model_id,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                ],
             }
             self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
             self.wfile.flush()
@@ -239,9 +241,7 @@ def _plain_message(message: Any) -> dict[str, Any]:
         raise _RequestError(HTTPStatus.BAD_REQUEST, "each message needs a role")
     content = message.get("content") or ""
     if isinstance(content, list):
-        content = "".join(
-            part.get("text", "") for part in content if isinstance(part, dict)
-        )
+        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
     role = "system" if message["role"] == "developer" else message["role"]
     return {"role": role, "content": str(content)}
 
@@ -295,8 +295,12 @@ def serve(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base-model", required=True, help="smollm2-135m, tiny-random-smollm2 or a folder")
-    parser.add_argument("--adapter", default=None, help="LoRA adapter folder (omit for the base model)")
+    parser.add_argument(
+        "--base-model", required=True, help="smollm2-135m, tiny-random-smollm2 or a folder"
+    )
+    parser.add_argument(
+        "--adapter", default=None, help="LoRA adapter folder (omit for the base model)"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--model-id", default=None, help="the name /v1/models reports")

@@ -13,15 +13,13 @@ def sparkline(series: list[int], width: int = 70, height: int = 20) -> str:
         return ""
     peak = max(series) or 1
     bar = width / len(series)
+    rows = []
+    for i, n in enumerate(series):
+        h = max(1.0, n / peak * height) if n else 1.0
+        rows.append((f"{i * bar:.1f}", f"{height - h:.1f}", f"{bar - 1:.1f}", f"{h:.1f}", n))
     bars = format_html_join(
-        "",
-        '<rect x="{:.1f}" y="{:.1f}" width="{:.1f}" height="{:.1f}"><title>{}</title></rect>',
-        (
-            (i * bar, height - max(1.0, n / peak * height) if n else height - 1, bar - 1,
-             max(1.0, n / peak * height) if n else 1, n)
-            for i, n in enumerate(series)
-        ),
-    )  # fmt: skip
+        "", '<rect x="{}" y="{}" width="{}" height="{}"><title>{}</title></rect>', rows
+    )
     return format_html(
         '<svg class="spark" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" '
         'aria-label="Incidents per day over the last {d} days: {label}">{bars}</svg>',

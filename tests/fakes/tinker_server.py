@@ -142,7 +142,7 @@ class FakeTinkerServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="fake-tinker", daemon=True
+            target=self._httpd.serve_forever, args=(0.05,), name="fake-tinker", daemon=True
         )
         self._thread.start()
 
@@ -384,9 +384,11 @@ class FakeTinkerServer:
             if model.pending_gradients:
                 model.steps += 1
                 model.pending_gradients = False
-            lr = float((body.get("optim_params") or body.get("adam_params") or {}).get(
-                "learning_rate", 0.0
-            ))
+            lr = float(
+                (body.get("optim_params") or body.get("adam_params") or {}).get(
+                    "learning_rate", 0.0
+                )
+            )
             return {"metrics": {"learning_rate:mean": lr}}
 
         return _json(200, self._new_future("optim_step", compute))
@@ -465,7 +467,9 @@ class FakeTinkerServer:
         def compute() -> bytes:
             answer = f"{self.sample_text} [steps={sampler.steps}]".encode()
             tokens = list(answer[:max_tokens])
-            stop_reason = pb.STOP_REASON_STOP if len(answer) <= max_tokens else pb.STOP_REASON_LENGTH
+            stop_reason = (
+                pb.STOP_REASON_STOP if len(answer) <= max_tokens else pb.STOP_REASON_LENGTH
+            )
             response = pb.SampleResponse()
             for _ in range(num_samples):
                 response.sequences.add(
@@ -493,7 +497,11 @@ class FakeTinkerServer:
                 future.try_again_left -= 1
                 return _json(
                     200,
-                    {"type": "try_again", "request_id": body["request_id"], "queue_state": "active"},
+                    {
+                        "type": "try_again",
+                        "request_id": body["request_id"],
+                        "queue_state": "active",
+                    },
                 )
         if future.failure is not None:
             return _json(200, {"error": future.failure.error, "category": future.failure.category})
@@ -541,6 +549,9 @@ def _tensor(message: pb.Tensor) -> np.ndarray:
 class _Handler(BaseHTTPRequestHandler):
     # HTTP/1.1 keeps the SDK's pooled connections alive between requests.
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes; with Nagle on, each answer waits for a
+    # delayed ACK (~40 ms).
+    disable_nagle_algorithm = True
     fake: FakeTinkerServer
 
     def do_GET(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,7 +79,9 @@ def backend() -> LocalBackend:
 @pytest.fixture(scope="module")
 def trained(backend: LocalBackend, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     config = _config(tmp_path_factory.mktemp("sft"))
-    return backend.train(samples=SAMPLES, config=config, on_step=lambda r: None, should_pause=_never)
+    return backend.train(
+        samples=SAMPLES, config=config, on_step=lambda r: None, should_pause=_never
+    )
 
 
 def test_only_assistant_tokens_are_learned(backend: LocalBackend) -> None:
@@ -285,6 +288,32 @@ def test_the_server_rejects_a_request_without_messages(server: object) -> None:
         client.chat.completions.create(model="pirate", messages=[])
 
 
+def test_an_error_in_the_callers_callback_passes_through_unchanged(
+    backend: LocalBackend, tmp_path: Path
+) -> None:
+    class Cancelled(RuntimeError):
+        pass
+
+    def cancel(report: StepReport) -> None:
+        raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        backend.train(
+            samples=SAMPLES, config=_config(tmp_path), on_step=cancel, should_pause=_never
+        )
+
+
+def test_without_torch_the_backend_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from training.backends.base import BackendError
+
+    monkeypatch.setitem(sys.modules, "torch", None)
+
+    with pytest.raises(BackendError, match="constraints-train.txt"):
+        LocalBackend().evaluate(samples=SAMPLES, config=_config(tmp_path), adapter_ref=None)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("METACLAW_SLOW_TESTS") != "1", reason="set METACLAW_SLOW_TESTS=1"
@@ -297,7 +326,9 @@ def test_smollm2_135m_learns_the_style_in_a_few_steps(
     )
     before = backend.evaluate(samples=SAMPLES, config=config, adapter_ref=None)
 
-    result = backend.train(samples=SAMPLES, config=config, on_step=lambda r: None, should_pause=_never)
+    result = backend.train(
+        samples=SAMPLES, config=config, on_step=lambda r: None, should_pause=_never
+    )
     after = backend.evaluate(samples=SAMPLES, config=config, adapter_ref=result.adapter_ref)
 
     assert result.status == "completed"

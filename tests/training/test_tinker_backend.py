@@ -130,9 +130,7 @@ def test_sft_datums_weigh_only_the_assistant_tokens_and_are_shifted_by_one(fake)
         assert len(inputs) == len(targets) == len(weights)
         assert list(inputs[1:]) == list(targets[:-1])
         learned_texts.add(bytes(int(t) for t, w in zip(targets, weights, strict=True) if w))
-    assert learned_texts == {
-        f"{s.messages[-1]['content']}\n".encode() for s in SAMPLES
-    }
+    assert learned_texts == {f"{s.messages[-1]['content']}\n".encode() for s in SAMPLES}
 
 
 def test_pause_saves_resumable_state_and_resume_keeps_counting_steps(fake):
@@ -303,7 +301,9 @@ def test_resuming_from_sampler_weights_is_refused(fake):
 
 def test_a_refused_connection_becomes_a_retryable_error_quickly():
     backend = TinkerBackend(
-        base_url=f"http://127.0.0.1:{closed_port()}", api_key=API_KEY, timeout=1.0,
+        base_url=f"http://127.0.0.1:{closed_port()}",
+        api_key=API_KEY,
+        timeout=1.0,
         tokenizer="byte",
     )
     started = time.monotonic()

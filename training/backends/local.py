@@ -53,7 +53,7 @@ from training.backends.base import (
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ DEFAULT_CACHE_DIR = Path(
 )
 
 _INSTALL_HINT = (
-    'local training needs torch, transformers and peft: pip install -c constraints-train.txt ".[train]"'
+    "local training needs torch, transformers and peft: "
+    'pip install -c constraints-train.txt ".[train]"'
 )
 
 
@@ -258,10 +259,10 @@ class _Encoded:
     advantage: float = 0.0
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], *, prompt: bool) -> str:
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=prompt
-    )  # type: ignore[return-value]
+def _render(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], *, prompt: bool
+) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)  # type: ignore[return-value]
 
 
 def encode_chat(
@@ -343,7 +344,9 @@ def _collate(batch: Sequence[_Encoded], pad_id: int, device: str) -> dict[str, t
     }
 
 
-def _token_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _token_logprobs(
+    model: Any, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each next token, and the mask of positions that count."""
     import torch
 
@@ -369,6 +372,45 @@ def _batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     return out
 
 
+class _CallbackFailed(Exception):
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
+def _callback(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark exceptions from the caller's callbacks so they pass through unconverted."""
+
+    def call(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as exc:
+            raise _CallbackFailed(exc) from exc
+
+    return call
+
+
+@contextmanager
+def _backend_errors() -> Iterator[None]:
+    """Turn torch/IO failures into ``BackendError`` so the run records them.
+
+    Running out of memory is worth a retry (another job may have held it); a bad model folder
+    or a shape error is not.
+    """
+    try:
+        yield
+    except _CallbackFailed as failed:
+        # Re-raised as it came, cause and all; only the wrapper is dropped from the chain.
+        raise failed.original from failed.original.__cause__
+    except BackendError:
+        raise
+    except MemoryError as exc:
+        raise BackendError(f"out of memory: {exc}", retryable=True) from exc
+    except (RuntimeError, OSError, ValueError, KeyError) as exc:
+        oom = "out of memory" in str(exc).lower()
+        raise BackendError(f"{type(exc).__name__}: {exc}", retryable=oom) from exc
+
+
 # --- the backend -------------------------------------------------------------------------------
 
 
@@ -384,7 +426,9 @@ class LocalBackend:
         device: str | None = None,
         num_threads: int | None = None,
     ) -> None:
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_CACHE_DIR
+        self.cache_dir = (
+            Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_CACHE_DIR
+        )
         self.device = device
         self.num_threads = num_threads
 
@@ -403,6 +447,21 @@ class LocalBackend:
         on_step: Callable[[StepReport], None],
         should_pause: Callable[[], bool],
     ) -> TrainResult:
+        with _backend_errors():
+            return self._train(
+                samples,
+                config,
+                _callback(on_step),
+                _callback(should_pause),
+            )
+
+    def _train(
+        self,
+        samples: Sequence[ChatSample],
+        config: TrainConfig,
+        on_step: Callable[[StepReport], None],
+        should_pause: Callable[[], bool],
+    ) -> TrainResult:
         device = self._setup()
         import torch
 
@@ -410,6 +469,10 @@ class LocalBackend:
             raise BackendError("the local backend needs config.output_dir")
         if not samples:
             raise BackendError("no samples to train on")
+        if config.objective not in ("sft", "rl"):
+            raise BackendError(f"unknown objective {config.objective!r}")
+        if config.batch_size < 1 or config.lora_rank < 1:
+            raise BackendError("batch_size and lora_rank must be at least 1")
         if config.start_step >= config.total_steps:
             raise BackendError(
                 f"start_step {config.start_step} leaves nothing to do of {config.total_steps}"
@@ -457,8 +520,8 @@ class LocalBackend:
             }
             if rl:
                 metrics["mean_advantage"] = float(batch["advantages"].mean())
-                # The policy's own loss is ~0 by construction; the NLL of the answers is what
-                # a person can follow.
+                # The surrogate loss above only says how good the batch was; whether the
+                # policy moves shows in the answers' likelihood.
                 metrics["nll"] = float(-(logprobs.detach().sum() / n_tokens))
             on_step(StepReport(step=step, total_steps=config.total_steps, metrics=metrics))
             if step < config.total_steps and should_pause():
@@ -550,8 +613,10 @@ class LocalBackend:
             raise BackendError(
                 f"checkpoint {folder} belongs to {state['base_model']!r}, not {config.base_model!r}"
             )
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-        rng = torch.load(folder / "rng.pt", weights_only=False)
+        optimizer.load_state_dict(
+            torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        )
+        rng = torch.load(folder / "rng.pt", map_location="cpu", weights_only=False)
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         if "cuda" in rng and torch.cuda.is_available():
@@ -561,6 +626,12 @@ class LocalBackend:
 
     def evaluate(
         self, *, samples: Sequence[ChatSample], config: TrainConfig, adapter_ref: str | None
+    ) -> dict[str, float]:
+        with _backend_errors():
+            return self._evaluate(samples, config, adapter_ref)
+
+    def _evaluate(
+        self, samples: Sequence[ChatSample], config: TrainConfig, adapter_ref: str | None
     ) -> dict[str, float]:
         device = self._setup()
         import torch
@@ -575,7 +646,9 @@ class LocalBackend:
         with torch.no_grad():
             for start in range(0, len(encoded), max(1, config.batch_size)):
                 chunk = encoded[start : start + config.batch_size]
-                logprobs, mask = _token_logprobs(model, _collate(chunk, tokenizer.pad_token_id, device))
+                logprobs, mask = _token_logprobs(
+                    model, _collate(chunk, tokenizer.pad_token_id, device)
+                )
                 total -= float(logprobs.sum())
                 count += int(mask.sum())
         return {"loss": total / max(count, 1), "tokens": float(count)}
@@ -588,13 +661,26 @@ class LocalBackend:
         adapter_ref: str | None,
         max_tokens: int = 64,
     ) -> list[str]:
+        if not prompts:
+            return []
+        with _backend_errors():
+            return self._sample(prompts, config, adapter_ref, max_tokens)
+
+    def _sample(
+        self,
+        prompts: Sequence[list[dict[str, Any]]],
+        config: TrainConfig,
+        adapter_ref: str | None,
+        max_tokens: int,
+    ) -> list[str]:
         device = self._setup()
         model, tokenizer = load_model_and_tokenizer(
             config.base_model, adapter_dir=adapter_ref, cache_dir=self.cache_dir, device=device
         )
         model.eval()
         return [
-            generate(model, tokenizer, messages, max_new_tokens=max_tokens)[0] for messages in prompts
+            generate(model, tokenizer, messages, max_new_tokens=max_tokens)[0]
+            for messages in prompts
         ]
 
 

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal, Protocol, TypeVar
 
 import tinker
@@ -74,9 +75,7 @@ def message_text(message: Message) -> str:
     tool calls as JSON (so a turn that only calls a tool still has tokens to learn)."""
     content = message.get("content")
     if isinstance(content, list):
-        text = "".join(
-            part.get("text", "") for part in content if isinstance(part, dict)
-        )
+        text = "".join(part.get("text", "") for part in content if isinstance(part, dict))
     else:
         text = content or ""
     if message.get("tool_calls"):
@@ -359,9 +358,12 @@ class TinkerBackend:
             status = "success"
         finally:
             # Finishing is a courtesy to the service (it frees the session sooner); never let
-            # it hang or mask the real outcome.
+            # it hang or mask the real outcome. It runs on its own thread because close()
+            # takes a lock that a session start-up still retrying an unreachable service
+            # holds for minutes.
+            limit = min(self._timeout, 10.0)
             try:
-                service.close(status).result(timeout=min(self._timeout, 10.0))
+                _run_bounded(lambda: service.close(status).result(timeout=limit), limit)
             except Exception as exc:
                 logger.warning("Tinker: finishing the session failed: %s", exc)
 
@@ -443,6 +445,8 @@ class TinkerBackend:
             raise BackendError(
                 f"Tinker: cannot resume from {config.resume_from!r}: not a tinker:// path"
             )
+        if config.objective == "rl":
+            _group_advantages(samples)  # refuse missing rewards before starting a training run
 
         with self._session() as service:
             if config.resume_from is not None:
@@ -470,7 +474,7 @@ class TinkerBackend:
             while step < config.total_steps:
                 if should_pause():
                     name = f"metaclaw-step-{step:06d}"
-                    saved = self._call("saving training state", lambda: trainer.save_state(name))
+                    saved = self._call("saving training state", partial(trainer.save_state, name))
                     return TrainResult(
                         status="paused",
                         steps_done=step,
@@ -524,7 +528,9 @@ class TinkerBackend:
 
     # -- evaluation and sampling -------------------------------------------------------------
 
-    def _sampler(self, service: tinker.ServiceClient, config: TrainConfig, adapter_ref: str | None):
+    def _sampler(
+        self, service: tinker.ServiceClient, config: TrainConfig, adapter_ref: str | None
+    ) -> Any:
         if adapter_ref is None:
             return self._call(
                 f"opening a sampler on {config.base_model}",

@@ -1,0 +1,20 @@
+"""Project administration pages, mounted at ``p/<slug:project_slug>/``."""
+
+from __future__ import annotations
+
+from django.urls import path
+
+from . import views
+
+app_name = "project"
+
+urlpatterns = [
+    path("audit/", views.audit_log, name="audit_log"),
+    path("keys/", views.api_keys, name="api_keys"),
+    path("keys/create/", views.api_keys_create, name="api_keys_create"),
+    path("keys/<int:key_id>/revoke/", views.api_keys_revoke, name="api_keys_revoke"),
+    path("members/", views.members, name="members"),
+    path("members/add/", views.members_add, name="members_add"),
+    path("members/<int:user_id>/role/", views.members_set_role, name="members_set_role"),
+    path("members/<int:user_id>/remove/", views.members_remove, name="members_remove"),
+]

@@ -1,0 +1,297 @@
+"""The one module that talks to an LLM: any OpenAI-compatible endpoint through the official
+``openai`` SDK (OpenAI, vLLM, Ollama, a gateway).
+
+The interface is narrow on purpose: ``complete_json(messages, schema)`` returns the parsed JSON
+object, the token usage and the model that answered. It asks for structured output
+(``response_format`` with a JSON schema) and, for endpoints that refuse it, falls back to plain
+completions read by a tolerant parser (code fences stripped, the first JSON object found).
+
+Errors:
+- ``LlmNotConfigured``: no base URL / model; not an error for callers (the group waits for a
+  person);
+- ``LlmTransientError``: rate limits, timeouts, 5xx and connection errors that outlived the
+  in-process retries (with backoff, honouring ``Retry-After``); the Celery task retries later;
+- ``LlmPermanentError``: the endpoint refused the request (bad key, unknown model, 4xx);
+- ``LlmInvalidOutput``: the answer holds no JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+from django.conf import settings
+
+logger = logging.getLogger(__name__)
+
+# In-process retries for one call; longer outages are the Celery task's business.
+MAX_ATTEMPTS = 3
+BACKOFF_BASE_SECONDS = 0.5
+BACKOFF_MAX_SECONDS = 8.0
+# A Retry-After longer than this is not slept through in the worker: the task retries later.
+MAX_INLINE_RETRY_AFTER_SECONDS = 20.0
+
+
+class LlmError(Exception):
+    """Base class; ``str(exc)`` is shown to people on the group page."""
+
+
+class LlmNotConfigured(LlmError):
+    pass
+
+
+class LlmTransientError(LlmError):
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class LlmPermanentError(LlmError):
+    pass
+
+
+class LlmInvalidOutput(LlmError):
+    def __init__(self, message: str, *, content: str = "", usage: Usage | None = None) -> None:
+        super().__init__(message)
+        self.content = content
+        self.usage = usage or Usage()
+
+
+@dataclass(frozen=True)
+class Usage:
+    tokens_in: int = 0
+    tokens_out: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(self.tokens_in + other.tokens_in, self.tokens_out + other.tokens_out)
+
+
+@dataclass(frozen=True)
+class Completion:
+    parsed: dict[str, Any]
+    content: str
+    usage: Usage
+    model: str
+
+
+@dataclass(frozen=True)
+class LlmConfig:
+    base_url: str
+    api_key: str
+    model: str
+    timeout: float
+
+
+def config() -> LlmConfig | None:
+    """The configured endpoint, or None when no LLM is configured (base URL or model missing)."""
+    llm = getattr(settings, "LLM", {}) or {}
+    base_url = (llm.get("BASE_URL") or "").strip()
+    model = (llm.get("MODEL") or "").strip()
+    if not base_url or not model:
+        return None
+    return LlmConfig(
+        base_url=base_url,
+        # Local servers (vLLM, Ollama) accept any key; the SDK insists on one.
+        api_key=llm.get("API_KEY") or "not-needed",
+        model=model,
+        timeout=float(llm.get("TIMEOUT_SECONDS") or 30),
+    )
+
+
+def is_configured() -> bool:
+    return config() is not None
+
+
+_clients: dict[tuple, openai.OpenAI] = {}
+_clients_lock = threading.Lock()
+# Endpoints that answered 400 to ``response_format``: later calls go straight to plain mode.
+_no_structured_output: set[str] = set()
+
+
+def _client(cfg: LlmConfig) -> openai.OpenAI:
+    # One client (and connection pool) per process and endpoint; keyed by pid so a forked
+    # worker never shares a parent's sockets.
+    key = (os.getpid(), cfg.base_url, cfg.api_key, cfg.timeout)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            client = openai.OpenAI(
+                base_url=cfg.base_url,
+                api_key=cfg.api_key,
+                timeout=cfg.timeout,
+                # Retries are ours (below): one policy, visible in logs and tests.
+                max_retries=0,
+            )
+            _clients[key] = client
+        return client
+
+
+def complete_json(
+    messages: list[dict[str, Any]],
+    schema: dict[str, Any],
+    *,
+    schema_name: str = "answer",
+    temperature: float = 0.2,
+    max_tokens: int = 1500,
+) -> Completion:
+    """Ask for one JSON object matching ``schema``. Raises the errors above."""
+    cfg = config()
+    if cfg is None:
+        raise LlmNotConfigured("No LLM is configured (OPENAI_BASE_URL and METACLAW_LLM_MODEL).")
+    client = _client(cfg)
+    structured = cfg.base_url not in _no_structured_output
+    kwargs: dict[str, Any] = {
+        "model": cfg.model,
+        "messages": messages,
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+    }
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"name": schema_name, "schema": schema, "strict": False},
+    }
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            if structured:
+                response = client.chat.completions.create(
+                    **kwargs, response_format=response_format
+                )
+            else:
+                response = client.chat.completions.create(**kwargs)
+            break
+        except openai.BadRequestError as exc:
+            if structured and _mentions_response_format(exc):
+                logger.info("%s refuses response_format; using plain JSON mode.", cfg.base_url)
+                _no_structured_output.add(cfg.base_url)
+                structured = False
+                attempt -= 1
+                continue
+            raise LlmPermanentError(f"The LLM endpoint refused the request: {_brief(exc)}") from exc
+        except (openai.RateLimitError, openai.InternalServerError) as exc:
+            retry_after = _retry_after(exc)
+            reason = (
+                "rate limited (429)"
+                if isinstance(exc, openai.RateLimitError)
+                else f"server error ({exc.status_code})"
+            )
+            _wait_or_raise(attempt, retry_after, f"LLM {reason}: {_brief(exc)}", exc)
+        except openai.APIStatusError as exc:
+            if exc.status_code in (408, 409) or exc.status_code >= 500:
+                _wait_or_raise(
+                    attempt, _retry_after(exc), f"LLM error {exc.status_code}: {_brief(exc)}", exc
+                )
+                continue
+            raise LlmPermanentError(
+                f"The LLM endpoint refused the request ({exc.status_code}): {_brief(exc)}"
+            ) from exc
+        except openai.APITimeoutError as exc:
+            _wait_or_raise(attempt, None, f"LLM timed out after {cfg.timeout:g} s", exc)
+        except openai.APIConnectionError as exc:
+            _wait_or_raise(attempt, None, f"Could not reach the LLM: {_brief(exc)}", exc)
+        except openai.APIResponseValidationError as exc:
+            raise LlmInvalidOutput(f"The LLM endpoint answered garbage: {_brief(exc)}") from exc
+
+    usage = Usage(
+        tokens_in=int(getattr(response.usage, "prompt_tokens", 0) or 0),
+        tokens_out=int(getattr(response.usage, "completion_tokens", 0) or 0),
+    )
+    choices = getattr(response, "choices", None) or []
+    content = (choices[0].message.content or "") if choices else ""
+    model = getattr(response, "model", None) or cfg.model
+    parsed = parse_json_object(content)
+    if parsed is None:
+        raise LlmInvalidOutput(
+            "The LLM's answer holds no JSON object.", content=content, usage=usage
+        )
+    return Completion(parsed=parsed, content=content, usage=usage, model=model)
+
+
+def _wait_or_raise(
+    attempt: int, retry_after: float | None, message: str, exc: Exception
+) -> None:
+    if attempt >= MAX_ATTEMPTS or (
+        retry_after is not None and retry_after > MAX_INLINE_RETRY_AFTER_SECONDS
+    ):
+        raise LlmTransientError(message, retry_after=retry_after) from exc
+    if retry_after is None:
+        delay = min(BACKOFF_MAX_SECONDS, BACKOFF_BASE_SECONDS * 2 ** (attempt - 1))
+        delay *= 0.75 + random.random() / 2  # jitter: workers do not retry in lockstep
+    else:
+        delay = retry_after
+    logger.warning("%s; retrying in %.2f s (attempt %d).", message, delay, attempt)
+    time.sleep(delay)
+
+
+def _retry_after(exc: Exception) -> float | None:
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def _mentions_response_format(exc: openai.BadRequestError) -> bool:
+    text = str(exc).lower()
+    return "response_format" in text or "json_schema" in text or "structured" in text
+
+
+def _brief(exc: Exception) -> str:
+    text = str(exc)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# --- Tolerant JSON parsing ------------------------------------------------------------------
+
+_FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
+
+
+def parse_json_object(text: str) -> dict[str, Any] | None:
+    """The first JSON object in ``text``: the whole text, a fenced block, or the first balanced
+    ``{...}`` that parses. None when there is none."""
+    if not text:
+        return None
+    candidates = [text.strip()]
+    candidates += [m.group(1).strip() for m in _FENCE.finditer(text)]
+    for candidate in candidates:
+        try:
+            value = json.loads(candidate)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"\{", text):
+        try:
+            value, _ = decoder.raw_decode(text, match.start())
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None

@@ -1,0 +1,412 @@
+"""The OpenAI-compatible proxy: ``POST /v1/chat/completions``.
+
+An agent adopts MetaClaw by pointing its OpenAI base URL here and sending its project key
+(runtime scope). Each request: authenticate (cached), pick the policy (the active one, or the
+version pinned with ``X-MetaClaw-Policy-Version`` / ``?version=N``), retrieve the skills relevant
+to the user's latest request, append them to the system message as a delimited "Active skills"
+section, map the model, forward to the upstream with a pooled ``httpx.AsyncClient`` and relay the
+answer untouched (streams chunk by chunk, errors with the upstream's status and body). The turn
+is recorded as a trajectory by a background thread, never on the response path.
+
+Two doors lead to the same ``proxy_handle``: the Django view ``chat_completions`` (mounted in
+``metaclaw_site/urls.py``), and ``fast_lane``, an ASGI wrapper that the production ASGI app puts in
+front of Django so the hot path skips the middleware stack (Django runs sync middleware in a
+thread per request, which would cost more than everything else the proxy does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs
+
+import httpx
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import close_old_connections
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_POST
+
+from metaclaw_site.auth import RateLimited, ScopeDenied
+from metaclaw_site.services import NotFound
+
+from . import runtime
+
+logger = logging.getLogger(__name__)
+
+PATH = "/v1/chat/completions"
+VERSION_HEADER = "X-MetaClaw-Policy-Version"
+MAX_BODY_BYTES = 32 * 1024 * 1024
+# Upstream response headers worth relaying (rate limits, request ids, retry hints).
+RELAYED_HEADERS = ("retry-after", "x-request-id", "openai-processing-ms", "openai-version")
+RELAYED_PREFIXES = ("x-ratelimit-",)
+_json_loads = json.loads
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+try:  # orjson is several times faster for the request bodies we re-serialize
+    import orjson
+
+    _json_loads = orjson.loads
+
+    def _dumps(value: Any) -> bytes:  # noqa: F811
+        return orjson.dumps(value)
+
+except ImportError:  # pragma: no cover
+    pass
+
+
+@dataclass
+class ProxyResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+
+
+def _error(
+    status: int, message: str, code: str, *, version: int | None = None, param: str | None = None
+) -> ProxyResponse:
+    body = {"error": {"message": message, "type": "metaclaw_error", "code": code, "param": param}}
+    headers = [("content-type", "application/json")]
+    if version is not None:
+        headers.append((VERSION_HEADER.lower(), str(version)))
+    return ProxyResponse(status, headers, _dumps(body))
+
+
+# --- Pooled upstream client, one per event loop -------------------------------------------
+
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def upstream_client() -> httpx.AsyncClient:
+    """The pooled client of the running event loop (created on first use: a client is bound
+    to the loop it was created on)."""
+    loop = asyncio.get_running_loop()
+    client = _clients.get(loop)
+    if client is None:
+        timeout = float(getattr(settings, "UPSTREAM", {}).get("TIMEOUT_SECONDS", 600))
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=10.0),
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
+            trust_env=False,
+        )
+        _clients[loop] = client
+    return client
+
+
+# --- The request --------------------------------------------------------------------------
+
+
+def _in_worker_thread(func: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    """Run ``func`` on a worker thread, like Django runs a request: with usable connections."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        close_old_connections()
+        return func(*args, **kwargs)
+
+    return sync_to_async(call, thread_sensitive=False)
+
+
+
+async def _authenticate(headers: dict[str, str]) -> Any:
+    auth = headers.get("authorization", "")
+    scheme, _, secret = auth.partition(" ")
+    secret = secret.strip()
+    if scheme.lower() != "bearer" or not secret:
+        return None
+    api_key = runtime.runtime_key_lookup(secret)
+    if api_key is None:
+        api_key = await _in_worker_thread(runtime.runtime_key_from_db)(
+            secret
+        )
+        if api_key is None:
+            return None
+        runtime.runtime_key_store(secret, api_key)
+    return api_key
+
+
+def _pinned_version(headers: dict[str, str], query: str) -> int | None | str:
+    raw = headers.get(VERSION_HEADER.lower())
+    if raw is None and query:
+        values = parse_qs(query).get("version")
+        raw = values[-1] if values else None
+    if raw is None or raw == "":
+        return None
+    try:
+        number = int(raw)
+    except ValueError:
+        return "invalid"
+    return number if number >= 1 else "invalid"
+
+
+async def proxy_handle(*, headers: dict[str, str], query: str, body: bytes) -> ProxyResponse:
+    """Serve one chat completion. ``headers`` have lower-case names."""
+    started = time.perf_counter()
+    try:
+        api_key = await _authenticate(headers)
+        if api_key is None:
+            return _error(
+                401,
+                "A valid MetaClaw API key is required (Authorization: Bearer <key>).",
+                "invalid_api_key",
+            )
+        runtime.runtime_admit(api_key)
+    except ScopeDenied as exc:
+        return _error(403, str(exc), "forbidden")
+    except RateLimited as exc:
+        response = _error(429, str(exc), "rate_limited")
+        response.headers.append(("retry-after", str(exc.retry_after)))
+        return response
+    project = api_key.project
+
+    pinned = _pinned_version(headers, query)
+    if pinned == "invalid":
+        return _error(
+            422, "The policy version must be a positive integer.", "invalid", param="version"
+        )
+    snapshot = runtime.policy_snapshot_cached(project_id=project.pk, version=pinned)
+    if snapshot is None:
+        try:
+            snapshot = await _in_worker_thread(runtime.policy_snapshot)(
+                project_id=project.pk, version=pinned
+            )
+        except NotFound as exc:
+            return _error(404, str(exc), "not_found", param="version")
+    version = snapshot.number
+
+    try:
+        payload = _json_loads(body)
+    except ValueError:
+        return _error(400, "The request body is not valid JSON.", "invalid_json", version=version)
+    if not isinstance(payload, dict) or not isinstance(payload.get("messages"), list):
+        return _error(
+            400,
+            "'messages' must be a list of chat messages.",
+            "invalid",
+            version=version,
+            param="messages",
+        )
+    messages: list[Any] = payload["messages"]
+    retrieved = runtime.skills_retrieve(
+        snapshot=snapshot, query=runtime.query_from_messages(messages)
+    )
+    if retrieved:
+        payload["messages"] = runtime.messages_with_skills(
+            messages, runtime.skills_section(retrieved, version=version)
+        )
+    requested_model = str(payload.get("model") or "")
+    upstream = runtime.upstream_for(project)
+    payload["model"] = runtime.upstream_model(
+        requested=requested_model, snapshot=snapshot, model_map=upstream.model_map
+    )
+    stream = bool(payload.get("stream"))
+
+    turn = runtime.Turn(
+        project_id=project.pk,
+        session_id=headers.get("x-session-id", ""),
+        turn_type="side" if headers.get("x-turn-type", "").lower() == "side" else "main",
+        agent_name=headers.get("x-agent-name", ""),
+        policy_version=version,
+        requested_model=requested_model,
+        model=payload["model"],
+        messages=messages,
+        tools=payload.get("tools") or [],
+        skills=[
+            {
+                "slug": r.skill.slug,
+                "revision": r.skill.revision,
+                "revision_id": r.skill.revision_id,
+                "score": r.score,
+            }
+            for r in retrieved
+        ],
+        status_code=0,
+        latency_ms=0.0,
+        stream=stream,
+    )
+    if not upstream.base_url:
+        turn.status_code, turn.error = 503, "no upstream configured"
+        _record(turn, started)
+        return _error(
+            503,
+            "No upstream model is configured (UPSTREAM_BASE_URL or the project's upstream).",
+            "no_upstream",
+            version=version,
+        )
+
+    request_headers = {
+        "content-type": "application/json",
+        "accept": "text/event-stream" if stream else "application/json",
+        "accept-encoding": "identity",
+    }
+    if upstream.api_key:
+        request_headers["authorization"] = f"Bearer {upstream.api_key}"
+    for name in ("openai-beta", "openai-organization", "openai-project"):
+        if name in headers:
+            request_headers[name] = headers[name]
+    client = upstream_client()
+    request = client.build_request(
+        "POST",
+        f"{upstream.base_url}/chat/completions",
+        content=_dumps(payload),
+        headers=request_headers,
+    )
+    try:
+        response = await client.send(request, stream=stream)
+    except httpx.TimeoutException as exc:
+        turn.status_code, turn.error = 504, f"upstream timeout: {exc!r}"
+        _record(turn, started)
+        return _error(
+            504, "The upstream model did not answer in time.", "upstream_timeout", version=version
+        )
+    except httpx.HTTPError as exc:
+        turn.status_code, turn.error = 502, f"upstream unreachable: {exc!r}"
+        _record(turn, started)
+        return _error(
+            502, "The upstream model could not be reached.", "upstream_unreachable", version=version
+        )
+
+    out_headers = [
+        ("content-type", response.headers.get("content-type", "application/json")),
+        (VERSION_HEADER.lower(), str(version)),
+    ]
+    for name, value in response.headers.items():
+        if name in RELAYED_HEADERS or name.startswith(RELAYED_PREFIXES):
+            out_headers.append((name, value))
+    turn.status_code = response.status_code
+
+    if not stream or response.status_code >= 400:
+        if stream:
+            await response.aread()
+            await response.aclose()
+        turn.response_body = response.content
+        turn.stream = False
+        _record(turn, started)
+        return ProxyResponse(response.status_code, out_headers, response.content)
+
+    out_headers.append(("cache-control", "no-cache"))
+    out_headers.append(("x-accel-buffering", "no"))
+    return ProxyResponse(response.status_code, out_headers, stream=_relay(response, turn, started))
+
+
+async def _relay(
+    response: httpx.Response, turn: runtime.Turn, started: float
+) -> AsyncIterator[bytes]:
+    chunks: list[bytes] = []
+    try:
+        async for chunk in response.aiter_raw():
+            chunks.append(chunk)
+            yield chunk
+    except httpx.HTTPError as exc:
+        turn.error = f"upstream stream broke: {exc!r}"
+    finally:
+        await response.aclose()
+        turn.response_body = b"".join(chunks)
+        _record(turn, started)
+
+
+def _record(turn: runtime.Turn, started: float) -> None:
+    from django.utils import timezone
+
+    turn.latency_ms = (time.perf_counter() - started) * 1000.0
+    turn.occurred_at = timezone.now()
+    runtime.recorder.submit(turn)
+
+
+# --- Door 1: the Django view --------------------------------------------------------------
+
+
+@csrf_exempt
+@require_POST
+async def chat_completions(request: HttpRequest) -> HttpResponse:
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    if len(request.body) > MAX_BODY_BYTES:
+        result = _error(413, "Request body too large.", "payload_too_large")
+    else:
+        result = await proxy_handle(
+            headers=headers, query=request.META.get("QUERY_STRING", ""), body=request.body
+        )
+    response: HttpResponse | StreamingHttpResponse
+    if result.stream is not None:
+        response = StreamingHttpResponse(result.stream, status=result.status)
+    else:
+        response = HttpResponse(result.body, status=result.status)
+    for name, value in result.headers:
+        response[name] = value
+    return response
+
+
+# --- Door 2: the ASGI fast lane -----------------------------------------------------------
+
+AsgiApp = Callable[
+    [dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]
+]
+
+
+def fast_lane(app: AsgiApp) -> AsgiApp:
+    """Wrap the Django ASGI app: ``POST /v1/chat/completions`` is served by ``proxy_handle``
+    directly, everything else by Django."""
+
+    async def asgi(scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["path"] == PATH and scope["method"] == "POST":
+            await _serve(scope, receive, send)
+            return
+        await app(scope, receive, send)
+
+    return asgi
+
+
+async def _serve(scope: dict, receive: Callable, send: Callable) -> None:
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    parts: list[bytes] = []
+    size = 0
+    more = True
+    result: ProxyResponse | None = None
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            result = _error(413, "Request body too large.", "payload_too_large")
+            break
+        parts.append(chunk)
+        more = message.get("more_body", False)
+    if result is None:
+        try:
+            result = await proxy_handle(
+                headers=headers,
+                query=scope.get("query_string", b"").decode("latin-1"),
+                body=b"".join(parts),
+            )
+        except Exception:  # noqa: BLE001 - answer like Django would, in the OpenAI shape
+            logger.exception("Proxy request failed.")
+            result = _error(500, "Internal error in the MetaClaw proxy.", "internal_error")
+    raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in result.headers]
+    if result.stream is None:
+        raw_headers.append((b"content-length", str(len(result.body)).encode()))
+        await send({"type": "http.response.start", "status": result.status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": result.body})
+        return
+    await send({"type": "http.response.start", "status": result.status, "headers": raw_headers})
+    stream = result.stream
+    try:
+        async for chunk in stream:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]

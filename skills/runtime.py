@@ -1,0 +1,908 @@
+"""Runtime: the policy agents run with, skill retrieval, request counting and turn recording.
+
+Everything on the request path of ``/v1/chat/completions`` and ``/api/v1/runtime/*`` reads
+process-local memory only; Redis and the database are touched by two background threads:
+
+- the *syncer* (every ``SYNC_INTERVAL`` s) flushes request counts to Redis (rate limits and the
+  traffic figures the slow loop's idle detection reads) and compares each cached policy's
+  generation with the per-project counter in Redis, which ``policy_cache_invalidate`` bumps when
+  the active version changes. A promotion or rollback therefore reaches every web process within
+  ``SYNC_INTERVAL`` seconds, and the process that made it at once;
+- the *recorder* writes proxied turns as trajectories in batches, off the response path.
+
+Snapshots of a policy version (its skills, their text and an embedding matrix) are immutable and
+built once per version and process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import logging
+import queue
+import re
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from django.conf import settings
+from django.core.cache import cache
+from django.db import close_old_connections, transaction
+from django.utils import timezone
+
+from metaclaw_site import counters
+from metaclaw_site.auth import RateLimited, ScopeDenied
+from metaclaw_site.models import ApiKey, Project
+from metaclaw_site.sanitize import clean_json, clean_text
+from metaclaw_site.services import DomainError, NotFound, api_key_authenticate
+
+from .embeddings import get_embedder, skill_text, top_k
+from .models import PolicyVersion, VersionStatus
+
+logger = logging.getLogger(__name__)
+
+GENERATION_KEY = "metaclaw:runtime:generation:{project_id}"
+SYNC_INTERVAL = 0.25
+KEY_CACHE_SECONDS = 5.0
+PINNED_CACHE_SIZE = 64
+
+DEFAULT_TOP_K = 5
+DEFAULT_MIN_SCORE = 0.2
+DEFAULT_TOKEN_BUDGET = 1500
+MAX_QUERY_CHARS = 2000
+
+SKILLS_BEGIN = "<!-- metaclaw:active-skills -->"
+SKILLS_END = "<!-- /metaclaw:active-skills -->"
+_SECTION_RE = re.compile(re.escape(SKILLS_BEGIN) + r".*?" + re.escape(SKILLS_END), re.S)
+
+
+# --- Snapshots ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SkillEntry:
+    revision_id: int
+    slug: str
+    name: str
+    description: str
+    instructions: str
+    category: str
+    revision: int
+    tokens: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "slug": self.slug,
+            "name": self.name,
+            "description": self.description,
+            "instructions": self.instructions,
+            "category": self.category,
+            "revision": self.revision,
+            "revision_id": self.revision_id,
+            "tokens": self.tokens,
+        }
+
+    def injection_text(self) -> str:
+        return f"### {self.name}\n_{self.description}_\n\n{self.instructions}"
+
+
+@dataclass(frozen=True)
+class PolicySnapshot:
+    """One policy version as agents see it. Immutable; shared between requests."""
+
+    project_id: int
+    version_id: int
+    number: int
+    status: str
+    adapter_ref: str
+    base_model: str
+    skills: tuple[SkillEntry, ...]
+    matrix: np.ndarray = field(repr=False)
+    etag: str
+    body: bytes = field(repr=False)
+    generation: int
+
+    @property
+    def header_value(self) -> str:
+        return str(self.number)
+
+
+def estimate_tokens(text: str) -> int:
+    """About four characters a token: good enough for a budget, and free."""
+    return max(1, (len(text) + 3) // 4)
+
+
+def _build_snapshot(version: PolicyVersion, generation: int) -> PolicySnapshot:
+    revisions = list(version.revisions.select_related("skill").order_by("skill__slug", "id"))
+    skills = tuple(
+        SkillEntry(
+            revision_id=r.pk,
+            slug=r.skill.slug,
+            name=r.name,
+            description=r.description,
+            instructions=r.instructions,
+            category=r.category,
+            revision=r.number,
+            tokens=estimate_tokens(f"### {r.name}\n_{r.description}_\n\n{r.instructions}"),
+        )
+        for r in revisions
+    )
+    matrix = get_embedder().embed(
+        [skill_text(s.name, s.description, s.instructions) for s in skills]
+    )
+    payload = {
+        "version": version.number,
+        "status": version.status,
+        "adapter_ref": version.adapter_ref,
+        "base_model": version.base_model,
+        "changelog": version.changelog,
+        "created_at": version.created_at.isoformat(),
+        "skills": [s.as_dict() for s in skills],
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+    etag = f'"v{version.number}-{digest}"'
+    payload["etag"] = etag
+    return PolicySnapshot(
+        project_id=version.project_id,
+        version_id=version.pk,
+        number=version.number,
+        status=version.status,
+        adapter_ref=version.adapter_ref,
+        base_model=version.base_model,
+        skills=skills,
+        matrix=matrix,
+        etag=etag,
+        body=json.dumps(payload, separators=(",", ":")).encode(),
+        generation=generation,
+    )
+
+
+class _PolicyCache:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.active: dict[int, PolicySnapshot] = {}
+        self.pinned: OrderedDict[tuple[int, int], PolicySnapshot] = OrderedDict()
+        # Bumped by local invalidation: a build that started before it must not be stored.
+        self.epoch: dict[int, int] = {}
+
+    def drop_project(self, project_id: int) -> None:
+        with self.lock:
+            self.active.pop(project_id, None)
+            for key in [k for k in self.pinned if k[0] == project_id]:
+                del self.pinned[key]
+            self.epoch[project_id] = self.epoch.get(project_id, 0) + 1
+
+    def project_ids(self) -> set[int]:
+        with self.lock:
+            return set(self.active) | {k[0] for k in self.pinned}
+
+    def generations(self) -> dict[int, set[int]]:
+        out: dict[int, set[int]] = {}
+        with self.lock:
+            for pid, snap in self.active.items():
+                out.setdefault(pid, set()).add(snap.generation)
+            for (pid, _), snap in self.pinned.items():
+                out.setdefault(pid, set()).add(snap.generation)
+        return out
+
+    def clear(self) -> None:
+        with self.lock:
+            self.active.clear()
+            self.pinned.clear()
+
+
+_policies = _PolicyCache()
+
+
+def _read_generation(project_id: int) -> int:
+    key = GENERATION_KEY.format(project_id=project_id)
+    try:
+        client = counters.redis_client()
+        value = client.get(key) if client is not None else cache.get(key)
+    except Exception:  # noqa: BLE001 - a Redis outage serves what the database says
+        return -1
+    return int(value or 0)
+
+
+def _read_generations(project_ids: Sequence[int]) -> dict[int, int]:
+    keys = [GENERATION_KEY.format(project_id=pid) for pid in project_ids]
+    client = counters.redis_client()
+    if client is None:
+        values = cache.get_many(keys)
+        return {pid: int(values.get(k) or 0) for pid, k in zip(project_ids, keys, strict=True)}
+    return {pid: int(v or 0) for pid, v in zip(project_ids, client.mget(keys), strict=True)}
+
+
+def policy_snapshot_cached(*, project_id: int, version: int | None = None) -> PolicySnapshot | None:
+    """The snapshot when this process holds a valid one (no I/O), else None."""
+    _syncer.ensure_started()
+    if version is None:
+        return _policies.active.get(project_id)
+    return _policies.pinned.get((project_id, version))
+
+
+def policy_snapshot(*, project_id: int, version: int | None = None) -> PolicySnapshot:
+    """The active policy of the project (or version ``version`` of it, any status), cached.
+
+    Raises ``NotFound`` for a version the project does not have. Touches the database only
+    when this process has no valid snapshot."""
+    _syncer.ensure_started()
+    with _policies.lock:
+        snap = (
+            _policies.active.get(project_id)
+            if version is None
+            else _policies.pinned.get((project_id, version))
+        )
+        epoch = _policies.epoch.get(project_id, 0)
+    if snap is not None:
+        return snap
+    generation = _read_generation(project_id)
+    versions = PolicyVersion.objects.filter(project_id=project_id)
+    row = (
+        versions.filter(status=VersionStatus.ACTIVE).first()
+        if version is None
+        else versions.filter(number=version).first()
+    )
+    if row is None:
+        if version is None:
+            raise NotFound("This project has no active policy version.")
+        raise NotFound(f"This project has no policy version {version}.", field="version")
+    snap = _build_snapshot(row, generation)
+    with _policies.lock:
+        if _policies.epoch.get(project_id, 0) == epoch and generation >= 0:
+            if version is None:
+                _policies.active[project_id] = snap
+            else:
+                _policies.pinned[(project_id, version)] = snap
+                while len(_policies.pinned) > PINNED_CACHE_SIZE:
+                    _policies.pinned.popitem(last=False)
+    return snap
+
+
+def policy_cache_invalidate(*, project_id: int) -> None:
+    """The active version of the project changed: forget it here now, and make every other
+    process forget it within ``SYNC_INTERVAL`` seconds (the generation counter in Redis)."""
+    _policies.drop_project(project_id)
+    key = GENERATION_KEY.format(project_id=project_id)
+    try:
+        client = counters.redis_client()
+        if client is not None:
+            client.incr(key)
+        else:
+            try:
+                cache.incr(key)
+            except ValueError:
+                cache.set(key, 1, None)
+    except Exception:  # noqa: BLE001
+        logger.warning("Could not bump the policy generation of project %s.", project_id)
+
+
+def policy_cache_clear() -> None:
+    """Forget every snapshot of this process (tests)."""
+    _policies.clear()
+
+
+# --- Retrieval ----------------------------------------------------------------------------
+
+_FENCED_METADATA = re.compile(
+    r"^[^\n]*\((?:untrusted )?(?:metadata|context)\)[^\n]*:\s*\n```.*?```\s*", re.S | re.M | re.I
+)
+_WRAPPER_BLOCKS = re.compile(
+    r"<(system[-_]reminder|environment[-_]details|env|metadata|context|system|"
+    r"session[-_]info)\b[^>]*>.*?</\1>",
+    re.S | re.I,
+)
+_BRACKET_PREFIX = re.compile(r"^\s*\[[^\]\n]{1,120}\]\s*", re.M)
+_HEADER_LINE = re.compile(
+    r"^\s*(?:current (?:date|time)|date|time|timestamp|now|session(?: id)?|user(?: id)?|"
+    r"channel|sender|conversation(?: id)?|message id|timezone|locale|cwd|working directory)"
+    r"\s*[:=][^\n]*$\n?",
+    re.M | re.I,
+)
+
+
+def content_text(content: Any) -> str:
+    """The text of an OpenAI message content (a string or a list of parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            part.get("text", "")
+            for part in content
+            if isinstance(part, dict)
+            and part.get("type") in ("text", "input_text")
+            and isinstance(part.get("text"), str)
+        )
+    return ""
+
+
+def clean_request_text(text: str) -> str:
+    """Strip what agent frameworks wrap around a user's words (metadata blocks, reminders,
+    timestamps, header lines), which would otherwise pull the same skills every turn."""
+    text = _FENCED_METADATA.sub("", text)
+    text = _WRAPPER_BLOCKS.sub("", text)
+    text = _SECTION_RE.sub("", text)
+    text = _HEADER_LINE.sub("", text)
+    text = _BRACKET_PREFIX.sub("", text)
+    return text.strip()
+
+
+def query_from_messages(messages: Iterable[Any]) -> str:
+    """The retrieval query: the user's latest request, not the system prompt or boilerplate.
+
+    A terse latest message ("yes, go ahead") takes the previous user message as context."""
+    texts: list[str] = []
+    for message in reversed(list(messages)):
+        if not isinstance(message, dict) or message.get("role") != "user":
+            continue
+        text = clean_request_text(content_text(message.get("content")))
+        if not text:
+            continue
+        texts.append(text)
+        if len(texts) >= 2 or len(text.split()) >= 4:
+            break
+    return "\n".join(reversed(texts))[-MAX_QUERY_CHARS:]
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    skill: SkillEntry
+    score: float
+
+
+def skills_retrieve(
+    *,
+    snapshot: PolicySnapshot,
+    query: str,
+    k: int = DEFAULT_TOP_K,
+    min_score: float = DEFAULT_MIN_SCORE,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+) -> list[Retrieved]:
+    """The ``k`` skills of the version most relevant to ``query`` scoring at least
+    ``min_score``, best first, whose texts fit ``token_budget`` together (a skill too long for
+    what is left is skipped, a shorter one after it may still fit)."""
+    if not snapshot.skills or not query.strip() or k <= 0:
+        return []
+    vector = get_embedder().embed_one(query)
+    ranked = top_k(vector, snapshot.matrix, min(len(snapshot.skills), k * 3))
+    chosen: list[Retrieved] = []
+    left = token_budget
+    for index, score in ranked:
+        if score < min_score or len(chosen) >= k:
+            break
+        entry = snapshot.skills[index]
+        if entry.tokens > left:
+            continue
+        chosen.append(Retrieved(entry, round(score, 4)))
+        left -= entry.tokens
+    return chosen
+
+
+def skills_section(retrieved: Sequence[Retrieved], *, version: int) -> str:
+    parts = [
+        SKILLS_BEGIN,
+        "## Active skills",
+        f"Skills learned from earlier runs (MetaClaw policy v{version}). Apply the ones that fit "
+        "this request; ignore the rest.",
+    ]
+    parts.extend(r.skill.injection_text() for r in retrieved)
+    parts.append(SKILLS_END)
+    return "\n\n".join(parts)
+
+
+def messages_with_skills(messages: list[Any], section: str) -> list[Any]:
+    """A copy of ``messages`` whose first system message ends with ``section`` (one is created
+    at the top when there is none). Other messages are passed by reference, untouched; a
+    section left from an earlier turn is replaced, not repeated."""
+    out = list(messages)
+    for index, message in enumerate(out):
+        if not isinstance(message, dict) or message.get("role") not in ("system", "developer"):
+            continue
+        content = message.get("content")
+        if isinstance(content, list):
+            kept = [
+                p
+                for p in content
+                if not (isinstance(p, dict) and SKILLS_BEGIN in str(p.get("text", "")))
+            ]
+            new_content: Any = kept + [{"type": "text", "text": section}]
+        else:
+            base = _SECTION_RE.sub("", content or "").rstrip()
+            new_content = f"{base}\n\n{section}" if base else section
+        out[index] = {**message, "content": new_content}
+        return out
+    return [{"role": "system", "content": section}, *out]
+
+
+# --- API keys and request counting ----------------------------------------------------------
+
+_key_cache: dict[str, tuple[float, ApiKey]] = {}
+_key_lock = threading.Lock()
+
+
+def runtime_key_from_db(secret: str) -> ApiKey | None:
+    return api_key_authenticate(secret)
+
+
+def runtime_key_lookup(secret: str) -> ApiKey | None:
+    """The active key for ``secret`` (project loaded) from this process's short cache, or None
+    when unknown. Does not check scopes or limits."""
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    now = time.monotonic()
+    hit = _key_cache.get(digest)
+    if hit is not None and hit[0] > now:
+        return hit[1]
+    return None
+
+
+def runtime_key_store(secret: str, api_key: ApiKey) -> None:
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    with _key_lock:
+        if len(_key_cache) > 10_000:
+            _key_cache.clear()
+        # Revocation and project setting changes take effect within KEY_CACHE_SECONDS.
+        _key_cache[digest] = (time.monotonic() + KEY_CACHE_SECONDS, api_key)
+
+
+def runtime_key_cache_clear() -> None:
+    with _key_lock:
+        _key_cache.clear()
+
+
+def runtime_authenticate(secret: str) -> ApiKey | None:
+    """Authenticate a runtime-scoped key (sync; cached), count the request and apply the rate
+    limit. Raises ``ScopeDenied`` / ``RateLimited``; None for an unknown key."""
+    secret = secret.strip()
+    api_key = runtime_key_lookup(secret)
+    if api_key is None:
+        api_key = runtime_key_from_db(secret)
+        if api_key is None:
+            return None
+        runtime_key_store(secret, api_key)
+    runtime_admit(api_key)
+    return api_key
+
+
+def runtime_admit(api_key: ApiKey) -> None:
+    if not api_key.has_scope("runtime"):
+        raise ScopeDenied("runtime")
+    now = time.time()
+    limit = api_key.project.rate_limit_per_minute or settings.METACLAW["RATE_LIMIT_PER_MINUTE"]
+    if request_count(key_id=api_key.pk, project_id=api_key.project_id, now=now) > limit:
+        raise RateLimited(retry_after=max(1, 60 - int(now) % 60), limit=limit)
+
+
+class _Counts:
+    """Request counts of this process not yet added to Redis, and the totals Redis answered."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.rate: dict[tuple[int, int], int] = {}
+        self.traffic: dict[tuple[int, int], int] = {}
+        self.known_rate: dict[tuple[int, int], int] = {}
+
+
+_counts = _Counts()
+
+
+def request_count(*, key_id: int, project_id: int, now: float | None = None) -> int:
+    """Count one request (rate limit of the key, traffic of the project) and return the key's
+    count in this minute as far as this process knows (Redis totals as of the last sync plus
+    what is not yet flushed). Never touches the network."""
+    _syncer.ensure_started()
+    minute = counters.current_minute(now)
+    rate_key = (key_id, minute)
+    with _counts.lock:
+        pending = _counts.rate.get(rate_key, 0) + 1
+        _counts.rate[rate_key] = pending
+        traffic_key = (project_id, minute)
+        _counts.traffic[traffic_key] = _counts.traffic.get(traffic_key, 0) + 1
+        return _counts.known_rate.get(rate_key, 0) + pending
+
+
+def _flush_counts() -> None:
+    with _counts.lock:
+        rate, _counts.rate = _counts.rate, {}
+        traffic, _counts.traffic = _counts.traffic, {}
+        current = counters.current_minute()
+        for key in [k for k in _counts.known_rate if k[1] < current - 1]:
+            del _counts.known_rate[key]
+    if not rate and not traffic:
+        return
+    client = counters.redis_client()
+    try:
+        if client is None:
+            totals = {}
+            for (key_id, minute), n in rate.items():
+                totals[(key_id, minute)] = _cache_incr(
+                    counters.RATE_KEY.format(key_id=key_id, minute=minute), n, 120
+                )
+            for (pid, minute), n in traffic.items():
+                _cache_incr(
+                    counters.TRAFFIC_KEY.format(project_id=pid, minute=minute),
+                    n,
+                    counters.TRAFFIC_TTL_SECONDS,
+                )
+        else:
+            pipe = client.pipeline(transaction=False)
+            for (key_id, minute), n in rate.items():
+                key = counters.RATE_KEY.format(key_id=key_id, minute=minute)
+                pipe.incrby(key, n)
+                pipe.expire(key, 120)
+            for (pid, minute), n in traffic.items():
+                key = counters.TRAFFIC_KEY.format(project_id=pid, minute=minute)
+                pipe.incrby(key, n)
+                pipe.expire(key, counters.TRAFFIC_TTL_SECONDS)
+            results = pipe.execute()
+            totals = {k: int(results[2 * i]) for i, k in enumerate(rate)}
+    except Exception:  # noqa: BLE001 - counts must never fail requests; keep them for later
+        logger.warning("Could not flush runtime request counts; keeping them for the next try.")
+        with _counts.lock:
+            for k, n in rate.items():
+                _counts.rate[k] = _counts.rate.get(k, 0) + n
+            for k, n in traffic.items():
+                _counts.traffic[k] = _counts.traffic.get(k, 0) + n
+        return
+    with _counts.lock:
+        for k, total in totals.items():
+            _counts.known_rate[k] = max(total, _counts.known_rate.get(k, 0))
+
+
+def _cache_incr(key: str, n: int, ttl: int) -> int:
+    try:
+        return cache.incr(key, n)
+    except ValueError:
+        cache.add(key, 0, ttl)
+        return cache.incr(key, n)
+
+
+class _Syncer:
+    """Background thread: flush counts, drop snapshots whose generation moved on."""
+
+    def __init__(self) -> None:
+        self._started = False
+        self._lock = threading.Lock()
+
+    def ensure_started(self) -> None:
+        if self._started:
+            return
+        with self._lock:
+            if self._started:
+                return
+            thread = threading.Thread(target=self._run, name="metaclaw-runtime-sync", daemon=True)
+            thread.start()
+            self._started = True
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(SYNC_INTERVAL)
+            try:
+                sync_now()
+            except Exception:  # noqa: BLE001 - keep syncing whatever one round did
+                logger.exception("Runtime sync failed.")
+
+
+_syncer = _Syncer()
+
+
+def sync_now() -> None:
+    """One round of the syncer (also called by tests)."""
+    _flush_counts()
+    cached = _policies.generations()
+    if not cached:
+        return
+    try:
+        latest = _read_generations(list(cached))
+    except Exception:  # noqa: BLE001
+        return
+    for project_id, generations in cached.items():
+        if any(g != latest.get(project_id, 0) for g in generations):
+            _policies.drop_project(project_id)
+
+
+atexit.register(lambda: _flush_counts())
+
+
+# --- Upstream -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Upstream:
+    base_url: str
+    api_key: str
+    model_map: dict[str, str]
+
+
+def upstream_for(project: Project) -> Upstream:
+    return Upstream(
+        base_url=(project.upstream_base_url or settings.UPSTREAM["BASE_URL"] or "").rstrip("/"),
+        api_key=project.upstream_api_key or settings.UPSTREAM["API_KEY"] or "",
+        model_map=project.upstream_model_map
+        if isinstance(project.upstream_model_map, dict)
+        else {},
+    )
+
+
+def upstream_model(*, requested: str, snapshot: PolicySnapshot, model_map: dict[str, Any]) -> str:
+    """The model name to send upstream: the active adapter's when the version has one (a
+    Tinker sampler path as is, a local adapter folder by its name, as the local server names
+    it), else the requested one; either goes through the project's model map (``"*"`` matches
+    any name)."""
+    if snapshot.adapter_ref:
+        ref = snapshot.adapter_ref
+        name = ref if "://" in ref else ref.rstrip("/").rsplit("/", 1)[-1]
+        mapped = model_map.get(ref) or model_map.get(name)
+        return str(mapped or name)
+    mapped = model_map.get(requested) or model_map.get("*")
+    return str(mapped) if mapped else requested
+
+
+# --- Recording turns ----------------------------------------------------------------------
+
+
+@dataclass
+class Turn:
+    """One proxied turn, as the proxy saw it. The recorder parses the response, not the
+    request path."""
+
+    project_id: int
+    session_id: str
+    turn_type: str
+    agent_name: str
+    policy_version: int
+    requested_model: str
+    model: str
+    messages: list[Any]
+    tools: list[Any]
+    skills: list[dict[str, Any]]
+    status_code: int
+    latency_ms: float
+    response_body: bytes = b""
+    stream: bool = False
+    error: str = ""
+    occurred_at: Any = None
+
+
+def _parse_response(turn: Turn) -> tuple[Any, int | None, int | None]:
+    """(assistant message or error body, prompt tokens, completion tokens)."""
+    if turn.error:
+        return {"error": turn.error}, None, None
+    if not turn.stream:
+        try:
+            body = json.loads(turn.response_body or b"null")
+        except ValueError:
+            return {"raw": turn.response_body[:2000].decode("utf-8", "replace")}, None, None
+        if turn.status_code >= 400 or not isinstance(body, dict):
+            return body, None, None
+        usage = body.get("usage") or {}
+        choices = body.get("choices") or [{}]
+        return choices[0].get("message"), usage.get("prompt_tokens"), usage.get("completion_tokens")
+    content: list[str] = []
+    tool_calls: dict[int, dict[str, Any]] = {}
+    usage: dict[str, Any] = {}
+    for line in turn.response_body.split(b"\n"):
+        line = line.strip()
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if not data or data == b"[DONE]":
+            continue
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            continue
+        usage = chunk.get("usage") or usage
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if isinstance(delta.get("content"), str):
+                content.append(delta["content"])
+            for call in delta.get("tool_calls") or []:
+                slot = tool_calls.setdefault(
+                    call.get("index", 0),
+                    {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+                )
+                slot["id"] = call.get("id") or slot["id"]
+                fn = call.get("function") or {}
+                slot["function"]["name"] += fn.get("name") or ""
+                slot["function"]["arguments"] += fn.get("arguments") or ""
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(content) or None}
+    if tool_calls:
+        message["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
+    return message, usage.get("prompt_tokens"), usage.get("completion_tokens")
+
+
+def proxy_turns_record(*, turns: Sequence[Turn]) -> int:
+    """Store proxied turns as trajectories (source=proxy), stamped with their policy version.
+    Returns how many were stored."""
+    from incidents.models import Trajectory, TrajectorySource
+
+    rows = []
+    for turn in turns:
+        response, prompt_tokens, completion_tokens = _parse_response(turn)
+        rows.append(
+            Trajectory(
+                id=uuid.uuid4(),
+                project_id=turn.project_id,
+                session_id=clean_text(turn.session_id)[:200],
+                turn_type=turn.turn_type,
+                source=TrajectorySource.PROXY,
+                agent_name=clean_text(turn.agent_name)[:200],
+                policy_version=turn.policy_version,
+                model=clean_text(turn.model)[:200],
+                messages=clean_json(turn.messages),
+                response=clean_json(response),
+                tools=clean_json(turn.tools),
+                skills_injected=turn.skills,
+                latency_ms=round(turn.latency_ms, 3),
+                prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) else None,
+                completion_tokens=completion_tokens if isinstance(completion_tokens, int) else None,
+                status_code=turn.status_code,
+                metadata={
+                    "requested_model": clean_text(turn.requested_model),
+                    "stream": turn.stream,
+                },
+                occurred_at=turn.occurred_at or timezone.now(),
+                received_at=timezone.now(),
+            )
+        )
+    with transaction.atomic():
+        Trajectory.objects.bulk_create(rows)
+    return len(rows)
+
+
+class _Recorder:
+    """Writes turns from a queue in batches on its own thread: the answer never waits for the
+    database, and a database outage drops recordings (logged), never answers."""
+
+    MAX_QUEUE = 50_000
+    MAX_BATCH = 500
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[Turn] = queue.Queue(maxsize=self.MAX_QUEUE)
+        self.pending = 0
+        self.cond = threading.Condition()
+        self.started = False
+        self.dropped = 0
+
+    def submit(self, turn: Turn) -> None:
+        if not self.started:
+            with self.cond:
+                if not self.started:
+                    threading.Thread(
+                        target=self._run, name="metaclaw-runtime-recorder", daemon=True
+                    ).start()
+                    self.started = True
+        with self.cond:
+            self.pending += 1
+        try:
+            self.queue.put_nowait(turn)
+        except queue.Full:
+            self.dropped += 1
+            self._done(1)
+            logger.warning("Recorder queue full: a proxied turn was not recorded.")
+
+    def _done(self, n: int) -> None:
+        with self.cond:
+            self.pending -= n
+            self.cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            batch = [self.queue.get()]
+            while len(batch) < self.MAX_BATCH:
+                try:
+                    batch.append(self.queue.get(timeout=0.02))
+                except queue.Empty:
+                    break
+            try:
+                close_old_connections()
+                proxy_turns_record(turns=batch)
+            except Exception:  # noqa: BLE001 - recording must never take the proxy down
+                logger.exception("Could not record %d proxied turns.", len(batch))
+            finally:
+                self._done(len(batch))
+
+    def wait(self, timeout: float = 10.0) -> bool:
+        """Block until every submitted turn is written (tests, shutdown). True when drained."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.pending > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(left)
+        return True
+
+
+recorder = _Recorder()
+atexit.register(lambda: recorder.wait(5.0))
+
+
+def recordings_wait(timeout: float = 10.0) -> bool:
+    """Wait for pending recordings of this process to be written."""
+    return recorder.wait(timeout)
+
+
+# --- Feedback -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FeedbackResult:
+    session_id: str
+    trajectories_updated: int
+    incident_id: uuid.UUID | None
+    group_id: int | None
+    duplicate: bool
+
+
+def session_feedback_record(
+    *,
+    project: Project,
+    session_id: str,
+    outcome: str | None = None,
+    reward: float | None = None,
+    failure: dict[str, Any] | None = None,
+    actor_label: str = "",
+) -> FeedbackResult:
+    """Record how a proxied session ended: the outcome and reward on its trajectories, and for
+    a failure an incident of the fast loop (idempotent per session unless the failure carries
+    its own ``id``) with the session's last main turn as evidence."""
+    from incidents.models import Outcome, Trajectory
+    from incidents.schemas import IncidentIn
+    from incidents.services import incidents_ingest
+
+    if failure is not None:
+        outcome = Outcome.FAILURE
+    if outcome is None and reward is None:
+        raise DomainError("Give an outcome, a reward or a failure.", field="outcome")
+    recordings_wait(2.0)
+    turns = Trajectory.objects.filter(project=project, session_id=session_id)
+    changes: dict[str, Any] = {}
+    if outcome is not None:
+        changes["outcome"] = outcome
+    if reward is not None:
+        changes["reward"] = reward
+    updated = turns.update(**changes)
+    if failure is None:
+        return FeedbackResult(session_id, updated, None, None, False)
+
+    last = (
+        turns.filter(turn_type="main").order_by("-occurred_at").first()
+        or turns.order_by("-occurred_at").first()
+    )
+    messages: list[Any] = []
+    tools: list[Any] = []
+    if last is not None:
+        messages = list(last.messages or [])
+        if isinstance(last.response, dict) and last.response.get("role") == "assistant":
+            messages.append(last.response)
+        tools = list(last.tools or [])
+    payload = {
+        "id": failure.get("id") or f"session:{session_id}",
+        "agent": {"name": failure.get("agent") or (last.agent_name if last else "") or "proxy"},
+        "policy_version": last.policy_version if last else None,
+        "kind": failure.get("kind") or "wrong_answer",
+        "severity": failure.get("severity") or "medium",
+        "error": failure.get("error") or {},
+        "messages": messages[-100:],
+        "tools": tools,
+        "feedback": {"text": failure.get("feedback") or "", "reward": reward},
+        "metadata": {"source": "runtime.feedback", "trajectory_id": str(last.pk) if last else ""},
+        "session_id": session_id,
+    }
+    try:
+        item = IncidentIn.model_validate(payload)
+    except Exception:  # noqa: BLE001 - recorded messages an incident cannot hold: keep the rest
+        payload["messages"] = []
+        payload["tools"] = []
+        item = IncidentIn.model_validate(payload)
+    result = incidents_ingest(project=project, items=[item], actor_label=actor_label)[0]
+    return FeedbackResult(
+        session_id, updated, result.incident_id, result.group_id, result.duplicate
+    )

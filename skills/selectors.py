@@ -1,0 +1,258 @@
+"""Tenant-scoped reads of skills, revisions and policy versions, shared by pages and the API.
+
+Every function takes the project (from the API key or from ``project_view``) and never returns
+another project's rows. List functions issue a fixed number of queries whatever the data size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from django.db.models import (
+    Case,
+    Count,
+    Exists,
+    F,
+    IntegerField,
+    Max,
+    OuterRef,
+    Prefetch,
+    Q,
+    QuerySet,
+    Sum,
+    Value,
+    When,
+)
+from django.db.models.functions import Coalesce
+
+from incidents.models import SEVERITY_RANK, Incident, IncidentGroup
+from metaclaw_site.models import Project
+from metaclaw_site.services import NotFound
+
+from . import diff as diffs
+from .models import PolicyVersion, RevisionStatus, Skill, SkillRevision, VersionStatus
+
+QUEUE_ORDERS = {
+    "impact": ("-impact_events", F("impact_last_seen").desc(nulls_last=True), "-impact_severity"),
+    "recent": (F("impact_last_seen").desc(nulls_last=True), "-created_at"),
+    "severity": ("-impact_severity", "-impact_events"),
+    "oldest": ("created_at",),
+}
+
+
+def revisions_for_project(
+    project: Project,
+    *,
+    status: str | None = None,
+    skill: str | None = None,
+    category: str | None = None,
+    origin: str | None = None,
+    agent: str | None = None,
+    q: str | None = None,
+) -> QuerySet[SkillRevision]:
+    qs = SkillRevision.objects.filter(skill__project=project)
+    if status:
+        qs = qs.filter(status=status)
+    if skill:
+        qs = qs.filter(skill__slug=skill)
+    if category:
+        qs = qs.filter(category=category)
+    if origin:
+        qs = qs.filter(origin=origin)
+    if agent:
+        qs = qs.filter(
+            Exists(
+                IncidentGroup.objects.filter(
+                    skill_revisions=OuterRef("pk"), agent_name=agent, project=project
+                )
+            )
+        )
+    if q:
+        qs = qs.filter(Q(name__icontains=q) | Q(skill__slug__icontains=q))
+    return qs
+
+
+def _severity_rank() -> Case:
+    return Case(
+        *[
+            When(source_groups__severity=name, then=Value(rank))
+            for name, rank in SEVERITY_RANK.items()
+        ],
+        default=Value(0),
+        output_field=IntegerField(),
+    )
+
+
+def review_queue(
+    project: Project,
+    *,
+    category: str | None = None,
+    origin: str | None = None,
+    agent: str | None = None,
+    q: str | None = None,
+    order: str = "impact",
+    limit: int = 100,
+) -> list[SkillRevision]:
+    """Proposed revisions, most impactful first: incidents in their source groups, then how
+    recently those groups saw one, then the worst severity. One query."""
+    qs = (
+        revisions_for_project(
+            project,
+            status=RevisionStatus.PROPOSED,
+            category=category,
+            origin=origin,
+            agent=agent,
+            q=q,
+        )
+        .select_related("skill")
+        .annotate(
+            impact_events=Coalesce(Sum("source_groups__event_count"), 0),
+            impact_groups=Count("source_groups"),
+            impact_last_seen=Max("source_groups__last_seen"),
+            impact_severity=Coalesce(Max(_severity_rank()), 0),
+        )
+        .order_by(*QUEUE_ORDERS.get(order, QUEUE_ORDERS["impact"]), "-id")
+    )
+    return list(qs[:limit])
+
+
+SEVERITY_NAMES = {rank: name for name, rank in SEVERITY_RANK.items()}
+
+
+def revision_for_project(project: Project, revision_id: Any) -> SkillRevision:
+    revision = (
+        SkillRevision.objects.filter(skill__project=project, pk=revision_id)
+        .select_related("skill", "created_by", "decided_by", "first_approved_by", "parent")
+        .first()
+    )
+    if revision is None:
+        raise NotFound("No such skill revision in this project.")
+    return revision
+
+
+def active_version(project: Project) -> PolicyVersion | None:
+    return PolicyVersion.objects.filter(project=project, status=VersionStatus.ACTIVE).first()
+
+
+def live_revision_for_skill(project: Project, skill_id: int) -> SkillRevision | None:
+    """The revision of the skill that agents run with now: the one in the active version (after
+    a rollback that may be an older one), else none. One query."""
+    return (
+        SkillRevision.objects.filter(
+            skill_id=skill_id,
+            policy_versions__project=project,
+            policy_versions__status=VersionStatus.ACTIVE,
+        )
+        .select_related("skill")
+        .first()
+    )
+
+
+@dataclass
+class ProposalDetail:
+    revision: SkillRevision
+    live: SkillRevision | None
+    changes: list[diffs.FieldDiff]
+    groups: list[IncidentGroup]
+    incidents: list[Incident]
+    history: list[SkillRevision]
+
+
+EVIDENCE_INCIDENTS = 5
+
+
+def proposal_detail(project: Project, revision_id: Any) -> ProposalDetail:
+    """Everything the proposal page shows, in a fixed number of queries (5)."""
+    revision = revision_for_project(project, revision_id)
+    live = live_revision_for_skill(project, revision.skill_id)
+    if live is not None and live.pk == revision.pk:
+        live = None
+    if live is not None:
+        changes = diffs.revision_changes(live, revision)
+    else:
+        changes = [
+            diffs.FieldDiff(name, "", str(getattr(revision, name)))
+            for name in ("name", "description", "instructions")
+        ]
+    groups = list(
+        IncidentGroup.objects.filter(project=project, skill_revisions=revision).order_by(
+            "-event_count"
+        )[:20]
+    )
+    incidents = list(
+        Incident.objects.filter(project=project, skill_revisions=revision).order_by("-occurred_at")[
+            :EVIDENCE_INCIDENTS
+        ]
+    )
+    history = list(
+        SkillRevision.objects.filter(skill_id=revision.skill_id)
+        .only("id", "number", "status", "author", "origin", "created_at", "skill_id", "name")
+        .order_by("-number")[:20]
+    )
+    return ProposalDetail(revision, live, changes, groups, incidents, history)
+
+
+def versions_for_project(project: Project, *, status: str | None = None) -> QuerySet[PolicyVersion]:
+    qs = (
+        PolicyVersion.objects.filter(project=project)
+        .select_related("parent", "created_by")
+        .annotate(skill_count=Count("revisions"))
+        .order_by("-number")
+    )
+    if status:
+        qs = qs.filter(status=status)
+    return qs
+
+
+def version_for_project(project: Project, number: Any) -> PolicyVersion:
+    try:
+        number = int(number)
+    except (TypeError, ValueError) as exc:
+        raise NotFound("No such policy version in this project.") from exc
+    version = (
+        PolicyVersion.objects.filter(project=project, number=number)
+        .select_related("parent", "created_by")
+        .first()
+    )
+    if version is None:
+        raise NotFound("No such policy version in this project.")
+    return version
+
+
+def version_revisions(version: PolicyVersion) -> list[SkillRevision]:
+    return list(version.revisions.select_related("skill").order_by("skill__slug"))
+
+
+def version_releases(version: PolicyVersion) -> list[Any]:
+    from .models import Release
+
+    return list(
+        Release.objects.filter(Q(to_version=version) | Q(from_version=version))
+        .select_related("from_version", "to_version", "actor")
+        .order_by("-created_at", "-id")[:20]
+    )
+
+
+def versions_diff(project: Project, from_number: Any, to_number: Any) -> diffs.VersionDiff:
+    """Diff two versions of the project: four queries whatever their size."""
+    old = version_for_project(project, from_number)
+    new = version_for_project(project, to_number)
+    return diffs.version_diff(old, new, version_revisions(old), version_revisions(new))
+
+
+def skills_library(project: Project, *, q: str | None = None) -> QuerySet[Skill]:
+    """Every skill with its revisions (newest first) and, on each revision, the versions that
+    contain it. Three queries for any page of skills."""
+    versions = PolicyVersion.objects.only("id", "number", "status").order_by("number")
+    revisions = (
+        SkillRevision.objects.only(
+            "id", "skill_id", "number", "name", "status", "author", "origin", "created_at",
+            "rolled_back_at",
+        )
+        .order_by("-number")
+        .prefetch_related(Prefetch("policy_versions", queryset=versions))
+    )  # fmt: skip
+    qs = Skill.objects.filter(project=project).order_by("slug")
+    if q:
+        qs = qs.filter(Q(slug__icontains=q) | Q(revisions__name__icontains=q)).distinct()
+    return qs.prefetch_related(Prefetch("revisions", queryset=revisions))

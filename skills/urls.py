@@ -1,0 +1,24 @@
+"""Dashboard pages of the skills app, included at the site root (project-scoped paths)."""
+
+from django.urls import path
+
+from . import views
+
+app_name = "skills"
+
+P = "p/<slug:project_slug>/"
+
+urlpatterns = [
+    path(P + "review/", views.review_queue, name="review_queue"),
+    path(P + "review/<int:revision_id>/", views.revision_detail, name="revision_detail"),
+    path(P + "review/<int:revision_id>/approve/", views.revision_approve, name="revision_approve"),
+    path(P + "review/<int:revision_id>/reject/", views.revision_reject, name="revision_reject"),
+    path(P + "review/<int:revision_id>/edit/", views.revision_edit, name="revision_edit"),
+    path(P + "versions/", views.version_list, name="version_list"),
+    path(P + "versions/diff/", views.version_diff, name="version_diff"),
+    path(P + "versions/<int:number>/", views.version_detail, name="version_detail"),
+    path(P + "versions/<int:number>/promote/", views.version_promote, name="version_promote"),
+    path(P + "versions/<int:number>/rollback/", views.version_rollback, name="version_rollback"),
+    path(P + "versions/<int:number>/reject/", views.version_reject, name="version_reject"),
+    path(P + "skills/", views.skill_library, name="skill_library"),
+]

@@ -1,0 +1,355 @@
+"""Operators' dashboard: review queue, proposal detail, policy versions, skills library.
+
+Thin views: reads through ``skills.selectors``, decisions through ``skills.services`` (the same
+ones the API and the approval links call). Role checks: ``project_view`` for the page, and the
+service again for the action. htmx requests get the partial that changed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import messages
+from django.core.paginator import Paginator
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from incidents.selectors import agents_for_project
+from metaclaw_site.decorators import project_view
+from metaclaw_site.models import Role
+from metaclaw_site.services import Conflict, DomainError, NotFound, PermissionDenied
+
+from . import selectors, services
+from .models import Category, Origin, PolicyVersion, VersionStatus
+
+QUEUE_FILTERS = ("category", "origin", "agent", "q", "order")
+LIBRARY_PAGE_SIZE = 50
+VERSIONS_PAGE_SIZE = 50
+
+
+def _can(request: HttpRequest, role: str) -> bool:
+    return request.membership.has_role(role)  # type: ignore[attr-defined]
+
+
+def _queue_filters(request: HttpRequest) -> dict[str, str]:
+    return {name: request.GET.get(name, "").strip() for name in QUEUE_FILTERS}
+
+
+def _error_status(exc: DomainError) -> int:
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, PermissionDenied):
+        return 403
+    if isinstance(exc, Conflict):
+        return 409
+    return 422
+
+
+# --- Review queue and proposal detail ----------------------------------------------------------
+
+
+def _review_context(
+    request: HttpRequest, *, revision_id: Any = None, queue: bool = True, **extra: Any
+) -> dict[str, Any]:
+    project = request.project  # type: ignore[attr-defined]
+    filters = _queue_filters(request)
+    context: dict[str, Any] = {
+        "filters": filters,
+        "can_review": _can(request, Role.REVIEWER),
+        "categories": Category.choices,
+        "origins": Origin.choices,
+        "orders": [("impact", "Impact"), ("recent", "Most recent"), ("severity", "Severity"),
+                   ("oldest", "Oldest first")],
+        **extra,
+    }  # fmt: skip
+    if queue:
+        context["queue"] = selectors.review_queue(
+            project,
+            category=filters["category"] or None,
+            origin=filters["origin"] or None,
+            agent=filters["agent"] or None,
+            q=filters["q"] or None,
+            order=filters["order"] or "impact",
+        )
+        context["agents"] = agents_for_project(project)
+    if revision_id is not None:
+        context["detail"] = selectors.proposal_detail(project, revision_id)
+        context["selected_id"] = context["detail"].revision.pk
+    return context
+
+
+@require_GET
+@project_view()
+def review_queue(request: HttpRequest) -> HttpResponse:
+    context = _review_context(request)
+    if request.htmx:  # type: ignore[attr-defined]
+        return render(request, "skills/review.html#queue", context)
+    return render(request, "skills/review.html", context)
+
+
+@require_GET
+@project_view()
+def revision_detail(request: HttpRequest, revision_id: int) -> HttpResponse:
+    """The proposal beside the queue; an htmx request gets the detail panel only."""
+    partial = bool(request.htmx) and request.htmx.target == "detail"  # type: ignore[attr-defined]
+    try:
+        context = _review_context(request, revision_id=revision_id, queue=not partial)
+    except NotFound as exc:
+        raise Http404(str(exc)) from exc
+    if partial:
+        return render(request, "skills/review.html#detail", context)
+    return render(request, "skills/review.html", context)
+
+
+def _decision_response(
+    request: HttpRequest, revision_id: int, *, error: DomainError | None = None, **extra: Any
+) -> HttpResponse:
+    """After a decision: htmx gets the re-rendered detail panel (and the queue refreshes);
+    a plain form POST is redirected to the proposal page (POST/redirect/GET)."""
+    status = _error_status(error) if error else 200
+    if request.htmx:  # type: ignore[attr-defined]
+        try:
+            context = _review_context(request, revision_id=revision_id, queue=False, **extra)
+        except NotFound as exc:
+            raise Http404(str(exc)) from exc
+        context["error"] = str(error) if error else ""
+        response = render(request, "skills/review.html#detail", context, status=status)
+        if not error:
+            response["HX-Trigger"] = "queue-changed"
+        return response
+    if error:
+        if status == 422:  # keep what was typed
+            context = _review_context(request, revision_id=revision_id, **extra)
+            context["error"] = str(error)
+            return render(request, "skills/review.html", context, status=422)
+        messages.error(request, str(error))
+    project = request.project  # type: ignore[attr-defined]
+    return redirect("skills:revision_detail", project_slug=project.slug, revision_id=revision_id)
+
+
+def _revision_or_404(request: HttpRequest, revision_id: int):
+    try:
+        return selectors.revision_for_project(request.project, revision_id)  # type: ignore[attr-defined]
+    except NotFound as exc:
+        raise Http404(str(exc)) from exc
+
+
+@require_POST
+@project_view(role=Role.REVIEWER)
+def revision_approve(request: HttpRequest, revision_id: int) -> HttpResponse:
+    revision = _revision_or_404(request, revision_id)
+    try:
+        revision = services.skill_revision_approve(
+            revision=revision, actor=request.user, reason=request.POST.get("reason", "")
+        )
+    except DomainError as exc:
+        return _decision_response(request, revision_id, error=exc)
+    if revision.status == "proposed":
+        messages.success(request, "First approval recorded; a second reviewer must approve.")
+    else:
+        messages.success(request, f"Approved {revision.skill.slug} r{revision.number}: it is live.")
+    return _decision_response(request, revision_id)
+
+
+@require_POST
+@project_view(role=Role.REVIEWER)
+def revision_reject(request: HttpRequest, revision_id: int) -> HttpResponse:
+    revision = _revision_or_404(request, revision_id)
+    reason = request.POST.get("reason", "")
+    try:
+        services.skill_revision_reject(revision=revision, actor=request.user, reason=reason)
+    except DomainError as exc:
+        return _decision_response(request, revision_id, error=exc, reject_reason=reason)
+    messages.success(request, f"Rejected {revision.skill.slug} r{revision.number}.")
+    return _decision_response(request, revision_id)
+
+
+@require_POST
+@project_view(role=Role.REVIEWER)
+def revision_edit(request: HttpRequest, revision_id: int) -> HttpResponse:
+    """Save the edited text as a new proposal; with ``approve`` set, approve it at once
+    (edit-then-approve). Both happen in the services; the redirect goes to the new revision."""
+    revision = _revision_or_404(request, revision_id)
+    form = {
+        name: request.POST.get(name, "")
+        for name in ("name", "description", "instructions", "category")
+    }
+    try:
+        new_revision = services.skill_revision_edit(revision=revision, actor=request.user, **form)
+    except DomainError as exc:
+        return _decision_response(request, revision_id, error=exc, edit_form=form)
+    target = new_revision.pk
+    if request.POST.get("approve"):
+        try:
+            new_revision = services.skill_revision_approve(
+                revision=new_revision, actor=request.user
+            )
+        except DomainError as exc:
+            return _decision_response(request, target, error=exc)
+        messages.success(request, f"Edited and approved as r{new_revision.number}.")
+    else:
+        messages.success(request, f"Saved as r{new_revision.number}, waiting for review.")
+    project = request.project  # type: ignore[attr-defined]
+    url = reverse(
+        "skills:revision_detail", kwargs={"project_slug": project.slug, "revision_id": target}
+    )
+    if request.htmx:  # type: ignore[attr-defined]
+        response = _decision_response(request, target)
+        response["HX-Push-Url"] = url
+        return response
+    return redirect(url)
+
+
+# --- Policy versions ---------------------------------------------------------------------------
+
+
+def _version_or_404(request: HttpRequest, number: int) -> PolicyVersion:
+    try:
+        return selectors.version_for_project(request.project, number)  # type: ignore[attr-defined]
+    except NotFound as exc:
+        raise Http404(str(exc)) from exc
+
+
+@require_GET
+@project_view()
+def version_list(request: HttpRequest) -> HttpResponse:
+    project = request.project  # type: ignore[attr-defined]
+    page = Paginator(selectors.versions_for_project(project), VERSIONS_PAGE_SIZE).get_page(
+        request.GET.get("page")
+    )
+    versions = list(page.object_list)
+    active = next((v for v in versions if v.status == VersionStatus.ACTIVE), None)
+    if active is None:
+        active = selectors.active_version(project)
+    return render(
+        request,
+        "skills/versions.html",
+        {
+            "page": page,
+            "versions": versions,
+            "active": active,
+            "can_admin": _can(request, Role.ADMIN),
+        },
+    )
+
+
+@require_GET
+@project_view()
+def version_detail(request: HttpRequest, number: int) -> HttpResponse:
+    version = _version_or_404(request, number)
+    return render(
+        request,
+        "skills/version_detail.html",
+        {
+            "version": version,
+            "revisions": selectors.version_revisions(version),
+            "releases": selectors.version_releases(version),
+            "active": selectors.active_version(request.project),  # type: ignore[attr-defined]
+            "can_admin": _can(request, Role.ADMIN),
+        },
+    )
+
+
+@require_GET
+@project_view()
+def version_diff(request: HttpRequest) -> HttpResponse:
+    project = request.project  # type: ignore[attr-defined]
+    active = selectors.active_version(project)
+    to_number = request.GET.get("to") or (active.number if active else 1)
+    from_number = request.GET.get("from") or max(1, int(to_number) - 1)
+    try:
+        result = selectors.versions_diff(project, from_number, to_number)
+    except (NotFound, ValueError) as exc:
+        raise Http404("No such policy version in this project.") from exc
+    context = {
+        "diff": result,
+        "numbers": list(
+            PolicyVersion.objects.filter(project=project)
+            .order_by("-number")
+            .values_list("number", "status")[:200]
+        ),
+    }
+    template = "skills/version_diff.html"
+    if request.htmx:  # type: ignore[attr-defined]
+        template += "#diff"
+    return render(request, template, context)
+
+
+def _confirm_context(request: HttpRequest, version: PolicyVersion, action: str) -> dict:
+    project = request.project  # type: ignore[attr-defined]
+    active = selectors.active_version(project)
+    result = None
+    if active is not None and active.pk != version.pk:
+        result = selectors.versions_diff(project, active.number, version.number)
+    return {"version": version, "active": active, "diff": result, "action": action}
+
+
+def _version_action(
+    request: HttpRequest, number: int, action: str, call
+) -> HttpResponse:
+    """GET: a confirmation naming exactly what changes. POST: act through the service."""
+    version = _version_or_404(request, number)
+    project = request.project  # type: ignore[attr-defined]
+    if request.method == "GET":
+        context = _confirm_context(request, version, action)
+        return render(request, "skills/version_confirm.html", context)
+    reason = request.POST.get("reason", "")
+    try:
+        call(version=version, actor=request.user, reason=reason)
+    except DomainError as exc:
+        status = _error_status(exc)
+        context = _confirm_context(request, version, action)
+        context.update(error=str(exc), reason=reason)
+        return render(request, "skills/version_confirm.html", context, status=status)
+    messages.success(
+        request,
+        {
+            "promote": f"v{version.number} is now active.",
+            "rollback": f"Rolled back: v{version.number} is active again.",
+            "reject": f"v{version.number} rejected.",
+        }[action],
+    )
+    return redirect("skills:version_detail", project_slug=project.slug, number=version.number)
+
+
+@require_http_methods(["GET", "POST"])
+@project_view(role=Role.ADMIN)
+def version_promote(request: HttpRequest, number: int) -> HttpResponse:
+    return _version_action(
+        request, number, "promote", services.policy_version_promote
+    )
+
+
+@require_http_methods(["GET", "POST"])
+@project_view(role=Role.ADMIN)
+def version_rollback(request: HttpRequest, number: int) -> HttpResponse:
+    def rollback(*, version: PolicyVersion, actor: Any, reason: str) -> PolicyVersion:
+        return services.policy_version_rollback(to_version=version, actor=actor, reason=reason)
+
+    return _version_action(request, number, "rollback", rollback)
+
+
+@require_http_methods(["GET", "POST"])
+@project_view(role=Role.ADMIN)
+def version_reject(request: HttpRequest, number: int) -> HttpResponse:
+    return _version_action(
+        request, number, "reject", services.policy_version_reject
+    )
+
+
+# --- Skills library ------------------------------------------------------------------------------
+
+
+@require_GET
+@project_view()
+def skill_library(request: HttpRequest) -> HttpResponse:
+    project = request.project  # type: ignore[attr-defined]
+    q = request.GET.get("q", "").strip()
+    page = Paginator(selectors.skills_library(project, q=q or None), LIBRARY_PAGE_SIZE).get_page(
+        request.GET.get("page")
+    )
+    template = "skills/library.html"
+    if request.htmx:  # type: ignore[attr-defined]
+        template += "#library"
+    return render(request, template, {"page": page, "skills": list(page.object_list), "q": q})

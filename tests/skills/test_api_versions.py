@@ -1,0 +1,205 @@
+from __future__ import annotations
+
+import pytest
+
+from metaclaw_site.models import AuditEvent
+from skills import services
+from skills.models import Origin, PolicyVersion, Release, RevisionStatus, SkillRevision
+from tests import factories
+
+pytestmark = pytest.mark.django_db
+
+
+def propose(project, slug="iso-dates", **overrides) -> SkillRevision:
+    fields = {
+        "name": "Use ISO dates",
+        "description": "When a tool wants a date.",
+        "instructions": "Always pass dates as YYYY-MM-DD.",
+        "origin": Origin.DEMO_FIXTURE,
+    }
+    fields.update(overrides)
+    return services.skill_revision_propose(project=project, slug=slug, **fields)
+
+
+def test_list_revisions_filters_by_status_and_stays_in_the_keys_project(
+    api, project, other_project, admin_key
+):
+    mine = propose(project)
+    rejected = propose(project, slug="other")
+    services.skill_revision_reject(revision=rejected, actor=None, reason="no")
+    propose(other_project)
+
+    response = api.get("/api/v1/skills/revisions", key=admin_key, status="proposed")
+
+    assert response.status_code == 200
+    assert [item["id"] for item in response.json()["items"]] == [mine.pk]
+    assert response.json()["items"][0]["skill"] == "iso-dates"
+
+
+def test_an_ingest_key_may_not_decide(api, project, ingest_key):
+    revision = propose(project)
+
+    response = api.post(f"/api/v1/skills/revisions/{revision.pk}/approve", {}, key=ingest_key)
+
+    assert response.status_code == 403
+    assert SkillRevision.objects.get(pk=revision.pk).status == RevisionStatus.PROPOSED
+
+
+def test_no_key_answers_401(api, project):
+    assert api.get("/api/v1/versions").status_code == 401
+
+
+def test_approve_through_the_api_activates_a_new_version_attributed_to_the_key(
+    api, project, admin_key
+):
+    revision = propose(project)
+
+    response = api.post(
+        f"/api/v1/skills/revisions/{revision.pk}/approve", {"reason": "CI eval passed"},
+        key=admin_key,
+    )  # fmt: skip
+
+    assert response.status_code == 200, response.content
+    assert response.json()["status"] == "approved"
+    active = PolicyVersion.objects.get(project=project, status="active")
+    assert active.number == 2
+    release = Release.objects.get(to_version=active)
+    assert release.actor_label.startswith("api-key:") and release.reason == "CI eval passed"
+    assert AuditEvent.objects.filter(
+        action="skill_revision.approve", actor_label=release.actor_label
+    ).exists()
+
+
+def test_approving_twice_answers_409_saying_who_acted_first(api, project, admin_key):
+    revision = propose(project)
+    api.post(f"/api/v1/skills/revisions/{revision.pk}/approve", {}, key=admin_key)
+
+    response = api.post(f"/api/v1/skills/revisions/{revision.pk}/approve", {}, key=admin_key)
+
+    assert response.status_code == 409
+    assert response.json()["code"] == "conflict"
+    assert "already approved by api-key:" in response.json()["detail"]
+    assert PolicyVersion.objects.filter(project=project).count() == 2
+
+
+def test_reject_without_a_reason_answers_422_naming_the_field(api, project, admin_key):
+    revision = propose(project)
+
+    response = api.post(
+        f"/api/v1/skills/revisions/{revision.pk}/reject", {"reason": " "}, key=admin_key
+    )
+
+    assert response.status_code == 422
+    assert [e["field"] for e in response.json()["errors"]] == ["reason"]
+    assert SkillRevision.objects.get(pk=revision.pk).status == RevisionStatus.PROPOSED
+
+
+def test_a_revision_of_another_project_is_not_found(api, project, other_project, admin_key):
+    foreign = propose(other_project)
+
+    response = api.post(f"/api/v1/skills/revisions/{foreign.pk}/approve", {}, key=admin_key)
+
+    assert response.status_code == 404
+    assert SkillRevision.objects.get(pk=foreign.pk).status == RevisionStatus.PROPOSED
+
+
+def test_edit_and_approve_in_one_call(api, project, admin_key):
+    revision = propose(project)
+
+    response = api.post(
+        f"/api/v1/skills/revisions/{revision.pk}/edit",
+        {
+            "name": "Use ISO 8601 dates",
+            "description": "When a tool wants a date.",
+            "instructions": "Pass YYYY-MM-DD.",
+            "category": "common_mistakes",
+            "approve": True,
+        },
+        key=admin_key,
+    )
+
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert (body["status"], body["number"], body["author"], body["parent_id"]) == (
+        "approved", 2, "human", revision.pk,
+    )  # fmt: skip
+    assert SkillRevision.objects.get(pk=revision.pk).status == RevisionStatus.SUPERSEDED
+
+
+def test_edit_with_a_bad_category_answers_422_naming_it(api, project, admin_key):
+    revision = propose(project)
+
+    response = api.post(
+        f"/api/v1/skills/revisions/{revision.pk}/edit",
+        {"name": "n", "description": "d", "instructions": "i", "category": "cooking"},
+        key=admin_key,
+    )
+
+    assert response.status_code == 422
+    assert "category" in {e["field"] for e in response.json()["errors"]}
+
+
+def test_versions_list_detail_and_diff(api, project, admin_key):
+    first = propose(project)
+    services.skill_revision_approve(revision=first, actor=None)
+    second = propose(project, instructions="Always pass dates as ISO 8601 YYYY-MM-DD.")
+    services.skill_revision_approve(revision=second, actor=None)
+
+    listing = api.get("/api/v1/versions", key=admin_key).json()
+    detail = api.get("/api/v1/versions/3", key=admin_key).json()
+    diff = api.get("/api/v1/versions/2/diff/3", key=admin_key).json()
+
+    assert [(v["number"], v["status"]) for v in listing] == [
+        (3, "active"), (2, "retired"), (1, "retired"),
+    ]  # fmt: skip
+    assert [r["id"] for r in detail["revisions"]] == [second.pk]
+    assert diff["changed"][0]["skill"] == "iso-dates"
+    chunks = diff["changed"][0]["fields"][0]["chunks"]
+    assert {"op": "insert", "text": "ISO 8601 "} in chunks or any(
+        c["op"] == "insert" and "ISO" in c["text"] for c in chunks
+    )
+    assert diff["added"] == [] and diff["removed"] == []
+
+
+def test_promote_reject_and_roll_back_through_the_api(api, project, admin_key):
+    candidate = services.policy_version_create_candidate(
+        project=project, adapter_ref="tinker://r/1", base_model="m", changelog="LoRA"
+    )
+    other = services.policy_version_create_candidate(
+        project=project, adapter_ref="tinker://r/2", base_model="m", changelog="LoRA 2"
+    )
+
+    promoted = api.post(f"/api/v1/versions/{candidate.number}/promote", {}, key=admin_key)
+    rejected = api.post(
+        f"/api/v1/versions/{other.number}/reject", {"reason": "worse"}, key=admin_key
+    )
+    again = api.post(f"/api/v1/versions/{other.number}/promote", {}, key=admin_key)
+    rolled = api.post("/api/v1/versions/1/rollback", {"reason": "adapter drifts"}, key=admin_key)
+
+    assert promoted.status_code == 200 and promoted.json()["status"] == "active"
+    assert rejected.status_code == 200 and rejected.json()["status"] == "rejected"
+    assert again.status_code == 409
+    assert rolled.status_code == 200 and rolled.json()["status"] == "active"
+    candidate.refresh_from_db()
+    assert candidate.status == "retired" and candidate.rolled_back_at is not None
+
+
+def test_rollback_without_a_reason_answers_422(api, project, admin_key):
+    services.skill_revision_approve(revision=propose(project), actor=None)
+
+    response = api.post("/api/v1/versions/1/rollback", {}, key=admin_key)
+
+    assert response.status_code == 422
+    assert PolicyVersion.objects.get(project=project, status="active").number == 2
+
+
+def test_unknown_version_answers_404(api, project, admin_key):
+    assert api.get("/api/v1/versions/99", key=admin_key).status_code == 404
+    assert api.get("/api/v1/versions/1/diff/99", key=admin_key).status_code == 404
+
+
+def test_version_of_another_project_is_not_visible(api, project, other_project, admin_key):
+    services.skill_revision_approve(revision=propose(other_project), actor=None)
+
+    assert api.get("/api/v1/versions/2", key=admin_key).status_code == 404
+    assert factories.make_key  # keys are per project: the admin key is the first project's

@@ -1,0 +1,571 @@
+from __future__ import annotations
+
+import threading
+
+import pytest
+from django.db import connection
+
+from metaclaw_site.models import AuditEvent
+from metaclaw_site.services import Conflict, DomainError, PermissionDenied
+from skills import services, signals
+from skills.models import (
+    Origin,
+    PolicyVersion,
+    Release,
+    ReleaseKind,
+    RevisionStatus,
+    SkillRevision,
+    VersionStatus,
+)
+from tests import factories
+
+pytestmark = pytest.mark.django_db
+
+
+def propose(project, slug="iso-dates", **overrides) -> SkillRevision:
+    fields = {
+        "name": "Use ISO dates",
+        "description": "When a tool wants a date.",
+        "instructions": "Always pass dates as YYYY-MM-DD.",
+        "origin": Origin.DEMO_FIXTURE,
+    }
+    fields.update(overrides)
+    return services.skill_revision_propose(project=project, slug=slug, **fields)
+
+
+def snapshot(project) -> dict:
+    """Everything a refused decision must leave untouched."""
+    return {
+        "revisions": sorted(
+            SkillRevision.objects.filter(skill__project=project).values_list(
+                "id", "status", "first_approved_by_id", "rolled_back_at"
+            )
+        ),
+        "versions": sorted(
+            PolicyVersion.objects.filter(project=project).values_list(
+                "id", "number", "status", "rolled_back_at"
+            )
+        ),
+        "releases": Release.objects.filter(project=project).count(),
+        "audit": AuditEvent.objects.filter(project=project).count(),
+    }
+
+
+def active(project) -> PolicyVersion:
+    return PolicyVersion.objects.get(project=project, status=VersionStatus.ACTIVE)
+
+
+@pytest.fixture
+def reviewer(project):
+    return factories.make_member(project, "reviewer")
+
+
+@pytest.fixture
+def admin(project):
+    return factories.make_member(project, "admin")
+
+
+# --- approve ---------------------------------------------------------------------------------
+
+
+def test_approving_a_proposal_publishes_a_new_active_version_with_it(project, reviewer):
+    revision = propose(project)
+
+    services.skill_revision_approve(revision=revision, actor=reviewer, reason="looks right")
+
+    revision.refresh_from_db()
+    assert revision.status == RevisionStatus.APPROVED
+    assert revision.decided_by == reviewer
+    version = active(project)
+    assert version.number == 2
+    assert version.parent.number == 1
+    assert list(version.revisions.all()) == [revision]
+    assert PolicyVersion.objects.get(project=project, number=1).status == VersionStatus.RETIRED
+    release = Release.objects.get(project=project, kind=ReleaseKind.APPROVAL)
+    assert (release.from_version.number, release.to_version.number) == (1, 2)
+    assert release.actor == reviewer and release.reason == "looks right"
+    assert AuditEvent.objects.filter(action="skill_revision.approve", actor=reviewer).exists()
+
+
+def test_approving_a_new_revision_replaces_the_skills_previous_one_and_keeps_the_others(
+    project, reviewer
+):
+    first = propose(project)
+    other = propose(project, slug="be-polite", name="Be polite")
+    services.skill_revision_approve(revision=first, actor=reviewer)
+    services.skill_revision_approve(revision=other, actor=reviewer)
+    second = propose(project, instructions="Always pass dates as ISO 8601 (YYYY-MM-DD).")
+
+    services.skill_revision_approve(revision=second, actor=reviewer)
+
+    assert set(active(project).revisions.all()) == {other, second}
+    first.refresh_from_db()
+    assert first.status == RevisionStatus.SUPERSEDED
+    assert active(project).number == 4
+
+
+@pytest.mark.parametrize(
+    "status", [RevisionStatus.APPROVED, RevisionStatus.REJECTED, RevisionStatus.SUPERSEDED]
+)
+def test_approve_refuses_a_revision_that_is_not_proposed_and_changes_nothing(
+    project, reviewer, status
+):
+    revision = propose(project)
+    SkillRevision.objects.filter(pk=revision.pk).update(status=status)
+    before = snapshot(project)
+
+    with pytest.raises(Conflict, match=f"already {status}"):
+        services.skill_revision_approve(revision=revision, actor=reviewer)
+
+    assert snapshot(project) == before
+
+
+def test_second_approval_says_who_approved_first_and_when(project, reviewer):
+    revision = propose(project)
+    services.skill_revision_approve(revision=revision, actor=reviewer)
+    late = factories.make_member(project, "reviewer")
+
+    with pytest.raises(Conflict) as exc:
+        services.skill_revision_approve(revision=revision, actor=late)
+
+    assert f"already approved by {reviewer.username} at" in str(exc.value)
+
+
+def test_a_viewer_cannot_approve_and_nothing_changes(project):
+    viewer = factories.make_member(project, "viewer")
+    revision = propose(project)
+    before = snapshot(project)
+
+    with pytest.raises(PermissionDenied):
+        services.skill_revision_approve(revision=revision, actor=viewer)
+
+    assert snapshot(project) == before
+
+
+def test_a_member_of_another_project_cannot_approve(project, other_project):
+    outsider = factories.make_member(other_project, "admin")
+    revision = propose(project)
+
+    with pytest.raises(PermissionDenied):
+        services.skill_revision_approve(revision=revision, actor=outsider)
+
+
+def test_a_machine_actor_approves_under_its_label(project):
+    revision = propose(project)
+
+    services.skill_revision_approve(revision=revision, actor=None, actor_label="api-key:ab12cd34")
+
+    assert Release.objects.get(kind=ReleaseKind.APPROVAL).actor_label == "api-key:ab12cd34"
+    assert AuditEvent.objects.get(action="skill_revision.approve").actor_label == "api-key:ab12cd34"
+
+
+def test_with_a_second_approver_required_the_first_approval_keeps_it_proposed(project, reviewer):
+    project.require_second_approver = True
+    project.save()
+    revision = propose(project)
+
+    services.skill_revision_approve(revision=revision, actor=reviewer)
+
+    revision.refresh_from_db()
+    assert revision.status == RevisionStatus.PROPOSED
+    assert revision.first_approved_by == reviewer
+    assert active(project).number == 1
+
+
+def test_with_a_second_approver_required_the_same_person_cannot_approve_twice(project, reviewer):
+    project.require_second_approver = True
+    project.save()
+    revision = propose(project)
+    services.skill_revision_approve(revision=revision, actor=reviewer)
+    before = snapshot(project)
+
+    with pytest.raises(Conflict, match="second, different reviewer"):
+        services.skill_revision_approve(revision=revision, actor=reviewer)
+
+    assert snapshot(project) == before
+
+
+def test_with_a_second_approver_required_a_different_reviewer_makes_it_live(project, reviewer):
+    project.require_second_approver = True
+    project.save()
+    revision = propose(project)
+    services.skill_revision_approve(revision=revision, actor=reviewer)
+    second = factories.make_member(project, "reviewer")
+
+    services.skill_revision_approve(revision=revision, actor=second)
+
+    revision.refresh_from_db()
+    assert revision.status == RevisionStatus.APPROVED
+    assert revision.decided_by == second
+    assert list(active(project).revisions.all()) == [revision]
+
+
+def test_approval_announces_the_decision_and_the_new_active_version_after_commit(
+    project, reviewer, django_capture_on_commit_callbacks
+):
+    seen = []
+
+    def on_decided(sender, revision, outcome, actor_label, **kw):
+        seen.append(("decided", revision.pk, outcome, actor_label))
+
+    def on_active(sender, project_id, version_id, **kw):
+        seen.append(("active", project_id, version_id))
+
+    signals.revision_decided.connect(on_decided)
+    signals.active_version_changed.connect(on_active)
+    try:
+        revision = propose(project)
+        with django_capture_on_commit_callbacks(execute=True):
+            services.skill_revision_approve(revision=revision, actor=reviewer)
+    finally:
+        signals.revision_decided.disconnect(on_decided)
+        signals.active_version_changed.disconnect(on_active)
+
+    assert ("decided", revision.pk, "approved", reviewer.username) in seen
+    assert ("active", project.pk, active(project).pk) in seen
+
+
+# --- reject and edit -------------------------------------------------------------------------
+
+
+def test_rejecting_needs_a_reason_naming_the_field(project, reviewer):
+    revision = propose(project)
+    before = snapshot(project)
+
+    with pytest.raises(DomainError) as exc:
+        services.skill_revision_reject(revision=revision, actor=reviewer, reason="  ")
+
+    assert exc.value.field == "reason"
+    assert snapshot(project) == before
+
+
+def test_rejecting_a_proposal_records_who_and_why(project, reviewer):
+    revision = propose(project)
+
+    services.skill_revision_reject(revision=revision, actor=reviewer, reason="too vague")
+
+    revision.refresh_from_db()
+    assert revision.status == RevisionStatus.REJECTED
+    assert revision.decision_reason == "too vague"
+    assert revision.decided_by == reviewer
+    assert active(project).number == 1
+
+
+@pytest.mark.parametrize(
+    "status", [RevisionStatus.APPROVED, RevisionStatus.REJECTED, RevisionStatus.SUPERSEDED]
+)
+def test_reject_refuses_a_revision_that_is_not_proposed(project, reviewer, status):
+    revision = propose(project)
+    SkillRevision.objects.filter(pk=revision.pk).update(status=status)
+    before = snapshot(project)
+
+    with pytest.raises(Conflict):
+        services.skill_revision_reject(revision=revision, actor=reviewer, reason="no")
+
+    assert snapshot(project) == before
+
+
+def test_editing_makes_a_new_human_proposal_and_supersedes_the_edited_one(project, reviewer):
+    revision = propose(project)
+
+    edited = services.skill_revision_edit(
+        revision=revision,
+        actor=reviewer,
+        name="Use ISO 8601 dates",
+        description="When a tool wants a date.",
+        instructions="Pass dates as YYYY-MM-DD, never words like 'last week'.",
+        category="common_mistakes",
+    )
+
+    revision.refresh_from_db()
+    assert revision.status == RevisionStatus.SUPERSEDED
+    assert edited.status == RevisionStatus.PROPOSED
+    assert (edited.parent, edited.author, edited.origin) == (revision, "human", "human")
+    assert edited.number == 2
+    assert edited.created_by == reviewer
+
+
+@pytest.mark.parametrize(
+    "status", [RevisionStatus.APPROVED, RevisionStatus.REJECTED, RevisionStatus.SUPERSEDED]
+)
+def test_edit_refuses_a_revision_that_is_not_proposed(project, reviewer, status):
+    revision = propose(project)
+    SkillRevision.objects.filter(pk=revision.pk).update(status=status)
+    before = snapshot(project)
+
+    with pytest.raises(Conflict):
+        services.skill_revision_edit(
+            revision=revision, actor=reviewer, name="x", description="y", instructions="z",
+            category="general",
+        )  # fmt: skip
+
+    assert snapshot(project) == before
+
+
+def test_edit_with_empty_instructions_names_the_field_and_changes_nothing(project, reviewer):
+    revision = propose(project)
+    before = snapshot(project)
+
+    with pytest.raises(DomainError) as exc:
+        services.skill_revision_edit(
+            revision=revision, actor=reviewer, name="x", description="y", instructions=" ",
+            category="general",
+        )  # fmt: skip
+
+    assert exc.value.field == "instructions"
+    assert snapshot(project) == before
+
+
+# --- versions: candidate, promote, reject, roll back ----------------------------------------
+
+
+def approved(project, reviewer, slug, **kw) -> SkillRevision:
+    revision = propose(project, slug=slug, **kw)
+    services.skill_revision_approve(revision=revision, actor=reviewer)
+    return revision
+
+
+def test_a_candidate_carries_the_active_skills_and_waits(project, reviewer, admin):
+    revision = approved(project, reviewer, "iso-dates")
+
+    candidate = services.policy_version_create_candidate(
+        project=project, adapter_ref="tinker://run/1", base_model="Qwen3-8B", changelog="LoRA",
+        actor_label="training",
+    )  # fmt: skip
+
+    assert candidate.status == VersionStatus.CANDIDATE
+    assert candidate.number == 3
+    assert list(candidate.revisions.all()) == [revision]
+    assert active(project).number == 2
+
+
+def test_promoting_a_candidate_makes_it_the_only_active_version(project, admin):
+    candidate = services.policy_version_create_candidate(
+        project=project, adapter_ref="tinker://run/1", base_model="m", changelog="c"
+    )
+
+    services.policy_version_promote(version=candidate, actor=admin, reason="eval +4%")
+
+    assert active(project) == candidate
+    assert PolicyVersion.objects.filter(project=project, status="active").count() == 1
+    release = Release.objects.get(kind=ReleaseKind.PROMOTION)
+    assert (release.from_version.number, release.to_version.number, release.actor) == (1, 2, admin)
+
+
+def test_a_reviewer_cannot_promote(project, reviewer):
+    candidate = services.policy_version_create_candidate(
+        project=project, adapter_ref="a", base_model="m", changelog="c"
+    )
+    before = snapshot(project)
+
+    with pytest.raises(PermissionDenied):
+        services.policy_version_promote(version=candidate, actor=reviewer)
+
+    assert snapshot(project) == before
+
+
+@pytest.mark.parametrize("status", [VersionStatus.RETIRED, VersionStatus.REJECTED])
+def test_promote_refuses_a_version_that_is_not_a_candidate(project, admin, status):
+    version = services.policy_version_create_candidate(
+        project=project, adapter_ref="a", base_model="m", changelog="c"
+    )
+    PolicyVersion.objects.filter(pk=version.pk).update(status=status)
+    before = snapshot(project)
+
+    with pytest.raises(Conflict):
+        services.policy_version_promote(version=version, actor=admin)
+
+    assert snapshot(project) == before
+
+
+def test_promote_refuses_the_active_version_saying_it_is_active_already(project, admin):
+    before = snapshot(project)
+
+    with pytest.raises(Conflict, match="already active"):
+        services.policy_version_promote(version=active(project), actor=admin)
+
+    assert snapshot(project) == before
+
+
+def test_rejecting_a_candidate_needs_a_reason_and_keeps_the_active_one(project, admin):
+    candidate = services.policy_version_create_candidate(
+        project=project, adapter_ref="a", base_model="m", changelog="c"
+    )
+    with pytest.raises(DomainError) as exc:
+        services.policy_version_reject(version=candidate, actor=admin, reason="")
+    assert exc.value.field == "reason"
+
+    services.policy_version_reject(version=candidate, actor=admin, reason="worse on eval")
+
+    candidate.refresh_from_db()
+    assert candidate.status == VersionStatus.REJECTED
+    assert active(project).number == 1
+    with pytest.raises(Conflict):
+        services.policy_version_reject(version=candidate, actor=admin, reason="again")
+
+
+def test_rolling_back_reactivates_an_earlier_version_and_marks_what_was_dropped(
+    project, reviewer, admin
+):
+    kept = approved(project, reviewer, "iso-dates")  # v2
+    dropped = approved(project, reviewer, "be-polite", name="Be polite")  # v3
+    v2 = PolicyVersion.objects.get(project=project, number=2)
+
+    services.policy_version_rollback(to_version=v2, actor=admin, reason="v3 broke refunds")
+
+    assert active(project) == v2
+    v3 = PolicyVersion.objects.get(project=project, number=3)
+    assert v3.status == VersionStatus.RETIRED and v3.rolled_back_at is not None
+    dropped.refresh_from_db()
+    kept.refresh_from_db()
+    assert dropped.rolled_back_at is not None
+    assert kept.rolled_back_at is None
+    release = Release.objects.get(kind=ReleaseKind.ROLLBACK)
+    assert (release.from_version, release.to_version) == (v3, v2)
+    assert release.reason == "v3 broke refunds"
+    assert PolicyVersion.objects.filter(project=project).count() == 3  # nothing deleted
+
+
+@pytest.mark.parametrize("status", [VersionStatus.CANDIDATE, VersionStatus.REJECTED])
+def test_rollback_refuses_a_version_that_was_never_active(project, admin, status):
+    version = services.policy_version_create_candidate(
+        project=project, adapter_ref="a", base_model="m", changelog="c"
+    )
+    PolicyVersion.objects.filter(pk=version.pk).update(status=status)
+    before = snapshot(project)
+
+    with pytest.raises(Conflict):
+        services.policy_version_rollback(to_version=version, actor=admin, reason="r")
+
+    assert snapshot(project) == before
+
+
+def test_rollback_refuses_the_active_version_and_a_missing_reason(project, admin, reviewer):
+    approved(project, reviewer, "iso-dates")
+    before = snapshot(project)
+
+    with pytest.raises(Conflict):
+        services.policy_version_rollback(to_version=active(project), actor=admin, reason="r")
+    with pytest.raises(DomainError) as exc:
+        services.policy_version_rollback(
+            to_version=PolicyVersion.objects.get(project=project, number=1), actor=admin, reason=""
+        )
+
+    assert exc.value.field == "reason"
+    assert snapshot(project) == before
+
+
+def test_a_reviewer_cannot_roll_back(project, reviewer):
+    approved(project, reviewer, "iso-dates")
+    before = snapshot(project)
+
+    with pytest.raises(PermissionDenied):
+        services.policy_version_rollback(
+            to_version=PolicyVersion.objects.get(project=project, number=1),
+            actor=reviewer,
+            reason="r",
+        )
+
+    assert snapshot(project) == before
+
+
+def test_approving_after_a_rollback_builds_on_the_rolled_back_to_version(project, reviewer, admin):
+    a = approved(project, reviewer, "a-skill")  # v2
+    approved(project, reviewer, "b-skill")  # v3
+    services.policy_version_rollback(
+        to_version=PolicyVersion.objects.get(project=project, number=2), actor=admin, reason="r"
+    )
+    c = propose(project, slug="c-skill")
+
+    services.skill_revision_approve(revision=c, actor=reviewer)
+
+    version = active(project)
+    assert version.number == 4
+    assert version.parent.number == 2
+    assert set(version.revisions.all()) == {a, c}
+
+
+# --- concurrency -----------------------------------------------------------------------------
+
+
+def _race(calls) -> list:
+    barrier = threading.Barrier(len(calls))
+    results: list = [None] * len(calls)
+
+    def run(i, call):
+        try:
+            barrier.wait(timeout=10)
+            results[i] = call()
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            results[i] = exc
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    return results
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_approvals_at_once_give_consecutive_versions_and_one_active():
+    project = factories.make_project()
+    alice = factories.make_member(project, "reviewer")
+    bob = factories.make_member(project, "reviewer")
+    first, second = propose(project, slug="one"), propose(project, slug="two")
+
+    results = _race(
+        [
+            lambda: services.skill_revision_approve(revision=first, actor=alice),
+            lambda: services.skill_revision_approve(revision=second, actor=bob),
+        ]
+    )
+
+    assert not [r for r in results if isinstance(r, Exception)], results
+    numbers = sorted(PolicyVersion.objects.filter(project=project).values_list("number", flat=True))
+    assert numbers == [1, 2, 3]
+    assert PolicyVersion.objects.filter(project=project, status="active").count() == 1
+    assert set(active(project).revisions.all()) == {first, second}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_people_approving_the_same_revision_one_wins_the_other_gets_a_conflict():
+    project = factories.make_project()
+    alice = factories.make_member(project, "reviewer")
+    bob = factories.make_member(project, "reviewer")
+    revision = propose(project)
+
+    results = _race(
+        [
+            lambda: services.skill_revision_approve(revision=revision, actor=alice),
+            lambda: services.skill_revision_approve(revision=revision, actor=bob),
+        ]
+    )
+
+    assert sum(isinstance(r, Conflict) for r in results) == 1
+    assert PolicyVersion.objects.filter(project=project).count() == 2
+    assert Release.objects.filter(project=project, kind=ReleaseKind.APPROVAL).count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_promote_racing_a_rollback_never_leaves_two_active_versions():
+    project = factories.make_project()
+    admin = factories.make_member(project, "admin")
+    approved(project, admin, "one")  # v2 active, v1 retired
+    candidate = services.policy_version_create_candidate(
+        project=project, adapter_ref="a", base_model="m", changelog="c"
+    )
+    v1 = PolicyVersion.objects.get(project=project, number=1)
+
+    results = _race(
+        [
+            lambda: services.policy_version_promote(version=candidate, actor=admin),
+            lambda: services.policy_version_rollback(to_version=v1, actor=admin, reason="r"),
+        ]
+    )
+
+    assert not [r for r in results if isinstance(r, Exception)], results
+    assert PolicyVersion.objects.filter(project=project, status="active").count() == 1
+    assert Release.objects.filter(project=project).count() == 4

@@ -1,0 +1,559 @@
+"""The fast loop end to end: ingest over HTTP → propose_skill (eager) → what the DB holds.
+
+The LLM is our OpenAI-compatible loopback server, talked to by the real ``openai`` client."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.utils import timezone
+
+from incidents.models import GroupStatus, IncidentGroup, IncidentStatus, SynthesisStatus
+from metaclaw_site.models import AuditEvent
+from skills import llm, synthesis
+from skills.models import (
+    LlmUsage,
+    Origin,
+    PolicyVersion,
+    RevisionStatus,
+    SkillRevision,
+    VersionStatus,
+)
+from skills.services import skill_revision_propose
+from tests import factories
+from tests.fakes.openai_server import OpenAIServer, Reply
+
+pytestmark = pytest.mark.django_db
+
+
+def answer(
+    decision: str = "new_skill",
+    slug: str = "iso-dates-for-order-search",
+    instructions: str = (
+        "Convert relative dates such as 'last week' to an ISO 8601 date (YYYY-MM-DD) "
+        "before calling `search_orders`. Never pass the user's words as the `since` value."
+    ),
+    **overrides,
+) -> str:
+    body = {
+        "diagnosis": "The agent passed a relative date where search_orders needs ISO 8601.",
+        "decision": decision,
+        "reason": "",
+        "skill": {
+            "slug": slug,
+            "name": "ISO dates for order search",
+            "description": "When calling search_orders with a date the user gave in words.",
+            "instructions": instructions,
+            "category": "common_mistakes",
+            "examples": ["'last week' → since=2026-11-18"],
+        },
+    }
+    if decision == "no_skill":
+        body["skill"] = None
+        body["reason"] = "The warehouse was down; no instruction can fix an outage."
+    body.update(overrides)
+    return json.dumps(body)
+
+
+USAGE = {"prompt_tokens": 700, "completion_tokens": 120, "total_tokens": 820}
+
+
+@pytest.fixture
+def llm_server(settings):
+    with OpenAIServer(model="loopback-model") as server:
+        settings.LLM = {
+            "BASE_URL": server.base_url,
+            "API_KEY": "test-key",
+            "MODEL": "loopback-model",
+            "TIMEOUT_SECONDS": 2,
+        }
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _fast_backoff(monkeypatch):
+    monkeypatch.setattr(llm, "BACKOFF_BASE_SECONDS", 0.01)
+    llm._no_structured_output.clear()
+
+
+def ingest(api, key, django_capture_on_commit_callbacks, *payloads):
+    with django_capture_on_commit_callbacks(execute=True):
+        for payload in payloads:
+            response = api.post("/api/v1/incidents", payload, key=key)
+            assert response.status_code in (200, 202), response.content
+    return response.json()
+
+
+def test_an_incident_becomes_a_proposed_skill_written_by_the_llm(
+    api, project, ingest_key, llm_server, django_capture_on_commit_callbacks
+):
+    llm_server.enqueue(Reply(content=answer(), usage=USAGE))
+
+    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+
+    group = IncidentGroup.objects.get(pk=body["group_id"])
+    assert group.synthesis_status == SynthesisStatus.PROPOSED
+    assert group.incidents.get().status == IncidentStatus.PROPOSED
+    revision = SkillRevision.objects.get()
+    assert revision.skill.slug == "iso-dates-for-order-search"
+    assert revision.status == RevisionStatus.PROPOSED
+    assert revision.origin == Origin.LIVE_LLM
+    assert revision.author == "llm"
+    assert revision.llm_model == "loopback-model"
+    assert revision.prompt_version == synthesis.PROMPT_VERSION
+    assert (revision.tokens_in, revision.tokens_out) == (700, 120)
+    assert revision.diagnosis.startswith("The agent passed a relative date")
+    assert list(revision.source_groups.all()) == [group]
+    assert revision.source_incidents.count() == 1
+    assert revision.embedding and len(revision.embedding) > 0
+    usage = LlmUsage.objects.get(project=project, day=timezone.localdate())
+    assert (usage.calls, usage.tokens_in, usage.tokens_out) == (1, 700, 120)
+    # The request asked for structured output and carried the evidence.
+    (request,) = llm_server.chat_requests()
+    assert request.body["response_format"]["type"] == "json_schema"
+    prompt = request.body["messages"][1]["content"]
+    assert "search_orders" in prompt and "It failed" in prompt
+
+
+def test_secrets_and_personal_data_are_redacted_before_the_prompt_leaves(
+    api, project, ingest_key, llm_server, django_capture_on_commit_callbacks
+):
+    llm_server.enqueue(Reply(content=answer()))
+    payload = factories.incident_payload(
+        messages=[{"role": "user", "content": "I'm jane.doe@example.com, card 4242 4242 4242 4242"}],
+        metadata={"api_key": "abc-secret-value", "note": "token=sk-live-51H8abcdefghijklmnop"},
+    )
+
+    ingest(api, ingest_key, django_capture_on_commit_callbacks, payload)
+
+    prompt = json.dumps(llm_server.chat_requests()[0].body)
+    assert "jane.doe@example.com" not in prompt
+    assert "4242 4242 4242 4242" not in prompt
+    assert "abc-secret-value" not in prompt and "sk-live-51H8" not in prompt
+    assert "[REDACTED:email]" in prompt
+    kinds = {r["kind"] for r in SkillRevision.objects.get().redactions}
+    assert {"email", "card_number", "secret_field"} <= kinds
+
+
+def test_malformed_json_is_retried_once_with_the_error_then_proposed(
+    api, project, ingest_key, llm_server, django_capture_on_commit_callbacks
+):
+    llm_server.enqueue(
+        Reply(content="Sure! Here is {not json at all", usage=USAGE),
+        Reply(content=answer(), usage=USAGE),
+    )
+
+    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+
+    assert IncidentGroup.objects.get(pk=body["group_id"]).synthesis_status == "proposed"
+    first, second = llm_server.chat_requests()
+    assert "invalid" in second.body["messages"][-1]["content"]
+    revision = SkillRevision.objects.get()
+    assert (revision.tokens_in, revision.tokens_out) == (1400, 240)
+    assert LlmUsage.objects.get(project=project).calls == 2
+
+
+def test_an_answer_invalid_twice_fails_the_group_with_the_reason(
+    api, project, ingest_key, llm_server, django_capture_on_commit_callbacks
+):
+    bad = answer(slug="Not A Slug!")
+    llm_server.enqueue(Reply(content=bad), Reply(content=bad))
+
+    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+
+    group = IncidentGroup.objects.get(pk=body["group_id"])
+    assert group.synthesis_status == SynthesisStatus.FAILED
+    assert "invalid twice" in group.synthesis_error and "slug" in group.synthesis_error
+    assert group.incidents.get().status == IncidentStatus.FAILED
+    assert not SkillRevision.objects.exists()
+    assert len(llm_server.chat_requests()) == 2
+    assert "skill.slug" in llm_server.chat_requests()[1].body["messages"][-1]["content"]
+
+
+def test_an_unknown_category_or_empty_instructions_is_sent_back_for_correction(
+    api, project, ingest_key, llm_server, django_capture_on_commit_callbacks
+):
+    wrong = json.loads(answer())
+    wrong["skill"]["category"] = "astrology"
+    wrong["skill"]["instructions"] = "   "
+    llm_server.enqueue(Reply(content=json.dumps(wrong)), Reply(content=answer()))
+
+    ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+
+    assert SkillRevision.objects.get().category == "common_mistakes"
+    assert "skill.instructions" in llm_server.chat_requests()[1].body["messages"][-1]["content"]
+
+
+def test_an_endpoint_without_structured_output_is_read_by_the_tolerant_parser(
+    api, project, ingest_key, llm_server, django_capture_on_commit_callbacks
+):
+    llm_server.enqueue(
+        Reply(status=400, body={"error": {"message": "response_format json_schema unsupported"}}),
+        Reply(content="Here you go:\n```json\n" + answer() + "\n```\nHope it helps."),
+    )
+
+    ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+
+    assert SkillRevision.objects.get().skill.slug == "iso-dates-for-order-search"
+    first, second = llm_server.chat_requests()
+    assert "response_format" in first.body and "response_format" not in second.body
+
+
+def test_a_rate_limit_is_retried_after_the_servers_retry_after(
+    api, project, ingest_key, llm_server, django_capture_on_commit_callbacks
+):
+    llm_server.enqueue(
+        Reply(status=429, headers={"Retry-After": "0"}),
+        Reply(status=503),
+        Reply(content=answer()),
+    )
+
+    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+
+    assert IncidentGroup.objects.get(pk=body["group_id"]).synthesis_status == "proposed"
+    assert len(llm_server.chat_requests()) == 3
+
+
+def test_server_errors_that_never_stop_fail_the_group_with_the_reason(
+    api, project, ingest_key, llm_server, django_capture_on_commit_callbacks
+):
+    llm_server.default = Reply(status=500)
+
+    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+
+    group = IncidentGroup.objects.get(pk=body["group_id"])
+    assert group.synthesis_status == SynthesisStatus.FAILED
+    assert "server error (500)" in group.synthesis_error
+    assert group.synthesis_attempts == synthesis.MAX_ATTEMPTS
+    assert len(llm_server.chat_requests()) == synthesis.MAX_ATTEMPTS * llm.MAX_ATTEMPTS
+    assert not SkillRevision.objects.exists()
+
+
+def test_a_slow_answer_past_the_timeout_fails_the_group_as_a_timeout(
+    api, project, ingest_key, llm_server, settings, monkeypatch, django_capture_on_commit_callbacks
+):
+    settings.LLM = {**settings.LLM, "TIMEOUT_SECONDS": 0.3}
+    monkeypatch.setattr(llm, "MAX_ATTEMPTS", 1)
+    monkeypatch.setattr(synthesis, "MAX_ATTEMPTS", 2)
+    llm_server.default = Reply(content=answer(), delay=1.0)
+
+    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+
+    group = IncidentGroup.objects.get(pk=body["group_id"])
+    assert group.synthesis_status == SynthesisStatus.FAILED
+    assert "timed out" in group.synthesis_error
+    assert len(llm_server.chat_requests()) == 2
+
+
+def test_a_refused_request_fails_at_once_without_retrying(
+    api, project, ingest_key, llm_server, django_capture_on_commit_callbacks
+):
+    llm_server.default = Reply(status=401)
+
+    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+
+    group = IncidentGroup.objects.get(pk=body["group_id"])
+    assert group.synthesis_status == SynthesisStatus.FAILED
+    assert "refused the request (401)" in group.synthesis_error
+    assert len(llm_server.chat_requests()) == 1
+
+
+def test_more_incidents_in_a_group_with_a_pending_proposal_make_no_more_llm_calls(
+    api, project, ingest_key, llm_server, django_capture_on_commit_callbacks
+):
+    llm_server.enqueue(Reply(content=answer()))
+    payloads = [factories.incident_payload(f"more-{i}") for i in range(5)]
+
+    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, *payloads)
+
+    group = IncidentGroup.objects.get(pk=body["group_id"])
+    assert group.event_count == 5
+    assert group.synthesis_status == SynthesisStatus.PROPOSED
+    assert len(llm_server.chat_requests()) == 1
+    assert SkillRevision.objects.count() == 1
+
+
+def test_a_second_worker_cannot_synthesise_a_group_already_claimed(project, llm_server):
+    group = _waiting_group(project)
+    assert synthesis.incident_services.group_synthesis_claim(group_id=group.pk)
+
+    assert synthesis.group_synthesize(group_id=group.pk) is None
+    assert llm_server.chat_requests() == []
+
+
+def test_no_skill_answers_record_the_reason_on_the_group(
+    api, project, ingest_key, llm_server, django_capture_on_commit_callbacks
+):
+    llm_server.enqueue(Reply(content=answer("no_skill")))
+
+    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+
+    group = IncidentGroup.objects.get(pk=body["group_id"])
+    assert group.synthesis_status == SynthesisStatus.NO_SKILL
+    assert "warehouse was down" in group.synthesis_error
+    assert group.incidents.get().status == IncidentStatus.NO_SKILL
+    assert not SkillRevision.objects.exists()
+
+
+def test_without_an_llm_the_group_needs_a_skill_with_a_draft_from_its_evidence(
+    api, project, ingest_key, settings, django_capture_on_commit_callbacks
+):
+    settings.LLM = {"BASE_URL": "", "API_KEY": "", "MODEL": "", "TIMEOUT_SECONDS": 1}
+    payload = factories.incident_payload(feedback={"text": "Mail me at bob@example.org", "score": 1})
+
+    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, payload)
+
+    group = IncidentGroup.objects.get(pk=body["group_id"])
+    assert group.synthesis_status == SynthesisStatus.NEEDS_SKILL
+    draft = SkillRevision.objects.get()
+    assert draft.origin == Origin.EVIDENCE_DRAFT
+    assert draft.status == RevisionStatus.PROPOSED
+    assert "search_orders" in draft.instructions and "TODO" in draft.instructions
+    assert "bob@example.org" not in draft.instructions
+    assert "[REDACTED:email]" in draft.instructions
+    assert list(draft.source_groups.all()) == [group]
+    assert not LlmUsage.objects.exists()
+
+
+def test_a_spent_daily_budget_holds_the_group_until_the_sweep_finds_budget_again(
+    api, project, ingest_key, llm_server, django_capture_on_commit_callbacks
+):
+    project.llm_daily_token_budget = 1000
+    project.save(update_fields=["llm_daily_token_budget"])
+    LlmUsage.objects.create(
+        project=project, day=timezone.localdate(), calls=3, tokens_in=900, tokens_out=100
+    )
+
+    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+
+    group = IncidentGroup.objects.get(pk=body["group_id"])
+    assert group.synthesis_status == SynthesisStatus.BUDGET
+    assert llm_server.chat_requests() == []
+
+    # The next day: yesterday's usage no longer counts.
+    LlmUsage.objects.update(day=timezone.localdate() - timezone.timedelta(days=1))
+    llm_server.enqueue(Reply(content=answer()))
+    from skills.tasks import sweep_waiting_groups
+
+    with django_capture_on_commit_callbacks(execute=True):
+        sweep_waiting_groups()
+
+    group.refresh_from_db()
+    assert group.synthesis_status == SynthesisStatus.PROPOSED
+    assert len(llm_server.chat_requests()) == 1
+
+
+def test_a_new_skill_too_close_to_an_existing_one_becomes_its_revision(
+    api, project, ingest_key, llm_server, django_capture_on_commit_callbacks
+):
+    existing = _approved(
+        project,
+        slug="iso-dates",
+        name="ISO dates for order search",
+        description="When calling search_orders with a date the user gave in words.",
+        instructions="Convert relative dates such as 'last week' to an ISO 8601 date "
+        "(YYYY-MM-DD) before calling `search_orders`.",
+    )
+    llm_server.enqueue(Reply(content=answer(slug="relative-dates-to-iso")))
+
+    ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+
+    proposal = SkillRevision.objects.get(status=RevisionStatus.PROPOSED)
+    assert proposal.skill_id == existing.skill_id
+    assert proposal.parent_id == existing.pk
+    assert proposal.number == 2
+    assert "relative-dates-to-iso" in proposal.diagnosis
+    # The existing skill was shown to the LLM as similar.
+    assert "`iso-dates`" in llm_server.chat_requests()[0].body["messages"][1]["content"]
+
+
+def test_revise_skill_naming_an_unknown_slug_is_sent_back(
+    api, project, ingest_key, llm_server, django_capture_on_commit_callbacks
+):
+    llm_server.enqueue(
+        Reply(content=answer("revise_skill", slug="no-such-skill")), Reply(content=answer())
+    )
+
+    ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+
+    assert SkillRevision.objects.get().skill.slug == "iso-dates-for-order-search"
+    assert "not an existing skill" in llm_server.chat_requests()[1].body["messages"][-1]["content"]
+
+
+def test_a_rolled_back_text_is_not_proposed_again_unchanged(
+    api, project, ingest_key, llm_server, django_capture_on_commit_callbacks
+):
+    from skills.services import policy_version_rollback
+
+    first = _approved(
+        project, slug="iso-dates-for-order-search", name="Dates", description="When dates.",
+        instructions="Use ISO dates.",
+    )
+    first_version = PolicyVersion.objects.get(project=project, status=VersionStatus.ACTIVE)
+    bad_text = "Always pass dates exactly as the user wrote them."
+    _approved(
+        project, slug="iso-dates-for-order-search", name="Dates", description="When dates.",
+        instructions=bad_text,
+    )
+    policy_version_rollback(
+        to_version=first_version, actor=None, actor_label="test", reason="made it worse"
+    )
+    assert SkillRevision.objects.filter(rolled_back_at__isnull=False).count() == 1
+    llm_server.enqueue(
+        Reply(content=answer("revise_skill", instructions=bad_text)),
+        Reply(content=answer("revise_skill")),
+    )
+
+    ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+
+    proposal = SkillRevision.objects.get(status=RevisionStatus.PROPOSED)
+    assert "ISO 8601" in proposal.instructions
+    assert proposal.skill_id == first.skill_id
+    assert "do not propose again unchanged" in (
+        llm_server.chat_requests()[0].body["messages"][1]["content"]
+    )
+    assert "rolled back" in llm_server.chat_requests()[1].body["messages"][-1]["content"]
+
+
+def test_groups_with_the_same_problem_in_other_words_are_linked(
+    api, project, ingest_key, llm_server, django_capture_on_commit_callbacks
+):
+    llm_server.default = Reply(content=answer())
+    first = factories.incident_payload(
+        "w-1",
+        error={"type": "ToolArgumentError", "message": "search_orders: invalid value for since"},
+    )
+    second = factories.incident_payload(
+        "w-2",
+        agent={"name": "support-bot-eu", "version": "1"},
+        error={"type": "ToolArgumentError", "message": "search_orders: since value is invalid"},
+    )
+    unrelated = factories.incident_payload(
+        "w-3", kind="timeout", error={"type": "QueryTimeout", "message": "warehouse slow"},
+        messages=[],
+    )
+
+    ingest(api, ingest_key, django_capture_on_commit_callbacks, first, second, unrelated)
+
+    g1, g2, g3 = IncidentGroup.objects.order_by("id")
+    assert g2 in g1.related_groups.all()
+    assert g1 in g2.related_groups.all()
+    assert g3 not in g1.related_groups.all()
+
+
+def test_an_incident_despite_an_active_skill_regresses_the_group_and_asks_for_a_revision(
+    api, project, ingest_key, llm_server, django_capture_on_commit_callbacks
+):
+    llm_server.enqueue(Reply(content=answer()))
+    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+    revision = SkillRevision.objects.get()
+    from skills.services import skill_revision_approve
+
+    with django_capture_on_commit_callbacks(execute=True):
+        skill_revision_approve(revision=revision, actor=None, actor_label="test")
+    active = PolicyVersion.objects.get(project=project, status=VersionStatus.ACTIVE)
+    llm_server.enqueue(
+        Reply(
+            content=answer(
+                "revise_skill",
+                instructions="Convert relative dates to ISO 8601 before calling search_orders; "
+                "if the user gives no date, ask for one instead of guessing.",
+            )
+        )
+    )
+
+    ingest(
+        api, ingest_key, django_capture_on_commit_callbacks,
+        factories.incident_payload("again", policy_version=active.number),
+    )
+
+    group = IncidentGroup.objects.get(pk=body["group_id"])
+    assert group.status == GroupStatus.REGRESSED
+    assert group.synthesis_status == SynthesisStatus.PROPOSED
+    prompt = llm_server.chat_requests()[1].body["messages"][1]["content"]
+    assert "is in the active policy" in prompt and "while the skill was active" in prompt
+    new = SkillRevision.objects.get(status=RevisionStatus.PROPOSED)
+    assert new.skill_id == revision.skill_id and new.parent_id == revision.pk
+    assert "ask for one" in new.instructions
+    assert AuditEvent.objects.filter(action="incident_group.regressed").exists()
+
+    # A third incident while that revision is pending is just more evidence.
+    ingest(
+        api, ingest_key, django_capture_on_commit_callbacks,
+        factories.incident_payload("third", policy_version=active.number),
+    )
+    assert len(llm_server.chat_requests()) == 2
+
+
+def test_retry_puts_a_failed_group_back_in_the_queue(
+    api, project, ingest_key, admin_key, llm_server, django_capture_on_commit_callbacks
+):
+    llm_server.enqueue(Reply(status=401))
+    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+    assert IncidentGroup.objects.get(pk=body["group_id"]).synthesis_status == "failed"
+    llm_server.enqueue(Reply(content=answer()))
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = api.post(f"/api/v1/groups/{body['group_id']}/retry-synthesis", {}, key=admin_key)
+
+    assert response.status_code == 202, response.content
+    group = IncidentGroup.objects.get(pk=body["group_id"])
+    assert group.synthesis_status == SynthesisStatus.PROPOSED
+    assert group.synthesis_error == ""
+    assert AuditEvent.objects.filter(action="incident_group.synthesis_retry").count() == 1
+
+
+def test_retry_refuses_a_group_that_is_not_failed_and_changes_nothing(
+    api, project, admin_key, other_project
+):
+    group = _waiting_group(project)
+
+    response = api.post(f"/api/v1/groups/{group.pk}/retry-synthesis", {}, key=admin_key)
+    assert response.status_code == 409
+    group.refresh_from_db()
+    assert group.synthesis_status == SynthesisStatus.WAITING
+
+    elsewhere = _waiting_group(other_project)
+    response = api.post(f"/api/v1/groups/{elsewhere.pk}/retry-synthesis", {}, key=admin_key)
+    assert response.status_code == 404
+
+
+def test_retry_needs_an_admin_key(api, project, ingest_key):
+    group = _waiting_group(project)
+    response = api.post(f"/api/v1/groups/{group.pk}/retry-synthesis", {}, key=ingest_key)
+    assert response.status_code == 403
+
+
+def test_retry_service_refuses_a_viewer(project):
+    group = _waiting_group(project)
+    IncidentGroup.objects.filter(pk=group.pk).update(synthesis_status=SynthesisStatus.FAILED)
+    viewer = factories.make_member(project, role="viewer")
+
+    with pytest.raises(synthesis.PermissionDenied):
+        synthesis.group_synthesis_retry(group=group, actor=viewer)
+    group.refresh_from_db()
+    assert group.synthesis_status == SynthesisStatus.FAILED
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _waiting_group(project) -> IncidentGroup:
+    from incidents.schemas import IncidentIn
+    from incidents.services import incidents_ingest
+
+    (result,) = incidents_ingest(
+        project=project, items=[IncidentIn.model_validate(factories.incident_payload())]
+    )
+    return IncidentGroup.objects.get(pk=result.group_id)
+
+
+def _approved(project, **content) -> SkillRevision:
+    from skills.services import skill_revision_approve
+
+    revision = skill_revision_propose(
+        project=project, origin=Origin.HUMAN, author="human", category="common_mistakes",
+        **content,
+    )
+    return skill_revision_approve(revision=revision, actor=None, actor_label="test")

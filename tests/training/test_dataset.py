@@ -1,0 +1,237 @@
+"""Dataset snapshots: what the slow loop trains on, and what the cleaning keeps out."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from incidents.schemas import TrajectoryIn
+from incidents.services import trajectories_ingest
+from skills import services as skill_services
+from training import services
+from training.demo import demo_trajectories_load
+from training.models import DatasetSnapshot
+
+pytestmark = pytest.mark.django_db
+
+_ids = itertools.count(1)
+SYSTEM = {"role": "system", "content": "You are a helpful support agent."}
+
+
+WORDS = (
+    "invoices refunds passwords webhooks exports invitations billing security tokens domains "
+    "backups alerts dashboards reports quotas regions storage logging metrics tracing queues "
+    "schedules reminders calendars contacts payments subscriptions discounts coupons taxes "
+    "shipping returns warranties repairs upgrades downgrades migrations archives"
+).split()
+
+
+def turn(
+    question: str,
+    answer: str | None,
+    *,
+    session: str = "",
+    version: int | None = 1,
+    reward: float | None = 1.0,
+    outcome: str = "success",
+    corrected: str = "",
+    history: list[dict] | None = None,
+) -> TrajectoryIn:
+    messages = [SYSTEM, *(history or []), {"role": "user", "content": question}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    n = next(_ids)
+    return TrajectoryIn(
+        occurred_at=timezone.now() - timedelta(hours=1) + timedelta(seconds=n),
+        id=f"t-{n}",
+        session_id=session or f"s-{n}",
+        policy_version=version,
+        messages=messages,
+        reward=reward,
+        outcome=outcome,
+        corrected_answer=corrected,
+    )
+
+
+def ingest(project, *items: TrajectoryIn) -> None:
+    trajectories_ingest(project=project, items=list(items))
+
+
+def _answers(dataset: DatasetSnapshot) -> list[str]:
+    return [s["messages"][-1]["content"] for s in dataset.samples]
+
+
+def test_cleaning_drops_duplicates_and_unusable_turns_redacts_secrets_and_cuts_long_ones(
+    project,
+):
+    services.idle_policy_update(project=project, max_sample_tokens=120)
+    long_history = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"earlier turn {i} " * 20}
+        for i in range(6)
+    ]
+    ingest(
+        project,
+        turn("How do I reset my password?", "Open Settings, choose Security, then Reset."),
+        turn("How do I reset my password?", "Open Settings, choose Security, then Reset."),
+        turn("how do I reset my password??", "Open Settings, choose Security, then Reset."),
+        turn("Where are my invoices?", "Billing > Invoices lists every invoice as a PDF."),
+        turn(
+            "My key sk-live-4f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c fails, mail me at jo@example.com",
+            "Rotate the key under Settings > API keys and retry.",
+        ),
+        turn("Summarise our chat", "Here is the summary you asked for.", history=long_history),
+        turn("Write me an essay", "word " * 600),
+        turn("Refund me", "That is not possible.", reward=-1.0, outcome="failure"),
+        turn(
+            "Can I get a refund for a double charge?",
+            "That is not possible.",
+            reward=-1.0,
+            outcome="failure",
+            corrected="Yes: Billing > Payments > Report a problem; refunds take 5-10 days.",
+        ),
+        turn("Hello?", None),
+    )
+
+    dataset = services.dataset_build(project=project)
+
+    report = dataset.report
+    assert report["considered"] == 10
+    assert report["dropped"] == {
+        "exact_duplicate": 1,
+        "near_duplicate": 1,
+        "no_answer_to_learn": 1,
+        "no_positive_signal": 1,
+        "too_long": 1,
+    }
+    assert report["cut_to_fit"] == 1
+    assert report["kept"] == 5 == len(dataset.samples) == len(dataset.trajectory_ids)
+    assert {r["kind"]: r["count"] for r in report["redactions"]} == {"api_key": 1, "email": 1}
+    assert report["kinds"] == {"corrected": 1, "sft": 4}
+    secret_sample = next(s for s in dataset.samples if "Rotate the key" in s["messages"][-1]["content"])
+    assert "sk-live" not in str(secret_sample) and "jo@example.com" not in str(secret_sample)
+    assert "[REDACTED:api_key]" in secret_sample["messages"][-2]["content"]
+    cut = next(s for s in dataset.samples if s["messages"][-1]["content"].startswith("Here is"))
+    assert cut["messages"][0] == SYSTEM and cut["messages"][1]["role"] == "user"
+    assert cut["tokens"] <= 120
+    assert "Yes: Billing > Payments > Report a problem; refunds take 5-10 days." in _answers(dataset)
+    assert "That is not possible." not in _answers(dataset)
+
+
+def _approve(project, slug: str):
+    revision = skill_services.skill_revision_propose(
+        project=project,
+        slug=slug,
+        name=slug.replace("-", " ").title(),
+        description=f"When {slug} comes up.",
+        instructions="Do the right thing.",
+        origin="human",
+        author="human",
+    )
+    skill_services.skill_revision_approve(revision=revision, actor=None, actor_label="test")
+    return project.policy_versions.get(status="active")
+
+
+def test_data_from_an_older_skill_generation_or_a_rolled_back_version_is_not_used(project):
+    v2 = _approve(project, "check-order-id")  # skill set {A}: generation 2
+    v3 = _approve(project, "escalate-refunds")  # {A, B}
+    skill_services.policy_version_rollback(
+        to_version=v2, actor=None, actor_label="test", reason="B made refunds worse"
+    )
+    candidate = skill_services.policy_version_create_candidate(
+        project=project, adapter_ref="adapter-1", base_model="m", changelog="new adapter"
+    )
+    skill_services.policy_version_promote(version=candidate, actor=None, actor_label="test")
+    assert (v2.number, v3.number, candidate.number) == (2, 3, 4)
+    ingest(
+        project,
+        turn("Before any skill: where is order 1?", "It shipped.", version=1),
+        turn("Unversioned: where is order 2?", "It shipped.", version=None),
+        turn("Under v2: where is order 3?", "Order 3 shipped Monday.", version=2),
+        turn("Under B (rolled back): where is order 4?", "Escalated.", version=3),
+        turn("Under the adapter: where is order 5?", "Order 5 arrives Friday.", version=4),
+    )
+
+    dataset = services.dataset_build(project=project)
+
+    assert dataset.generation_version == 2
+    assert dataset.report["dropped"] == {"rolled_back_version": 1, "stale_generation": 2}
+    assert sorted(_answers(dataset)) == ["Order 3 shipped Monday.", "Order 5 arrives Friday."]
+    readiness = services.project_training_readiness(project=project)
+    assert readiness.new_samples == 2
+
+
+def test_the_split_is_by_session_and_the_snapshot_is_reproducible(project):
+    services.idle_policy_update(project=project, eval_fraction=0.3)
+    items = [
+        turn(f"Tell me about {WORDS[s * 3 + t]}", f"{WORDS[s * 3 + t].title()} is fine.", session=f"s{s}")
+        for s in range(12)
+        for t in range(3)
+    ]
+    ingest(project, *items)
+
+    first = services.dataset_build(project=project)
+    second = services.dataset_build(project=project)
+
+    by_session: dict[str, set[str]] = {}
+    for sample in first.samples:
+        by_session.setdefault(sample["session"], set()).add(sample["split"])
+    assert all(len(splits) == 1 for splits in by_session.values())
+    assert first.train_count > 0 and first.eval_count > 0
+    assert first.train_count + first.eval_count == 36
+    assert first.content_hash == second.content_hash
+
+
+def test_rl_datasets_keep_rewarded_answers_grouped_by_prompt(project):
+    services.idle_policy_update(project=project, objective="rl")
+    ingest(
+        project,
+        turn("Where is my parcel?", "Tracking says Friday.", reward=1.0, session="a"),
+        turn("Where is my parcel?", "No idea.", reward=-1.0, outcome="failure", session="b"),
+        turn("Cancel my plan", "Plans cancel under Billing.", reward=0.5, session="c"),
+        turn("Anything else?", "Maybe.", reward=None, outcome="unknown", session="d"),
+    )
+
+    dataset = services.dataset_build(project=project)
+
+    rows = {s["messages"][-1]["content"]: s for s in dataset.samples}
+    assert set(rows) == {"Tracking says Friday.", "No idea.", "Plans cancel under Billing."}
+    assert rows["No idea."]["kind"] == "rl" and rows["No idea."]["reward"] == -1.0
+    assert rows["No idea."]["group"] == rows["Tracking says Friday."]["group"] is not None
+    assert rows["Plans cancel under Billing."]["group"] is None
+    assert dataset.report["dropped"] == {"no_positive_signal": 1}
+
+
+def test_the_token_budget_keeps_the_newest_samples(project):
+    services.idle_policy_update(project=project, max_tokens_per_run=60)
+    ingest(
+        project,
+        *[
+            turn(f"Tell me about {WORDS[i]}", f"All about {WORDS[i]}: {WORDS[i + 10]} and more.")
+            for i in range(6)
+        ],
+    )
+
+    dataset = services.dataset_build(project=project)
+
+    assert dataset.report["tokens"] <= 60
+    assert dataset.report["dropped"]["over_token_budget"] >= 1
+    assert dataset.samples[-1]["messages"][-1]["content"].startswith(f"All about {WORDS[5]}")
+
+
+def test_demo_data_loads_once_and_gives_the_cleaning_report_content(project):
+    created = demo_trajectories_load(project, count=200)
+    again = demo_trajectories_load(project, count=200)
+
+    dataset = services.dataset_build(project=project)
+
+    assert created == 210 and again == 0
+    dropped = dataset.report["dropped"]
+    assert dropped["exact_duplicate"] >= 5
+    assert dropped["near_duplicate"] >= 1
+    assert dropped["no_positive_signal"] >= 10
+    assert dataset.report["redactions"]
+    assert dataset.report["kinds"]["corrected"] >= 1
+    assert dataset.train_count > dataset.eval_count > 0

@@ -1,0 +1,289 @@
+"""Training runs end to end: a real local LoRA run on the tiny random model, pause and resume,
+the improvement check, state transitions, and the Tinker backend against our loopback server."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from metaclaw_site.models import AuditEvent
+from metaclaw_site.services import Conflict, PermissionDenied
+from skills.models import PolicyVersion, VersionStatus
+from tests import factories
+from tests.fakes.tinker_server import FakeTinkerServer
+from training import services
+from training.demo import demo_trajectories_load
+from training.models import PauseReason, RunStatus, TrainingRun, Trigger
+
+pytestmark = pytest.mark.django_db
+
+# Wednesday 02:30 Berlin: inside "mon-fri 01:00-05:00"; 06:00 is outside.
+INSIDE = datetime(2026, 11, 25, 1, 30, tzinfo=UTC)
+OUTSIDE = datetime(2026, 11, 25, 5, 0, tzinfo=UTC)
+
+
+@pytest.fixture(autouse=True)
+def _training_dir(settings, tmp_path):
+    settings.METACLAW_TRAINING_DIR = str(tmp_path / "training")
+
+
+@pytest.fixture
+def no_enqueue(monkeypatch):
+    """Runs are executed by the test itself (so it can hand in a clock)."""
+    queued: list[int] = []
+    monkeypatch.setattr("training.tasks.training_run_execute.delay", queued.append)
+    return queued
+
+
+def _local_policy(project, **overrides):
+    fields = {
+        "backend": "local",
+        "base_model": "tiny-random-smollm2",
+        "backend_options": {"num_threads": min(2, os.cpu_count() or 1)},
+        "learning_rate": 2e-2,
+        "batch_size": 4,
+        "total_steps": 6,
+        "max_sample_tokens": 128,
+        "eval_fraction": 0.25,
+        "min_new_samples": 1,
+        "mode": "calendar",
+        "timezone": "Europe/Berlin",
+        "weekly_windows": "mon-fri 01:00-05:00",
+    }
+    fields.update(overrides)
+    return services.idle_policy_update(project=project, **fields)
+
+
+def _state_changes(run: TrainingRun) -> list[str]:
+    return list(
+        AuditEvent.objects.filter(object_type="training.trainingrun", object_id=str(run.pk))
+        .order_by("created_at", "id")
+        .values_list("action", flat=True)
+    )
+
+
+# --- The local backend: the whole loop ------------------------------------------------------
+
+
+def test_train_now_runs_a_local_lora_that_lowers_eval_loss_and_offers_a_candidate(
+    project, django_capture_on_commit_callbacks
+):
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    admin = factories.make_member(project, "admin")
+    _local_policy(project)
+    demo_trajectories_load(project, count=60)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        run = services.training_run_create(project=project, actor=admin)
+
+    run.refresh_from_db()
+    assert run.status == RunStatus.SUCCEEDED, run.log + run.error
+    assert run.trigger == Trigger.MANUAL and run.requested_by == admin
+    assert run.step == run.total_steps == 6
+    assert [m["step"] for m in run.metrics] == [1, 2, 3, 4, 5, 6]
+    assert all(m["loss"] > 0 for m in run.metrics)
+    assert run.eval_after["loss"] < run.eval_before["loss"]
+    assert run.improved is True and run.flagged_no_improvement is False
+    assert Path(run.adapter_ref, "adapter_config.json").exists()
+    assert len(run.sample_answers) == 3
+    assert {"prompt", "reference", "before", "after"} <= set(run.sample_answers[0])
+    dataset = run.dataset
+    assert dataset.train_count > 0 and dataset.eval_count > 0
+    assert dataset.report["dropped"]["exact_duplicate"] >= 1
+    candidate = run.candidate_version
+    assert candidate.status == VersionStatus.CANDIDATE
+    assert candidate.adapter_ref == run.adapter_ref
+    assert candidate.base_model == "tiny-random-smollm2"
+    assert f"training run #{run.pk}" in candidate.changelog
+    assert dataset.content_hash[:12] in candidate.changelog
+    assert _state_changes(run) == [
+        "training_run.create",
+        "training_run.dataset",
+        "training_run.train",
+        "training_run.evaluate",
+        "training_run.succeed",
+    ]
+
+
+def test_a_scheduled_run_pauses_when_the_window_closes_and_resumes_from_its_checkpoint(
+    project, no_enqueue
+):
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    _local_policy(project, total_steps=6)
+    demo_trajectories_load(project, count=60)
+    run = services.training_run_create(project=project, trigger=Trigger.SCHEDULE)
+
+    def clock() -> datetime:
+        # The window closes after the third step.
+        return INSIDE if TrainingRun.objects.get(pk=run.pk).step < 3 else OUTSIDE
+
+    paused = services.training_run_execute(run_id=run.pk, clock=clock, idle_check_every_seconds=0)
+
+    assert paused.status == RunStatus.PAUSED
+    assert paused.pause_reason == PauseReason.NOT_IDLE
+    assert paused.step == paused.state_step == 3
+    assert Path(paused.state_ref, "state.json").exists()
+    assert paused.adapter_ref == "" and paused.candidate_version is None
+
+    # The next window: the beat task resumes it, the worker continues from step 3.
+    resumed = services.training_schedule_tick(project=project, now=INSIDE + timedelta(days=1))
+    assert resumed.pk == run.pk and resumed.status == RunStatus.QUEUED
+    assert no_enqueue == [run.pk, run.pk]
+    done = services.training_run_execute(run_id=run.pk, clock=lambda: INSIDE)
+
+    assert done.status == RunStatus.SUCCEEDED, done.log + done.error
+    assert [m["step"] for m in done.metrics] == [1, 2, 3, 4, 5, 6]
+    assert done.attempts == 2
+    assert done.eval_after["loss"] < done.eval_before["loss"]
+    assert done.candidate_version is not None
+    assert "Paused after step 3" in done.log and "Training resumed." in done.log
+
+
+def test_a_run_that_does_not_improve_is_flagged_and_offers_no_candidate(project, no_enqueue):
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    _local_policy(project, learning_rate=1e-12, total_steps=1)
+    demo_trajectories_load(project, count=40)
+    run = services.training_run_create(project=project)
+    versions_before = PolicyVersion.objects.filter(project=project).count()
+
+    done = services.training_run_execute(run_id=run.pk)
+
+    assert done.status == RunStatus.SUCCEEDED
+    assert done.improved is False and done.flagged_no_improvement is True
+    assert done.candidate_version is None
+    assert PolicyVersion.objects.filter(project=project).count() == versions_before
+    assert "did not improve" in done.log
+
+
+# --- Transitions ------------------------------------------------------------------------------
+
+
+def test_pause_resume_and_cancel_follow_the_allowed_states(project, no_enqueue):
+    admin = factories.make_member(project, "admin")
+    run = services.training_run_create(project=project, actor=admin)
+
+    paused = services.training_run_request_pause(run=run, actor=admin)
+    assert paused.status == RunStatus.PAUSED and paused.pause_reason == PauseReason.REQUESTED
+    with pytest.raises(Conflict):
+        services.training_run_request_pause(run=run, actor=admin)
+    resumed = services.training_run_resume(run=run, actor=admin)
+    assert resumed.status == RunStatus.QUEUED
+    with pytest.raises(Conflict):
+        services.training_run_resume(run=run, actor=admin)
+    cancelled = services.training_run_cancel(run=run, actor=admin)
+    assert cancelled.status == RunStatus.CANCELLED and cancelled.finished_at is not None
+
+    with pytest.raises(Conflict):
+        services.training_run_cancel(run=run, actor=admin)
+    assert services.training_run_execute(run_id=run.pk) is None  # nothing to claim
+    run.refresh_from_db()
+    assert run.status == RunStatus.CANCELLED
+    assert no_enqueue == [run.pk, run.pk]
+
+
+def test_only_one_run_at_a_time_and_only_admins_start_runs(project, no_enqueue):
+    reviewer = factories.make_member(project, "reviewer")
+    with pytest.raises(PermissionDenied):
+        services.training_run_create(project=project, actor=reviewer)
+    services.training_run_create(project=project)
+
+    with pytest.raises(Conflict):
+        services.training_run_create(project=project)
+
+    assert TrainingRun.objects.filter(project=project).count() == 1
+
+
+def test_a_run_with_too_little_clean_data_fails_and_says_why(project, no_enqueue):
+    _local_policy(project)
+    run = services.training_run_create(project=project)
+
+    done = services.training_run_execute(run_id=run.pk)
+
+    assert done.status == RunStatus.FAILED
+    assert "Not enough clean data" in done.error
+
+
+def test_cancel_during_training_stops_the_worker_after_the_current_step(
+    project, no_enqueue, monkeypatch
+):
+    pytest.importorskip("torch")
+    _local_policy(project, total_steps=50)
+    demo_trajectories_load(project, count=40)
+    run = services.training_run_create(project=project)
+    original = services.training_run_record_step
+
+    def record_and_cancel(*, run_id, report):
+        alive = original(run_id=run_id, report=report)
+        if report.step == 2:
+            services.training_run_cancel(run=TrainingRun.objects.get(pk=run_id), actor=None)
+        return alive
+
+    monkeypatch.setattr(services, "training_run_record_step", record_and_cancel)
+    services.training_run_execute(run_id=run.pk)
+
+    run.refresh_from_db()
+    assert run.status == RunStatus.CANCELLED
+    assert run.step == 2
+    assert run.candidate_version is None
+
+
+# --- Tinker, through the real SDK against the loopback server -------------------------------
+
+
+@pytest.fixture
+def tinker():
+    with FakeTinkerServer() as server:
+        yield server
+
+
+def _tinker_policy(project, server: FakeTinkerServer):
+    return services.idle_policy_update(
+        project=project,
+        backend="tinker",
+        base_model="fake/tiny-model",
+        backend_options={
+            "base_url": server.url,
+            "api_key": "tml-test-key",
+            "tokenizer": "byte",
+            "timeout": 10,
+        },
+        batch_size=2,
+        total_steps=4,
+        min_new_samples=1,
+    )
+
+
+@pytest.mark.timeout(120)
+def test_a_tinker_run_trains_evaluates_and_offers_a_tinker_adapter(project, tinker, no_enqueue):
+    _tinker_policy(project, tinker)
+    demo_trajectories_load(project, count=30)
+    run = services.training_run_create(project=project)
+
+    done = services.training_run_execute(run_id=run.pk)
+
+    assert done.status == RunStatus.SUCCEEDED, done.log + done.error
+    assert done.step == 4
+    assert done.adapter_ref.startswith("tinker://")
+    assert done.eval_after["loss"] < done.eval_before["loss"]
+    assert done.candidate_version.adapter_ref == done.adapter_ref
+    assert "forward_backward" in " ".join(tinker.endpoints())
+
+
+@pytest.mark.timeout(120)
+def test_a_tinker_error_answer_fails_the_run_with_the_reason(project, tinker, no_enqueue):
+    _tinker_policy(project, tinker)
+    demo_trajectories_load(project, count=30)
+    tinker.fail_next("create_model", status=403, message="project is read-only")
+    run = services.training_run_create(project=project)
+
+    done = services.training_run_execute(run_id=run.pk)
+
+    assert done.status == RunStatus.FAILED
+    assert "read-only" in done.error or "403" in done.error
+    assert done.candidate_version is None
