@@ -99,31 +99,18 @@ def post_incident_batch(request: HttpRequest, payload: BatchIn):
         if valid
         else []
     )
-    results: list[BatchItemResult] = [
-        BatchItemResult(index=index, status=422, errors=errors) for index, errors in invalid.items()
-    ]
-    for (index, _), result in zip(valid, stored, strict=True):
-        results.append(
-            BatchItemResult(
-                index=index,
-                status=200 if result.duplicate else 202,
-                id=result.incident_id,
-                client_id=result.client_id,
-                group_id=result.group_id,
-                duplicate=result.duplicate,
-            )
+    results = [
+        BatchItemResult(
+            index=index,
+            status=200 if result.duplicate else 202,
+            id=result.incident_id,
+            client_id=result.client_id,
+            group_id=result.group_id,
+            duplicate=result.duplicate,
         )
-    results.sort(key=lambda r: r.index)
-    duplicates = sum(1 for r in results if r.duplicate)
-    return Status(
-        207,
-        BatchOut(
-            accepted=len(stored) - duplicates,
-            duplicates=duplicates,
-            rejected=len(invalid),
-            results=results,
-        ),
-    )
+        for (index, _), result in zip(valid, stored, strict=True)
+    ]
+    return _batch_answer(results, invalid)
 
 
 @router.post(
@@ -142,20 +129,25 @@ def post_trajectory_batch(request: HttpRequest, payload: BatchIn):
         else []
     )
     results = [
+        BatchItemResult(
+            index=index,
+            status=200 if duplicate else 202,
+            id=trajectory_id,
+            client_id=item.id,
+            duplicate=duplicate,
+        )
+        for (index, item), (trajectory_id, duplicate) in zip(valid, stored, strict=True)
+    ]
+    return _batch_answer(results, invalid)
+
+
+def _batch_answer(stored: list[BatchItemResult], invalid: dict[int, list]):
+    """207 with one result per item, in request order (like Langfuse's batch ingestion)."""
+    results = stored + [
         BatchItemResult(index=index, status=422, errors=errors) for index, errors in invalid.items()
     ]
-    for (index, item), (trajectory_id, duplicate) in zip(valid, stored, strict=True):
-        results.append(
-            BatchItemResult(
-                index=index,
-                status=200 if duplicate else 202,
-                id=trajectory_id,
-                client_id=item.id,
-                duplicate=duplicate,
-            )
-        )
     results.sort(key=lambda r: r.index)
-    duplicates = sum(1 for r in results if r.duplicate)
+    duplicates = sum(1 for r in stored if r.duplicate)
     return Status(
         207,
         BatchOut(

@@ -116,7 +116,7 @@ def _mount_routers() -> None:
     from incidents.api import router as incidents_router
 
     api.add_router("/", incidents_router)
-    for module_name in ("skills.api", "skills.api_runtime", "training.api"):
+    for module_name in ("skills.api", "skills.api_runtime", "skills.api_library", "training.api"):
         try:
             module = __import__(module_name, fromlist=["router"])
         except ModuleNotFoundError as exc:

@@ -6,9 +6,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
@@ -197,6 +200,7 @@ def api_key_revoke(*, api_key: ApiKey, actor: Any = None) -> ApiKey:
         raise Conflict("This key is revoked already.")
     api_key.revoked_at = timezone.now()
     api_key.save(update_fields=["revoked_at"])
+    api_key_cache_clear()
     audit_record(
         action="api_key.revoke",
         project=api_key.project,
@@ -206,6 +210,18 @@ def api_key_revoke(*, api_key: ApiKey, actor: Any = None) -> ApiKey:
         after={"revoked": True},
     )
     return api_key
+
+
+# Recently authenticated keys, per process, by hash: saves a database round trip on the hot
+# ingestion and runtime paths. A revocation is immediate in the revoking process and reaches
+# the others within API_KEY_CACHE_SECONDS.
+_key_cache: dict[str, tuple[float, ApiKey]] = {}
+_key_cache_lock = threading.Lock()
+
+
+def api_key_cache_clear() -> None:
+    with _key_cache_lock:
+        _key_cache.clear()
 
 
 def api_key_authenticate(secret: str) -> ApiKey | None:
@@ -218,15 +234,26 @@ def api_key_authenticate(secret: str) -> ApiKey | None:
     prefix, _, rest = secret[len(KEY_PREFIX) :].partition("_")
     if not prefix or not rest:
         return None
+    hashed = _hash_secret(secret)
+    ttl = settings.METACLAW.get("API_KEY_CACHE_SECONDS", 2)
+    now_mono = time.monotonic()
+    cached = _key_cache.get(hashed)
+    if cached is not None and now_mono - cached[0] < ttl:
+        return cached[1]
     api_key = (
         ApiKey.objects.select_related("project")
         .filter(prefix=prefix, revoked_at__isnull=True)
         .first()
     )
-    if api_key is None or not hmac.compare_digest(api_key.hashed_secret, _hash_secret(secret)):
+    if api_key is None or not hmac.compare_digest(api_key.hashed_secret, hashed):
         return None
     now = timezone.now()
     if api_key.last_used_at is None or (now - api_key.last_used_at).total_seconds() > 60:
         ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
         api_key.last_used_at = now
+    if ttl > 0:
+        with _key_cache_lock:
+            if len(_key_cache) > 10_000:
+                _key_cache.clear()
+            _key_cache[hashed] = (now_mono, api_key)
     return api_key

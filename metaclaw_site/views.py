@@ -124,7 +124,12 @@ def audit_log(request: HttpRequest) -> HttpResponse:
         except DomainError as exc:
             errors["cursor"] = str(exc)
     actions, object_types = selectors.audit_filter_choices(project)
-    query = urlencode({k: v for k, v in filters.items() if v})
+    # A value picked from an older part of the log stays selectable.
+    if filters["action"] and filters["action"] not in actions:
+        actions.append(filters["action"])
+    if filters["object_type"] and filters["object_type"] not in object_types:
+        object_types.append(filters["object_type"])
+    given = {name: value for name, value in filters.items() if value}
     context = {
         "rows": [
             {
@@ -138,14 +143,14 @@ def audit_log(request: HttpRequest) -> HttpResponse:
         "errors": errors,
         "actions": actions,
         "object_types": object_types,
-        "next_url": "?" + urlencode({**filters, "cursor": next_cursor}) if next_cursor else "",
-        "first_url": f"?{query}" if query else request.path,
+        "next_url": "?" + urlencode({**given, "cursor": next_cursor}) if next_cursor else "",
+        "first_url": "?" + urlencode(given) if given else request.path,
         "is_later_page": bool(request.GET.get("cursor")),
     }
-    template = "metaclaw_site/audit_log.html"
     if request.htmx:  # type: ignore[attr-defined]
-        template += "#audit-table"
-    return render(request, template, context, status=400 if errors else 200)
+        # htmx swaps only 2xx answers; the partial itself names the bad field.
+        return render(request, "metaclaw_site/audit_log.html#audit-table", context)
+    return render(request, "metaclaw_site/audit_log.html", context, status=400 if errors else 200)
 
 
 def _json(value: object) -> str:

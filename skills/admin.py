@@ -1,6 +1,15 @@
 from django.contrib import admin
 
-from .models import ApprovalRequest, LlmUsage, PolicyVersion, Release, Skill, SkillRevision
+from .models import (
+    ApprovalRequest,
+    LlmUsage,
+    Notification,
+    PolicyVersion,
+    Release,
+    Skill,
+    SkillRevision,
+    SlackInteraction,
+)
 
 
 @admin.register(Skill)
@@ -39,3 +48,19 @@ class ApprovalRequestAdmin(admin.ModelAdmin):
 @admin.register(LlmUsage)
 class LlmUsageAdmin(admin.ModelAdmin):
     list_display = ("project", "day", "calls", "tokens_in", "tokens_out")
+
+
+@admin.register(Notification)
+class NotificationAdmin(admin.ModelAdmin):
+    list_display = ("created_at", "project", "channel", "kind", "status", "attempts", "sent_at")
+    list_filter = ("channel", "kind", "status", "project")
+    # The payload can hold single-use links until delivery: never show it.
+    exclude = ("payload",)
+    readonly_fields = ("last_error", "attempts", "sent_at")
+
+
+@admin.register(SlackInteraction)
+class SlackInteractionAdmin(admin.ModelAdmin):
+    list_display = ("created_at", "project", "slack_user_id", "action_id", "status", "deliveries")
+    list_filter = ("status", "project")
+    exclude = ("payload",)

@@ -4,15 +4,19 @@ The schemas live here rather than in ``skills/schemas.py``: they are the runtime
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
+from urllib.parse import parse_qs
 from uuid import UUID
 
 from django.http import HttpRequest, HttpResponse
 from ninja import Query, Router, Schema
 from ninja.security import HttpBearer
 from pydantic import ConfigDict, Field, model_validator
+from pydantic import ValidationError as PydanticValidationError
 
 from incidents.schemas import ErrorIn, KindLiteral, SeverityLiteral
+from metaclaw_site.services import NotFound
 
 from . import runtime
 
@@ -100,34 +104,27 @@ class FeedbackOut(Schema):
     duplicate: bool
 
 
-def _with_version(response: HttpResponse, snapshot: runtime.PolicySnapshot) -> HttpResponse:
-    response["ETag"] = snapshot.etag
-    response["X-MetaClaw-Policy-Version"] = snapshot.header_value
-    response["Cache-Control"] = "no-cache"
-    return response
-
-
 def _etag_matches(header: str, etag: str) -> bool:
     candidates = {tag.strip().removeprefix("W/") for tag in header.split(",")}
     return "*" in candidates or etag in candidates
 
 
-@router.get("/runtime/policy", summary="The active policy version (or ?version=N)")
-def runtime_policy(request: HttpRequest, filters: Query[PolicyQuery]) -> HttpResponse:
-    """The policy the key's project runs with: version number, skills with their text, adapter
-    reference and base model. ``If-None-Match`` with the last ``ETag`` answers 304."""
-    snapshot = runtime.policy_snapshot(project_id=request.project.pk, version=filters.version)
-    if _etag_matches(request.headers.get("If-None-Match", ""), snapshot.etag):
-        return _with_version(HttpResponse(status=304), snapshot)
-    return _with_version(HttpResponse(snapshot.body, content_type="application/json"), snapshot)
+def policy_answer(
+    snapshot: runtime.PolicySnapshot, if_none_match: str
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Status, headers and body of ``GET /runtime/policy`` (both doors)."""
+    headers = [
+        ("etag", snapshot.etag),
+        ("x-metaclaw-policy-version", snapshot.header_value),
+        ("cache-control", "no-cache"),
+    ]
+    if if_none_match and _etag_matches(if_none_match, snapshot.etag):
+        return 304, headers, b""
+    return 200, [("content-type", "application/json"), *headers], snapshot.body
 
 
-@router.post("/runtime/skills/retrieve", response=RetrieveOut, summary="Skills relevant to a task")
-def runtime_skills_retrieve(request: HttpRequest, payload: RetrieveIn) -> HttpResponse:
-    """The top-k approved skills of the active (or given) version for the task, best first,
-    each with its score, above ``min_score`` and within ``token_budget`` together. With
-    ``messages``, the query is the user's latest request, without framework boilerplate."""
-    snapshot = runtime.policy_snapshot(project_id=request.project.pk, version=payload.version)
+def retrieve_answer(snapshot: runtime.PolicySnapshot, payload: RetrieveIn) -> bytes:
+    """The body of ``POST /runtime/skills/retrieve`` (both doors)."""
     query = (payload.query or "").strip() or runtime.query_from_messages(payload.messages or [])
     found = runtime.skills_retrieve(
         snapshot=snapshot,
@@ -137,17 +134,149 @@ def runtime_skills_retrieve(request: HttpRequest, payload: RetrieveIn) -> HttpRe
         token_budget=payload.token_budget,
     )
     skills = [{**r.skill.as_dict(), "score": r.score} for r in found]
-    body = {
-        "policy_version": snapshot.number,
-        "query": query,
-        "tokens": sum(s["tokens"] for s in skills),
-        "skills": skills,
-    }
-    response = HttpResponse(
-        RetrieveOut(**body).model_dump_json().encode(), content_type="application/json"
+    return _dumps(
+        {
+            "policy_version": snapshot.number,
+            "query": query,
+            "tokens": sum(s["tokens"] for s in skills),
+            "skills": skills,
+        }
     )
-    response["X-MetaClaw-Policy-Version"] = snapshot.header_value
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _django(status: int, headers: list[tuple[str, str]], body: bytes) -> HttpResponse:
+    response = HttpResponse(body, status=status)
+    for name, value in headers:
+        response[name] = value
     return response
+
+
+@router.get("/runtime/policy", summary="The active policy version (or ?version=N)")
+def runtime_policy(request: HttpRequest, filters: Query[PolicyQuery]) -> HttpResponse:
+    """The policy the key's project runs with: version number, skills with their text, adapter
+    reference and base model. ``If-None-Match`` with the last ``ETag`` answers 304."""
+    snapshot = runtime.policy_snapshot(project_id=request.project.pk, version=filters.version)
+    return _django(*policy_answer(snapshot, request.headers.get("If-None-Match", "")))
+
+
+@router.post("/runtime/skills/retrieve", response=RetrieveOut, summary="Skills relevant to a task")
+def runtime_skills_retrieve(request: HttpRequest, payload: RetrieveIn) -> HttpResponse:
+    """The top-k approved skills of the active (or given) version for the task, best first,
+    each with its score, above ``min_score`` and within ``token_budget`` together. With
+    ``messages``, the query is the user's latest request, without framework boilerplate."""
+    snapshot = runtime.policy_snapshot(project_id=request.project.pk, version=payload.version)
+    return _django(
+        200,
+        [("content-type", "application/json"), ("x-metaclaw-policy-version", str(snapshot.number))],
+        retrieve_answer(snapshot, payload),
+    )
+
+
+# --- The same endpoints on the ASGI fast lane (skills.proxy.fast_lane) ----------------------
+# Agents poll these; Django's middleware stack would cost more than the answer. Same handlers,
+# same error shapes as the NinjaAPI's.
+
+
+def _api_error(status: int, detail: str, code: str, field: str | None = None, **extra: Any):
+    from .proxy import ProxyResponse
+
+    body: dict[str, Any] = {"detail": detail, "code": code, **extra}
+    if field:
+        body["errors"] = [{"field": field, "message": detail, "type": code}]
+    return ProxyResponse(status, [("content-type", "application/json")], _dumps(body))
+
+
+async def _fast_auth(headers: dict[str, str]) -> Any:
+    """The key's project, or a ProxyResponse refusing the request."""
+    from metaclaw_site.auth import RateLimited, ScopeDenied
+
+    from .proxy import authenticate
+
+    api_key = await authenticate(headers)
+    if api_key is None:
+        response = _api_error(
+            401, "A valid API key is required (Authorization: Bearer <key>).", "unauthorized"
+        )
+        response.headers.append(("www-authenticate", "Bearer"))
+        return response
+    try:
+        runtime.runtime_admit(api_key)
+    except ScopeDenied as exc:
+        return _api_error(403, str(exc), "forbidden")
+    except RateLimited as exc:
+        response = _api_error(429, str(exc), "rate_limited", retry_after=exc.retry_after)
+        response.headers.append(("retry-after", str(exc.retry_after)))
+        return response
+    return api_key.project
+
+
+async def _fast_snapshot(project_id: int, version: int | None) -> Any:
+    from .proxy import in_worker_thread
+
+    snapshot = runtime.policy_snapshot_cached(project_id=project_id, version=version)
+    if snapshot is not None:
+        return snapshot
+    try:
+        return await in_worker_thread(runtime.policy_snapshot)(
+            project_id=project_id, version=version
+        )
+    except NotFound as exc:
+        return _api_error(404, str(exc), "not_found", field=exc.field)
+
+
+async def fast_policy(*, headers: dict[str, str], query: str, body: bytes) -> Any:
+    from .proxy import ProxyResponse
+
+    project = await _fast_auth(headers)
+    if isinstance(project, ProxyResponse):
+        return project
+    try:
+        filters = PolicyQuery.model_validate(
+            {k: v[-1] for k, v in parse_qs(query).items() if k == "version"}
+        )
+    except PydanticValidationError as exc:
+        return _invalid(exc)
+    snapshot = await _fast_snapshot(project.pk, filters.version)
+    if isinstance(snapshot, ProxyResponse):
+        return snapshot
+    return ProxyResponse(*policy_answer(snapshot, headers.get("if-none-match", "")))
+
+
+async def fast_retrieve(*, headers: dict[str, str], query: str, body: bytes) -> Any:
+    from .proxy import ProxyResponse
+
+    project = await _fast_auth(headers)
+    if isinstance(project, ProxyResponse):
+        return project
+    try:
+        payload = RetrieveIn.model_validate_json(body or b"{}")
+    except PydanticValidationError as exc:
+        return _invalid(exc)
+    snapshot = await _fast_snapshot(project.pk, payload.version)
+    if isinstance(snapshot, ProxyResponse):
+        return snapshot
+    return ProxyResponse(
+        200,
+        [("content-type", "application/json"), ("x-metaclaw-policy-version", str(snapshot.number))],
+        retrieve_answer(snapshot, payload),
+    )
+
+
+def _invalid(exc: PydanticValidationError) -> Any:
+    from metaclaw_site.api import validation_errors
+
+    from .proxy import ProxyResponse
+
+    errors = [
+        {**e, "loc": e.get("loc") or ("body",)}
+        for e in exc.errors(include_url=False, include_context=False, include_input=False)
+    ]
+    body = {"detail": "Invalid input.", "code": "invalid", "errors": validation_errors(errors)}
+    return ProxyResponse(422, [("content-type", "application/json")], _dumps(body))
 
 
 @router.post("/runtime/feedback", response=FeedbackOut, summary="How a session ended")

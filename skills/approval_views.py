@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.views import redirect_to_login
@@ -88,7 +89,9 @@ def link(request: HttpRequest, token: str) -> HttpResponse:
     obj = resolved.obj
     obj.refresh_from_db()
     return render(
-        request, "skills/approvals/done.html", {"approval": used, "obj": obj, "actor": resolved.actor}
+        request,
+        "skills/approvals/done.html",
+        {"approval": used, "obj": obj, "actor": resolved.actor},
     )
 
 
@@ -164,7 +167,7 @@ def _integrations_context(request: HttpRequest) -> dict:
         "linked_members": Membership.objects.filter(project=project)
         .exclude(slack_user_id="")
         .select_related("user"),
-        "interactions_url": request.build_absolute_uri(reverse("approvals:slack_interactions")),
+        "interactions_url": settings.METACLAW_PUBLIC_URL + reverse("approvals:slack_interactions"),
     }
 
 

@@ -18,8 +18,7 @@ import json
 import logging
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
-from datetime import timezone as dt_timezone
+from datetime import UTC, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -227,7 +226,7 @@ def eligible_members(project: Project, role: str) -> list[Membership]:
 
 
 def _when(value: Any) -> str:
-    return value.astimezone(dt_timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _check(request: ApprovalRequest, user: Any) -> ResolvedLink:

@@ -174,3 +174,115 @@ def demo_incidents_load(*, project: Project, seed: int = 7) -> int:
             items.append(IncidentIn.model_validate(data))
     results = incidents_ingest(project=project, items=items, actor_label="demo")
     return len(results)
+
+
+# --- Demo skill proposals (fixtures, labelled as such) ------------------------------------------
+
+DEMO_PROPOSALS: dict[str, dict] = {
+    "_support_date_format": {
+        "slug": "iso-dates-for-order-search",
+        "name": "ISO dates for order search",
+        "description": "When calling search_orders (or any tool with a date argument) with a "
+        "date the user gave in words.",
+        "instructions": "- Convert relative dates ('last week', 'yesterday') and local formats "
+        "('03/11/2026') to an ISO 8601 date (YYYY-MM-DD) before calling `search_orders`; "
+        "today's date is in the system prompt.\n- For a range like 'last week', pass the first "
+        "day of the range as `since`.\n- Never pass the user's words as a tool argument.",
+        "category": "common_mistakes",
+        "examples": ["'last week' on 2026-11-25 → since=2026-11-16"],
+        "diagnosis": "The agent passed the user's relative date straight into search_orders, "
+        "whose 'since' argument only accepts ISO 8601 dates.",
+    },
+    "_support_refund_policy": {
+        "slug": "member-refund-window",
+        "name": "Member refund window",
+        "description": "When a customer asks whether they can still return or refund an item.",
+        "instructions": "- Check whether the customer is a member before answering.\n- Members "
+        "may return items within **60 days**; everyone else within 30 days.\n- Quote the policy "
+        "you applied; if membership is unknown, ask instead of guessing.",
+        "category": "communication",
+        "examples": [],
+        "diagnosis": "The agent answered from a generic refund window and ignored that members "
+        "get 60 days.",
+    },
+    "_analyst_timeout": {
+        "slug": "bounded-warehouse-queries",
+        "name": "Bounded warehouse queries",
+        "description": "When writing SQL for warehouse_query over large event tables.",
+        "instructions": "- Never `SELECT *` from event tables; select the needed columns.\n- "
+        "Always filter on the partition column (`event_date`) for the requested period.\n- "
+        "Aggregate in SQL (GROUP BY month, region) instead of fetching raw rows.",
+        "category": "data_analysis",
+        "examples": [],
+        "diagnosis": "Unfiltered SELECT * scans over the whole events table exceeded the "
+        "warehouse's 30 s limit.",
+    },
+    "_analyst_complaint": {
+        "slug": "chart-axis-units",
+        "name": "Label chart axes with units",
+        "description": "When producing any chart or plot for a user.",
+        "instructions": "- Label both axes with the quantity and its unit (e.g. 'weekly active "
+        "users, thousands').\n- State the time zone and period of a time axis.",
+        "category": "data_analysis",
+        "examples": [],
+        "diagnosis": "Charts were delivered without units, so users could not read them.",
+    },
+    "_support_guardrail": {
+        "slug": "never-reveal-card-numbers",
+        "name": "Never reveal card numbers",
+        "description": "When a customer asks about a payment method or card on file.",
+        "instructions": "- Refer to a card only by brand and last four digits ('Visa ending "
+        "4242').\n- Never repeat a full card number, even if a tool returns one.",
+        "category": "security",
+        "examples": [],
+        "diagnosis": "The agent repeated a full card number that a tool returned.",
+    },
+}
+
+
+def demo_proposals_load(project: Project) -> int:
+    """Skill proposals for the demo groups, labelled ``Origin.DEMO_FIXTURE`` (they were not
+    written by a live LLM in this run). With an LLM configured there are none: the live LLM
+    writes real proposals. Idempotent: groups that already have a revision are left alone.
+    Returns how many demo proposals exist."""
+    from incidents import services as incident_services
+    from incidents.models import IncidentGroup, SynthesisStatus
+
+    from . import llm
+    from .models import Author, Origin, SkillRevision
+    from .services import skill_revision_propose
+
+    if llm.is_configured():
+        return 0
+    for builder_name, content in DEMO_PROPOSALS.items():
+        prefix = f"demo-{builder_name.strip('_')}-"
+        group = (
+            IncidentGroup.objects.filter(project=project, incidents__client_id__startswith=prefix)
+            .distinct()
+            .first()
+        )
+        if group is None or group.skill_revisions.exclude(origin=Origin.EVIDENCE_DRAFT).exists():
+            continue
+        # Claim a group still waiting so no worker drafts it as well; a worker that got there
+        # first keeps its (truthfully labelled) draft, and the fixture joins it.
+        claimed = incident_services.group_synthesis_claim(group_id=group.pk)
+        content = dict(content)
+        diagnosis = content.pop("diagnosis")
+        skill_revision_propose(
+            project=project,
+            author=Author.HUMAN,
+            origin=Origin.DEMO_FIXTURE,
+            source_groups=[group],
+            source_incidents=list(group.incidents.order_by("-occurred_at")[:3]),
+            diagnosis=f"{diagnosis}\n\n(Demo fixture: written in advance, not by a live LLM.)",
+            prompt_version="demo-fixture",
+            actor_label="demo",
+            **content,
+        )
+        if claimed:
+            incident_services.group_synthesis_finish(
+                group_id=group.pk, status=SynthesisStatus.PROPOSED
+            )
+    return SkillRevision.objects.filter(
+        skill__project=project, origin=Origin.DEMO_FIXTURE
+    ).count()

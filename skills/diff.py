@@ -9,6 +9,7 @@ import difflib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from django.utils.html import escape
@@ -32,8 +33,27 @@ class Chunk:
 
 
 def word_diff(old: str, new: str) -> list[Chunk]:
-    """The chunks that turn ``old`` into ``new``, word by word."""
+    """The chunks that turn ``old`` into ``new``, word by word.
+
+    The common prefix and suffix are split off first: edits are usually small, and
+    SequenceMatcher is quadratic in the worst case on what remains."""
     a, b = tokenize(old), tokenize(new)
+    start = 0
+    while start < len(a) and start < len(b) and a[start] == b[start]:
+        start += 1
+    end = 0
+    while end < len(a) - start and end < len(b) - start and a[-1 - end] == b[-1 - end]:
+        end += 1
+    chunks: list[Chunk] = []
+    if start:
+        chunks.append(Chunk("equal", "".join(a[:start])))
+    chunks.extend(_middle(a[start : len(a) - end], b[start : len(b) - end]))
+    if end:
+        chunks.append(Chunk("equal", "".join(a[len(a) - end :])))
+    return chunks
+
+
+def _middle(a: list[str], b: list[str]) -> list[Chunk]:
     matcher = difflib.SequenceMatcher(a=a, b=b, autojunk=False)
     chunks: list[Chunk] = []
     for tag, i1, i2, j1, j2 in matcher.get_opcodes():
@@ -70,16 +90,20 @@ class FieldDiff:
     old: str
     new: str
 
-    @property
+    @cached_property
+    def chunks(self) -> list[Chunk]:
+        return word_diff(self.old, self.new)
+
+    @cached_property
     def html(self) -> SafeString:
-        return word_diff_html(self.old, self.new)
+        return render_chunks(self.chunks)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "field": self.field,
             "old": self.old,
             "new": self.new,
-            "chunks": [{"op": c.op, "text": c.text} for c in word_diff(self.old, self.new)],
+            "chunks": [{"op": c.op, "text": c.text} for c in self.chunks],
         }
 
 

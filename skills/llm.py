@@ -163,9 +163,7 @@ def complete_json(
         attempt += 1
         try:
             if structured:
-                response = client.chat.completions.create(
-                    **kwargs, response_format=response_format
-                )
+                response = client.chat.completions.create(**kwargs, response_format=response_format)
             else:
                 response = client.chat.completions.create(**kwargs)
             break
@@ -198,7 +196,8 @@ def complete_json(
             _wait_or_raise(attempt, None, f"LLM timed out after {cfg.timeout:g} s", exc)
         except openai.APIConnectionError as exc:
             _wait_or_raise(attempt, None, f"Could not reach the LLM: {_brief(exc)}", exc)
-        except openai.APIResponseValidationError as exc:
+        except (openai.APIResponseValidationError, ValueError) as exc:
+            # A 200 whose body is not a chat completion (a broken proxy, a truncated answer).
             raise LlmInvalidOutput(f"The LLM endpoint answered garbage: {_brief(exc)}") from exc
 
     usage = Usage(
@@ -216,9 +215,7 @@ def complete_json(
     return Completion(parsed=parsed, content=content, usage=usage, model=model)
 
 
-def _wait_or_raise(
-    attempt: int, retry_after: float | None, message: str, exc: Exception
-) -> None:
+def _wait_or_raise(attempt: int, retry_after: float | None, message: str, exc: Exception) -> None:
     if attempt >= MAX_ATTEMPTS or (
         retry_after is not None and retry_after > MAX_INLINE_RETRY_AFTER_SECONDS
     ):

@@ -106,17 +106,20 @@ def _details(summary: Summary) -> list[dict]:
     diff = summary.diff
     lines = [f"*{_esc(_cut(v.changelog or 'No changelog.', 600))}*"]
     if diff.get("adapter_from") != diff.get("adapter_to"):
-        lines.append(
-            f"Adapter: `{diff.get('adapter_from') or 'none'}` → `{diff.get('adapter_to') or 'none'}`"
-        )
+        before, after = diff.get("adapter_from") or "none", diff.get("adapter_to") or "none"
+        lines.append(f"Adapter: `{before}` → `{after}`")
     if diff.get("base_model_from") != diff.get("base_model_to"):
-        lines.append(f"Base model: {diff.get('base_model_from') or '—'} → {diff.get('base_model_to')}")
+        lines.append(
+            f"Base model: {diff.get('base_model_from') or '—'} → {diff.get('base_model_to')}"
+        )
     for label, items in (("Added", diff.get("added", [])), ("Removed", diff.get("removed", []))):
         if items:
             names = ", ".join(f"{r.skill.slug} r{r.number}" for r in items[:10])
             lines.append(f"{label} skills: {_esc(names)}")
     if diff.get("changed"):
-        names = ", ".join(f"{new.skill.slug} r{old.number}→r{new.number}" for old, new in diff["changed"][:10])
+        names = ", ".join(
+            f"{new.skill.slug} r{old.number}→r{new.number}" for old, new in diff["changed"][:10]
+        )
         lines.append(f"Changed skills: {_esc(names)}")
     return [{"type": "section", "text": {"type": "mrkdwn", "text": _cut("\n".join(lines), 2900)}}]
 
@@ -152,7 +155,10 @@ def slack_approval_message(summary: Summary, links: dict[str, str], *, interacti
             if style == "danger" or summary.kind == "version":
                 button["confirm"] = {
                     "title": {"type": "plain_text", "text": f"{label}?"},
-                    "text": {"type": "mrkdwn", "text": _cut(f"{label}: {_esc(summary.title)}", 300)},
+                    "text": {
+                        "type": "mrkdwn",
+                        "text": _cut(f"{label}: {_esc(summary.title)}", 300),
+                    },
                     "confirm": {"type": "plain_text", "text": label},
                     "deny": {"type": "plain_text", "text": "Cancel"},
                 }
@@ -181,7 +187,11 @@ def slack_approval_message(summary: Summary, links: dict[str, str], *, interacti
     ]
     if buttons:
         blocks.append(
-            {"type": "actions", "block_id": f"metaclaw_{summary.kind}_{summary.object_id}", "elements": buttons}
+            {
+                "type": "actions",
+                "block_id": f"metaclaw_{summary.kind}_{summary.object_id}",
+                "elements": buttons,
+            }
         )
     return {"text": f"{summary.title} ({summary.project_name})", "blocks": blocks}
 
@@ -195,13 +205,19 @@ def slack_decided_message(summary: Summary, decided: str) -> dict:
         "blocks": [
             {"type": "header", "text": {"type": "plain_text", "text": _cut(summary.title, 150)}},
             *_details(summary),
-            {"type": "section", "text": {"type": "mrkdwn", "text": f":white_check_mark: {_esc(text)}"}},
+            {
+                "type": "section",
+                "text": {"type": "mrkdwn", "text": f":white_check_mark: {_esc(text)}"},
+            },
         ],
     }
 
 
 def slack_text_message(text: str) -> dict:
-    return {"text": text, "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": _esc(text)}}]}
+    return {
+        "text": text,
+        "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": _esc(text)}}],
+    }
 
 
 def slack_ephemeral(text: str) -> dict:
@@ -219,7 +235,11 @@ def _post_raw(url: str, raw: bytes, headers: dict[str, str] | None = None) -> ht
             response = client.post(
                 url,
                 content=raw,
-                headers={"Content-Type": "application/json", "User-Agent": USER_AGENT, **(headers or {})},
+                headers={
+                    "Content-Type": "application/json",
+                    "User-Agent": USER_AGENT,
+                    **(headers or {}),
+                },
             )
     except httpx.HTTPError as exc:
         raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
@@ -264,7 +284,10 @@ def webhook_signature(secret: str, timestamp: str, raw_body: bytes) -> str:
 def webhook_post(url: str, secret: str, body: dict, *, event: str = "") -> None:
     raw = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
     timestamp = str(int(time.time()))
-    headers = {"X-MetaClaw-Timestamp": timestamp, "X-MetaClaw-Event": event or body.get("event", "")}
+    headers = {
+        "X-MetaClaw-Timestamp": timestamp,
+        "X-MetaClaw-Event": event or body.get("event", ""),
+    }
     if secret:
         headers["X-MetaClaw-Signature"] = webhook_signature(secret, timestamp, raw)
     _post_raw(url, raw, headers)

@@ -17,8 +17,10 @@ thread per request, which would cost more than everything else the proxy does).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
+import ssl
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,11 +28,14 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
+import certifi
 import httpx
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.db import close_old_connections
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
@@ -86,31 +91,41 @@ def _error(
 
 # --- Pooled upstream client, one per event loop -------------------------------------------
 
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+# httpcore's pool does work proportional to its open connections on every request (it polls
+# each idle one), so one pool serving dozens of concurrent requests costs ~3x the CPU of a few
+# small ones; requests are spread round-robin over POOL_SHARDS pooled clients.
+POOL_SHARDS = 8
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[httpx.AsyncClient]] = (
     weakref.WeakKeyDictionary()
 )
+_next_shard = itertools.count()
 
 
 def upstream_client() -> httpx.AsyncClient:
-    """The pooled client of the running event loop (created on first use: a client is bound
-    to the loop it was created on)."""
+    """A pooled client of the running event loop (created on first use: a client is bound to
+    the loop it was created on)."""
     loop = asyncio.get_running_loop()
-    client = _clients.get(loop)
-    if client is None:
+    clients = _clients.get(loop)
+    if clients is None:
         timeout = float(getattr(settings, "UPSTREAM", {}).get("TIMEOUT_SECONDS", 600))
-        client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, connect=10.0),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
-            trust_env=False,
-        )
-        _clients[loop] = client
-    return client
+        tls = ssl.create_default_context(cafile=certifi.where())  # loaded once, shared
+        clients = [
+            httpx.AsyncClient(
+                timeout=httpx.Timeout(timeout, connect=10.0),
+                limits=httpx.Limits(max_connections=256, max_keepalive_connections=32),
+                trust_env=False,
+                verify=tls,
+            )
+            for _ in range(POOL_SHARDS)
+        ]
+        _clients[loop] = clients
+    return clients[next(_next_shard) % POOL_SHARDS]
 
 
 # --- The request --------------------------------------------------------------------------
 
 
-def _in_worker_thread(func: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+def in_worker_thread(func: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
     """Run ``func`` on a worker thread, like Django runs a request: with usable connections."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -120,8 +135,7 @@ def _in_worker_thread(func: Callable[..., Any]) -> Callable[..., Awaitable[Any]]
     return sync_to_async(call, thread_sensitive=False)
 
 
-
-async def _authenticate(headers: dict[str, str]) -> Any:
+async def authenticate(headers: dict[str, str]) -> Any:
     auth = headers.get("authorization", "")
     scheme, _, secret = auth.partition(" ")
     secret = secret.strip()
@@ -129,9 +143,7 @@ async def _authenticate(headers: dict[str, str]) -> Any:
         return None
     api_key = runtime.runtime_key_lookup(secret)
     if api_key is None:
-        api_key = await _in_worker_thread(runtime.runtime_key_from_db)(
-            secret
-        )
+        api_key = await in_worker_thread(runtime.runtime_key_from_db)(secret)
         if api_key is None:
             return None
         runtime.runtime_key_store(secret, api_key)
@@ -156,7 +168,7 @@ async def proxy_handle(*, headers: dict[str, str], query: str, body: bytes) -> P
     """Serve one chat completion. ``headers`` have lower-case names."""
     started = time.perf_counter()
     try:
-        api_key = await _authenticate(headers)
+        api_key = await authenticate(headers)
         if api_key is None:
             return _error(
                 401,
@@ -180,7 +192,7 @@ async def proxy_handle(*, headers: dict[str, str], query: str, body: bytes) -> P
     snapshot = runtime.policy_snapshot_cached(project_id=project.pk, version=pinned)
     if snapshot is None:
         try:
-            snapshot = await _in_worker_thread(runtime.policy_snapshot)(
+            snapshot = await in_worker_thread(runtime.policy_snapshot)(
                 project_id=project.pk, version=pinned
             )
         except NotFound as exc:
@@ -236,6 +248,7 @@ async def proxy_handle(*, headers: dict[str, str], query: str, body: bytes) -> P
         status_code=0,
         latency_ms=0.0,
         stream=stream,
+        needs_cleaning=b"\\u0000" in body or _json_loads is json.loads,
     )
     if not upstream.base_url:
         turn.status_code, turn.error = 503, "no upstream configured"
@@ -305,6 +318,8 @@ async def proxy_handle(*, headers: dict[str, str], query: str, body: bytes) -> P
 async def _relay(
     response: httpx.Response, turn: runtime.Turn, started: float
 ) -> AsyncIterator[bytes]:
+    # Runs on the first chunk request, before the client can have seen the end of the stream.
+    runtime.recorder.hold()
     chunks: list[bytes] = []
     try:
         async for chunk in response.aiter_raw():
@@ -315,15 +330,13 @@ async def _relay(
     finally:
         await response.aclose()
         turn.response_body = b"".join(chunks)
-        _record(turn, started)
+        _record(turn, started, held=True)
 
 
-def _record(turn: runtime.Turn, started: float) -> None:
-    from django.utils import timezone
-
+def _record(turn: runtime.Turn, started: float, *, held: bool = False) -> None:
     turn.latency_ms = (time.perf_counter() - started) * 1000.0
     turn.occurred_at = timezone.now()
-    runtime.recorder.submit(turn)
+    runtime.recorder.submit(turn, held=held)
 
 
 # --- Door 1: the Django view --------------------------------------------------------------
@@ -333,7 +346,11 @@ def _record(turn: runtime.Turn, started: float) -> None:
 @require_POST
 async def chat_completions(request: HttpRequest) -> HttpResponse:
     headers = {k.lower(): v for k, v in request.headers.items()}
-    if len(request.body) > MAX_BODY_BYTES:
+    try:
+        too_big = len(request.body) > MAX_BODY_BYTES
+    except RequestDataTooBig:  # Django's own ceiling (DATA_UPLOAD_MAX_MEMORY_SIZE)
+        too_big = True
+    if too_big:
         result = _error(413, "Request body too large.", "payload_too_large")
     else:
         result = await proxy_handle(
@@ -357,19 +374,32 @@ AsgiApp = Callable[
 
 
 def fast_lane(app: AsgiApp) -> AsgiApp:
-    """Wrap the Django ASGI app: ``POST /v1/chat/completions`` is served by ``proxy_handle``
-    directly, everything else by Django."""
+    """Wrap the Django ASGI app: the agent-facing hot paths (``POST /v1/chat/completions``,
+    ``GET /api/v1/runtime/policy``, ``POST /api/v1/runtime/skills/retrieve``) are served by the
+    same handlers as the Django views, without the middleware stack; everything else by Django."""
+    from . import api_runtime
+
+    routes: dict[tuple[str, str], Handler] = {
+        ("POST", PATH): proxy_handle,
+        ("GET", "/api/v1/runtime/policy"): api_runtime.fast_policy,
+        ("POST", "/api/v1/runtime/skills/retrieve"): api_runtime.fast_retrieve,
+    }
 
     async def asgi(scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and scope["path"] == PATH and scope["method"] == "POST":
-            await _serve(scope, receive, send)
-            return
+        if scope["type"] == "http":
+            handler = routes.get((scope["method"], scope["path"]))
+            if handler is not None:
+                await _serve(handler, scope, receive, send)
+                return
         await app(scope, receive, send)
 
     return asgi
 
 
-async def _serve(scope: dict, receive: Callable, send: Callable) -> None:
+Handler = Callable[..., Awaitable[ProxyResponse]]
+
+
+async def _serve(handler: Handler, scope: dict, receive: Callable, send: Callable) -> None:
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
     parts: list[bytes] = []
     size = 0
@@ -388,14 +418,14 @@ async def _serve(scope: dict, receive: Callable, send: Callable) -> None:
         more = message.get("more_body", False)
     if result is None:
         try:
-            result = await proxy_handle(
+            result = await handler(
                 headers=headers,
                 query=scope.get("query_string", b"").decode("latin-1"),
                 body=b"".join(parts),
             )
-        except Exception:  # noqa: BLE001 - answer like Django would, in the OpenAI shape
-            logger.exception("Proxy request failed.")
-            result = _error(500, "Internal error in the MetaClaw proxy.", "internal_error")
+        except Exception:  # noqa: BLE001 - a 500 that says where, never a dropped connection
+            logger.exception("Runtime request %s failed.", scope["path"])
+            result = _error(500, "Internal error in MetaClaw's runtime.", "internal_error")
     raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in result.headers]
     if result.stream is None:
         raw_headers.append((b"content-length", str(len(result.body)).encode()))

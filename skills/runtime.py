@@ -17,6 +17,7 @@ built once per version and process.
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import json
 import logging
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 from django.conf import settings
 from django.core.cache import cache
-from django.db import close_old_connections, transaction
+from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
 
 from metaclaw_site import counters
@@ -45,7 +46,18 @@ from metaclaw_site.services import DomainError, NotFound, api_key_authenticate
 from .embeddings import get_embedder, skill_text, top_k
 from .models import PolicyVersion, VersionStatus
 
+try:
+    import orjson as _orjson
+except ImportError:  # pragma: no cover
+    _orjson = None  # type: ignore[assignment]
+
 logger = logging.getLogger(__name__)
+
+
+def _loads(data: bytes) -> Any:
+    # orjson refuses NaN and lone surrogates, which PostgreSQL would refuse too.
+    return _orjson.loads(data) if _orjson else json.loads(data)
+
 
 GENERATION_KEY = "metaclaw:runtime:generation:{project_id}"
 SYNC_INTERVAL = 0.25
@@ -242,6 +254,26 @@ def policy_snapshot(*, project_id: int, version: int | None = None) -> PolicySna
         epoch = _policies.epoch.get(project_id, 0)
     if snap is not None:
         return snap
+    # One build per version at a time: a cold process under load must not embed the same
+    # thousand skills once per waiting request.
+    with _build_lock(project_id, version):
+        again = policy_snapshot_cached(project_id=project_id, version=version)
+        if again is not None:
+            return again
+        return _snapshot_build_and_store(project_id, version, epoch)
+
+
+_build_locks: dict[tuple[int, int | None], threading.Lock] = {}
+
+
+def _build_lock(project_id: int, version: int | None) -> threading.Lock:
+    with _policies.lock:
+        if len(_build_locks) > 10_000:  # pins of versions that do not exist add up
+            _build_locks.clear()
+        return _build_locks.setdefault((project_id, version), threading.Lock())
+
+
+def _snapshot_build_and_store(project_id: int, version: int | None, epoch: int) -> PolicySnapshot:
     generation = _read_generation(project_id)
     versions = PolicyVersion.objects.filter(project_id=project_id)
     row = (
@@ -369,7 +401,7 @@ def skills_retrieve(
     what is left is skipped, a shorter one after it may still fit)."""
     if not snapshot.skills or not query.strip() or k <= 0:
         return []
-    vector = get_embedder().embed_one(query)
+    vector = _query_vector(query)
     ranked = top_k(vector, snapshot.matrix, min(len(snapshot.skills), k * 3))
     chosen: list[Retrieved] = []
     left = token_budget
@@ -382,6 +414,14 @@ def skills_retrieve(
         chosen.append(Retrieved(entry, round(score, 4)))
         left -= entry.tokens
     return chosen
+
+
+@functools.lru_cache(maxsize=4096)
+def _query_vector(query: str) -> np.ndarray:
+    """An agent's tool loop sends the same latest request several times: embed it once."""
+    vector = get_embedder().embed_one(query)
+    vector.setflags(write=False)
+    return vector
 
 
 def skills_section(retrieved: Sequence[Retrieved], *, version: int) -> str:
@@ -665,6 +705,8 @@ class Turn:
     latency_ms: float
     response_body: bytes = b""
     stream: bool = False
+    # The request body held an escaped NUL character: clean messages before storing them.
+    needs_cleaning: bool = False
     error: str = ""
     occurred_at: Any = None
 
@@ -675,7 +717,7 @@ def _parse_response(turn: Turn) -> tuple[Any, int | None, int | None]:
         return {"error": turn.error}, None, None
     if not turn.stream:
         try:
-            body = json.loads(turn.response_body or b"null")
+            body = _loads(turn.response_body or b"null")
         except ValueError:
             return {"raw": turn.response_body[:2000].decode("utf-8", "replace")}, None, None
         if turn.status_code >= 400 or not isinstance(body, dict):
@@ -694,7 +736,7 @@ def _parse_response(turn: Turn) -> tuple[Any, int | None, int | None]:
         if not data or data == b"[DONE]":
             continue
         try:
-            chunk = json.loads(data)
+            chunk = _loads(data)
         except ValueError:
             continue
         usage = chunk.get("usage") or usage
@@ -719,12 +761,20 @@ def _parse_response(turn: Turn) -> tuple[Any, int | None, int | None]:
 
 def proxy_turns_record(*, turns: Sequence[Turn]) -> int:
     """Store proxied turns as trajectories (source=proxy), stamped with their policy version.
-    Returns how many were stored."""
+    Returns how many were stored.
+
+    On PostgreSQL the rows go in with one ``COPY`` (Django's ``bulk_create`` escapes every JSON
+    value into an array literal, several times the CPU for agent-sized message lists, and this
+    runs in the web process)."""
     from incidents.models import Trajectory, TrajectorySource
 
     rows = []
+    now = timezone.now()
     for turn in turns:
         response, prompt_tokens, completion_tokens = _parse_response(turn)
+        # Messages parsed by a strict JSON parser hold no NaN and no lone surrogates; only
+        # NUL characters, which PostgreSQL refuses, need cleaning (the proxy flags those).
+        clean = clean_json if turn.needs_cleaning else _identity
         rows.append(
             Trajectory(
                 id=uuid.uuid4(),
@@ -735,9 +785,9 @@ def proxy_turns_record(*, turns: Sequence[Turn]) -> int:
                 agent_name=clean_text(turn.agent_name)[:200],
                 policy_version=turn.policy_version,
                 model=clean_text(turn.model)[:200],
-                messages=clean_json(turn.messages),
+                messages=clean(turn.messages),
                 response=clean_json(response),
-                tools=clean_json(turn.tools),
+                tools=clean(turn.tools),
                 skills_injected=turn.skills,
                 latency_ms=round(turn.latency_ms, 3),
                 prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) else None,
@@ -747,13 +797,43 @@ def proxy_turns_record(*, turns: Sequence[Turn]) -> int:
                     "requested_model": clean_text(turn.requested_model),
                     "stream": turn.stream,
                 },
-                occurred_at=turn.occurred_at or timezone.now(),
-                received_at=timezone.now(),
+                occurred_at=turn.occurred_at or now,
+                received_at=now,
             )
         )
-    with transaction.atomic():
-        Trajectory.objects.bulk_create(rows)
+    if connection.vendor == "postgresql":
+        _copy_rows(Trajectory, rows)
+    else:
+        with transaction.atomic():
+            Trajectory.objects.bulk_create(rows)
     return len(rows)
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _copy_rows(model: Any, rows: Sequence[Any]) -> None:
+    from django.db.models import JSONField
+
+    fields = list(model._meta.concrete_fields)
+    columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
+    table = connection.ops.quote_name(model._meta.db_table)
+    json_fields = [isinstance(f, JSONField) for f in fields]
+    with transaction.atomic(), connection.cursor() as cursor:
+        with cursor.cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+            for row in rows:
+                values = []
+                for f, is_json in zip(fields, json_fields, strict=True):
+                    value = getattr(row, f.attname)
+                    if is_json:
+                        value = None if value is None else _dumps_text(value)
+                    values.append(value)
+                copy.write_row(values)
+
+
+def _dumps_text(value: Any) -> str:
+    return _orjson.dumps(value).decode() if _orjson else json.dumps(value)
 
 
 class _Recorder:
@@ -762,6 +842,7 @@ class _Recorder:
 
     MAX_QUEUE = 50_000
     MAX_BATCH = 500
+    CHUNK = 25
 
     def __init__(self) -> None:
         self.queue: queue.Queue[Turn] = queue.Queue(maxsize=self.MAX_QUEUE)
@@ -770,7 +851,13 @@ class _Recorder:
         self.started = False
         self.dropped = 0
 
-    def submit(self, turn: Turn) -> None:
+    def hold(self) -> None:
+        """Count a turn that will be submitted later (a stream being relayed), so ``wait``
+        cannot return before it is written."""
+        with self.cond:
+            self.pending += 1
+
+    def submit(self, turn: Turn, *, held: bool = False) -> None:
         if not self.started:
             with self.cond:
                 if not self.started:
@@ -778,8 +865,9 @@ class _Recorder:
                         target=self._run, name="metaclaw-runtime-recorder", daemon=True
                     ).start()
                     self.started = True
-        with self.cond:
-            self.pending += 1
+        if not held:
+            with self.cond:
+                self.pending += 1
         try:
             self.queue.put_nowait(turn)
         except queue.Full:
@@ -802,7 +890,11 @@ class _Recorder:
                     break
             try:
                 close_old_connections()
-                proxy_turns_record(turns=batch)
+                # Small chunks, yielding the GIL between them: the event loop serving
+                # requests must not wait a whole switch interval behind a big batch.
+                for start in range(0, len(batch), self.CHUNK):
+                    proxy_turns_record(turns=batch[start : start + self.CHUNK])
+                    time.sleep(0)
             except Exception:  # noqa: BLE001 - recording must never take the proxy down
                 logger.exception("Could not record %d proxied turns.", len(batch))
             finally:

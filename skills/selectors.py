@@ -91,7 +91,7 @@ def review_queue(
     agent: str | None = None,
     q: str | None = None,
     order: str = "impact",
-    limit: int = 100,
+    limit: int = 50,
 ) -> list[SkillRevision]:
     """Proposed revisions, most impactful first: incidents in their source groups, then how
     recently those groups saw one, then the worst severity. One query."""
@@ -233,11 +233,38 @@ def version_releases(version: PolicyVersion) -> list[Any]:
     )
 
 
+@dataclass(frozen=True)
+class _Unchanged:
+    """A revision both versions hold: the diff needs only its identity, so it is not loaded."""
+
+    pk: int
+    skill_id: int
+
+
 def versions_diff(project: Project, from_number: Any, to_number: Any) -> diffs.VersionDiff:
-    """Diff two versions of the project: four queries whatever their size."""
+    """Diff two versions of the project in four queries whatever their size: the two versions,
+    the (version, revision, skill) triples of both, and the full rows of the revisions that
+    differ (unchanged ones are never loaded)."""
     old = version_for_project(project, from_number)
     new = version_for_project(project, to_number)
-    return diffs.version_diff(old, new, version_revisions(old), version_revisions(new))
+    triples = PolicyVersion.revisions.through.objects.filter(
+        policyversion_id__in=[old.pk, new.pk]
+    ).values_list("policyversion_id", "skillrevision_id", "skillrevision__skill_id")
+    before: dict[int, int] = {}
+    after: dict[int, int] = {}
+    for version_id, revision_id, skill_id in triples:
+        if version_id == old.pk:
+            before[skill_id] = revision_id
+        if version_id == new.pk:
+            after[skill_id] = revision_id
+    differing = {r for s, r in before.items() if after.get(s) != r}
+    differing |= {r for s, r in after.items() if before.get(s) != r}
+    loaded = SkillRevision.objects.select_related("skill").in_bulk(differing) if differing else {}
+
+    def rows(mapping: dict[int, int]) -> list[Any]:
+        return [loaded.get(r) or _Unchanged(r, s) for s, r in mapping.items()]
+
+    return diffs.version_diff(old, new, rows(before), rows(after))
 
 
 def skills_library(project: Project, *, q: str | None = None) -> QuerySet[Skill]:

@@ -25,13 +25,13 @@ from typing import Any
 
 import numpy as np
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import F, Q, Sum
 from django.utils import timezone
 from django.utils.text import slugify
 
 from incidents import services as incident_services
-from incidents.models import Incident, IncidentGroup, SynthesisStatus
+from incidents.models import GroupStatus, Incident, IncidentGroup, SynthesisStatus
 from metaclaw_site.models import Project, Role
 from metaclaw_site.redaction import Redactor
 from metaclaw_site.selectors import membership_for
@@ -306,16 +306,36 @@ class Proposal:
     instructions: str = ""
     category: str = Category.GENERAL
     examples: list[str] = field(default_factory=list)
+    # The revision this one derives from (the skill's approved one, else its newest).
+    parent: SkillRevision | None = None
 
 
 def _synthesize_claimed(group: IncidentGroup) -> str:
     project = group.project
     regressed = _active_revision_for_group(group)
     evidence = _gather_evidence(group, regressed)
+    group_vector = _group_vectors([(group.pk, _group_text(group))])[0]
+    standing = _latest_revisions(project)
+    known = _similar_skills(project, standing, group_vector, regressed)
+    status = _decide(group, evidence, standing, known, regressed)
+    # Linking does not feed the prompt: it runs after the outcome is stored, so the reviewer's
+    # wait does not include it, and a failure here costs only the links.
+    try:
+        _link_related_groups(group, group_vector)
+    except DatabaseError:
+        logger.warning("Could not link related groups of group %s.", group.pk, exc_info=True)
+    return status
+
+
+def _decide(
+    group: IncidentGroup,
+    evidence: Evidence,
+    standing: list[Standing],
+    known: list[KnownSkill],
+    regressed: SkillRevision | None,
+) -> str:
+    project = group.project
     embedder = get_embedder()
-    group_vector = embedder.embed_one(_group_text(group))
-    _link_related_groups(group, group_vector)
-    known = _similar_skills(project, group_vector, regressed)
 
     if not llm.is_configured():
         return _propose_evidence_draft(group, evidence, regressed)
@@ -368,9 +388,9 @@ def _synthesize_claimed(group: IncidentGroup) -> str:
         skill_text(proposal.name, proposal.description, proposal.instructions)
     )
     note = ""
-    parent: SkillRevision | None = None
-    if proposal.decision == "new_skill":
-        duplicate = _near_duplicate(project, vector, proposal.slug)
+    parent = proposal.parent
+    if proposal.decision == "new_skill" and parent is None:
+        duplicate = _near_duplicate(standing, vector, proposal.slug)
         if duplicate is not None:
             revision_of, score = duplicate
             note = (
@@ -380,8 +400,6 @@ def _synthesize_claimed(group: IncidentGroup) -> str:
             proposal.slug = revision_of.skill.slug
             proposal.category = revision_of.skill.category
             parent = revision_of
-    if parent is None:
-        parent = _current_revision(project, proposal.slug)
 
     diagnosis = proposal.diagnosis + (f"\n\n{note}" if note else "")
     with transaction.atomic():
@@ -448,6 +466,8 @@ def _audit_outcome(
 def _active_revision_for_group(group: IncidentGroup) -> SkillRevision | None:
     """The group's skill revision in the active policy, if a new incident came after it
     went live: the synthesis is then a revision of that skill."""
+    if group.status != GroupStatus.REGRESSED:
+        return None  # the regression receiver marks the group before asking for a revision
     revision = (
         SkillRevision.objects.filter(
             source_groups=group,
@@ -543,9 +563,7 @@ def _render_message(message: dict[str, Any], redactor: Redactor) -> list[str]:
     return lines
 
 
-def _render_incident(
-    number: int, incident: Incident, redactor: Redactor, since: Any | None
-) -> str:
+def _render_incident(number: int, incident: Incident, redactor: Redactor, since: Any | None) -> str:
     head = (
         f"### Incident {number} ({incident.kind}, severity {incident.severity}, agent "
         f"{incident.agent_name} {incident.agent_version}".rstrip()
@@ -563,8 +581,10 @@ def _render_incident(
     messages = [m for m in incident.messages if isinstance(m, dict)]
     if len(messages) > 10:
         omitted = len(messages) - 9
-        messages = messages[:1] + [{"role": "note", "content": f"{omitted} earlier messages"}] + (
-            messages[-8:]
+        messages = (
+            messages[:1]
+            + [{"role": "note", "content": f"{omitted} earlier messages"}]
+            + (messages[-8:])
         )
     if messages:
         lines.append("Conversation:")
@@ -586,62 +606,107 @@ def _render_incident(
 
 
 def _group_text(group: IncidentGroup) -> str:
-    words = [group.title]
-    if group.tool_name and group.tool_name not in group.title:
-        words.append(f"tool {group.tool_name}")
-    return " ".join(words)
+    return _group_text_of(group.title, group.tool_name)
+
+
+def _group_text_of(title: str, tool_name: str) -> str:
+    if tool_name and tool_name not in title:
+        return f"{title} tool {tool_name}"
+    return title
 
 
 # --- Similar skills and groups --------------------------------------------------------------
 
 
-def _latest_revisions(project: Project) -> list[SkillRevision]:
-    """Per skill, the revision that stands for it now: the newest approved or proposed one."""
+@dataclass(frozen=True)
+class Standing:
+    """The revision that stands for a skill now (its newest approved or proposed one), in the
+    few columns ranking needs; full rows are loaded only for the top matches."""
+
+    revision_id: int
+    skill_id: int
+    slug: str
+
+
+def _latest_revisions(project: Project) -> list[Standing]:
     rows = (
         SkillRevision.objects.filter(
             skill__project=project,
             status__in=[RevisionStatus.APPROVED, RevisionStatus.PROPOSED],
         )
-        .select_related("skill")
         .order_by("skill_id", "-number")
+        .values_list("id", "skill_id", "skill__slug")
     )
-    latest: dict[int, SkillRevision] = {}
-    for revision in rows[:5000]:
-        latest.setdefault(revision.skill_id, revision)
+    latest: dict[int, Standing] = {}
+    for revision_id, skill_id, slug in rows[:5000]:
+        if skill_id not in latest:
+            latest[skill_id] = Standing(revision_id, skill_id, slug)
     return list(latest.values())
 
 
-def _revision_vectors(revisions: list[SkillRevision]) -> np.ndarray:
+# Revisions are immutable, so their vectors can be kept for the life of the worker process.
+_revision_vector_cache: dict[tuple[str, int], np.ndarray] = {}
+_group_vector_cache: dict[tuple[str, int, str], np.ndarray] = {}
+_CACHE_LIMIT = 50_000
+
+
+def _revision_vectors(revision_ids: list[int]) -> np.ndarray:
     embedder = get_embedder()
-    vectors = np.zeros((len(revisions), embedder.dim), dtype=np.float32)
-    missing: list[int] = []
-    for i, revision in enumerate(revisions):
-        if revision.embedding and len(revision.embedding) == embedder.dim:
-            vectors[i] = np.asarray(revision.embedding, dtype=np.float32)
-        else:
-            missing.append(i)
+    missing = [pk for pk in revision_ids if (embedder.name, pk) not in _revision_vector_cache]
     if missing:
-        texts = [
-            skill_text(revisions[i].name, revisions[i].description, revisions[i].instructions)
-            for i in missing
-        ]
-        vectors[missing] = embedder.embed(texts)
-    return vectors
+        if len(_revision_vector_cache) > _CACHE_LIMIT:
+            _revision_vector_cache.clear()
+        to_embed: list[tuple[int, str]] = []
+        for pk, vector, name, description, instructions in SkillRevision.objects.filter(
+            pk__in=missing
+        ).values_list("id", "embedding", "name", "description", "instructions"):
+            if vector and len(vector) == embedder.dim:
+                _revision_vector_cache[(embedder.name, pk)] = np.asarray(vector, dtype=np.float32)
+            else:
+                to_embed.append((pk, skill_text(name, description, instructions)))
+        if to_embed:
+            vectors = embedder.embed([text for _, text in to_embed])
+            for (pk, _), vector in zip(to_embed, vectors, strict=True):
+                _revision_vector_cache[(embedder.name, pk)] = vector
+    if not revision_ids:
+        return np.zeros((0, embedder.dim), dtype=np.float32)
+    return np.stack([_revision_vector_cache[(embedder.name, pk)] for pk in revision_ids])
+
+
+def _group_vectors(groups: list[tuple[int, str]]) -> np.ndarray:
+    """Vectors of ``(group id, group text)`` pairs, cached per process."""
+    embedder = get_embedder()
+    keys = [(embedder.name, pk, text) for pk, text in groups]
+    missing = [i for i, key in enumerate(keys) if key not in _group_vector_cache]
+    if missing:
+        if len(_group_vector_cache) > _CACHE_LIMIT:
+            _group_vector_cache.clear()
+        for i, vector in zip(missing, embedder.embed([keys[i][2] for i in missing]), strict=True):
+            _group_vector_cache[keys[i]] = vector
+    if not keys:
+        return np.zeros((0, embedder.dim), dtype=np.float32)
+    return np.stack([_group_vector_cache[key] for key in keys])
 
 
 def _similar_skills(
-    project: Project, group_vector: np.ndarray, regressed: SkillRevision | None
+    project: Project,
+    standing: list[Standing],
+    group_vector: np.ndarray,
+    regressed: SkillRevision | None,
 ) -> list[KnownSkill]:
-    revisions = _latest_revisions(project)
-    if regressed is not None and all(r.skill_id != regressed.skill_id for r in revisions):
-        revisions.append(regressed)
-    if not revisions:
+    candidates = list(standing)
+    if regressed is not None and all(c.skill_id != regressed.skill_id for c in candidates):
+        candidates.append(Standing(regressed.pk, regressed.skill_id, regressed.skill.slug))
+    if not candidates:
         return []
-    scores = _revision_vectors(revisions) @ group_vector
-    order = list(np.argsort(-scores))[:MAX_SIMILAR_SKILLS]
+    scores = _revision_vectors([c.revision_id for c in candidates]) @ group_vector
+    order = [int(i) for i in np.argsort(-scores)[:MAX_SIMILAR_SKILLS]]
     if regressed is not None:
-        index = next(i for i, r in enumerate(revisions) if r.skill_id == regressed.skill_id)
+        index = next(i for i, c in enumerate(candidates) if c.skill_id == regressed.skill_id)
         order = [index] + [i for i in order if i != index][: MAX_SIMILAR_SKILLS - 1]
+    rows = SkillRevision.objects.select_related("skill").in_bulk(
+        [candidates[i].revision_id for i in order]
+    )
     active_ids = set(
         PolicyVersion.objects.filter(project=project, status=VersionStatus.ACTIVE).values_list(
             "revisions", flat=True
@@ -649,13 +714,14 @@ def _similar_skills(
     )
     known = [
         KnownSkill(
-            skill_id=revisions[i].skill_id,
-            slug=revisions[i].skill.slug,
-            revision=revisions[i],
+            skill_id=candidates[i].skill_id,
+            slug=candidates[i].slug,
+            revision=rows[candidates[i].revision_id],
             score=float(scores[i]),
-            active=revisions[i].pk in active_ids,
+            active=candidates[i].revision_id in active_ids,
         )
         for i in order
+        if candidates[i].revision_id in rows
     ]
     rolled_back = SkillRevision.objects.filter(
         skill_id__in=[k.skill_id for k in known], rolled_back_at__isnull=False
@@ -668,45 +734,50 @@ def _similar_skills(
 
 
 def _link_related_groups(group: IncidentGroup, vector: np.ndarray) -> None:
-    others = list(
-        IncidentGroup.objects.filter(project=group.project)
+    others = [
+        (pk, _group_text_of(title, tool))
+        for pk, title, tool in IncidentGroup.objects.filter(project=group.project)
         .exclude(pk=group.pk)
         .order_by("-last_seen")
-        .only("id", "title", "tool_name")[:500]
-    )
+        .values_list("id", "title", "tool_name")[:500]
+    ]
     if not others:
         return
-    scores = get_embedder().embed([_group_text(g) for g in others]) @ vector
+    scores = _group_vectors(others) @ vector
     threshold = related_threshold()
     related = [
-        others[i].pk
+        others[i][0]
         for i in np.argsort(-scores)[:MAX_RELATED_GROUPS]
         if float(scores[i]) >= threshold
     ]
-    if related:
-        group.related_groups.add(*related)
+    if not related:
+        return
+    # Both directions in one statement, in a fixed order: two workers linking the same pair
+    # from either end would otherwise take the index locks in opposite orders and deadlock.
+    through = IncidentGroup.related_groups.through
+    pairs = sorted({(group.pk, other) for other in related} | {(o, group.pk) for o in related})
+    through.objects.bulk_create(
+        [through(from_incidentgroup_id=a, to_incidentgroup_id=b) for a, b in pairs],
+        ignore_conflicts=True,
+    )
 
 
 def _near_duplicate(
-    project: Project, vector: np.ndarray, slug: str
+    standing: list[Standing], vector: np.ndarray, slug: str
 ) -> tuple[SkillRevision, float] | None:
-    revisions = [r for r in _latest_revisions(project) if r.skill.slug != slug]
-    if not revisions:
+    candidates = [c for c in standing if c.slug != slug]
+    if not candidates:
         return None
-    scores = _revision_vectors(revisions) @ vector
+    scores = _revision_vectors([c.revision_id for c in candidates]) @ vector
     best = int(np.argmax(scores))
-    if float(scores[best]) >= duplicate_threshold():
-        return revisions[best], float(scores[best])
-    return None
-
-
-def _current_revision(project: Project, slug: str) -> SkillRevision | None:
-    """The revision a new one of ``slug`` derives from: the approved one, else the newest."""
-    revisions = SkillRevision.objects.filter(skill__project=project, skill__slug=slug)
-    return (
-        revisions.filter(status=RevisionStatus.APPROVED).order_by("-number").first()
-        or revisions.order_by("-number").first()
+    if float(scores[best]) < duplicate_threshold():
+        return None
+    revision = (
+        SkillRevision.objects.select_related("skill")
+        .filter(pk=candidates[best].revision_id)
+        .first()
     )
+    return (revision, float(scores[best])) if revision is not None else None
 
 
 # --- Prompt and answer ----------------------------------------------------------------------
@@ -855,31 +926,36 @@ def _validate(parsed: dict[str, Any], project: Project, known: list[KnownSkill])
         )
     except DomainError as exc:
         raise InvalidAnswer(f"skill.{exc.field}: {exc}") from exc
-    exists = Skill.objects.filter(project=project, slug=proposal.slug).exists()
-    if decision == "revise_skill" and not exists:
+    # One query for everything this slug already has.
+    history = list(
+        SkillRevision.objects.filter(skill__project=project, skill__slug=proposal.slug)
+        .select_related("skill")
+        .order_by("-number")
+    )
+    if decision == "revise_skill" and not history:
         slugs = ", ".join(k.slug for k in known) or "none"
         raise InvalidAnswer(
             f"revise_skill names '{proposal.slug}', which is not an existing skill "
             f"(existing: {slugs}); use new_skill for a new one."
         )
-    rolled_back = SkillRevision.objects.filter(
-        skill__project=project, skill__slug=proposal.slug, rolled_back_at__isnull=False
-    )
-    for old in rolled_back:
-        if _normalized(old.instructions) == _normalized(proposal.instructions):
+    for old in history:
+        if old.rolled_back_at and _normalized(old.instructions) == _normalized(
+            proposal.instructions
+        ):
             raise InvalidAnswer(
                 f"These instructions are r{old.number} of '{proposal.slug}', which was rolled "
                 f"back on {old.rolled_back_at:%Y-%m-%d}; propose a different fix or no_skill."
             )
-    if exists:
-        current = _current_revision(project, proposal.slug)
-        if current is not None and _normalized(current.instructions) == _normalized(
-            proposal.instructions
-        ):
-            raise InvalidAnswer(
-                f"The instructions for '{proposal.slug}' are unchanged from r{current.number}; "
-                "a revision must change what the agent does."
-            )
+    approved = [r for r in history if r.status == RevisionStatus.APPROVED]
+    current = approved[0] if approved else (history[0] if history else None)
+    if current is not None and _normalized(current.instructions) == _normalized(
+        proposal.instructions
+    ):
+        raise InvalidAnswer(
+            f"The instructions for '{proposal.slug}' are unchanged from r{current.number}; "
+            "a revision must change what the agent does."
+        )
+    proposal.parent = current
     return proposal
 
 
@@ -891,11 +967,17 @@ def _propose_evidence_draft(
 ) -> str:
     """NEEDS_SKILL with a draft built from the evidence, for a person to complete. No LLM."""
     existing = SkillRevision.objects.filter(
-        source_groups=group, origin=Origin.EVIDENCE_DRAFT, status=RevisionStatus.PROPOSED
+        source_groups=group, status=RevisionStatus.PROPOSED
     ).first()
     if existing is not None:
-        _finish(group, SynthesisStatus.NEEDS_SKILL, "", revision=existing)
-        return SynthesisStatus.NEEDS_SKILL
+        # A proposal awaits review already (an earlier draft, a demo fixture, an import).
+        status = (
+            SynthesisStatus.NEEDS_SKILL
+            if existing.origin == Origin.EVIDENCE_DRAFT
+            else SynthesisStatus.PROPOSED
+        )
+        _finish(group, status, "", revision=existing)
+        return status
     redactor = Redactor()
     if regressed is not None:
         slug, parent = regressed.skill.slug, regressed
@@ -980,13 +1062,23 @@ def _budget_exceeded(project: Project) -> bool:
 
 
 def _usage_record(project: Project, usage: llm.Usage) -> None:
-    """Add one call's tokens to the project's day (committed at once: spent tokens count even
-    if the synthesis fails later)."""
-    day = timezone.localdate()
-    with transaction.atomic():
-        LlmUsage.objects.get_or_create(project=project, day=day)
-        LlmUsage.objects.filter(project=project, day=day).update(
-            calls=F("calls") + 1,
-            tokens_in=F("tokens_in") + usage.tokens_in,
-            tokens_out=F("tokens_out") + usage.tokens_out,
+    """Add one call's tokens to the project's day, in one statement committed at once (spent
+    tokens count even if the synthesis fails later; concurrent workers add up correctly)."""
+    table = LlmUsage._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            INSERT INTO {table} (project_id, day, calls, tokens_in, tokens_out)
+            VALUES (%s, %s, 1, %s, %s)
+            ON CONFLICT (project_id, day) DO UPDATE SET
+                calls = {table}.calls + 1,
+                tokens_in = {table}.tokens_in + EXCLUDED.tokens_in,
+                tokens_out = {table}.tokens_out + EXCLUDED.tokens_out
+            """,
+            [
+                project.pk,
+                connection.ops.adapt_datefield_value(timezone.localdate()),
+                usage.tokens_in,
+                usage.tokens_out,
+            ],
         )

@@ -21,4 +21,9 @@ urlpatterns = [
     path(P + "versions/<int:number>/rollback/", views.version_rollback, name="version_rollback"),
     path(P + "versions/<int:number>/reject/", views.version_reject, name="version_reject"),
     path(P + "skills/", views.skill_library, name="skill_library"),
+    path(
+        P + "groups/<int:group_id>/retry-synthesis/",
+        views.group_retry_synthesis,
+        name="group_retry_synthesis",
+    ),
 ]

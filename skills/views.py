@@ -25,6 +25,7 @@ from .models import Category, Origin, PolicyVersion, VersionStatus
 
 QUEUE_FILTERS = ("category", "origin", "agent", "q", "order")
 LIBRARY_PAGE_SIZE = 50
+QUEUE_LIMIT = 50
 VERSIONS_PAGE_SIZE = 50
 
 
@@ -63,15 +64,22 @@ def _review_context(
                    ("oldest", "Oldest first")],
         **extra,
     }  # fmt: skip
+    query = request.GET.urlencode()
+    # Detail links are built from one reversed URL: reversing per row costs more than the query.
+    context["queue_url"] = reverse("skills:review_queue", kwargs={"project_slug": project.slug})
+    context["query_suffix"] = f"?{query}" if query else ""
     if queue:
-        context["queue"] = selectors.review_queue(
+        rows = selectors.review_queue(
             project,
             category=filters["category"] or None,
             origin=filters["origin"] or None,
             agent=filters["agent"] or None,
             q=filters["q"] or None,
             order=filters["order"] or "impact",
+            limit=QUEUE_LIMIT + 1,
         )
+        context["queue"] = rows[:QUEUE_LIMIT]
+        context["queue_more"] = len(rows) > QUEUE_LIMIT
         context["agents"] = agents_for_project(project)
     if revision_id is not None:
         context["detail"] = selectors.proposal_detail(project, revision_id)
@@ -285,9 +293,7 @@ def _confirm_context(request: HttpRequest, version: PolicyVersion, action: str) 
     return {"version": version, "active": active, "diff": result, "action": action}
 
 
-def _version_action(
-    request: HttpRequest, number: int, action: str, call
-) -> HttpResponse:
+def _version_action(request: HttpRequest, number: int, action: str, call) -> HttpResponse:
     """GET: a confirmation naming exactly what changes. POST: act through the service."""
     version = _version_or_404(request, number)
     project = request.project  # type: ignore[attr-defined]
@@ -316,9 +322,7 @@ def _version_action(
 @require_http_methods(["GET", "POST"])
 @project_view(role=Role.ADMIN)
 def version_promote(request: HttpRequest, number: int) -> HttpResponse:
-    return _version_action(
-        request, number, "promote", services.policy_version_promote
-    )
+    return _version_action(request, number, "promote", services.policy_version_promote)
 
 
 @require_http_methods(["GET", "POST"])
@@ -333,9 +337,7 @@ def version_rollback(request: HttpRequest, number: int) -> HttpResponse:
 @require_http_methods(["GET", "POST"])
 @project_view(role=Role.ADMIN)
 def version_reject(request: HttpRequest, number: int) -> HttpResponse:
-    return _version_action(
-        request, number, "reject", services.policy_version_reject
-    )
+    return _version_action(request, number, "reject", services.policy_version_reject)
 
 
 # --- Skills library ------------------------------------------------------------------------------
@@ -353,3 +355,26 @@ def skill_library(request: HttpRequest) -> HttpResponse:
     if request.htmx:  # type: ignore[attr-defined]
         template += "#library"
     return render(request, template, {"page": page, "skills": list(page.object_list), "q": q})
+
+
+# --- Fast loop (group page actions) ----------------------------------------------------------
+
+
+@require_POST
+@project_view(role=Role.REVIEWER)
+def group_retry_synthesis(request: HttpRequest, group_id: int) -> HttpResponse:
+    from incidents.selectors import group_for_project
+
+    from .synthesis import group_synthesis_retry
+
+    project = request.project  # type: ignore[attr-defined]
+    try:
+        group = group_for_project(project, group_id)
+    except NotFound as exc:
+        raise Http404(str(exc)) from exc
+    try:
+        group_synthesis_retry(group=group, actor=request.user)
+        messages.success(request, "Synthesis requested again.")
+    except DomainError as exc:
+        messages.error(request, str(exc))
+    return redirect("incidents:group_detail", project_slug=project.slug, group_id=group.pk)

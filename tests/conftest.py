@@ -20,7 +20,10 @@ def _clean_redis():
 def _clear_local_caches():
     from django.core.cache import cache
 
+    from metaclaw_site.services import api_key_cache_clear
+
     cache.clear()
+    api_key_cache_clear()
     yield
 
 
@@ -48,3 +51,9 @@ def admin_key(project):
 def api(client):
     """The Django test client with JSON helpers and a bearer key."""
     return factories.ApiClient(client)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Browser tests run last: Playwright's sync API keeps an event loop running in the main
+    thread for the rest of the session, which Django's async_to_sync then refuses."""
+    items.sort(key=lambda item: item.get_closest_marker("browser") is not None)

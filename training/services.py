@@ -57,6 +57,7 @@ NEAR_DUPLICATE_THRESHOLD = 0.95
 # A run improves when the held-out loss falls by at least this fraction.
 MIN_IMPROVEMENT = 0.001
 SIDE_BY_SIDE_SAMPLES = 3
+SAMPLE_MAX_TOKENS = 48
 
 
 def _now() -> datetime:
@@ -149,7 +150,8 @@ def idle_policy_update(
 
 
 def _jsonable(values: dict) -> dict:
-    return json.loads(json.dumps(values, default=str))
+    # Backend options may hold an API key: the audit log keeps the shape, not the secret.
+    return Redactor().json(json.loads(json.dumps(values, default=str)))
 
 
 def _validate_policy_changes(changes: dict) -> None:
@@ -171,7 +173,9 @@ def _validate_policy_changes(changes: dict) -> None:
         if name in changes and not (1 <= int(changes[name]) <= 100_000):
             raise DomainError(f"{name} must be a positive number.", field=name)
     if "traffic_idle_minutes" in changes and int(changes["traffic_idle_minutes"]) > 120:
-        raise DomainError("Traffic is counted for at most 120 minutes.", field="traffic_idle_minutes")
+        raise DomainError(
+            "Traffic is counted for at most 120 minutes.", field="traffic_idle_minutes"
+        )
     if "eval_fraction" in changes and not (0.0 < float(changes["eval_fraction"]) < 0.9):
         raise DomainError("The held-out fraction must be between 0 and 0.9.", field="eval_fraction")
     if "learning_rate" in changes and not (0.0 < float(changes["learning_rate"]) <= 1.0):
@@ -358,9 +362,7 @@ def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(
-            part.get("text", "") for part in content if isinstance(part, dict)
-        )
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
     return ""
 
 
@@ -496,9 +498,8 @@ def dataset_build(
             "received_at",
         )
     )
-    for tid, session, version, messages, response, reward, outcome, corrected, received in (
-        rows.iterator(chunk_size=chunk_size)
-    ):
+    for row in rows.iterator(chunk_size=chunk_size):
+        tid, session, version, messages, response, reward, outcome, corrected, received = row
         considered += 1
         if version is not None and version in generation.rolled_back:
             dropped["rolled_back_version"] += 1
@@ -1276,9 +1277,11 @@ def _evaluate_and_offer(
     before = run.eval_before or {}
     shown = held_out[:SIDE_BY_SIDE_SAMPLES]
     prompts = [s.messages[:-1] for s in shown]
-    answers_before = backend.sample(prompts=prompts, config=config, adapter_ref=None, max_tokens=48)
+    answers_before = backend.sample(
+        prompts=prompts, config=config, adapter_ref=None, max_tokens=SAMPLE_MAX_TOKENS
+    )
     answers_after = backend.sample(
-        prompts=prompts, config=config, adapter_ref=run.adapter_ref, max_tokens=48
+        prompts=prompts, config=config, adapter_ref=run.adapter_ref, max_tokens=SAMPLE_MAX_TOKENS
     )
     side_by_side = [
         {

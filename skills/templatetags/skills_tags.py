@@ -53,7 +53,7 @@ def errorish(value: Any) -> bool:
 @register.filter
 def markdown_text(value: str) -> SafeString:
     """Instructions are Markdown; shown as escaped paragraphs (no HTML from the LLM)."""
-    return linebreaks(escape(value or ""))
+    return mark_safe(linebreaks(value or "", autoescape=True))  # noqa: S308 - escaped by it
 
 
 @register.simple_tag

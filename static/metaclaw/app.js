@@ -38,7 +38,13 @@ function markSelected() {
   });
 }
 
-document.addEventListener("htmx:afterSettle", markSelected);
+document.addEventListener("htmx:afterSettle", (event) => {
+  markSelected();
+  // On a phone the panel sits below the list: bring the opened proposal into view.
+  if (event.detail.elt && event.detail.elt.id === "detail" && window.matchMedia("(max-width: 760px)").matches) {
+    event.detail.elt.scrollIntoView({block: "start"});
+  }
+});
 
 function typing(target) {
   return target.closest("input, textarea, select, [contenteditable]") !== null;

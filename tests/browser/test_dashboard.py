@@ -52,8 +52,8 @@ def test_a_person_logs_in_sees_the_groups_and_resolves_one(
 
     page.get_by_role("link", name="Error1: boom 1").click()
     page.wait_for_url("**/groups/*/")
-    page.get_by_role("button", name="Resolve").click()
-    page.wait_for_load_state("networkidle")
+    with page.expect_navigation():
+        page.get_by_role("button", name="Resolve").click()
     screenshot("group-resolved")
 
     group = IncidentGroup.objects.get(title__startswith="Error1")
@@ -107,7 +107,8 @@ def test_an_admin_creates_a_key_sees_the_secret_once_and_revokes_it(
     assert secret.startswith(f"mc_{key.prefix}_")
 
     api = factories.ApiClient(client)
-    assert api.post("/api/v1/incidents", factories.incident_payload("k1"), secret).status_code == 202
+    used = api.post("/api/v1/incidents", factories.incident_payload("k1"), secret)
+    assert used.status_code == 202
 
     page.goto(f"/p/{project.slug}/keys/")
     assert secret not in page.content()
@@ -123,7 +124,8 @@ def test_an_admin_creates_a_key_sees_the_secret_once_and_revokes_it(
     key.refresh_from_db()
     assert key.revoked_at is not None
     assert AuditEvent.objects.filter(action="api_key.revoke", actor=admin).count() == 1
-    assert api.post("/api/v1/incidents", factories.incident_payload("k2"), secret).status_code == 401
+    refused = api.post("/api/v1/incidents", factories.incident_payload("k2"), secret)
+    assert refused.status_code == 401
     assert page.js_errors == []
 
 
@@ -136,8 +138,8 @@ def test_an_admin_changes_a_members_role(page, project, person, log_in, screensh
     page.wait_for_url(f"**/p/{project.slug}/members/")
     row = page.locator('tr[data-username="bob"]')
     row.get_by_label("Role of bob").select_option("reviewer")
-    row.get_by_role("button", name="Save").click()
-    page.wait_for_load_state("networkidle")
+    with page.expect_navigation():
+        row.get_by_role("button", name="Save").click()
     screenshot("member-changed")
 
     assert Membership.objects.get(project=project, user=bob).role == "reviewer"
@@ -159,9 +161,7 @@ def test_the_audit_log_filters_without_a_page_load(page, project, person, log_in
 
     page.select_option("#f-action", "api_key.create")
     page.wait_for_url("**action=api_key.create**")
-    page.wait_for_function(
-        "document.querySelectorAll('#audit-table tbody tr').length === 2"
-    )
+    page.wait_for_function("document.querySelectorAll('#audit-table tbody tr').length === 2")
     screenshot("audit-filtered")
 
     texts = page.locator("#audit-table tbody tr").all_inner_texts()
@@ -173,13 +173,19 @@ def test_the_audit_log_filters_without_a_page_load(page, project, person, log_in
     assert after["name"] == "two" and after["scopes"] == ["ingest"]
 
 
-def test_the_audit_log_fits_a_phone_screen(page, project, person, log_in, screenshot):
-    person("admin", "ada")
+@pytest.mark.parametrize("path", ["audit/", "keys/", "members/"])
+def test_the_admin_pages_fit_a_phone_screen(page, project, person, log_in, screenshot, path):
+    admin = person("admin", "ada")
+    person("viewer", "a-person-with-a-rather-long-username")
+    services.api_key_create(project=project, name="a key", scopes=["ingest"], actor=admin)
     log_in("ada")
     page.set_viewport_size({"width": 390, "height": 844})
 
-    page.goto(f"/p/{project.slug}/audit/")
+    page.goto(f"/p/{project.slug}/{path}")
     screenshot("phone")
 
     overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 1
+    # The row actions stay reachable on a narrow screen.
+    if path != "audit/":
+        assert page.locator("tbody button").first.is_visible()

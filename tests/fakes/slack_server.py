@@ -171,7 +171,9 @@ def slack_signed_headers(
     HMAC-SHA256(secret, ``v0:{timestamp}:{body}``)."""
     raw = body.decode() if isinstance(body, bytes) else body
     ts = str(int(time.time()) if timestamp is None else timestamp)
-    signature = "v0=" + hmac.new(secret.encode(), f"v0:{ts}:{raw}".encode(), hashlib.sha256).hexdigest()
+    signature = (
+        "v0=" + hmac.new(secret.encode(), f"v0:{ts}:{raw}".encode(), hashlib.sha256).hexdigest()
+    )
     # Our signing must agree with Slack's own SDK, or the tests prove nothing.
     assert SignatureVerifier(secret).generate_signature(timestamp=ts, body=raw) == signature
     headers = {"HTTP_X_SLACK_REQUEST_TIMESTAMP": ts, "HTTP_X_SLACK_SIGNATURE": signature}

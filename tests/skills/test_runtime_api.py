@@ -70,7 +70,9 @@ def runtime_key(project):
 @pytest.fixture
 def library(project, django_capture_on_commit_callbacks):
     """Three approved skills: versions 2, 3 and 4 (4 active)."""
-    return [approve(project, s, django_capture_on_commit_callbacks) for s in (DATES, REFUNDS, PYTHON)]
+    return [
+        approve(project, s, django_capture_on_commit_callbacks) for s in (DATES, REFUNDS, PYTHON)
+    ]
 
 
 # --- Policy -------------------------------------------------------------------------------
@@ -98,7 +100,9 @@ def test_policy_answers_304_to_a_matching_if_none_match(api, project, runtime_ke
     etag = api.get("/api/v1/runtime/policy", key=runtime_key)["ETag"]
 
     again = api.client.get(
-        "/api/v1/runtime/policy", HTTP_AUTHORIZATION=f"Bearer {runtime_key}", HTTP_IF_NONE_MATCH=etag
+        "/api/v1/runtime/policy",
+        HTTP_AUTHORIZATION=f"Bearer {runtime_key}",
+        HTTP_IF_NONE_MATCH=etag,
     )
 
     assert again.status_code == 304

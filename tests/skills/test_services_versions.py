@@ -569,3 +569,34 @@ def test_promote_racing_a_rollback_never_leaves_two_active_versions():
     assert not [r for r in results if isinstance(r, Exception)], results
     assert PolicyVersion.objects.filter(project=project, status="active").count() == 1
     assert Release.objects.filter(project=project).count() == 4
+
+
+# --- word diff -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("Always pass dates as YYYY-MM-DD.", "Always pass dates as ISO 8601, YYYY-MM-DD."),
+        ("", "A new skill."),
+        ("An old skill.", ""),
+        ("same text", "same text"),
+        ("a a a b", "a a b b"),
+        ("line one\nline two", "line one\nline 2\nline three"),
+    ],
+)
+def test_a_word_diff_rebuilds_both_texts_exactly(old, new):
+    from skills.diff import word_diff
+
+    chunks = word_diff(old, new)
+
+    assert "".join(c.text for c in chunks if c.op != "insert") == old
+    assert "".join(c.text for c in chunks if c.op != "delete") == new
+
+
+def test_a_word_diff_marks_only_the_changed_words_and_escapes_html():
+    from skills.diff import word_diff_html
+
+    html = word_diff_html("Use <b>dates</b> as words.", "Use <b>dates</b> as ISO words.")
+
+    assert html == "Use &lt;b&gt;dates&lt;/b&gt; as <ins>ISO </ins>words."

@@ -121,7 +121,9 @@ def test_secrets_and_personal_data_are_redacted_before_the_prompt_leaves(
 ):
     llm_server.enqueue(Reply(content=answer()))
     payload = factories.incident_payload(
-        messages=[{"role": "user", "content": "I'm jane.doe@example.com, card 4242 4242 4242 4242"}],
+        messages=[
+            {"role": "user", "content": "I'm jane.doe@example.com, card 4242 4242 4242 4242"}
+        ],
         metadata={"api_key": "abc-secret-value", "note": "token=sk-live-51H8abcdefghijklmnop"},
     )
 
@@ -300,7 +302,9 @@ def test_without_an_llm_the_group_needs_a_skill_with_a_draft_from_its_evidence(
     api, project, ingest_key, settings, django_capture_on_commit_callbacks
 ):
     settings.LLM = {"BASE_URL": "", "API_KEY": "", "MODEL": "", "TIMEOUT_SECONDS": 1}
-    payload = factories.incident_payload(feedback={"text": "Mail me at bob@example.org", "score": 1})
+    payload = factories.incident_payload(
+        feedback={"text": "Mail me at bob@example.org", "score": 1}
+    )
 
     body = ingest(api, ingest_key, django_capture_on_commit_callbacks, payload)
 
@@ -387,13 +391,19 @@ def test_a_rolled_back_text_is_not_proposed_again_unchanged(
     from skills.services import policy_version_rollback
 
     first = _approved(
-        project, slug="iso-dates-for-order-search", name="Dates", description="When dates.",
+        project,
+        slug="iso-dates-for-order-search",
+        name="Dates",
+        description="When dates.",
         instructions="Use ISO dates.",
     )
     first_version = PolicyVersion.objects.get(project=project, status=VersionStatus.ACTIVE)
     bad_text = "Always pass dates exactly as the user wrote them."
     _approved(
-        project, slug="iso-dates-for-order-search", name="Dates", description="When dates.",
+        project,
+        slug="iso-dates-for-order-search",
+        name="Dates",
+        description="When dates.",
         instructions=bad_text,
     )
     policy_version_rollback(
@@ -410,8 +420,9 @@ def test_a_rolled_back_text_is_not_proposed_again_unchanged(
     proposal = SkillRevision.objects.get(status=RevisionStatus.PROPOSED)
     assert "ISO 8601" in proposal.instructions
     assert proposal.skill_id == first.skill_id
-    assert "do not propose again unchanged" in (
-        llm_server.chat_requests()[0].body["messages"][1]["content"]
+    assert (
+        "do not propose again unchanged"
+        in (llm_server.chat_requests()[0].body["messages"][1]["content"])
     )
     assert "rolled back" in llm_server.chat_requests()[1].body["messages"][-1]["content"]
 
@@ -430,7 +441,9 @@ def test_groups_with_the_same_problem_in_other_words_are_linked(
         error={"type": "ToolArgumentError", "message": "search_orders: since value is invalid"},
     )
     unrelated = factories.incident_payload(
-        "w-3", kind="timeout", error={"type": "QueryTimeout", "message": "warehouse slow"},
+        "w-3",
+        kind="timeout",
+        error={"type": "QueryTimeout", "message": "warehouse slow"},
         messages=[],
     )
 
@@ -464,7 +477,9 @@ def test_an_incident_despite_an_active_skill_regresses_the_group_and_asks_for_a_
     )
 
     ingest(
-        api, ingest_key, django_capture_on_commit_callbacks,
+        api,
+        ingest_key,
+        django_capture_on_commit_callbacks,
         factories.incident_payload("again", policy_version=active.number),
     )
 
@@ -480,7 +495,9 @@ def test_an_incident_despite_an_active_skill_regresses_the_group_and_asks_for_a_
 
     # A third incident while that revision is pending is just more evidence.
     ingest(
-        api, ingest_key, django_capture_on_commit_callbacks,
+        api,
+        ingest_key,
+        django_capture_on_commit_callbacks,
         factories.incident_payload("third", policy_version=active.number),
     )
     assert len(llm_server.chat_requests()) == 2
@@ -553,7 +570,128 @@ def _approved(project, **content) -> SkillRevision:
     from skills.services import skill_revision_approve
 
     revision = skill_revision_propose(
-        project=project, origin=Origin.HUMAN, author="human", category="common_mistakes",
+        project=project,
+        origin=Origin.HUMAN,
+        author="human",
+        category="common_mistakes",
         **content,
     )
     return skill_revision_approve(revision=revision, actor=None, actor_label="test")
+
+
+# --- The group page ------------------------------------------------------------------------------
+
+
+def test_the_group_page_shows_the_proposal_its_diagnosis_and_the_redactions(
+    client, api, project, ingest_key, llm_server, django_capture_on_commit_callbacks
+):
+    llm_server.enqueue(Reply(content=answer(), usage=USAGE))
+    payload = factories.incident_payload(
+        messages=[{"role": "user", "content": "I'm jane.doe@example.com"}]
+    )
+    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, payload)
+    client.force_login(factories.make_member(project, role="viewer"))
+
+    page = client.get(f"/p/{project.slug}/groups/{body['group_id']}/")
+
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "iso-dates-for-order-search" in html
+    assert "The agent passed a relative date" in html
+    assert 'class="redacted">email</span> ×1' in html
+    assert "Written by the configured LLM" in html
+    assert "Retry synthesis" not in html
+
+
+def test_a_reviewer_retries_a_failed_group_from_its_page(
+    client, api, project, ingest_key, llm_server, django_capture_on_commit_callbacks
+):
+    llm_server.enqueue(Reply(status=401))
+    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+    url = f"/p/{project.slug}/groups/{body['group_id']}/"
+    client.force_login(factories.make_member(project, role="reviewer"))
+    html = client.get(url).content.decode()
+    assert "Synthesis failed" in html and "Retry synthesis" in html
+    llm_server.enqueue(Reply(content=answer()))
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post(url + "retry-synthesis/")
+
+    assert response.status_code == 302 and response["Location"] == url
+    assert IncidentGroup.objects.get(pk=body["group_id"]).synthesis_status == "proposed"
+
+
+def test_a_viewer_cannot_retry_a_failed_group(client, project):
+    group = _waiting_group(project)
+    IncidentGroup.objects.filter(pk=group.pk).update(synthesis_status=SynthesisStatus.FAILED)
+    client.force_login(factories.make_member(project, role="viewer"))
+
+    response = client.post(f"/p/{project.slug}/groups/{group.pk}/retry-synthesis/")
+
+    assert response.status_code == 403
+    group.refresh_from_db()
+    assert group.synthesis_status == SynthesisStatus.FAILED
+
+
+def test_demo_proposals_are_labelled_as_fixtures_and_load_once(project, settings):
+    from skills.demo import demo_incidents_load, demo_proposals_load
+
+    settings.LLM = {"BASE_URL": "", "API_KEY": "", "MODEL": "", "TIMEOUT_SECONDS": 1}
+    demo_incidents_load(project=project)
+
+    assert demo_proposals_load(project=project) == 5
+    assert demo_proposals_load(project=project) == 5
+
+    revisions = SkillRevision.objects.filter(skill__project=project)
+    assert revisions.count() == 5
+    assert set(revisions.values_list("origin", flat=True)) == {Origin.DEMO_FIXTURE}
+    assert all("not by a live LLM" in r.diagnosis for r in revisions)
+    assert IncidentGroup.objects.filter(project=project, synthesis_status="proposed").count() == 5
+
+
+def test_the_sweep_takes_back_a_group_whose_worker_died_mid_synthesis(
+    project, llm_server, django_capture_on_commit_callbacks
+):
+    group = _waiting_group(project)
+    assert synthesis.incident_services.group_synthesis_claim(group_id=group.pk)  # then it died
+    IncidentGroup.objects.filter(pk=group.pk).update(
+        synthesis_requested_at=timezone.now() - timezone.timedelta(hours=2)
+    )
+    llm_server.enqueue(Reply(content=answer()))
+    from skills.tasks import sweep_waiting_groups
+
+    with django_capture_on_commit_callbacks(execute=True):
+        sweep_waiting_groups()
+
+    group.refresh_from_db()
+    assert group.synthesis_status == SynthesisStatus.PROPOSED
+    assert SkillRevision.objects.filter(source_groups=group).count() == 1
+
+
+def test_a_running_synthesis_is_left_alone_by_the_sweep(project, llm_server):
+    group = _waiting_group(project)
+    assert synthesis.incident_services.group_synthesis_claim(group_id=group.pk)
+    from skills.tasks import sweep_waiting_groups
+
+    sweep_waiting_groups()
+
+    group.refresh_from_db()
+    assert group.synthesis_status == SynthesisStatus.RUNNING
+    assert llm_server.chat_requests() == []
+
+
+def test_demo_proposals_join_a_draft_a_worker_made_first_and_say_what_they_are(
+    project, settings, django_capture_on_commit_callbacks
+):
+    from skills.demo import demo_incidents_load, demo_proposals_load
+
+    settings.LLM = {"BASE_URL": "", "API_KEY": "", "MODEL": "", "TIMEOUT_SECONDS": 1}
+    with django_capture_on_commit_callbacks(execute=True):  # the worker drafts every group
+        demo_incidents_load(project=project)
+    assert SkillRevision.objects.filter(origin=Origin.EVIDENCE_DRAFT).count() == 5
+
+    assert demo_proposals_load(project=project) == 5
+
+    for group in IncidentGroup.objects.filter(project=project):
+        origins = sorted(group.skill_revisions.values_list("origin", flat=True))
+        assert origins == [Origin.DEMO_FIXTURE, Origin.EVIDENCE_DRAFT]

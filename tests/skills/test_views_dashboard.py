@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from django.urls import reverse
 
-from incidents.models import Incident, IncidentGroup
+from incidents.models import Incident
 from metaclaw_site.models import Role
 from skills import services
 from skills.models import Origin, PolicyVersion, Release, RevisionStatus, SkillRevision
@@ -13,7 +13,9 @@ pytestmark = pytest.mark.django_db
 
 
 def ingest(api, key, client_id: str, **overrides) -> Incident:
-    response = api.post("/api/v1/incidents", factories.incident_payload(client_id, **overrides), key=key)
+    response = api.post(
+        "/api/v1/incidents", factories.incident_payload(client_id, **overrides), key=key
+    )
     assert response.status_code == 202, response.content
     return Incident.objects.get(pk=response.json()["id"])
 
@@ -61,9 +63,7 @@ def viewer_client(client, project):
 # --- review queue ----------------------------------------------------------------------------
 
 
-def test_the_queue_lists_proposals_most_incidents_first(
-    api, ingest_key, project, reviewer_client
-):
+def test_the_queue_lists_proposals_most_incidents_first(api, ingest_key, project, reviewer_client):
     small = propose(project, "small", [ingest(api, ingest_key, "a-1", kind="timeout")])
     big_incidents = [ingest(api, ingest_key, f"b-{i}") for i in range(3)]
     big = propose(project, "big", big_incidents)
@@ -76,7 +76,7 @@ def test_the_queue_lists_proposals_most_incidents_first(
     queue = response.context["queue"]
     assert [r.pk for r in queue] == [big.pk, small.pk]
     assert queue[0].impact_events == 3
-    assert b'data-review' in response.content
+    assert b"data-review" in response.content
 
 
 def test_the_home_page_redirects_to_the_review_queue(reviewer_client, project):
@@ -236,7 +236,9 @@ def test_rejecting_without_a_reason_answers_422_and_keeps_it_proposed(project, r
 def test_rejecting_with_a_reason(project, reviewer_client):
     revision = propose(project)
 
-    reviewer_client.post(url("revision_reject", project, revision_id=revision.pk), {"reason": "vague"})
+    reviewer_client.post(
+        url("revision_reject", project, revision_id=revision.pk), {"reason": "vague"}
+    )
 
     revision.refresh_from_db()
     assert (revision.status, revision.decision_reason) == (RevisionStatus.REJECTED, "vague")
@@ -392,7 +394,9 @@ def test_the_skills_library_shows_revisions_and_the_versions_holding_them(projec
 
 def _grow(api, key, project, n: int) -> None:
     for i in range(n):
-        incident = ingest(api, key, f"grow-{n}-{i}", error={"type": f"E{i}", "message": f"boom {i}"})
+        incident = ingest(
+            api, key, f"grow-{n}-{i}", error={"type": f"E{i}", "message": f"boom {i}"}
+        )
         revision = propose(project, f"grow-{n}-{i}", [incident])
         if i % 2:
             services.skill_revision_approve(revision=revision, actor=None)
@@ -408,13 +412,13 @@ PAGES = {
     "skill_library": lambda p, r: url("skill_library", p),
 }
 QUERIES = {
-    "review_queue": 9,
-    "revision_detail": 14,
-    "version_list": 9,
-    "version_detail": 11,
-    "version_diff": 13,
-    "version_rollback": 16,
-    "skill_library": 11,
+    "review_queue": 7,
+    "revision_detail": 12,
+    "version_list": 7,
+    "version_detail": 9,
+    "version_diff": 11,
+    "version_rollback": 11,
+    "skill_library": 9,
 }
 
 

@@ -110,13 +110,17 @@ def test_cleaning_drops_duplicates_and_unusable_turns_redacts_secrets_and_cuts_l
     assert report["kept"] == 5 == len(dataset.samples) == len(dataset.trajectory_ids)
     assert {r["kind"]: r["count"] for r in report["redactions"]} == {"api_key": 1, "email": 1}
     assert report["kinds"] == {"corrected": 1, "sft": 4}
-    secret_sample = next(s for s in dataset.samples if "Rotate the key" in s["messages"][-1]["content"])
+    secret_sample = next(
+        s for s in dataset.samples if "Rotate the key" in s["messages"][-1]["content"]
+    )
     assert "sk-live" not in str(secret_sample) and "jo@example.com" not in str(secret_sample)
     assert "[REDACTED:api_key]" in secret_sample["messages"][-2]["content"]
     cut = next(s for s in dataset.samples if s["messages"][-1]["content"].startswith("Here is"))
     assert cut["messages"][0] == SYSTEM and cut["messages"][1]["role"] == "user"
     assert cut["tokens"] <= 120
-    assert "Yes: Billing > Payments > Report a problem; refunds take 5-10 days." in _answers(dataset)
+    assert "Yes: Billing > Payments > Report a problem; refunds take 5-10 days." in _answers(
+        dataset
+    )
     assert "That is not possible." not in _answers(dataset)
 
 
@@ -166,7 +170,11 @@ def test_data_from_an_older_skill_generation_or_a_rolled_back_version_is_not_use
 def test_the_split_is_by_session_and_the_snapshot_is_reproducible(project):
     services.idle_policy_update(project=project, eval_fraction=0.3)
     items = [
-        turn(f"Tell me about {WORDS[s * 3 + t]}", f"{WORDS[s * 3 + t].title()} is fine.", session=f"s{s}")
+        turn(
+            f"Tell me about {WORDS[s * 3 + t]}",
+            f"{WORDS[s * 3 + t].title()} is fine.",
+            session=f"s{s}",
+        )
         for s in range(12)
         for t in range(3)
     ]

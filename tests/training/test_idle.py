@@ -182,9 +182,11 @@ def test_readiness_counts_new_usable_samples_and_the_daily_budget(project):
     _policy(project, min_new_samples=100, max_runs_per_day=1)
     demo_trajectories_load(project, count=120)
     usable = Trajectory.objects.filter(project=project, reward__gt=0).count()
-    corrected = Trajectory.objects.filter(project=project, reward__lte=0).exclude(
-        corrected_answer=""
-    ).count()
+    corrected = (
+        Trajectory.objects.filter(project=project, reward__lte=0)
+        .exclude(corrected_answer="")
+        .count()
+    )
 
     readiness = services.project_training_readiness(project=project)
 

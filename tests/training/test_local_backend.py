@@ -1,7 +1,8 @@
 """The local PyTorch + PEFT backend and its OpenAI-compatible server, on a tiny random model.
 
 No Django and no database: the backend takes plain data. Run on their own with
-``python -m pytest tests/training/test_local_backend.py -p no:django -q``. The first run builds
+``python -m pytest tests/training/test_local_backend.py -p no:django --noconftest -q`` (the root
+conftest sets up Django), or as part of the whole suite. The first run builds
 the tiny model into the model cache (~20 s, once); later runs reuse it.
 """
 

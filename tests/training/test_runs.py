@@ -26,8 +26,10 @@ OUTSIDE = datetime(2026, 11, 25, 5, 0, tzinfo=UTC)
 
 
 @pytest.fixture(autouse=True)
-def _training_dir(settings, tmp_path):
+def _training_dir(settings, tmp_path, monkeypatch):
     settings.METACLAW_TRAINING_DIR = str(tmp_path / "training")
+    # Greedy answers of a random model are noise; a few tokens show the side-by-side just as well.
+    monkeypatch.setattr(services, "SAMPLE_MAX_TOKENS", 6)
 
 
 @pytest.fixture
@@ -68,35 +70,54 @@ def _state_changes(run: TrainingRun) -> list[str]:
 # --- The local backend: the whole loop ------------------------------------------------------
 
 
-def test_train_now_runs_a_local_lora_that_lowers_eval_loss_and_offers_a_candidate(
-    project, django_capture_on_commit_callbacks
+def test_a_local_lora_run_pauses_when_the_window_closes_resumes_and_offers_a_candidate(
+    project, no_enqueue, django_capture_on_commit_callbacks
 ):
     pytest.importorskip("torch")
     pytest.importorskip("peft")
-    admin = factories.make_member(project, "admin")
-    _local_policy(project)
+    _local_policy(project, total_steps=4)
     demo_trajectories_load(project, count=60)
-
     with django_capture_on_commit_callbacks(execute=True):
-        run = services.training_run_create(project=project, actor=admin)
+        run = services.training_run_create(project=project, trigger=Trigger.SCHEDULE)
 
-    run.refresh_from_db()
-    assert run.status == RunStatus.SUCCEEDED, run.log + run.error
-    assert run.trigger == Trigger.MANUAL and run.requested_by == admin
-    assert run.step == run.total_steps == 6
-    assert [m["step"] for m in run.metrics] == [1, 2, 3, 4, 5, 6]
-    assert all(m["loss"] > 0 for m in run.metrics)
-    assert run.eval_after["loss"] < run.eval_before["loss"]
-    assert run.improved is True and run.flagged_no_improvement is False
-    assert Path(run.adapter_ref, "adapter_config.json").exists()
-    assert len(run.sample_answers) == 3
-    assert {"prompt", "reference", "before", "after"} <= set(run.sample_answers[0])
-    dataset = run.dataset
+    def clock() -> datetime:
+        # The window closes after the second step.
+        return INSIDE if TrainingRun.objects.get(pk=run.pk).step < 2 else OUTSIDE
+
+    paused = services.training_run_execute(run_id=run.pk, clock=clock, idle_check_every_seconds=0)
+
+    assert paused.status == RunStatus.PAUSED
+    assert paused.pause_reason == PauseReason.NOT_IDLE
+    assert paused.step == paused.state_step == 2
+    assert Path(paused.state_ref, "state.json").exists()
+    assert paused.adapter_ref == "" and paused.candidate_version is None
+
+    # The next window: the beat task resumes it, the worker continues from step 2.
+    with django_capture_on_commit_callbacks(execute=True):
+        resumed = services.training_schedule_tick(project=project, now=INSIDE + timedelta(days=1))
+    assert resumed.pk == run.pk and resumed.status == RunStatus.QUEUED
+    assert no_enqueue == [run.pk, run.pk]
+    done = services.training_run_execute(run_id=run.pk, clock=lambda: INSIDE)
+
+    assert done.status == RunStatus.SUCCEEDED, done.log + done.error
+    assert done.step == done.total_steps == 4
+    assert [m["step"] for m in done.metrics] == [1, 2, 3, 4]
+    assert all(m["loss"] > 0 for m in done.metrics)
+    assert done.attempts == 2
+    assert "Paused after step 2" in done.log and "Training resumed." in done.log
+    # Evaluated before and after on the held-out sessions, answers side by side.
+    assert done.eval_after["loss"] < done.eval_before["loss"]
+    assert done.improved is True and done.flagged_no_improvement is False
+    assert Path(done.adapter_ref, "adapter_config.json").exists()
+    assert len(done.sample_answers) == 3
+    assert {"prompt", "reference", "before", "after"} <= set(done.sample_answers[0])
+    dataset = done.dataset
     assert dataset.train_count > 0 and dataset.eval_count > 0
     assert dataset.report["dropped"]["exact_duplicate"] >= 1
-    candidate = run.candidate_version
+    # The result is offered as a candidate: the active skills plus the new adapter.
+    candidate = done.candidate_version
     assert candidate.status == VersionStatus.CANDIDATE
-    assert candidate.adapter_ref == run.adapter_ref
+    assert candidate.adapter_ref == done.adapter_ref
     assert candidate.base_model == "tiny-random-smollm2"
     assert f"training run #{run.pk}" in candidate.changelog
     assert dataset.content_hash[:12] in candidate.changelog
@@ -104,44 +125,12 @@ def test_train_now_runs_a_local_lora_that_lowers_eval_loss_and_offers_a_candidat
         "training_run.create",
         "training_run.dataset",
         "training_run.train",
+        "training_run.paused",
+        "training_run.resume",
+        "training_run.train",
         "training_run.evaluate",
         "training_run.succeed",
     ]
-
-
-def test_a_scheduled_run_pauses_when_the_window_closes_and_resumes_from_its_checkpoint(
-    project, no_enqueue
-):
-    pytest.importorskip("torch")
-    pytest.importorskip("peft")
-    _local_policy(project, total_steps=6)
-    demo_trajectories_load(project, count=60)
-    run = services.training_run_create(project=project, trigger=Trigger.SCHEDULE)
-
-    def clock() -> datetime:
-        # The window closes after the third step.
-        return INSIDE if TrainingRun.objects.get(pk=run.pk).step < 3 else OUTSIDE
-
-    paused = services.training_run_execute(run_id=run.pk, clock=clock, idle_check_every_seconds=0)
-
-    assert paused.status == RunStatus.PAUSED
-    assert paused.pause_reason == PauseReason.NOT_IDLE
-    assert paused.step == paused.state_step == 3
-    assert Path(paused.state_ref, "state.json").exists()
-    assert paused.adapter_ref == "" and paused.candidate_version is None
-
-    # The next window: the beat task resumes it, the worker continues from step 3.
-    resumed = services.training_schedule_tick(project=project, now=INSIDE + timedelta(days=1))
-    assert resumed.pk == run.pk and resumed.status == RunStatus.QUEUED
-    assert no_enqueue == [run.pk, run.pk]
-    done = services.training_run_execute(run_id=run.pk, clock=lambda: INSIDE)
-
-    assert done.status == RunStatus.SUCCEEDED, done.log + done.error
-    assert [m["step"] for m in done.metrics] == [1, 2, 3, 4, 5, 6]
-    assert done.attempts == 2
-    assert done.eval_after["loss"] < done.eval_before["loss"]
-    assert done.candidate_version is not None
-    assert "Paused after step 3" in done.log and "Training resumed." in done.log
 
 
 def test_a_run_that_does_not_improve_is_flagged_and_offers_no_candidate(project, no_enqueue):
@@ -164,15 +153,19 @@ def test_a_run_that_does_not_improve_is_flagged_and_offers_no_candidate(project,
 # --- Transitions ------------------------------------------------------------------------------
 
 
-def test_pause_resume_and_cancel_follow_the_allowed_states(project, no_enqueue):
+def test_pause_resume_and_cancel_follow_the_allowed_states(
+    project, no_enqueue, django_capture_on_commit_callbacks
+):
     admin = factories.make_member(project, "admin")
-    run = services.training_run_create(project=project, actor=admin)
+    with django_capture_on_commit_callbacks(execute=True):
+        run = services.training_run_create(project=project, actor=admin)
 
     paused = services.training_run_request_pause(run=run, actor=admin)
     assert paused.status == RunStatus.PAUSED and paused.pause_reason == PauseReason.REQUESTED
     with pytest.raises(Conflict):
         services.training_run_request_pause(run=run, actor=admin)
-    resumed = services.training_run_resume(run=run, actor=admin)
+    with django_capture_on_commit_callbacks(execute=True):
+        resumed = services.training_run_resume(run=run, actor=admin)
     assert resumed.status == RunStatus.QUEUED
     with pytest.raises(Conflict):
         services.training_run_resume(run=run, actor=admin)
@@ -209,30 +202,6 @@ def test_a_run_with_too_little_clean_data_fails_and_says_why(project, no_enqueue
     assert "Not enough clean data" in done.error
 
 
-def test_cancel_during_training_stops_the_worker_after_the_current_step(
-    project, no_enqueue, monkeypatch
-):
-    pytest.importorskip("torch")
-    _local_policy(project, total_steps=50)
-    demo_trajectories_load(project, count=40)
-    run = services.training_run_create(project=project)
-    original = services.training_run_record_step
-
-    def record_and_cancel(*, run_id, report):
-        alive = original(run_id=run_id, report=report)
-        if report.step == 2:
-            services.training_run_cancel(run=TrainingRun.objects.get(pk=run_id), actor=None)
-        return alive
-
-    monkeypatch.setattr(services, "training_run_record_step", record_and_cancel)
-    services.training_run_execute(run_id=run.pk)
-
-    run.refresh_from_db()
-    assert run.status == RunStatus.CANCELLED
-    assert run.step == 2
-    assert run.candidate_version is None
-
-
 # --- Tinker, through the real SDK against the loopback server -------------------------------
 
 
@@ -260,19 +229,50 @@ def _tinker_policy(project, server: FakeTinkerServer):
 
 
 @pytest.mark.timeout(120)
-def test_a_tinker_run_trains_evaluates_and_offers_a_tinker_adapter(project, tinker, no_enqueue):
+def test_train_now_runs_on_tinker_through_the_task_and_offers_a_tinker_adapter(
+    project, tinker, django_capture_on_commit_callbacks
+):
+    admin = factories.make_member(project, "admin")
     _tinker_policy(project, tinker)
     demo_trajectories_load(project, count=30)
-    run = services.training_run_create(project=project)
 
-    done = services.training_run_execute(run_id=run.pk)
+    with django_capture_on_commit_callbacks(execute=True):
+        run = services.training_run_create(project=project, actor=admin)
 
+    done = TrainingRun.objects.get(pk=run.pk)
+    assert done.trigger == Trigger.MANUAL and done.requested_by == admin
     assert done.status == RunStatus.SUCCEEDED, done.log + done.error
     assert done.step == 4
     assert done.adapter_ref.startswith("tinker://")
     assert done.eval_after["loss"] < done.eval_before["loss"]
     assert done.candidate_version.adapter_ref == done.adapter_ref
     assert "forward_backward" in " ".join(tinker.endpoints())
+    assert any("save_weights_for_sampler" in e for e in tinker.endpoints())
+
+
+@pytest.mark.timeout(120)
+def test_cancel_during_training_stops_the_worker_after_the_current_step(
+    project, tinker, no_enqueue, monkeypatch
+):
+    _tinker_policy(project, tinker)
+    services.idle_policy_update(project=project, total_steps=50)
+    demo_trajectories_load(project, count=30)
+    run = services.training_run_create(project=project)
+    original = services.training_run_record_step
+
+    def record_and_cancel(*, run_id, report):
+        alive = original(run_id=run_id, report=report)
+        if report.step == 2:
+            services.training_run_cancel(run=TrainingRun.objects.get(pk=run_id), actor=None)
+        return alive
+
+    monkeypatch.setattr(services, "training_run_record_step", record_and_cancel)
+    services.training_run_execute(run_id=run.pk)
+
+    run.refresh_from_db()
+    assert run.status == RunStatus.CANCELLED
+    assert run.step == 2
+    assert run.candidate_version is None
 
 
 @pytest.mark.timeout(120)

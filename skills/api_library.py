@@ -1,0 +1,124 @@
+"""Admin API for the skill library (SKILL.md import/export) and the fast loop's retry.
+
+Thin handlers over ``skills.skillmd`` and ``skills.synthesis``; ``admin`` keys only. The key's
+project scopes everything; the actor is the key (``api-key:<prefix>``)."""
+
+from __future__ import annotations
+
+import json
+
+from django.http import HttpRequest, HttpResponse
+from ninja import Router, Schema, Status
+
+from incidents import selectors as incident_selectors
+from metaclaw_site.auth import admin_auth
+from metaclaw_site.services import DomainError
+
+from . import skillmd, synthesis
+
+router = Router(tags=["skill library"], auth=admin_auth)
+
+
+def _actor_label(request: HttpRequest) -> str:
+    return f"api-key:{request.api_key.prefix}"  # type: ignore[attr-defined]
+
+
+class ImportedSkillOut(Schema):
+    path: str
+    slug: str
+    outcome: str
+    revision_id: int | None
+    number: int | None
+    ignored_keys: list[str]
+
+
+class ImportOut(Schema):
+    created: int
+    unchanged: int
+    skills: list[ImportedSkillOut]
+
+
+class RetryOut(Schema):
+    group_id: int
+    synthesis_status: str
+
+
+def _files_from_request(request: HttpRequest) -> dict[str, str]:
+    content_type = (request.content_type or "").lower()
+    if content_type == "multipart/form-data":
+        upload = request.FILES.get("file")
+        if upload is None:
+            raise DomainError("Upload the zip as the form field 'file'.", field="file")
+        return skillmd.read_zip(upload.read())
+    if content_type in (
+        "application/zip",
+        "application/x-zip-compressed",
+        "application/octet-stream",
+    ):
+        return skillmd.read_zip(request.body)
+    try:
+        body = json.loads(request.body or b"null")
+    except ValueError as exc:
+        raise DomainError("The body is neither a zip nor JSON.", field="body") from exc
+    # {"files": {"skills/x/SKILL.md": "..."}} or {"skills": [{"path": ..., "content": ...}]}
+    if isinstance(body, dict) and isinstance(body.get("files"), dict):
+        return {str(k): str(v) for k, v in body["files"].items()}
+    if isinstance(body, dict) and isinstance(body.get("skills"), list):
+        files: dict[str, str] = {}
+        for index, item in enumerate(body["skills"]):
+            if not isinstance(item, dict) or not isinstance(item.get("content"), str):
+                raise DomainError(
+                    "Each skill needs 'content' (the SKILL.md text).",
+                    field=f"skills.{index}.content",
+                )
+            files[str(item.get("path") or f"{index}/{skillmd.FILE_NAME}")] = item["content"]
+        return files
+    raise DomainError(
+        'Send a zip, or JSON {"files": {path: text}} or {"skills": [{"path", "content"}]}.',
+        field="body",
+    )
+
+
+@router.post(
+    "/skills/import",
+    response={200: ImportOut, 201: ImportOut},
+    summary="Import SKILL.md files (a zip, or JSON) as proposed revisions",
+)
+def import_library(request: HttpRequest):
+    """All or nothing: an invalid file answers 422 naming it and imports nothing. Skills whose
+    standing revision already has the same content are reported as unchanged."""
+    results = skillmd.library_import(
+        project=request.project,  # type: ignore[attr-defined]
+        files=_files_from_request(request),
+        actor_label=_actor_label(request),
+    )
+    created = sum(r.outcome == "created" for r in results)
+    body = ImportOut(
+        created=created,
+        unchanged=len(results) - created,
+        skills=[ImportedSkillOut(**vars(r)) for r in results],
+    )
+    return Status(201 if created else 200, body)
+
+
+@router.get("/skills/export", summary="Export the skill library as a zip of SKILL.md folders")
+def export_library(request: HttpRequest, include_pending: bool = True) -> HttpResponse:
+    project = request.project  # type: ignore[attr-defined]
+    files = skillmd.library_export(project, include_pending=include_pending)
+    response = HttpResponse(skillmd.zip_bytes(files), content_type="application/zip")
+    response["Content-Disposition"] = f'attachment; filename="{project.slug}-skills.zip"'
+    return response
+
+
+@router.post(
+    "/groups/{group_id}/retry-synthesis",
+    response={202: RetryOut},
+    summary="Ask the fast loop to try a failed (or no-skill) group again",
+)
+def retry_synthesis(request: HttpRequest, group_id: int):
+    group = incident_selectors.group_for_project(request.project, group_id)  # type: ignore[attr-defined]
+    group = synthesis.group_synthesis_retry(
+        group=group, actor=None, actor_label=_actor_label(request)
+    )
+    group.refresh_from_db(fields=["synthesis_status"])
+    return Status(202, RetryOut(group_id=group.pk, synthesis_status=group.synthesis_status))

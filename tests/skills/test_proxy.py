@@ -1,0 +1,495 @@
+"""The OpenAI-compatible proxy, driven by the real ``openai`` client.
+
+The production ASGI app runs under uvicorn in a thread on a loopback port, against the test
+database; the upstream model is our loopback OpenAI-compatible server, which records what it
+received."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from asgiref.sync import async_to_sync
+from django.test import AsyncClient
+
+from incidents.models import Trajectory
+from metaclaw_site import counters
+from skills import runtime
+from skills.models import Author, Origin, PolicyVersion, VersionStatus
+from skills.services import (
+    policy_version_create_candidate,
+    policy_version_promote,
+    policy_version_rollback,
+    skill_revision_approve,
+    skill_revision_propose,
+)
+from tests import factories
+from tests.fakes.openai_server import OpenAIServer, Reply
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+DATES = (
+    "search-orders-dates",
+    "Search orders with ISO dates",
+    "When the search_orders tool rejects a relative date like 'last week' or 'yesterday'.",
+    "Convert relative dates to ISO 8601 (YYYY-MM-DD) before calling search_orders.",
+)
+REFUNDS = (
+    "refund-policy",
+    "Check refund eligibility",
+    "When a customer asks for a refund or their money back.",
+    "Look up the order age first: refunds are possible within 30 days.",
+)
+DATE_QUESTION = "Find my orders since last week, the search_orders tool says invalid date"
+REFUND_QUESTION = "I want a refund, give me my money back for this order"
+
+
+@pytest.fixture(scope="module")
+def proxy_url():
+    """The production ASGI application (``metaclaw_site.asgi``) under uvicorn."""
+    from metaclaw_site.asgi import application
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(application, lifespan="off", log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(5)
+
+
+@pytest.fixture
+def upstream():
+    with OpenAIServer() as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _fresh_runtime_caches():
+    runtime.policy_cache_clear()
+    runtime.runtime_key_cache_clear()
+    yield
+    runtime.recordings_wait(5)
+    runtime.policy_cache_clear()
+    runtime.runtime_key_cache_clear()
+
+
+@pytest.fixture
+def project(db, upstream):
+    return factories.make_project(upstream_base_url=upstream.base_url, upstream_api_key="up-key")
+
+
+@pytest.fixture
+def key(project):
+    return factories.make_key(project, scopes=["runtime"])
+
+
+@pytest.fixture
+def client(proxy_url, key):
+    return openai.OpenAI(base_url=f"{proxy_url}/v1", api_key=key, max_retries=0)
+
+
+def approve(project, skill):
+    slug, name, description, instructions = skill
+    revision = skill_revision_propose(
+        project=project,
+        slug=slug,
+        name=name,
+        description=description,
+        instructions=instructions,
+        author=Author.HUMAN,
+        origin=Origin.HUMAN,
+    )
+    skill_revision_approve(revision=revision, actor=None, actor_label="test")
+    return revision
+
+
+@pytest.fixture
+def skills(project):
+    """v2: dates; v3 (active): dates + refunds."""
+    return [approve(project, DATES), approve(project, REFUNDS)]
+
+
+def system_text(recorded) -> str:
+    first = recorded.body["messages"][0]
+    assert first["role"] == "system"
+    return first["content"]
+
+
+def test_relevant_skills_are_appended_to_the_agents_system_message(client, upstream, skills):
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-test",
+        messages=[
+            {"role": "system", "content": "You are the support bot of Example Shop."},
+            {"role": "user", "content": REFUND_QUESTION},
+        ],
+    )
+
+    completion = raw.parse()
+    assert completion.choices[0].message.content == "ok"
+    assert raw.headers["X-MetaClaw-Policy-Version"] == "3"
+    sent = upstream.chat_requests()[-1]
+    system = system_text(sent)
+    assert system.startswith("You are the support bot of Example Shop.\n\n")
+    assert runtime.SKILLS_BEGIN in system and system.rstrip().endswith(runtime.SKILLS_END)
+    section = system.split(runtime.SKILLS_BEGIN, 1)[1]
+    assert "## Active skills" in section
+    assert "### Check refund eligibility" in section
+    assert REFUNDS[3] in section
+    assert "Search orders with ISO dates" not in section  # not relevant to this request
+    assert sent.body["messages"][1] == {"role": "user", "content": REFUND_QUESTION}
+    assert {k.lower(): v for k, v in sent.headers.items()}["authorization"] == "Bearer up-key"
+    assert sent.body["model"] == "gpt-test"
+
+
+def test_a_system_message_is_created_when_the_agent_sends_none(client, upstream, skills):
+    client.chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": DATE_QUESTION}]
+    )
+
+    sent = upstream.chat_requests()[-1].body["messages"]
+    assert len(sent) == 2
+    assert sent[0]["role"] == "system"
+    assert sent[0]["content"].startswith(runtime.SKILLS_BEGIN)
+    assert "### Search orders with ISO dates" in sent[0]["content"]
+    assert sent[1] == {"role": "user", "content": DATE_QUESTION}
+
+
+def test_no_section_is_added_when_no_skill_is_relevant(client, upstream, skills):
+    messages = [{"role": "user", "content": "hello"}]
+
+    client.chat.completions.create(model="gpt-test", messages=messages)
+
+    assert upstream.chat_requests()[-1].body["messages"] == messages
+
+
+def test_tools_tool_calls_response_format_images_and_extra_fields_pass_through(
+    client, upstream, skills
+):
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "search_orders",
+                "description": "Search orders",
+                "parameters": {"type": "object", "properties": {"since": {"type": "string"}}},
+            },
+        }
+    ]
+    tool_call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "search_orders", "arguments": '{"since": "2026-11-18"}'},
+    }
+    upstream.enqueue(Reply(content=None, tool_calls=[tool_call]))
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": DATE_QUESTION}, image]},
+        {"role": "assistant", "content": None, "tool_calls": [tool_call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "error: invalid date"},
+    ]
+
+    completion = client.chat.completions.create(
+        model="gpt-test",
+        messages=history,
+        tools=tools,
+        tool_choice="auto",
+        response_format={"type": "json_object"},
+        temperature=0.2,
+        extra_body={"vendor_option": {"keep": [1, 2]}, "top_k": 3},
+    )
+
+    assert completion.choices[0].message.tool_calls[0].function.name == "search_orders"
+    assert completion.choices[0].finish_reason == "tool_calls"
+    body = upstream.chat_requests()[-1].body
+    assert body["tools"] == tools
+    assert body["tool_choice"] == "auto"
+    assert body["response_format"] == {"type": "json_object"}
+    assert body["temperature"] == 0.2
+    assert body["vendor_option"] == {"keep": [1, 2]}
+    assert body["top_k"] == 3
+    assert body["messages"][1:] == history
+    assert "Search orders with ISO dates" in body["messages"][0]["content"]
+
+
+def test_streaming_is_relayed_chunk_by_chunk(client, upstream, skills):
+    upstream.enqueue(Reply(stream_chunks=["one", " two", " three"], delay=0.3))
+    arrivals: list[tuple[float, str]] = []
+    started = time.monotonic()
+
+    stream = client.chat.completions.create(
+        model="gpt-test",
+        messages=[{"role": "user", "content": DATE_QUESTION}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append((time.monotonic() - started, chunk.choices[0].delta.content))
+
+    assert "".join(text for _, text in arrivals) == "one two three"
+    # The upstream waits 0.3 s after each chunk: a buffering proxy would deliver them together.
+    assert arrivals[-1][0] - arrivals[0][0] >= 0.45
+    assert upstream.chat_requests()[-1].body["stream"] is True
+    assert upstream.chat_requests()[-1].body["stream_options"] == {"include_usage": True}
+
+
+def test_upstream_errors_keep_their_status_and_body(client, upstream, skills):
+    upstream.enqueue(
+        Reply(
+            status=400,
+            body={
+                "error": {
+                    "message": "max_tokens is too large",
+                    "type": "invalid_request_error",
+                    "param": "max_tokens",
+                    "code": None,
+                }
+            },
+        ),
+        Reply(status=429, headers={"Retry-After": "7"}),
+    )
+
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "hi"}], max_tokens=10**9
+        )
+    with pytest.raises(openai.RateLimitError) as limited:
+        client.chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "hi"}]
+        )
+
+    assert bad.value.status_code == 400
+    assert bad.value.body["message"] == "max_tokens is too large"
+    assert bad.value.body["param"] == "max_tokens"
+    assert limited.value.status_code == 429
+    assert limited.value.response.headers["Retry-After"] == "7"
+    assert limited.value.response.headers["X-MetaClaw-Policy-Version"] == "3"
+
+
+def test_a_streaming_request_refused_upstream_keeps_its_status(client, upstream, skills):
+    upstream.enqueue(Reply(status=400, body={"error": {"message": "bad stream request"}}))
+
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+
+    assert bad.value.status_code == 400
+    assert "bad stream request" in str(bad.value)
+
+
+def test_each_turn_is_recorded_as_a_trajectory_off_the_response_path(
+    client, upstream, project, skills
+):
+    client.chat.completions.create(
+        model="gpt-test",
+        messages=[{"role": "user", "content": REFUND_QUESTION}],
+        extra_headers={"X-Session-Id": "sess-42", "X-Turn-Type": "side", "X-Agent-Name": "bot"},
+    )
+    stream = client.chat.completions.create(
+        model="gpt-test",
+        messages=[{"role": "user", "content": DATE_QUESTION}],
+        stream=True,
+        extra_headers={"X-Session-Id": "sess-42"},
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "ok"
+
+    assert runtime.recordings_wait(10)
+    turns = list(Trajectory.objects.filter(project=project).order_by("occurred_at"))
+    assert len(turns) == 2
+    side, main = turns
+    assert (side.session_id, side.turn_type, side.agent_name) == ("sess-42", "side", "bot")
+    assert side.source == "proxy"
+    assert side.policy_version == 3
+    assert [s["slug"] for s in side.skills_injected] == [REFUNDS[0]]
+    assert side.skills_injected[0]["score"] > 0
+    assert side.messages == [{"role": "user", "content": REFUND_QUESTION}]
+    assert side.response == {"role": "assistant", "content": "ok"}
+    assert (side.prompt_tokens, side.completion_tokens, side.status_code) == (10, 1, 200)
+    assert side.latency_ms > 0
+    assert side.model == "gpt-test"
+    assert main.turn_type == "main"
+    assert main.response["content"] == "ok"
+    assert main.metadata["stream"] is True
+    assert [s["slug"] for s in main.skills_injected] == [DATES[0]]
+
+
+def test_a_pinned_version_is_served_and_named_in_the_header(client, upstream, skills):
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-test",
+        messages=[{"role": "user", "content": REFUND_QUESTION}],
+        extra_headers={"X-MetaClaw-Policy-Version": "2"},
+    )
+
+    assert raw.headers["X-MetaClaw-Policy-Version"] == "2"
+    assert "Check refund eligibility" not in str(upstream.chat_requests()[-1].body["messages"])
+
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(
+            model="gpt-test",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"X-MetaClaw-Policy-Version": "99"},
+        )
+
+
+def test_a_rollback_changes_what_the_next_request_gets(client, upstream, project, skills):
+    ask = {"model": "gpt-test", "messages": [{"role": "user", "content": REFUND_QUESTION}]}
+    before = client.chat.completions.with_raw_response.create(**ask)
+    assert "Check refund eligibility" in system_text(upstream.chat_requests()[-1])
+
+    policy_version_rollback(
+        to_version=PolicyVersion.objects.get(project=project, number=2),
+        actor=None,
+        actor_label="test",
+        reason="refund skill confuses the bot",
+    )
+    after = client.chat.completions.with_raw_response.create(**ask)
+
+    assert before.headers["X-MetaClaw-Policy-Version"] == "3"
+    assert after.headers["X-MetaClaw-Policy-Version"] == "2"
+    assert "Check refund eligibility" not in str(upstream.chat_requests()[-1].body["messages"])
+
+
+def test_a_version_with_an_adapter_sends_the_adapters_model(client, upstream, project, skills):
+    adapter = "tinker://run-7/sampler_weights/step-40"
+    candidate = policy_version_create_candidate(
+        project=project, adapter_ref=adapter, base_model="Qwen/Qwen3-8B", changelog="LoRA"
+    )
+    policy_version_promote(version=candidate, actor=None, actor_label="test")
+
+    client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "x"}])
+
+    assert upstream.chat_requests()[-1].body["model"] == adapter
+
+
+def test_the_projects_model_map_renames_the_requested_model(client, upstream, project):
+    project.upstream_model_map = {"gpt-test": "real-model-b", "*": "fallback"}
+    project.save(update_fields=["upstream_model_map"])
+    runtime.runtime_key_cache_clear()
+
+    client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "x"}])
+    client.chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}])
+
+    assert [r.body["model"] for r in upstream.chat_requests()] == ["real-model-b", "fallback"]
+
+
+def test_bad_keys_are_refused_in_openai_shape(proxy_url, project):
+    ingest_only = factories.make_key(project, scopes=["ingest"])
+    messages = [{"role": "user", "content": "hi"}]
+
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(
+            base_url=f"{proxy_url}/v1", api_key="mc_bad_key", max_retries=0
+        ).chat.completions.create(model="m", messages=messages)
+    with pytest.raises(openai.PermissionDeniedError):
+        openai.OpenAI(
+            base_url=f"{proxy_url}/v1", api_key=ingest_only, max_retries=0
+        ).chat.completions.create(model="m", messages=messages)
+
+
+def test_an_unreachable_upstream_answers_502_and_is_recorded(client, project):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    project.upstream_base_url = dead
+    project.save(update_fields=["upstream_base_url"])
+    runtime.runtime_key_cache_clear()
+
+    with pytest.raises(openai.InternalServerError) as exc:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+
+    assert exc.value.status_code == 502
+    assert runtime.recordings_wait(10)
+    assert Trajectory.objects.get(project=project).status_code == 502
+
+
+def test_invalid_json_is_a_400_naming_the_problem(proxy_url, key):
+    response = httpx.post(
+        f"{proxy_url}/v1/chat/completions",
+        content=b"{not json",
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    no_messages = httpx.post(
+        f"{proxy_url}/v1/chat/completions",
+        json={"model": "m"},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_json"
+    assert no_messages.status_code == 400
+    assert no_messages.json()["error"]["param"] == "messages"
+
+
+def test_proxied_requests_count_as_project_traffic(client, project):
+    for _ in range(3):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    runtime.sync_now()
+
+    assert counters.traffic_per_minute(project_id=project.pk, minutes=1)[-1] == 3
+
+
+def test_the_django_view_serves_the_same_proxy(upstream, key, skills):
+    """The URL mounted in urls.py (what runs when the fast lane is not in front)."""
+    response = async_to_sync(AsyncClient().post)(
+        "/v1/chat/completions",
+        data={"model": "gpt-test", "messages": [{"role": "user", "content": REFUND_QUESTION}]},
+        content_type="application/json",
+        headers={"Authorization": f"Bearer {key}", "X-Session-Id": "django-door"},
+    )
+
+    assert response.status_code == 200
+    assert response["X-MetaClaw-Policy-Version"] == "3"
+    assert response.json()["choices"][0]["message"]["content"] == "ok"
+    assert "Check refund eligibility" in system_text(upstream.chat_requests()[-1])
+    assert runtime.recordings_wait(10)
+    assert Trajectory.objects.filter(session_id="django-door").exists()
+    assert PolicyVersion.objects.filter(status=VersionStatus.ACTIVE).count() >= 1
+
+
+def test_the_production_app_serves_policy_and_retrieval_like_the_api(proxy_url, key, skills):
+    """The ASGI fast lane answers the agent-facing API paths with the NinjaAPI's behaviour."""
+    auth = {"Authorization": f"Bearer {key}"}
+    policy = httpx.get(f"{proxy_url}/api/v1/runtime/policy", headers=auth)
+    unchanged = httpx.get(
+        f"{proxy_url}/api/v1/runtime/policy",
+        headers={**auth, "If-None-Match": policy.headers["ETag"]},
+    )
+    pinned = httpx.get(f"{proxy_url}/api/v1/runtime/policy?version=2", headers=auth)
+    missing = httpx.get(f"{proxy_url}/api/v1/runtime/policy?version=42", headers=auth)
+    bad = httpx.get(f"{proxy_url}/api/v1/runtime/policy?version=zero", headers=auth)
+    anonymous = httpx.get(f"{proxy_url}/api/v1/runtime/policy")
+    found = httpx.post(
+        f"{proxy_url}/api/v1/runtime/skills/retrieve",
+        json={"messages": [{"role": "user", "content": REFUND_QUESTION}], "k": 1},
+        headers=auth,
+    )
+    no_task = httpx.post(f"{proxy_url}/api/v1/runtime/skills/retrieve", json={}, headers=auth)
+
+    assert policy.status_code == 200
+    assert policy.json()["version"] == 3
+    assert policy.headers["X-MetaClaw-Policy-Version"] == "3"
+    assert unchanged.status_code == 304
+    assert unchanged.content == b""
+    assert pinned.json()["version"] == 2
+    assert missing.status_code == 404
+    assert missing.json()["errors"][0]["field"] == "version"
+    assert bad.status_code == 422
+    assert bad.json()["errors"][0]["field"] == "version"
+    assert anonymous.status_code == 401
+    assert found.status_code == 200
+    assert [s["slug"] for s in found.json()["skills"]] == [REFUNDS[0]]
+    assert no_task.status_code == 422
+    assert no_task.json()["code"] == "invalid"

@@ -1,0 +1,215 @@
+"""The fast loop with a REAL Celery worker process against Redis and the test database.
+
+Ingest goes through the HTTP API (the Django test client, committing for real); the worker, a
+separate ``celery worker`` process, takes the task from Redis, asks our loopback LLM and stores
+the proposal in the same PostgreSQL test database."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from incidents.models import IncidentGroup, SynthesisStatus
+from metaclaw_site.celery import app as celery_app
+from skills.models import Origin, SkillRevision
+from tests import factories
+from tests.fakes.openai_server import OpenAIServer, Reply
+
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ANSWER = json.dumps(
+    {
+        "diagnosis": "The agent passed a relative date where search_orders needs ISO 8601.",
+        "decision": "new_skill",
+        "skill": {
+            "slug": "iso-dates-for-order-search",
+            "name": "ISO dates for order search",
+            "description": "When calling search_orders with a date the user gave in words.",
+            "instructions": "Convert relative dates to ISO 8601 (YYYY-MM-DD) first.",
+            "category": "common_mistakes",
+        },
+    }
+)
+
+
+def _redis_url() -> str:
+    return os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def _database_url() -> str:
+    # The test database pytest-django created (test_<name>), not the configured one.
+    db = connection.settings_dict
+    host = db.get("HOST") or "127.0.0.1"
+    port = db.get("PORT") or 5432
+    password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
+    return f"postgres://{db.get('USER') or 'postgres'}{password}@{host}:{port}/{db['NAME']}"
+
+
+@pytest.fixture(scope="module")
+def _module_llm_server():
+    with OpenAIServer(default=Reply(content=ANSWER), model="loopback-model") as server:
+        yield server
+
+
+@pytest.fixture
+def llm_server(_module_llm_server):
+    _module_llm_server.default = Reply(content=ANSWER)
+    _module_llm_server.requests.clear()
+    return _module_llm_server
+
+
+@pytest.fixture
+def real_broker():
+    """Publish to Redis for real (the suite runs tasks eagerly otherwise)."""
+    previous = celery_app.conf.task_always_eager
+    celery_app.conf.task_always_eager = False
+    yield
+    celery_app.conf.task_always_eager = previous
+
+
+@pytest.fixture(scope="module")
+def worker(django_db_setup, _module_llm_server, tmp_path_factory):
+    """One worker process for this module (starting one takes seconds on a busy machine)."""
+    from metaclaw_site.counters import redis_client
+
+    redis_client().flushdb()  # no stale task messages from an earlier run
+    logs = tmp_path_factory.mktemp("worker")
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "metaclaw_site.settings_test",
+        "DATABASE_URL": _database_url(),
+        "REDIS_URL": _redis_url(),
+        "CELERY_TASK_ALWAYS_EAGER": "0",
+        "OPENAI_BASE_URL": _module_llm_server.base_url,
+        "OPENAI_API_KEY": "test-key",
+        "METACLAW_LLM_MODEL": "loopback-model",
+        "METACLAW_OUTBOX_SWEEP_AFTER_SECONDS": "0",
+    }
+    with open(logs / "worker-0.log", "w") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "celery", "-A", "metaclaw_site", "worker",
+                "-Q", "fast", "-P", "solo", "--without-gossip", "--without-mingle",
+                "--without-heartbeat", "-l", "INFO",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        yield logs
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_for(predicate, timeout: float = 90.0, what: str = "the worker", logs: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    detail = ""
+    if logs is not None:
+        detail = "\n".join(p.read_text()[-3000:] for p in sorted(logs.glob("worker-*.log")))
+    pytest.fail(f"Timed out waiting for {what}.\n{detail}")
+
+
+def test_the_worker_turns_an_ingested_incident_into_a_proposed_skill(
+    api, project, ingest_key, llm_server, real_broker, worker
+):
+
+    response = api.post("/api/v1/incidents", factories.incident_payload("w-1"), key=ingest_key)
+    assert response.status_code == 202
+    group_id = response.json()["group_id"]
+
+    _wait_for(
+        lambda: IncidentGroup.objects.get(pk=group_id).synthesis_status == SynthesisStatus.PROPOSED,
+        logs=worker,
+    )
+    revision = SkillRevision.objects.get(source_groups=group_id)
+    assert revision.origin == Origin.LIVE_LLM
+    assert revision.llm_model == "loopback-model"
+    assert revision.skill.slug == "iso-dates-for-order-search"
+    assert len(llm_server.chat_requests()) == 1
+
+
+def _reset_broker_connections() -> None:
+    # New pools for the new URL (closing the old ones would break kombu's shared registry).
+    celery_app._pool = None
+    celery_app.amqp._producer_pool = None
+
+
+def test_an_ingest_while_the_broker_is_down_answers_202_and_the_sweep_enqueues_it_later(
+    api, project, ingest_key, llm_server, real_broker, worker
+):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead_port = sock.getsockname()[1]
+    good_url = celery_app.conf.broker_url
+    celery_app.conf.broker_url = f"redis://127.0.0.1:{dead_port}/0"
+    _reset_broker_connections()
+    try:
+        started = time.monotonic()
+        response = api.post(
+            "/api/v1/incidents", factories.incident_payload("down-1"), key=ingest_key
+        )
+        assert time.monotonic() - started < 10
+    finally:
+        celery_app.conf.broker_url = good_url
+        _reset_broker_connections()
+    assert response.status_code == 202
+    group = IncidentGroup.objects.get(pk=response.json()["group_id"])
+    assert group.synthesis_status == SynthesisStatus.WAITING
+    assert group.incidents.count() == 1
+
+    time.sleep(1.0)
+    assert llm_server.chat_requests() == []  # nothing reached the queue
+    from skills.tasks import sweep_waiting_groups
+
+    sweep_waiting_groups.delay()
+
+    _wait_for(
+        lambda: IncidentGroup.objects.get(pk=group.pk).synthesis_status == SynthesisStatus.PROPOSED,
+        logs=worker,
+    )
+    assert SkillRevision.objects.filter(source_groups=group).count() == 1
+    assert len(llm_server.chat_requests()) == 1
+
+
+def test_many_incidents_in_one_group_make_one_llm_call_in_the_worker(
+    api, project, ingest_key, llm_server, real_broker, worker
+):
+    llm_server.default = Reply(content=ANSWER, delay=0.5)  # later incidents land mid-synthesis
+    batch = {"items": [factories.incident_payload(f"b-{i}") for i in range(10)]}
+
+    response = api.post("/api/v1/incidents/batch", batch, key=ingest_key)
+    assert response.status_code in (200, 207), response.content
+    for i in range(10, 15):
+        api.post("/api/v1/incidents", factories.incident_payload(f"b-{i}"), key=ingest_key)
+
+    group = IncidentGroup.objects.get(project=project)
+    _wait_for(
+        lambda: IncidentGroup.objects.get(pk=group.pk).synthesis_status == SynthesisStatus.PROPOSED,
+        logs=worker,
+    )
+    time.sleep(1.0)
+    assert IncidentGroup.objects.get(pk=group.pk).event_count == 15
+    assert len(llm_server.chat_requests()) == 1
+    assert SkillRevision.objects.count() == 1
+    assert settings.CELERY_TASK_ALWAYS_EAGER  # the rest of the suite is untouched

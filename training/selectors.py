@@ -1,0 +1,48 @@
+"""Reads the training pages and API share. Every read is scoped to one project."""
+
+from __future__ import annotations
+
+from django.db.models import Prefetch, QuerySet
+
+from metaclaw_site.models import Project
+from metaclaw_site.services import DomainError, NotFound
+
+from .models import ACTIVE_RUN_STATUSES, DatasetSnapshot, RunStatus, TrainingRun
+
+# The samples of a snapshot can be megabytes: pages and the API show its report only.
+_LIGHT_DATASET = DatasetSnapshot.objects.defer("samples", "trajectory_ids")
+
+
+def runs_for_project(project: Project, *, status: str | None = None) -> QuerySet[TrainingRun]:
+    qs = (
+        TrainingRun.objects.filter(project=project)
+        .select_related("candidate_version", "requested_by")
+        .prefetch_related(Prefetch("dataset", queryset=_LIGHT_DATASET))
+    )
+    if status:
+        if status not in RunStatus.values:
+            raise DomainError(f"Unknown status '{status}'.", field="status")
+        qs = qs.filter(status=status)
+    return qs
+
+
+def run_for_project(project: Project, run_id: int) -> TrainingRun:
+    """The run ``run_id`` of ``project``; another project's run is NotFound (no leak)."""
+    run = runs_for_project(project).filter(pk=run_id).first()
+    if run is None:
+        raise NotFound("No such training run.")
+    return run
+
+
+def active_run_for_project(project: Project) -> TrainingRun | None:
+    return runs_for_project(project).filter(status__in=ACTIVE_RUN_STATUSES).first()
+
+
+def dataset_sample_preview(run: TrainingRun, limit: int = 5) -> list[dict]:
+    """A few cleaned samples of the run's snapshot (what the model actually sees)."""
+    if run.dataset_id is None:
+        return []
+    samples = (
+        DatasetSnapshot.objects.filter(pk=run.dataset_id).values_list("samples", flat=True).first()
+    )
+    return list(samples or [])[:limit]

@@ -1,0 +1,200 @@
+"""Training pages: runs with live progress, the loss chart, the dataset report, the evaluation,
+actions, and the idle-window settings. Thin: selectors for reads, services for writes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import messages
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from metaclaw_site.decorators import project_view
+from metaclaw_site.models import Role
+from metaclaw_site.services import DomainError, NotFound
+
+from . import selectors, services
+from .forms import IdlePolicyForm
+from .models import FINAL_RUN_STATUSES, PauseReason, RunStatus
+
+RECENT_RUNS = 20
+POLL_SECONDS = 2
+
+
+def _is_admin(request: HttpRequest) -> bool:
+    return request.membership.has_role(Role.ADMIN)  # type: ignore[attr-defined]
+
+
+def _home_context(request: HttpRequest) -> dict[str, Any]:
+    project = request.project  # type: ignore[attr-defined]
+    runs = list(selectors.runs_for_project(project)[:RECENT_RUNS])
+    policy = services.idle_policy_get(project)
+    return {
+        "runs": runs,
+        "polling": any(run.is_active for run in runs),
+        "poll_seconds": POLL_SECONDS,
+        "idle_status": services.project_idle_status(project=project, policy=policy),
+        "readiness": services.project_training_readiness(project=project, policy=policy),
+        "policy": policy,
+        "can_act": _is_admin(request),
+    }
+
+
+@require_GET
+@project_view()
+def training_home(request: HttpRequest) -> HttpResponse:
+    template = "training/home.html"
+    if request.htmx:  # type: ignore[attr-defined]
+        template += "#runs"
+    return render(request, template, _home_context(request))
+
+
+def loss_chart(metrics: list[dict], width: int = 640, height: int = 180) -> dict[str, Any] | None:
+    """Geometry of an inline SVG line chart of the loss per step (None with under two points)."""
+    points = [(m["step"], m["loss"]) for m in metrics if isinstance(m.get("loss"), (int, float))]
+    if len(points) < 2:
+        return None
+    pad_left, pad_right, pad_top, pad_bottom = 44, 10, 10, 22
+    steps = [s for s, _ in points]
+    losses = [v for _, v in points]
+    lo, hi = min(losses), max(losses)
+    span = (hi - lo) or 1.0
+    first, last = min(steps), max(steps)
+    step_span = (last - first) or 1
+    inner_w = width - pad_left - pad_right
+    inner_h = height - pad_top - pad_bottom
+
+    def xy(step: float, loss: float) -> tuple[float, float]:
+        x = pad_left + (step - first) / step_span * inner_w
+        y = pad_top + (hi - loss) / span * inner_h
+        return round(x, 1), round(y, 1)
+
+    coords = [xy(s, v) for s, v in points]
+    return {
+        "width": width,
+        "height": height,
+        "points": " ".join(f"{x},{y}" for x, y in coords),
+        "dots": coords if len(coords) <= 60 else [],
+        "hi": hi,
+        "lo": lo,
+        "first_step": first,
+        "last_step": last,
+        "x0": pad_left,
+        "x1": width - pad_right,
+        "y0": pad_top,
+        "y1": height - pad_bottom,
+        "last": losses[-1],
+    }
+
+
+def _run_context(request: HttpRequest, run_id: int) -> dict[str, Any]:
+    project = request.project  # type: ignore[attr-defined]
+    try:
+        run = selectors.run_for_project(project, run_id)
+    except NotFound as exc:
+        raise Http404(str(exc)) from exc
+    report = run.dataset.report if run.dataset_id and run.dataset else {}
+    before = (run.eval_before or {}).get("loss")
+    after = (run.eval_after or {}).get("loss")
+    return {
+        "run": run,
+        "chart": loss_chart(run.metrics),
+        "report": report,
+        "dropped": sorted((report.get("dropped") or {}).items()),
+        "eval_before": before,
+        "eval_after": after,
+        "eval_change": (after - before) / before * 100 if before and after is not None else None,
+        "preview": selectors.dataset_sample_preview(run, limit=3),
+        "polling": run.status not in FINAL_RUN_STATUSES and run.status != RunStatus.PAUSED,
+        "poll_seconds": POLL_SECONDS,
+        "can_act": _is_admin(request),
+        "pause_reasons": dict(PauseReason.choices),
+    }
+
+
+@require_GET
+@project_view()
+def run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
+    template = "training/run_detail.html"
+    if request.htmx:  # type: ignore[attr-defined]
+        template += "#live"
+    return render(request, template, _run_context(request, run_id))
+
+
+@require_POST
+@project_view(role=Role.ADMIN)
+def run_create(request: HttpRequest) -> HttpResponse:
+    project = request.project  # type: ignore[attr-defined]
+    try:
+        run = services.training_run_create(project=project, actor=request.user)
+    except DomainError as exc:
+        messages.error(request, str(exc))
+        if request.htmx:  # type: ignore[attr-defined]
+            return render(request, "training/home.html#runs", _home_context(request), status=409)
+        return redirect("training:home", project_slug=project.slug)
+    messages.success(request, f"Training run #{run.pk} queued.")
+    if request.htmx:  # type: ignore[attr-defined]
+        return render(request, "training/home.html#runs", _home_context(request))
+    return redirect("training:run_detail", project_slug=project.slug, run_id=run.pk)
+
+
+_ACTIONS = {
+    "pause": services.training_run_request_pause,
+    "resume": services.training_run_resume,
+    "cancel": services.training_run_cancel,
+}
+
+
+@require_POST
+@project_view(role=Role.ADMIN)
+def run_action(request: HttpRequest, run_id: int, action: str) -> HttpResponse:
+    project = request.project  # type: ignore[attr-defined]
+    service = _ACTIONS.get(action)
+    if service is None:
+        raise Http404("No such action.")
+    try:
+        run = selectors.run_for_project(project, run_id)
+    except NotFound as exc:
+        raise Http404(str(exc)) from exc
+    status = 200
+    try:
+        service(run=run, actor=request.user)
+        messages.success(request, f"Run #{run.pk}: {action} done.")
+    except DomainError as exc:
+        messages.error(request, str(exc))
+        status = 409
+    if request.htmx:  # type: ignore[attr-defined]
+        return render(
+            request, "training/run_detail.html#live", _run_context(request, run_id), status=status
+        )
+    return redirect("training:run_detail", project_slug=project.slug, run_id=run.pk)
+
+
+@require_http_methods(["GET", "POST"])
+@project_view(role=Role.ADMIN)
+def training_settings(request: HttpRequest) -> HttpResponse:
+    project = request.project  # type: ignore[attr-defined]
+    policy = services.idle_policy_get(project)
+    status = 200
+    if request.method == "POST":
+        form = IdlePolicyForm(request.POST)
+        if form.is_valid():
+            try:
+                services.idle_policy_update(
+                    project=project, actor=request.user, **form.cleaned_data
+                )
+            except DomainError as exc:
+                form.add_error(exc.field if exc.field in form.fields else None, str(exc))
+            else:
+                messages.success(request, "Training settings saved.")
+                return redirect("training:settings", project_slug=project.slug)
+        status = 422
+    else:
+        form = IdlePolicyForm.for_policy(policy)
+    context = {
+        "form": form,
+        "policy": policy,
+        "idle_status": services.project_idle_status(project=project, policy=policy),
+    }
+    return render(request, "training/settings.html", context, status=status)
