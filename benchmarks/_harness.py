@@ -41,7 +41,10 @@ def ensure_database(env: dict[str, str]) -> None:
         if not exists:
             conn.execute(f'CREATE DATABASE "{name}"')
     subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True
+        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
+        cwd=ROOT,
+        env=env,
+        check=True,
     )
 
 
@@ -64,7 +67,9 @@ class Server:
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> Server:
-        self.process = subprocess.Popen(self.command, cwd=ROOT, env=self.env, start_new_session=True)
+        self.process = subprocess.Popen(
+            self.command, cwd=ROOT, env=self.env, start_new_session=True
+        )
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
@@ -104,14 +109,18 @@ class LoadResult:
         return statistics.median(self.latencies) * 1000 if self.latencies else float("nan")
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+    """``(status, body, server_closes)`` of one HTTP/1.1 response."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     status = int(lines[0].split()[1])
     length = 0
     chunked = False
+    closes = False
     for line in lines[1:]:
         lower = line.lower()
+        if lower.startswith(b"connection:") and b"close" in lower:
+            closes = True
         if lower.startswith(b"content-length:"):
             length = int(line.split(b":", 1)[1])
         elif lower.startswith(b"transfer-encoding:") and b"chunked" in lower:
@@ -124,8 +133,8 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
             if size == 0:
                 break
             body += chunk[:-2]
-        return status, body
-    return status, await reader.readexactly(length) if length else b""
+        return status, body, closes
+    return status, (await reader.readexactly(length) if length else b""), closes
 
 
 def build_request(method: str, path: str, body: bytes, headers: dict[str, str]) -> bytes:
@@ -152,15 +161,19 @@ async def run_load(
     async def worker(n: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         i = 0
+        closes = False
         try:
             while True:
                 request = make_request(n, i)
                 t0 = time.perf_counter()
                 if t0 >= stop_at:
                     break
+                if closes:  # the server does not keep connections alive
+                    writer.close()
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 writer.write(request)
                 await writer.drain()
-                status, _ = await _read_response(reader)
+                status, _, closes = await _read_response(reader)
                 t1 = time.perf_counter()
                 i += 1
                 if t0 >= measure_from:

@@ -16,10 +16,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import uuid
 
-from _harness import Server, bench_env, build_request, django_setup, ensure_database, free_port, run_load
+from _harness import (
+    Server,
+    bench_env,
+    build_request,
+    django_setup,
+    ensure_database,
+    free_port,
+    run_load,
+)
 
 
 def setup_project(env: dict[str, str]) -> str:
@@ -58,6 +67,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--batch-clients", type=int, default=4)
+    parser.add_argument(
+        "--server", choices=["gthread", "sync", "uvicorn"], default="sync",
+        help="gunicorn sync workers (default: requests spread evenly over the processes), "
+        "gunicorn gthread (keep-alive connections stick to one process), or uvicorn (ASGI)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     env = bench_env("metaclaw_bench", redis_db=9)
@@ -66,13 +80,21 @@ def main() -> None:
     port = free_port()
     run_id = uuid.uuid4().hex[:8]
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    command = [
-        sys.executable, "-m", "gunicorn", "metaclaw_site.wsgi:application",
-        "--bind", f"127.0.0.1:{port}", "--workers", str(args.workers),
-        "--worker-class", "gthread", "--threads", "4", "--keep-alive", "30",
-        "--log-level", "warning",
-    ]  # fmt: skip
-    print(f"server: gunicorn, {args.workers} workers x 4 threads; PostgreSQL + Redis; 2-core machine")
+    if args.server == "uvicorn":
+        command = [
+            sys.executable, "-m", "uvicorn", "metaclaw_site.asgi:application", "--host", "127.0.0.1",
+            "--port", str(port), "--workers", str(args.workers), "--no-access-log",
+            "--log-level", "warning",
+        ]  # fmt: skip
+    else:
+        command = [
+            sys.executable, "-m", "gunicorn", "metaclaw_site.wsgi:application",
+            "--bind", f"127.0.0.1:{port}", "--workers", str(args.workers),
+            "--worker-class", args.server, "--log-level", "warning",
+        ] + (["--threads", "4", "--keep-alive", "30"] if args.server == "gthread" else [])  # fmt: skip
+    print(
+        f"server: {args.server}, {args.workers} workers; PostgreSQL + Redis; {os.cpu_count()} cores"
+    )
     with Server(command, env, port):
 
         def single(worker: int, i: int) -> bytes:
@@ -80,7 +102,9 @@ def main() -> None:
             body = json.dumps(incident(f"{run_id}-s-{worker}-{i}", n)).encode()
             return build_request("POST", "/api/v1/incidents", body, headers)
 
-        result = asyncio.run(run_load(port, single, concurrency=args.clients, duration=args.duration))
+        result = asyncio.run(
+            run_load(port, single, concurrency=args.clients, duration=args.duration)
+        )
         print(
             f"single  /api/v1/incidents        clients={args.clients:>3}  "
             f"{result.rps:8.0f} incidents/s  p50={result.p50:6.1f} ms  p99={result.pct(99):6.1f} ms  "

@@ -261,7 +261,7 @@ async def sequential_pair(
             request = spec[1](i)
             t0 = time.perf_counter()
             writer.write(request)
-            status, _ = await _read_response(reader)
+            status, _, _ = await _read_response(reader)
             elapsed = time.perf_counter() - t0
             if i >= warmup:
                 lat[name].append(elapsed)
@@ -363,9 +363,9 @@ def measure_api(port: int, key: str, args) -> None:
 async def _one(port: int, request: bytes) -> tuple[int, bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(request)
-    result = await _read_response(reader)
+    status, body, _ = await _read_response(reader)
     writer.close()
-    return result
+    return status, body
 
 
 def litellm_venv() -> Path | None:

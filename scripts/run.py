@@ -43,7 +43,9 @@ def ensure_environment(skip_install: bool) -> None:
     if skip_install:
         return
     marker = VENV / ".metaclaw-installed"
-    stamp = str((ROOT / "pyproject.toml").stat().st_mtime) + str((ROOT / "constraints.txt").stat().st_mtime)
+    stamp = str((ROOT / "pyproject.toml").stat().st_mtime) + str(
+        (ROOT / "constraints.txt").stat().st_mtime
+    )
     if marker.exists() and marker.read_text() == stamp:
         return
     step("Installing MetaClaw and its dependencies (first run only; a minute or two)")
@@ -76,11 +78,15 @@ def environment(port: int) -> dict[str, str]:
 
 
 def manage(env: dict[str, str], *args: str) -> None:
-    subprocess.run([str(venv_python()), str(ROOT / "manage.py"), *args], check=True, env=env, cwd=ROOT)
+    subprocess.run(
+        [str(venv_python()), str(ROOT / "manage.py"), *args], check=True, env=env, cwd=ROOT
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--no-demo", action="store_true", help="Do not load the demo data.")
@@ -89,7 +95,11 @@ def main() -> None:
 
     ensure_environment(args.skip_install)
     env = environment(args.port)
-    mode = "production services (PostgreSQL/Redis)" if env.get("DATABASE_URL") else "embedded (SQLite + filesystem broker)"
+    mode = (
+        "production services (PostgreSQL/Redis)"
+        if env.get("DATABASE_URL")
+        else "embedded (SQLite + filesystem broker)"
+    )
     step(f"Mode: {mode}")
     step("Migrating the database")
     manage(env, "migrate", "--noinput", "-v", "0")
@@ -123,10 +133,14 @@ def main() -> None:
         print(f"  Log in as {data['username']} / {data['password']}")
         print(f"  API key:  {data['api_key']}")
         print("  Try it:")
-        print(f"    curl -s -X POST {url}api/v1/incidents -H 'Authorization: Bearer {data['api_key']}' \\")
+        print(
+            f"    curl -s -X POST {url}api/v1/incidents -H 'Authorization: Bearer {data['api_key']}' \\"
+        )
         print("      -H 'Content-Type: application/json' \\")
-        print("      -d '{\"id\": \"first-1\", \"agent\": {\"name\": \"my-agent\"}, \"kind\": \"tool_error\", "
-              "\"error\": {\"type\": \"ValueError\", \"message\": \"bad date 2026-13-01\"}}'")
+        print(
+            '      -d \'{"id": "first-1", "agent": {"name": "my-agent"}, "kind": "tool_error", '
+            '"error": {"type": "ValueError", "message": "bad date 2026-13-01"}}\''
+        )
         print(f"    curl -s {url}api/v1/groups -H 'Authorization: Bearer {data['api_key']}'")
     print(f"  API docs: {url}api/v1/docs")
     print("Press Ctrl-C to stop.", flush=True)

@@ -283,6 +283,4 @@ def demo_proposals_load(project: Project) -> int:
             incident_services.group_synthesis_finish(
                 group_id=group.pk, status=SynthesisStatus.PROPOSED
             )
-    return SkillRevision.objects.filter(
-        skill__project=project, origin=Origin.DEMO_FIXTURE
-    ).count()
+    return SkillRevision.objects.filter(skill__project=project, origin=Origin.DEMO_FIXTURE).count()

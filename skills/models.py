@@ -258,6 +258,9 @@ class LlmUsage(models.Model):
             models.UniqueConstraint(fields=["project", "day"], name="llm_usage_unique_day"),
         ]
 
+    def __str__(self) -> str:
+        return f"{self.project} {self.day}: {self.tokens_in + self.tokens_out} tokens"
+
 
 # --- Notifications (approval requests and decisions sent to Slack, webhooks and e-mail) -----
 

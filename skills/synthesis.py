@@ -224,15 +224,35 @@ def skill_regressions_detect(
     Marks those groups regressed and asks for a revision of the skill (unless one is pending
     already: then the incidents are just more evidence). Runs inside the ingest transaction.
     Returns the regressed group ids."""
-    hits = list(
-        SkillRevision.objects.filter(
-            policy_versions__project=project,
-            policy_versions__status=VersionStatus.ACTIVE,
-            source_groups__id__in=group_ids,
-        ).values_list("id", "skill_id", "skill__slug", "status_changed_at", "source_groups__id")
+    # This runs on every ingest, so it is split into small single-table reads: a five-table
+    # join here cost ~3 ms of PostgreSQL planning per request, more than the ingest itself.
+    sources = list(
+        SkillRevision.source_groups.through.objects.filter(
+            incidentgroup_id__in=group_ids
+        ).values_list("skillrevision_id", "incidentgroup_id")
     )
-    if not hits:
+    if not sources:
         return []
+    active = set(
+        PolicyVersion.revisions.through.objects.filter(
+            skillrevision_id__in={revision_id for revision_id, _ in sources},
+            policyversion__project=project,
+            policyversion__status=VersionStatus.ACTIVE,
+        ).values_list("skillrevision_id", flat=True)
+    )
+    if not active:
+        return []
+    details = {
+        row[0]: row
+        for row in SkillRevision.objects.filter(pk__in=active).values_list(
+            "id", "skill_id", "skill__slug", "status_changed_at"
+        )
+    }
+    hits = [
+        (*details[revision_id], group_id)
+        for revision_id, group_id in sources
+        if revision_id in details
+    ]
     regressed: list[int] = []
     for revision_id, skill_id, slug, approved_at, group_id in hits:
         if group_id not in group_ids:

@@ -16,7 +16,9 @@ _seq = itertools.count(1)
 
 def make_project(name: str | None = None, **fields: Any) -> Project:
     n = next(_seq)
-    project = services.project_create(name=name or f"Project {n}", slug=f"{(name or 'project')}-{n}")
+    project = services.project_create(
+        name=name or f"Project {n}", slug=f"{(name or 'project')}-{n}"
+    )
     if fields:
         Project.objects.filter(pk=project.pk).update(**fields)
         project.refresh_from_db()
@@ -59,7 +61,10 @@ def incident_payload(client_id: str | None = None, **overrides: Any) -> dict[str
                     {
                         "id": "call_1",
                         "type": "function",
-                        "function": {"name": "search_orders", "arguments": '{"since": "last week"}'},
+                        "function": {
+                            "name": "search_orders",
+                            "arguments": '{"since": "last week"}',
+                        },
                     }
                 ],
             },
@@ -81,7 +86,9 @@ class ApiClient:
 
     def post(self, path: str, body: Any, key: str | None = None, raw: bool = False):
         data = body if raw else json.dumps(body)
-        return self.client.post(path, data=data, content_type="application/json", **self._headers(key))
+        return self.client.post(
+            path, data=data, content_type="application/json", **self._headers(key)
+        )
 
     def get(self, path: str, key: str | None = None, **params: Any):
         return self.client.get(path, data=params, **self._headers(key))

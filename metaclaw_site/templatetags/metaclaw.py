@@ -28,5 +28,5 @@ def sparkline(series: list[int], width: int = 70, height: int = 20) -> SafeStrin
     return mark_safe(  # noqa: S308 - integers only, see above
         f'<svg class="spark" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
         f'role="img" aria-label="Incidents per day over the last {len(counts)} days: {label}">'
-        f'{"".join(rects)}</svg>'
+        f"{''.join(rects)}</svg>"
     )

@@ -62,11 +62,18 @@ def test_overlapping_batches_do_not_deadlock_or_lose_counts():
     key = factories.make_key(project, scopes=["ingest"])
     kinds = ["tool_error", "timeout", "wrong_answer", "other"]
     bodies = [
-        {"items": [factories.incident_payload(f"b{n}-{i}", kind=kinds[(i + n) % 4]) for i in range(20)]}
+        {
+            "items": [
+                factories.incident_payload(f"b{n}-{i}", kind=kinds[(i + n) % 4]) for i in range(20)
+            ]
+        }
         for n in range(4)
     ]
     statuses = _post_concurrently(bodies, key, path="/api/v1/incidents/batch")
 
     assert statuses == [207] * 4
     assert Incident.objects.filter(project=project).count() == 80
-    assert sum(IncidentGroup.objects.filter(project=project).values_list("event_count", flat=True)) == 80
+    assert (
+        sum(IncidentGroup.objects.filter(project=project).values_list("event_count", flat=True))
+        == 80
+    )

@@ -41,7 +41,10 @@ def test_group_list_query_count_does_not_grow_with_data(
     # session, user, project, membership, count, page, sparklines, agents, switcher
     with django_assert_num_queries(9):
         client.get(f"/p/{project.slug}/groups/")
-    more = [factories.incident_payload(f"q-{i}", error={"type": f"X{i}", "message": "m"}) for i in range(30)]
+    more = [
+        factories.incident_payload(f"q-{i}", error={"type": f"X{i}", "message": "m"})
+        for i in range(30)
+    ]
     api.post("/api/v1/incidents/batch", {"items": more}, key=ingest_key)
     with django_assert_num_queries(9):
         client.get(f"/p/{project.slug}/groups/")

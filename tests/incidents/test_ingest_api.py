@@ -68,7 +68,12 @@ def test_a_new_incident_in_a_resolved_group_marks_it_regressed(api, project, ing
     group = IncidentGroup.objects.get()
     assert group.status == GroupStatus.REGRESSED
     assert group.regressed_at is not None
-    assert AuditEvent.objects.filter(action="incident_group.regressed", object_id=str(group.pk)).count() == 1
+    assert (
+        AuditEvent.objects.filter(
+            action="incident_group.regressed", object_id=str(group.pk)
+        ).count()
+        == 1
+    )
 
 
 def test_invalid_incident_answers_422_naming_each_bad_field(api, ingest_key):
@@ -169,7 +174,10 @@ def test_trajectories_batch_stores_turns_idempotently(api, project, ingest_key):
         {
             "id": "t-1",
             "session_id": "s-1",
-            "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+            ],
             "reward": 1.0,
             "outcome": "success",
             "policy_version": 1,

@@ -64,7 +64,9 @@ def test_get_one_incident_and_group(api, ingest_key):
 
 def test_a_key_never_sees_another_projects_incidents(api, project, other_project, ingest_key):
     other_key = factories.make_key(other_project, scopes=["ingest"])
-    stored = api.post("/api/v1/incidents", factories.incident_payload("mine"), key=ingest_key).json()
+    stored = api.post(
+        "/api/v1/incidents", factories.incident_payload("mine"), key=ingest_key
+    ).json()
 
     assert api.get(f"/api/v1/incidents/{stored['id']}", key=other_key).status_code == 404
     assert api.get(f"/api/v1/groups/{stored['group_id']}", key=other_key).status_code == 404

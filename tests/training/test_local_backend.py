@@ -311,7 +311,7 @@ def test_without_torch_the_backend_says_what_to_install(
 
     monkeypatch.setitem(sys.modules, "torch", None)
 
-    with pytest.raises(BackendError, match="constraints-train.txt"):
+    with pytest.raises(BackendError, match="constraints.txt"):
         LocalBackend().evaluate(samples=SAMPLES, config=_config(tmp_path), adapter_ref=None)
 
 

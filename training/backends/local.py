@@ -69,8 +69,7 @@ DEFAULT_CACHE_DIR = Path(
 )
 
 _INSTALL_HINT = (
-    "local training needs torch, transformers and peft: "
-    'pip install -c constraints-train.txt ".[train]"'
+    'local training needs torch, transformers and peft: pip install -c constraints.txt ".[train]"'
 )
 
 
