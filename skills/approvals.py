@@ -26,7 +26,7 @@ from django.core import signing
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator, validate_email
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.urls import reverse
 from django.utils import timezone
 
@@ -666,7 +666,9 @@ def notification_claim(*, notification_id: int) -> Notification | None:
     claimed = Notification.objects.filter(
         pk=notification_id,
         status__in=[NotificationStatus.PENDING, NotificationStatus.RETRYING],
-    ).update(status=NotificationStatus.SENDING, attempts=F("attempts") + 1)
+    ).update(
+        status=NotificationStatus.SENDING, attempts=F("attempts") + 1, claimed_at=timezone.now()
+    )
     if claimed != 1:
         return None
     return Notification.objects.select_related("project").get(pk=notification_id)
@@ -704,11 +706,20 @@ def notification_fail(*, notification_id: int, error: str, final: bool) -> None:
 
 
 def notifications_pending(*, older_than_seconds: int) -> list[int]:
-    """Rows whose task message was lost (the broker was down at commit)."""
-    cutoff = timezone.now() - timedelta(seconds=older_than_seconds)
+    """Rows whose task message was lost: PENDING ones (the broker was down at commit), and
+    SENDING or RETRYING ones whose worker died or whose retry message vanished. Those are put
+    back to RETRYING so that a new task can claim them."""
+    now = timezone.now()
+    # A live attempt is killed by the task time limit, so twice that is safely dead.
+    stale = now - timedelta(seconds=max(older_than_seconds, 2 * settings.CELERY_TASK_TIME_LIMIT))
+    Notification.objects.filter(
+        status__in=[NotificationStatus.SENDING, NotificationStatus.RETRYING], claimed_at__lt=stale
+    ).update(status=NotificationStatus.RETRYING, claimed_at=now)
+    cutoff = now - timedelta(seconds=older_than_seconds)
     return list(
         Notification.objects.filter(
-            status=NotificationStatus.PENDING, created_at__lt=cutoff
+            Q(status=NotificationStatus.PENDING, created_at__lt=cutoff)
+            | Q(status=NotificationStatus.RETRYING, claimed_at=now)
         ).values_list("pk", flat=True)[:500]
     )
 

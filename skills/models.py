@@ -307,6 +307,8 @@ class Notification(models.Model):
     )
     attempts = models.PositiveIntegerField(default=0)
     last_error = models.TextField(blank=True, default="")
+    # When a worker last claimed it: a row left SENDING long after this lost its worker.
+    claimed_at = models.DateTimeField(null=True, blank=True)
     sent_at = models.DateTimeField(null=True, blank=True)
     # Slack: the message's response_url from the latest interaction with it (valid 30 min), so a
     # decision can update the message in place instead of posting a follow-up.

@@ -226,11 +226,14 @@ def skill_regressions_detect(
     Returns the regressed group ids."""
     # This runs on every ingest, so it is split into small single-table reads: a five-table
     # join here cost ~3 ms of PostgreSQL planning per request, more than the ingest itself.
-    sources = list(
-        SkillRevision.source_groups.through.objects.filter(
-            incidentgroup_id__in=group_ids
-        ).values_list("skillrevision_id", "incidentgroup_id")
-    )
+    through = SkillRevision.source_groups.through._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT skillrevision_id, incidentgroup_id FROM {through} "
+            f"WHERE incidentgroup_id IN ({', '.join(['%s'] * len(group_ids))})",
+            list(group_ids),
+        )
+        sources = cursor.fetchall()
     if not sources:
         return []
     active = set(

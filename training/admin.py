@@ -34,7 +34,7 @@ class TrainingRunAdmin(admin.ModelAdmin):
 @admin.register(DatasetSnapshot)
 class DatasetSnapshotAdmin(admin.ModelAdmin):
     list_display = ("id", "project", "content_hash", "train_count", "eval_count", "created_at")
-    exclude = ("samples", "trajectory_ids")
+    exclude = ("samples", "trajectory_ids", "incident_ids")
 
     def has_change_permission(self, request, obj=None) -> bool:
         return False

@@ -91,12 +91,15 @@ class IdleWindowPolicy(models.Model):
 class DatasetSnapshot(models.Model):
     """The cleaned samples one run trains and evaluates on, frozen when the run starts.
 
-    ``samples`` rows: ``{"trajectory_id", "session", "split": "train"|"eval", "kind":
-    "sft"|"corrected"|"rl", "messages", "reward", "group", "tokens"}``."""
+    ``samples`` rows: ``{"trajectory_id", "incident_id", "session", "split": "train"|"eval",
+    "kind": "sft"|"corrected"|"rl"|"incident", "messages", "reward", "group", "tokens"}`` (one
+    of the two ids is set, the other is None)."""
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="datasets")
     objective = models.CharField(max_length=8, choices=Objective.choices, default=Objective.SFT)
     trajectory_ids = models.JSONField(default=list)
+    # Incidents (failures) the samples came from: negative RL samples or corrected answers.
+    incident_ids = models.JSONField(default=list, blank=True)
     samples = models.JSONField(default=list)
     content_hash = models.CharField(max_length=64, db_index=True)
     report = models.JSONField(default=dict)

@@ -448,13 +448,19 @@ def _near_duplicates(texts: list[str], threshold: float) -> list[bool]:
 
 @dataclass
 class _Candidate:
-    trajectory_id: str
+    trajectory_id: str | None
     session: str
     kind: str
     chat: list[dict[str, str]]
     reward: float | None
     tokens: int
     received_at: datetime
+    occurred_at: datetime | None = None
+    incident_id: str | None = None
+
+
+# An incident is a failure: without a reward of its own it counts as this for the RL objective.
+INCIDENT_DEFAULT_REWARD = -1.0
 
 
 def dataset_build(
@@ -464,14 +470,24 @@ def dataset_build(
     now: datetime | None = None,
     chunk_size: int = 2000,
 ) -> DatasetSnapshot:
-    """Snapshot and clean the project's usable trajectories into a new ``DatasetSnapshot``.
+    """Snapshot and clean the project's usable trajectories and incidents into a new
+    ``DatasetSnapshot``.
 
     Drops, in this order and counted in ``report["dropped"]``: data from rolled-back versions,
     data from an older skill generation (support/query separation), conversations with no
     answer to learn, answers with no positive signal (SFT), over-long samples that cannot be
     cut, exact and near duplicates, and the oldest samples beyond the token budget. Secrets and
-    personal data are redacted. The split into train/eval is by session."""
-    from incidents.models import Trajectory
+    personal data are redacted. The split into train/eval is by session.
+
+    Incidents are failures and pass the same cleaning. An incident whose ``metadata`` holds a
+    person's ``"corrected_answer"`` (a non-empty string) is a ``corrected`` sample for either
+    objective (reward 1.0: the corrected answer is the one to imitate). Otherwise it is used
+    only by the RL objective, as an ``incident`` sample with a negative reward (its own
+    ``reward`` when set, else ``INCIDENT_DEFAULT_REWARD``); SFT skips it (``incident_not_
+    corrected``). Ignored incidents (a person said they are no failure) are left out. An
+    incident without a session is split with the rest of its incident group, so one failure's
+    repeats never sit on both sides of the split."""
+    from incidents.models import Incident, IncidentStatus, Trajectory
 
     now = now or _now()
     policy = policy or idle_policy_get(project)
@@ -481,7 +497,21 @@ def dataset_build(
     redactor = Redactor()
     cut = 0
     considered = 0
+    incidents_considered = 0
     candidates: list[_Candidate] = []
+
+    def admit(messages: Any, response: Any, corrected: str) -> list[dict[str, str]] | str:
+        """The cut and redacted chat, or the reason it is dropped."""
+        nonlocal cut
+        chat = conversation_from(messages, response, corrected)
+        if chat is None:
+            return "no_answer_to_learn"
+        fitted = cut_to_fit(chat, policy.max_sample_tokens)
+        if fitted is None:
+            return "too_long"
+        if fitted is not chat:
+            cut += 1
+        return [{"role": m["role"], "content": redactor.text(m["content"])} for m in fitted]
 
     rows = (
         Trajectory.objects.filter(project=project, received_at__lte=now)
@@ -496,19 +526,15 @@ def dataset_build(
             "outcome",
             "corrected_answer",
             "received_at",
+            "occurred_at",
         )
     )
     for row in rows.iterator(chunk_size=chunk_size):
-        tid, session, version, messages, response, reward, outcome, corrected, received = row
+        tid, session, version, messages, response, reward, outcome, corrected, received, at = row
         considered += 1
-        if version is not None and version in generation.rolled_back:
-            dropped["rolled_back_version"] += 1
-            continue
-        if version is None and not generation.accept_unversioned:
-            dropped["stale_generation"] += 1
-            continue
-        if version is not None and version not in generation.allowed:
-            dropped["stale_generation"] += 1
+        stale = _stale_reason(version, generation)
+        if stale:
+            dropped[stale] += 1
             continue
         if corrected:
             kind = "corrected"
@@ -519,17 +545,10 @@ def dataset_build(
         else:
             dropped["no_positive_signal"] += 1
             continue
-        chat = conversation_from(messages, response, corrected)
-        if chat is None:
-            dropped["no_answer_to_learn"] += 1
+        chat = admit(messages, response, corrected)
+        if isinstance(chat, str):
+            dropped[chat] += 1
             continue
-        fitted = cut_to_fit(chat, policy.max_sample_tokens)
-        if fitted is None:
-            dropped["too_long"] += 1
-            continue
-        if fitted is not chat:
-            cut += 1
-        chat = [{"role": m["role"], "content": redactor.text(m["content"])} for m in fitted]
         candidates.append(
             _Candidate(
                 trajectory_id=str(tid),
@@ -539,8 +558,65 @@ def dataset_build(
                 reward=(1.0 if kind == "corrected" and reward is None else reward),
                 tokens=estimate_tokens(chat),
                 received_at=received,
+                occurred_at=at,
             )
         )
+
+    incident_rows = (
+        Incident.objects.filter(project=project, received_at__lte=now)
+        .order_by("occurred_at", "received_at", "id")
+        .values_list(
+            "id",
+            "session_id",
+            "group_id",
+            "policy_version",
+            "messages",
+            "reward",
+            "status",
+            "metadata",
+            "received_at",
+            "occurred_at",
+        )
+    )
+    for row in incident_rows.iterator(chunk_size=chunk_size):
+        iid, session, group_id, version, messages, reward, status, metadata, received, at = row
+        incidents_considered += 1
+        if status == IncidentStatus.IGNORED:
+            dropped["ignored_incident"] += 1
+            continue
+        stale = _stale_reason(version, generation)
+        if stale:
+            dropped[stale] += 1
+            continue
+        corrected = (metadata or {}).get("corrected_answer") if isinstance(metadata, dict) else ""
+        corrected = corrected.strip() if isinstance(corrected, str) else ""
+        if corrected:
+            kind, sample_reward = "corrected", 1.0
+        elif objective == Objective.RL:
+            kind = "incident"
+            sample_reward = reward if reward is not None else INCIDENT_DEFAULT_REWARD
+        else:
+            dropped["incident_not_corrected"] += 1
+            continue
+        chat = admit(messages, None, corrected)
+        if isinstance(chat, str):
+            dropped[chat] += 1
+            continue
+        candidates.append(
+            _Candidate(
+                trajectory_id=None,
+                incident_id=str(iid),
+                session=session or f"incident-group:{group_id}",
+                kind=kind,
+                chat=chat,
+                reward=sample_reward,
+                tokens=estimate_tokens(chat),
+                received_at=received,
+                occurred_at=at,
+            )
+        )
+    # One timeline, so the token budget below keeps the newest of both.
+    candidates.sort(key=lambda c: (c.occurred_at or c.received_at, c.received_at))
 
     # Exact duplicates: the same conversation (after redaction) counts once.
     seen: set[str] = set()
@@ -573,15 +649,21 @@ def dataset_build(
     samples = _split_and_group(project.pk, within, policy.eval_fraction)
     content_hash = hashlib.sha256(
         json.dumps(
-            [[s["trajectory_id"], s["split"], s["messages"], s["reward"]] for s in samples],
+            [
+                [s["trajectory_id"] or s["incident_id"], s["split"], s["messages"], s["reward"]]
+                for s in samples
+            ],
             sort_keys=True,
         ).encode()
     ).hexdigest()
     train = [s for s in samples if s["split"] == "train"]
     evaluation = [s for s in samples if s["split"] == "eval"]
     kinds = Counter(s["kind"] for s in samples)
+    incident_ids = [s["incident_id"] for s in samples if s["incident_id"]]
     report = {
         "considered": considered,
+        "incidents_considered": incidents_considered,
+        "incidents": len(incident_ids),
         "kept": len(samples),
         "train": len(train),
         "eval": len(evaluation),
@@ -598,7 +680,8 @@ def dataset_build(
     return DatasetSnapshot.objects.create(
         project=project,
         objective=objective,
-        trajectory_ids=[s["trajectory_id"] for s in samples],
+        trajectory_ids=[s["trajectory_id"] for s in samples if s["trajectory_id"]],
+        incident_ids=incident_ids,
         samples=samples,
         content_hash=content_hash,
         report=report,
@@ -607,6 +690,17 @@ def dataset_build(
         train_count=len(train),
         eval_count=len(evaluation),
     )
+
+
+def _stale_reason(version: int | None, generation: Generation) -> str:
+    """Why data gathered under ``version`` may not train the current generation ("" if it may)."""
+    if version is not None and version in generation.rolled_back:
+        return "rolled_back_version"
+    if version is None and not generation.accept_unversioned:
+        return "stale_generation"
+    if version is not None and version not in generation.allowed:
+        return "stale_generation"
+    return ""
 
 
 def _dedup_text(chat: list[dict[str, str]]) -> str:
@@ -634,6 +728,7 @@ def _split_and_group(
     return [
         {
             "trajectory_id": c.trajectory_id,
+            "incident_id": c.incident_id,
             "session": c.session,
             "split": split[c.session],
             "kind": c.kind,
@@ -1350,3 +1445,44 @@ def training_schedule_tick(*, project: Project, now: datetime | None = None) -> 
         )
     except Conflict:
         return None
+
+
+# --- Closing the loop offline: the proxy forwards to our own adapter server -----------------
+
+
+@transaction.atomic
+def project_upstream_set(
+    *, project: Project, base_url: str, actor: Any = None, actor_label: str = ""
+) -> Project:
+    """Point the project's proxy (``/v1/chat/completions``) at ``base_url``, an
+    OpenAI-compatible endpoint such as ``serve_adapter``'s; ``""`` falls back to the site-wide
+    upstream. Locks the project row so two commands cannot interleave their audit events."""
+    from django.core.exceptions import ValidationError
+    from django.core.validators import URLValidator
+
+    _require_admin(project, actor)
+    base_url = base_url.strip().rstrip("/")
+    if base_url:
+        try:
+            URLValidator(schemes=["http", "https"])(base_url)
+        except ValidationError as exc:
+            raise DomainError(
+                f"'{base_url}' is not an http(s) URL.", field="upstream_base_url"
+            ) from exc
+    locked = Project.objects.select_for_update().get(pk=project.pk)
+    before = locked.upstream_base_url
+    if before == base_url:
+        return locked
+    locked.upstream_base_url = base_url
+    locked.save(update_fields=["upstream_base_url"])
+    audit_record(
+        action="project.upstream.update",
+        project=locked,
+        actor=actor,
+        actor_label=actor_label,
+        obj=locked,
+        before={"upstream_base_url": before},
+        after={"upstream_base_url": base_url},
+    )
+    project.upstream_base_url = base_url
+    return locked

@@ -208,6 +208,36 @@ def test_a_transient_slack_failure_is_retried_until_it_is_delivered(
     assert notification.last_error == ""
 
 
+def test_a_notification_whose_worker_died_while_sending_is_sent_again_by_the_sweep(
+    django_capture_on_commit_callbacks, slack, slack_project
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from skills.tasks import sweep_pending_notifications
+
+    revision = propose(slack_project, django_capture_on_commit_callbacks)
+    notification = Notification.objects.get(revision=revision, channel="slack")
+    # A worker claimed it and died mid-send: SENDING, and nobody will come back to it.
+    long_ago = timezone.now() - timedelta(hours=1)
+    Notification.objects.filter(pk=notification.pk).update(
+        status=NotificationStatus.SENDING, claimed_at=long_ago, sent_at=None
+    )
+    posts_before = len(slack.of("webhook"))
+
+    assert sweep_pending_notifications() == 1
+
+    notification.refresh_from_db()
+    assert notification.status == NotificationStatus.SENT
+    assert len(slack.of("webhook")) == posts_before + 1
+    # A fresh SENDING row (a live worker) is left alone.
+    Notification.objects.filter(pk=notification.pk).update(
+        status=NotificationStatus.SENDING, claimed_at=timezone.now()
+    )
+    assert sweep_pending_notifications() == 0
+
+
 def test_a_removed_slack_webhook_fails_at_once_without_retrying(
     django_capture_on_commit_callbacks, slack, slack_project
 ):

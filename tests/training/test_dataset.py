@@ -8,9 +8,11 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from incidents.schemas import TrajectoryIn
-from incidents.services import trajectories_ingest
+from incidents.models import Incident
+from incidents.schemas import IncidentIn, TrajectoryIn
+from incidents.services import incidents_ingest, trajectories_ingest
 from skills import services as skill_services
+from tests import factories
 from training import services
 from training.demo import demo_trajectories_load
 from training.models import DatasetSnapshot
@@ -243,3 +245,128 @@ def test_demo_data_loads_once_and_gives_the_cleaning_report_content(project):
     assert dataset.report["redactions"]
     assert dataset.report["kinds"]["corrected"] >= 1
     assert dataset.train_count > dataset.eval_count > 0
+
+
+def failure(
+    question: str,
+    answer: str,
+    *,
+    session: str = "",
+    version: int | None = 1,
+    reward: float | None = None,
+    corrected: str = "",
+    error: str = "",
+) -> IncidentIn:
+    n = next(_ids)
+    return IncidentIn.model_validate(
+        factories.incident_payload(
+            f"i-{n}",
+            kind="wrong_answer",
+            error={"type": "WrongAnswer", "message": error or f"wrong answer {n}"},
+            messages=[
+                SYSTEM,
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": answer},
+            ],
+            feedback={"text": "Not what I asked", "score": -1, "reward": reward},
+            metadata={"corrected_answer": corrected} if corrected else {},
+            session_id=session,
+            policy_version=version,
+            occurred_at=timezone.now() - timedelta(hours=1) + timedelta(seconds=n),
+        )
+    )
+
+
+def report_incidents(project, *items: IncidentIn) -> None:
+    incidents_ingest(project=project, items=list(items))
+
+
+def test_rl_datasets_take_incidents_as_negative_samples_cleaned_like_trajectories(project):
+    services.idle_policy_update(project=project, objective="rl")
+    ingest(project, turn("Where is my parcel?", "Tracking says Friday.", session="a"))
+    report_incidents(
+        project,
+        failure("Where is my parcel?", "I cannot know that.", session="b"),
+        failure("Cancel my plan", "Plans never cancel.", reward=-0.5, version=None),
+        failure(
+            "My key sk-live-4f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c fails",
+            "Keys never fail.",
+            corrected="Rotate the key under Settings > API keys.",
+        ),
+        failure("Export my invoices", "Exports are gone."),
+        failure("Export my invoices", "Exports are gone."),
+    )
+    ignored = failure("Is this a bug?", "It is not.", error="not a bug at all")
+    report_incidents(project, ignored)
+    Incident.objects.filter(project=project, client_id=ignored.id).update(status="ignored")
+
+    dataset = services.dataset_build(project=project)
+
+    rows = {s["messages"][-1]["content"]: s for s in dataset.samples}
+    assert set(rows) == {
+        "Tracking says Friday.",
+        "I cannot know that.",
+        "Plans never cancel.",
+        "Rotate the key under Settings > API keys.",
+        "Exports are gone.",
+    }
+    wrong = rows["I cannot know that."]
+    assert wrong["kind"] == "incident" and wrong["reward"] == services.INCIDENT_DEFAULT_REWARD
+    assert wrong["trajectory_id"] is None and wrong["incident_id"]
+    # The failure and the good answer to the same prompt share the RL baseline.
+    assert wrong["group"] == rows["Tracking says Friday."]["group"] is not None
+    assert rows["Plans never cancel."]["reward"] == -0.5
+    corrected = rows["Rotate the key under Settings > API keys."]
+    assert corrected["kind"] == "corrected" and corrected["reward"] == 1.0
+    assert "sk-live" not in str(corrected) and "[REDACTED:api_key]" in str(corrected)
+    report = dataset.report
+    assert report["considered"] == 1 and report["incidents_considered"] == 6
+    assert report["incidents"] == 4 == len(dataset.incident_ids)
+    assert report["dropped"] == {"exact_duplicate": 1, "ignored_incident": 1}
+    assert report["kinds"] == {"corrected": 1, "incident": 3, "sft": 1}
+    assert sorted(dataset.incident_ids) == sorted(
+        s["incident_id"] for s in dataset.samples if s["incident_id"]
+    )
+    assert len(dataset.trajectory_ids) == 1
+
+
+def test_sft_datasets_use_an_incident_only_with_a_corrected_answer(project):
+    ingest(project, turn("Where are my invoices?", "Billing > Invoices."))
+    report_incidents(
+        project,
+        failure("Where is my parcel?", "I cannot know that."),
+        failure("Refund me", "No.", corrected="Refunds are under Billing > Payments."),
+    )
+
+    dataset = services.dataset_build(project=project)
+
+    assert sorted(_answers(dataset)) == [
+        "Billing > Invoices.",
+        "Refunds are under Billing > Payments.",
+    ]
+    assert dataset.report["dropped"] == {"incident_not_corrected": 1}
+    assert dataset.report["kinds"] == {"corrected": 1, "sft": 1}
+    assert dataset.report["incidents"] == 1
+
+
+def test_incidents_from_an_older_skill_generation_or_a_rolled_back_version_are_not_used(project):
+    v2 = _approve(project, "check-order-id")
+    v3 = _approve(project, "escalate-refunds")
+    skill_services.policy_version_rollback(
+        to_version=v2, actor=None, actor_label="test", reason="B made refunds worse"
+    )
+    assert (v2.number, v3.number) == (2, 3)
+    fix = "Order {n} ships Monday."
+    report_incidents(
+        project,
+        *[
+            failure(f"Where is order {n}?", "Lost.", version=version, corrected=fix.format(n=n))
+            for n, version in ((1, 1), (2, None), (3, 2), (4, 3))
+        ],
+    )
+
+    dataset = services.dataset_build(project=project)
+
+    assert dataset.report["dropped"] == {"rolled_back_version": 1, "stale_generation": 2}
+    assert _answers(dataset) == ["Order 3 ships Monday."]
+    assert dataset.report["incidents_considered"] == 4
