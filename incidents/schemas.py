@@ -118,6 +118,14 @@ OutcomeLiteral = Literal["success", "failure", "unknown"]
 
 class TrajectoryIn(StrictIn):
     id: str | None = Field(default=None, min_length=1, max_length=200)
+
+    @field_validator("id")
+    @classmethod
+    def id_is_printable(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or not value.isprintable()):
+            raise ValueError("must be printable text")
+        return value
+
     session_id: str = Field(default="", max_length=200)
     turn_type: Literal["main", "side"] = "main"
     agent: AgentIn | None = None

@@ -38,7 +38,10 @@ def project_view(role: str = Role.VIEWER) -> Callable:
             request.current_project = project  # type: ignore[attr-defined]
             if request.session.get(CurrentProjectMiddleware.SESSION_KEY) != project.slug:
                 request.session[CurrentProjectMiddleware.SESSION_KEY] = project.slug
-            return view(request, *args, **kwargs)
+            try:
+                return view(request, *args, **kwargs)
+            except NotFound as exc:  # an object of another project, or none: a plain 404
+                raise Http404(str(exc)) from exc
 
         return wrapper
 

@@ -10,12 +10,32 @@ from .models import Project
 
 
 class ApiBodyLimitMiddleware:
-    """Answer 413 with a JSON body before reading an over-large API request."""
+    """Answer 413 with a JSON body before reading an over-large API request, and 400 for a
+    query string PostgreSQL cannot take."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
+        # NUL cannot be stored or even compared in PostgreSQL text: refuse it in any query
+        # parameter up front instead of failing deep inside a filter with a 500.
+        for name, values in request.GET.lists():
+            if "\x00" in name or any("\x00" in value for value in values):
+                return JsonResponse(
+                    {
+                        "detail": f"The query parameter '{name.replace(chr(0), '')}' contains "
+                        "a NUL character.",
+                        "code": "invalid",
+                        "errors": [
+                            {
+                                "field": name.replace("\x00", ""),
+                                "message": "NUL character",
+                                "type": "invalid",
+                            }
+                        ],
+                    },
+                    status=400,
+                )
         limit = self._limit_for(request.path)
         if limit is not None:
             try:

@@ -743,6 +743,9 @@ def _clean_url(value: str, field: str) -> str:
         raise DomainError("Enter a valid http(s) URL.", field=field) from exc
     if len(value) > 200:
         raise DomainError("The URL is longer than 200 characters.", field=field)
+    refusal = notify.url_refusal(value)
+    if refusal is not None:
+        raise DomainError(refusal, field=field)
     return value
 
 

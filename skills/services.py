@@ -598,9 +598,22 @@ def policy_version_promote(
     _require_role(actor, project, Role.ADMIN)
     if version.status != VersionStatus.CANDIDATE:
         raise Conflict(_version_decided_message(version))
+    active = _active_version(project)
+    if active is not None and version.parent_id not in (None, active.pk):
+        # Built on a version that is no longer active (e.g. skills were approved while an
+        # adapter trained): promoting it as is would silently undo those changes.
+        theirs = set(version.revisions.values_list("pk", flat=True))
+        ours = set(active.revisions.values_list("pk", flat=True))
+        if theirs != ours:
+            parent = PolicyVersion.objects.filter(pk=version.parent_id).first()
+            raise Conflict(
+                f"v{version.number} was built on v{parent.number if parent else '?'}, but "
+                f"v{active.number} is active now with other skills; promoting v{version.number} "
+                f"would undo those changes. Offer a new candidate built on v{active.number}."
+            )
     _activate(
         project=project,
-        old=_active_version(project),
+        old=active,
         new=version,
         kind=ReleaseKind.PROMOTION,
         actor=actor,

@@ -264,9 +264,9 @@ def version_detail(request: HttpRequest, number: int) -> HttpResponse:
 def version_diff(request: HttpRequest) -> HttpResponse:
     project = request.project  # type: ignore[attr-defined]
     active = selectors.active_version(project)
-    to_number = request.GET.get("to") or (active.number if active else 1)
-    from_number = request.GET.get("from") or max(1, int(to_number) - 1)
     try:
+        to_number = int(request.GET.get("to") or (active.number if active else 1))
+        from_number = int(request.GET.get("from") or max(1, to_number - 1))
         result = selectors.versions_diff(project, from_number, to_number)
     except (NotFound, ValueError) as exc:
         raise Http404("No such policy version in this project.") from exc

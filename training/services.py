@@ -483,10 +483,11 @@ def dataset_build(
     person's ``"corrected_answer"`` (a non-empty string) is a ``corrected`` sample for either
     objective (reward 1.0: the corrected answer is the one to imitate). Otherwise it is used
     only by the RL objective, as an ``incident`` sample with a negative reward (its own
-    ``reward`` when set, else ``INCIDENT_DEFAULT_REWARD``); SFT skips it (``incident_not_
-    corrected``). Ignored incidents (a person said they are no failure) are left out. An
-    incident without a session is split with the rest of its incident group, so one failure's
-    repeats never sit on both sides of the split."""
+    ``reward`` when set, else ``INCIDENT_DEFAULT_REWARD``); SFT skips it, counted as
+    ``incident_not_corrected``. Ignored incidents (a person said they are no failure) are left
+    out. An incident without a session is split with the rest of its incident group, so one
+    failure's repeats never sit on both sides of the split. Readiness counts incidents by the
+    same rule."""
     from incidents.models import Incident, IncidentStatus, Trajectory
 
     now = now or _now()
@@ -766,8 +767,10 @@ def _last_cutoff(project: Project) -> datetime | None:
 def project_training_readiness(
     *, project: Project, now: datetime | None = None, policy: IdleWindowPolicy | None = None
 ) -> Readiness:
-    """Enough new usable samples since the last successful run, and within the daily budget."""
-    from incidents.models import Trajectory
+    """Enough new usable samples (trajectories and incidents, counted as ``dataset_build``
+    would use them, before deduplication) since the last successful run, and within the daily
+    budget."""
+    from incidents.models import Incident, IncidentStatus, Trajectory
 
     now = now or _now()
     policy = policy or idle_policy_get(project)
@@ -775,10 +778,20 @@ def project_training_readiness(
     qs = Trajectory.objects.filter(project=project, received_at__lte=now).filter(
         _version_filter(generation), _signal_filter(policy.objective)
     )
+    incidents = (
+        Incident.objects.filter(project=project, received_at__lte=now)
+        .filter(_version_filter(generation))
+        .exclude(status=IncidentStatus.IGNORED)
+    )
+    if policy.objective != Objective.RL:
+        incidents = incidents.filter(metadata__has_key="corrected_answer").exclude(
+            metadata__corrected_answer=""
+        )
     cutoff = _last_cutoff(project)
     if cutoff is not None:
         qs = qs.filter(received_at__gt=cutoff)
-    new_samples = qs.count()
+        incidents = incidents.filter(received_at__gt=cutoff)
+    new_samples = qs.count() + incidents.count()
     runs_last_day = (
         TrainingRun.objects.filter(project=project, created_at__gt=now - timedelta(days=1))
         .exclude(status=RunStatus.CANCELLED)

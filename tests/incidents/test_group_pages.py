@@ -79,3 +79,25 @@ def test_a_viewer_cannot_resolve_but_a_reviewer_can(client, project, groups):
     group.refresh_from_db()
     assert group.status == GroupStatus.RESOLVED
     assert "Group updated." in response.content.decode()
+
+
+def test_a_member_asking_for_another_projects_group_gets_404(client, project, other_project, api):
+    other_key = factories.make_key(other_project, scopes=["ingest"])
+    api.post("/api/v1/incidents", factories.incident_payload("x"), key=other_key)
+    foreign = IncidentGroup.objects.get(project=other_project)
+    client.force_login(factories.make_member(project, "reviewer"))
+
+    assert client.get(f"/p/{project.slug}/groups/{foreign.id}/").status_code == 404
+    assert client.get(f"/p/{project.slug}/groups/999999/").status_code == 404
+    response = client.post(f"/p/{project.slug}/groups/{foreign.id}/status/", {"status": "resolved"})
+    assert response.status_code == 404
+    foreign.refresh_from_db()
+    assert foreign.status == GroupStatus.UNRESOLVED
+
+
+def test_a_nul_character_in_a_filter_is_a_400_not_a_500(client, api, project, ingest_key):
+    client.force_login(factories.make_member(project, "viewer"))
+    assert client.get(f"/p/{project.slug}/groups/?agent=a%00b").status_code == 400
+    response = api.get("/api/v1/incidents", key=ingest_key, agent="a\x00b")
+    assert response.status_code == 400
+    assert response.json()["errors"][0]["field"] == "agent"

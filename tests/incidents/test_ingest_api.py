@@ -192,3 +192,11 @@ def test_trajectories_batch_stores_turns_idempotently(api, project, ingest_key):
     assert second["results"][0]["id"] == first["results"][0]["id"]
     trajectory = Trajectory.objects.get()
     assert (trajectory.session_id, trajectory.reward, trajectory.policy_version) == ("s-1", 1.0, 1)
+
+
+def test_a_trajectory_id_with_a_nul_is_refused_per_item(api, ingest_key):
+    items = [{"id": "t\u0000x", "messages": [{"role": "user", "content": "hi"}]}]
+    body = api.post("/api/v1/trajectories/batch", {"items": items}, key=ingest_key).json()
+    assert body["results"][0]["status"] == 422
+    assert body["results"][0]["errors"][0]["field"] == "id"
+    assert Trajectory.objects.count() == 0

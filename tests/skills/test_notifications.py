@@ -190,6 +190,8 @@ def test_slack_failures_are_retried_and_a_final_failure_is_recorded_on_the_notif
     assert notification.status == NotificationStatus.FAILED
     assert notification.attempts == 5
     assert "answered 500" in notification.last_error
+    # The receiver's response body is not stored (nor shown): the status line only.
+    assert "server_error" not in notification.last_error
     assert AuditEvent.objects.filter(
         action="notification.failed", object_id=str(notification.pk)
     ).exists()
@@ -284,6 +286,7 @@ def test_a_webhook_signed_with_the_wrong_secret_is_refused_and_recorded_as_faile
     notification = Notification.objects.get(channel="webhook")
     assert notification.status == NotificationStatus.FAILED
     assert "answered 401" in notification.last_error
+    assert "bad signature" not in notification.last_error
 
 
 def test_reviewers_get_personal_links_by_email_that_act_without_a_login(
@@ -618,3 +621,81 @@ def test_send_a_test_message_reaches_every_configured_channel(
     ).content.decode()
     assert part.strip().startswith('<div id="deliveries">')
     assert part.count('class="delivery delivery-sent"') == 3
+
+
+# --- Outbound addresses (SSRF) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080/hook",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.5/hook",
+        "http://192.168.1.1/hook",
+        "http://[::1]/hook",
+        "http://[::ffff:127.0.0.1]/hook",
+        "http://0.0.0.0/hook",
+        "http://224.0.0.1/hook",
+        "http://localhost/hook",
+    ],
+)
+def test_private_and_loopback_addresses_are_refused_unless_allowed(settings, url):
+    from skills import notify
+
+    settings.METACLAW_ALLOW_PRIVATE_WEBHOOKS = False
+    assert notify.url_refusal(url) is not None
+    settings.METACLAW_ALLOW_PRIVATE_WEBHOOKS = True
+    assert notify.url_refusal(url) is None
+
+
+def test_a_public_address_is_allowed(settings):
+    from skills import notify
+
+    settings.METACLAW_ALLOW_PRIVATE_WEBHOOKS = False
+    assert notify.url_refusal("https://93.184.216.34/hook") is None
+
+
+def test_integration_settings_refuse_a_loopback_or_metadata_webhook_url(
+    client, settings, slack, project
+):
+    settings.METACLAW_ALLOW_PRIVATE_WEBHOOKS = False
+    client.force_login(factories.make_member(project, "admin"))
+    url = f"/p/{project.slug}/integrations/"
+
+    loopback = client.post(url, {"webhook_url": slack.hook_url, "approval_link_ttl_hours": "72"})
+    metadata = client.post(
+        url,
+        {
+            "slack_webhook_url": "http://169.254.169.254/latest/meta-data/",
+            "approval_link_ttl_hours": "72",
+        },
+    )
+
+    assert loopback.status_code == metadata.status_code == 422
+    assert loopback.context["error_field"] == "webhook_url"
+    assert metadata.context["error_field"] == "slack_webhook_url"
+    project.refresh_from_db()
+    assert project.webhook_url == "" and project.slack_webhook_url == ""
+
+
+def test_a_send_to_a_private_address_is_refused_at_send_time_and_recorded(
+    django_capture_on_commit_callbacks, settings, slack, project
+):
+    # Stored before the check existed, or a name that now resolves to a private address.
+    project = configure(
+        project,
+        slack_webhook_url=slack.webhook_url,
+        webhook_url=slack.hook_url,
+        webhook_secret="whsec-test",
+    )
+    settings.METACLAW_ALLOW_PRIVATE_WEBHOOKS = False
+
+    propose(project, django_capture_on_commit_callbacks)
+
+    assert slack.of("webhook") == [] and slack.of("hook") == []
+    for channel in ("slack", "webhook"):
+        notification = Notification.objects.get(channel=channel)
+        assert notification.status == NotificationStatus.FAILED
+        assert notification.attempts == 1
+        assert "Refused to send to 127.0.0.1" in notification.last_error

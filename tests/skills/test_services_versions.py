@@ -352,6 +352,23 @@ def test_promoting_a_candidate_makes_it_the_only_active_version(project, admin):
     assert (release.from_version.number, release.to_version.number, release.actor) == (1, 2, admin)
 
 
+def test_promote_refuses_a_candidate_built_before_skills_were_approved(
+    project, admin, reviewer
+):
+    candidate = services.policy_version_create_candidate(
+        project=project, adapter_ref="tinker://run/1", base_model="m", changelog="c"
+    )
+    services.skill_revision_approve(revision=propose(project), actor=reviewer)
+    before = snapshot(project)
+
+    with pytest.raises(Conflict, match="would undo those changes"):
+        services.policy_version_promote(version=candidate, actor=admin)
+
+    assert snapshot(project) == before
+    candidate.refresh_from_db()
+    assert candidate.status == "candidate"
+
+
 def test_a_reviewer_cannot_promote(project, reviewer):
     candidate = services.policy_version_create_candidate(
         project=project, adapter_ref="a", base_model="m", changelog="c"

@@ -437,3 +437,9 @@ def test_pages_issue_a_fixed_number_of_queries(
     _grow(api, ingest_key, project, 6)
     with django_assert_num_queries(QUERIES[page]):
         assert admin_client.get(path).status_code == 200
+
+
+def test_a_version_diff_with_a_non_numeric_version_is_a_404(client, project):
+    client.force_login(factories.make_member(project, "viewer"))
+    assert client.get(f"/p/{project.slug}/versions/diff/?to=abc").status_code == 404
+    assert client.get(f"/p/{project.slug}/versions/diff/?from=x&to=1").status_code == 404

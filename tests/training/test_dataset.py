@@ -347,6 +347,7 @@ def test_sft_datasets_use_an_incident_only_with_a_corrected_answer(project):
     assert dataset.report["dropped"] == {"incident_not_corrected": 1}
     assert dataset.report["kinds"] == {"corrected": 1, "sft": 1}
     assert dataset.report["incidents"] == 1
+    assert services.project_training_readiness(project=project).new_samples == 2
 
 
 def test_incidents_from_an_older_skill_generation_or_a_rolled_back_version_are_not_used(project):
@@ -370,3 +371,4 @@ def test_incidents_from_an_older_skill_generation_or_a_rolled_back_version_are_n
     assert dataset.report["dropped"] == {"rolled_back_version": 1, "stale_generation": 2}
     assert _answers(dataset) == ["Order 3 ships Monday."]
     assert dataset.report["incidents_considered"] == 4
+    assert services.project_training_readiness(project=project).new_samples == 1

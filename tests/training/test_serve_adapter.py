@@ -105,12 +105,13 @@ def test_serve_adapter_refuses_an_adapter_that_is_not_a_local_folder(project, tm
 def tiny_adapter(tmp_path):
     pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
-    from training.backends.local import load_model_and_tokenizer
+    from training.backends.local import _quiet_peft, load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer("tiny-random-smollm2")
     lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", task_type="CAUSAL_LM")
     folder = tmp_path / "runs" / "7" / "adapter"
-    peft.get_peft_model(model, lora).save_pretrained(str(folder))
+    with _quiet_peft():
+        peft.get_peft_model(model, lora).save_pretrained(str(folder))
     return folder
 
 

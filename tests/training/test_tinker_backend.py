@@ -218,11 +218,15 @@ def test_sample_answers_greedily_with_and_without_the_adapter(fake):
 
     assert tuned == ["fake answer [steps=5]", "fake answer [steps=5]"]
     assert base == ["fake answer [steps=0]"]
-    request = fake.requests_to("asample")[0].json
-    assert request["sampling_params"]["top_k"] == 1
-    assert request["sampling_params"]["max_tokens"] == 64
-    prompt = bytes(request["prompt"]["chunks"][0]["tokens"])
-    assert prompt == b"<|user|>\nDisk full?\n<|assistant|>\n"
+    # The prompts are sampled concurrently: their requests may arrive in either order.
+    requests = [r.json for r in fake.requests_to("asample")[:2]]
+    assert all(r["sampling_params"]["top_k"] == 1 for r in requests)
+    assert all(r["sampling_params"]["max_tokens"] == 64 for r in requests)
+    prompts_sent = {bytes(r["prompt"]["chunks"][0]["tokens"]) for r in requests}
+    assert prompts_sent == {
+        b"<|user|>\nDisk full?\n<|assistant|>\n",
+        b"<|user|>\nHi\n<|assistant|>\n",
+    }
 
 
 # -- failures ---------------------------------------------------------------------------------

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from django.utils import timezone
 
 from tests import factories
 from training import services
-from training.models import IdleWindowPolicy, RunStatus, TrainingRun
+from training.models import DatasetSnapshot, IdleWindowPolicy, RunStatus, TrainingRun
 
 pytestmark = pytest.mark.django_db
 
@@ -89,6 +90,33 @@ def test_the_run_page_shows_the_loss_chart_evaluation_and_answers_side_by_side(c
     assert "2.4000" in html and "1.9000" in html
     assert "Open Billing &gt; Invoices." in html
     assert 'hx-trigger="every 2s"' not in html  # finished: no polling
+
+
+def test_the_run_page_counts_the_incidents_in_its_dataset(client, project):
+    login(client, project, "viewer")
+    run = _finished_run(project)
+    dataset = DatasetSnapshot.objects.create(
+        project=project,
+        content_hash="0" * 64,
+        cutoff_at=timezone.now(),
+        incident_ids=["a", "b"],
+        report={
+            "considered": 5,
+            "incidents_considered": 7,
+            "incidents": 2,
+            "kept": 4,
+            "train": 3,
+            "eval": 1,
+            "dropped": {"incident_not_corrected": 5},
+        },
+    )
+    TrainingRun.objects.filter(pk=run.pk).update(dataset=dataset)
+
+    html = client.get(_url(project, f"runs/{run.pk}/")).content.decode()
+
+    assert "Incidents considered</dt><dd>7<" in html
+    assert "2 from incidents" in html
+    assert "used only by RL" in html
 
 
 def test_another_projects_run_is_not_found(client, project, other_project):
