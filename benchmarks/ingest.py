@@ -90,7 +90,7 @@ def main() -> None:
         command = [
             sys.executable, "-m", "gunicorn", "metaclaw_site.wsgi:application",
             "--bind", f"127.0.0.1:{port}", "--workers", str(args.workers),
-            "--worker-class", args.server, "--log-level", "warning",
+            "--worker-class", args.server, "--log-level", "warning", "--preload",
         ] + (["--threads", "4", "--keep-alive", "30"] if args.server == "gthread" else [])  # fmt: skip
     print(
         f"server: {args.server}, {args.workers} workers; PostgreSQL + Redis; {os.cpu_count()} cores"
@@ -103,7 +103,7 @@ def main() -> None:
             return build_request("POST", "/api/v1/incidents", body, headers)
 
         result = asyncio.run(
-            run_load(port, single, concurrency=args.clients, duration=args.duration)
+            run_load(port, single, concurrency=args.clients, duration=args.duration, warmup=3)
         )
         print(
             f"single  /api/v1/incidents        clients={args.clients:>3}  "

@@ -75,6 +75,8 @@ class IncidentGroup(models.Model):
         max_length=16, choices=SynthesisStatus.choices, default=SynthesisStatus.NONE
     )
     synthesis_requested_at = models.DateTimeField(null=True, blank=True)
+    # When a worker claimed the group (WAITING → RUNNING): a RUNNING group is stale by this.
+    synthesis_claimed_at = models.DateTimeField(null=True, blank=True)
     synthesis_error = models.TextField(blank=True, default="")
     synthesis_attempts = models.PositiveIntegerField(default=0)
     events_at_synthesis = models.PositiveIntegerField(default=0)

@@ -9,3 +9,8 @@ django_application = get_asgi_application()
 from skills.proxy import fast_lane  # noqa: E402
 
 application = fast_lane(django_application)
+
+# Import the URL configuration now, at boot, rather than inside the first request.
+from django.urls import get_resolver  # noqa: E402
+
+get_resolver().url_patterns  # noqa: B018 - the access is the point: it imports them

@@ -15,6 +15,7 @@ app.autodiscover_tasks()
 app.conf.beat_schedule = {
     "sweep-waiting-groups": {"task": "skills.tasks.sweep_waiting_groups", "schedule": 15.0},
     "check-idle-windows": {"task": "training.tasks.check_idle_windows", "schedule": 60.0},
+    "sweep-slack-interactions": {"task": "skills.tasks.sweep_slack_interactions", "schedule": 60.0},
     "sweep-pending-notifications": {
         "task": "skills.tasks.sweep_pending_notifications",
         "schedule": 60.0,

@@ -4,3 +4,9 @@ from django.core.wsgi import get_wsgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "metaclaw_site.settings")
 application = get_wsgi_application()
+
+# Import the URL configuration (and with it every app's API, views and their imports) now,
+# at boot, rather than inside the first request each worker serves.
+from django.urls import get_resolver  # noqa: E402
+
+get_resolver().url_patterns  # noqa: B018 - the access is the point: it imports them

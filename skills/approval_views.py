@@ -4,6 +4,7 @@ the rules."""
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 
@@ -21,7 +22,7 @@ from metaclaw_site.decorators import project_view
 from metaclaw_site.models import Membership, Role
 from metaclaw_site.services import DomainError
 
-from . import approvals, notify
+from . import approvals
 from .models import ApprovalAction, SkillRevision
 
 logger = logging.getLogger(__name__)
@@ -99,23 +100,31 @@ def link(request: HttpRequest, token: str) -> HttpResponse:
 @require_POST
 def slack_interactions(request: HttpRequest) -> HttpResponse:
     """Slack's interactivity request URL. Verifies the signature, stores the click once and
-    answers at once (Slack wants an answer within 3 s); a task does the work."""
+    answers at once (Slack wants an answer within 3 s); a task does the work.
+
+    The signature is checked over the raw body before the payload is parsed: the secrets to
+    try come from a light scan of the raw body (our button value's project id, never a JSON
+    parse) and the site-wide secret, so an unsigned body costs no JSON parsing."""
     raw_body = request.body
     form = QueryDict(raw_body, encoding="utf-8")
     raw_payload = form.get("payload", "")
+    verified_secret = approvals.slack_signature_secret(
+        raw_payload=raw_payload,
+        body=raw_body,
+        timestamp=request.headers.get("X-Slack-Request-Timestamp"),
+        signature=request.headers.get("X-Slack-Signature"),
+    )
+    if verified_secret is None:
+        return JsonResponse({"detail": "Invalid or stale Slack signature."}, status=401)
     try:
         payload = json.loads(raw_payload)
         if not isinstance(payload, dict):
             raise ValueError("payload is not an object")
-    except ValueError:
+        project, secret = approvals.slack_signing_secret_for(payload)
+    except (ValueError, RecursionError):
         return JsonResponse({"detail": "Expected a form field 'payload' with JSON."}, status=400)
-    project, secret = approvals.slack_signing_secret_for(payload)
-    if not notify.slack_signature_valid(
-        secret=secret,
-        body=raw_body,
-        timestamp=request.headers.get("X-Slack-Request-Timestamp"),
-        signature=request.headers.get("X-Slack-Signature"),
-    ):
+    if not hmac.compare_digest(secret.encode(), verified_secret.encode()):
+        # Signed with another project's secret than the one the payload names.
         return JsonResponse({"detail": "Invalid or stale Slack signature."}, status=401)
     _, created = approvals.slack_interaction_record(
         project=project, raw_payload=raw_payload, payload=payload

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, timedelta
@@ -866,6 +867,43 @@ def membership_link_slack(*, project: Project, user: Any, slack_user_id: str) ->
     return membership
 
 
+# Our button value ({"p":<project id>,...}) as it appears JSON-encoded inside the payload.
+_PROJECT_IN_PAYLOAD = re.compile(r'\\"p\\"\s*:\s*(\d{1,9})\b')
+
+
+def slack_signature_secret(
+    *, raw_payload: str, body: bytes, timestamp: str | None, signature: str | None
+) -> str | None:
+    """The secret that verifies a Slack request's signature over its raw ``body``, or None.
+    Tried: the secrets of the (at most three) projects our button values in the raw payload
+    name, found by a bounded scan (no JSON parsing of unverified input), then the site-wide
+    secret. The caller still checks that the verified payload names a project with this
+    secret."""
+    if not timestamp or not signature:
+        return None
+    ids: list[int] = []
+    for match in _PROJECT_IN_PAYLOAD.finditer(raw_payload or ""):
+        project_id = int(match.group(1))
+        if project_id not in ids:
+            ids.append(project_id)
+        if len(ids) == 3:
+            break
+    candidates = [
+        secret
+        for secret in Project.objects.filter(pk__in=ids)
+        .exclude(slack_signing_secret="")
+        .values_list("slack_signing_secret", flat=True)
+    ]
+    if settings.SLACK_SIGNING_SECRET:
+        candidates.append(settings.SLACK_SIGNING_SECRET)
+    for secret in candidates:
+        if notify.slack_signature_valid(
+            secret=secret, body=body, timestamp=timestamp, signature=signature
+        ):
+            return secret
+    return None
+
+
 def slack_signing_secret_for(payload: dict) -> tuple[Project | None, str]:
     """The project a Slack payload names (through our button's value) and the secret to verify
     it with. The payload is untrusted until verified; a forged project id only picks a secret
@@ -874,7 +912,7 @@ def slack_signing_secret_for(payload: dict) -> tuple[Project | None, str]:
     try:
         value = json.loads(payload["actions"][0]["value"])
         project = Project.objects.filter(pk=int(value["p"])).first()
-    except (KeyError, IndexError, TypeError, ValueError):
+    except (KeyError, IndexError, TypeError, ValueError, RecursionError):
         project = None
     secret = (project.slack_signing_secret if project else "") or settings.SLACK_SIGNING_SECRET
     return project, secret
@@ -951,7 +989,7 @@ def slack_interaction_handle(*, interaction_id: int) -> SlackReply | None:
     try:
         value = json.loads(payload["actions"][0]["value"])
         kind, object_id, state = value["k"], int(value["id"]), str(value["s"])
-    except (KeyError, IndexError, TypeError, ValueError):
+    except (KeyError, IndexError, TypeError, ValueError, RecursionError):
         return _slack_refuse(interaction, "MetaClaw did not recognise this button.")
     if project is None:
         return _slack_refuse(interaction, "MetaClaw did not recognise this project.")
@@ -1023,6 +1061,44 @@ def slack_interaction_handle(*, interaction_id: int) -> SlackReply | None:
             ),
         )
     return None
+
+
+# Slack accepts replies through a response_url for 30 minutes; a click older than that is not
+# acted on any more.
+SLACK_INTERACTION_MAX_AGE = timedelta(minutes=30)
+
+
+def slack_interactions_stuck(*, older_than_seconds: int) -> list[int]:
+    """Interactions nobody finished. PROCESSING ones whose worker died (older than twice the
+    task time limit) and RECEIVED ones older than Slack's response window are marked FAILED
+    (the clicker may click again; a decision that did happen changed the object's state, so a
+    second click is refused as already decided). RECEIVED ones whose task message was lost
+    (the broker was down at commit) are returned, for the sweep to enqueue again; the claim
+    in ``slack_interaction_handle`` makes a duplicate message a no-op."""
+    now = timezone.now()
+    dead = now - timedelta(seconds=max(older_than_seconds, 2 * settings.CELERY_TASK_TIME_LIMIT))
+    SlackInteraction.objects.filter(
+        status=InteractionStatus.PROCESSING, created_at__lt=dead
+    ).update(
+        status=InteractionStatus.FAILED,
+        result="The worker processing this click stopped; click again if nothing changed.",
+        processed_at=now,
+    )
+    SlackInteraction.objects.filter(
+        status=InteractionStatus.RECEIVED, created_at__lt=now - SLACK_INTERACTION_MAX_AGE
+    ).update(
+        status=InteractionStatus.FAILED,
+        result="This click was not processed in time; click again.",
+        processed_at=now,
+    )
+    return list(
+        SlackInteraction.objects.filter(
+            status=InteractionStatus.RECEIVED,
+            created_at__lt=now - timedelta(seconds=older_than_seconds),
+        )
+        .order_by("created_at")
+        .values_list("pk", flat=True)[:500]
+    )
 
 
 def slack_interaction_fail(*, interaction_id: int, error: str) -> None:

@@ -325,11 +325,18 @@ def policy_cache_clear() -> None:
 _FENCED_METADATA = re.compile(
     r"^[^\n]*\((?:untrusted )?(?:metadata|context)\)[^\n]*:\s*\n```.*?```\s*", re.S | re.M | re.I
 )
-_WRAPPER_BLOCKS = re.compile(
+# The opening tag of a wrapper block; its closing tag is found with ``str.find`` (a lazy
+# ``<tag>.*?</tag>`` regex is quadratic on input full of unclosed tags).
+_WRAPPER_OPEN = re.compile(
     r"<(system[-_]reminder|environment[-_]details|env|metadata|context|system|"
-    r"session[-_]info)\b[^>]*>.*?</\1>",
-    re.S | re.I,
+    r"session[-_]info)\b[^<>]{0,500}>",
+    re.I,
 )
+# Each message is cut to its last MAX_CLEAN_CHARS characters before cleaning, and at most
+# MAX_QUERY_MESSAGES user messages are looked at: retrieval cost stays bounded per request.
+MAX_CLEAN_CHARS = MAX_QUERY_CHARS * 4
+MAX_QUERY_MESSAGES = 16
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 _BRACKET_PREFIX = re.compile(r"^\s*\[[^\]\n]{1,120}\]\s*", re.M)
 _HEADER_LINE = re.compile(
     r"^\s*(?:current (?:date|time)|date|time|timestamp|now|session(?: id)?|user(?: id)?|"
@@ -357,12 +364,41 @@ def content_text(content: Any) -> str:
 def clean_request_text(text: str) -> str:
     """Strip what agent frameworks wrap around a user's words (metadata blocks, reminders,
     timestamps, header lines), which would otherwise pull the same skills every turn."""
+    text = text[-MAX_CLEAN_CHARS:]
     text = _FENCED_METADATA.sub("", text)
-    text = _WRAPPER_BLOCKS.sub("", text)
+    text = _strip_wrapper_blocks(text)
     text = _SECTION_RE.sub("", text)
     text = _HEADER_LINE.sub("", text)
     text = _BRACKET_PREFIX.sub("", text)
     return text.strip()
+
+
+def _strip_wrapper_blocks(text: str) -> str:
+    """Remove ``<tag ...>...</tag>`` wrapper blocks (case-insensitive tag names), in time
+    linear in the text: the next closing tag of each name is searched for at most once per
+    position it can be at."""
+    lower = text.translate(_ASCII_LOWER)  # same length as ``text``, unlike str.lower()
+    next_close: dict[str, int] = {}  # tag name -> position of its next closing tag, or -1
+    out: list[str] = []
+    kept_from = 0
+    pos = 0
+    while True:
+        match = _WRAPPER_OPEN.search(text, pos)
+        if match is None:
+            break
+        name = match.group(1).translate(_ASCII_LOWER)
+        closing = f"</{name}>"
+        close = next_close.get(name)
+        if close is None or (close != -1 and close < match.end()):
+            close = lower.find(closing, match.end())
+            next_close[name] = close
+        if close == -1:  # never closed from here on: not a block
+            pos = match.start() + 1
+            continue
+        out.append(text[kept_from : match.start()])
+        kept_from = pos = close + len(closing)
+    out.append(text[kept_from:])
+    return "".join(out)
 
 
 def query_from_messages(messages: Iterable[Any]) -> str:
@@ -370,10 +406,14 @@ def query_from_messages(messages: Iterable[Any]) -> str:
 
     A terse latest message ("yes, go ahead") takes the previous user message as context."""
     texts: list[str] = []
+    looked_at = 0
     for message in reversed(list(messages)):
         if not isinstance(message, dict) or message.get("role") != "user":
             continue
-        text = clean_request_text(content_text(message.get("content")))
+        looked_at += 1
+        if looked_at > MAX_QUERY_MESSAGES:
+            break
+        text = clean_request_text(content_text(message.get("content"))[-MAX_CLEAN_CHARS:])
         if not text:
             continue
         texts.append(text)

@@ -11,8 +11,10 @@ store (``license``, ``allowed-tools``...) are reported on import.
 from __future__ import annotations
 
 import io
+import lzma
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -201,11 +203,26 @@ def zip_bytes(files: dict[str, str]) -> bytes:
     return buffer.getvalue()
 
 
+# What reading a damaged or unusual archive raises besides BadZipFile: RuntimeError (an
+# encrypted entry), NotImplementedError (an unsupported compression method), zlib.error and
+# EOFError (corrupt or truncated deflate data), OSError / LZMAError (bzip2 / lzma data), and
+# ValueError (bad header fields).
+_ZIP_READ_ERRORS: tuple[type[BaseException], ...] = (
+    RuntimeError,
+    NotImplementedError,
+    zlib.error,
+    EOFError,
+    OSError,
+    lzma.LZMAError,
+    ValueError,
+)
+
+
 def read_zip(data: bytes) -> dict[str, str]:
     """The SKILL.md files in a zip archive (other files are ignored)."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, *_ZIP_READ_ERRORS) as exc:
         raise DomainError("The upload is not a zip archive.", field="file") from exc
     files: dict[str, str] = {}
     total = 0
@@ -216,7 +233,16 @@ def read_zip(data: bytes) -> dict[str, str]:
             total += info.file_size
             if len(files) >= MAX_FILES or total > MAX_TOTAL_BYTES:
                 raise DomainError("The archive is too large.", field="file")
-            files[info.filename] = archive.read(info).decode("utf-8", "replace")
+            try:
+                content = archive.read(info)
+            except (zipfile.BadZipFile, *_ZIP_READ_ERRORS) as exc:
+                # Corrupt data or CRC, an encrypted entry, an unsupported compression method.
+                raise DomainError(
+                    f"The archive entry {info.filename[:200]} cannot be read: "
+                    f"{type(exc).__name__}.",
+                    field="file",
+                ) from exc
+            files[info.filename] = content.decode("utf-8", "replace")
     return files
 
 

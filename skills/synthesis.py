@@ -91,6 +91,11 @@ class InvalidAnswer(Exception):
     pass
 
 
+class SynthesisClaimLost(Exception):
+    """The group was no longer RUNNING when this worker came to record its outcome (a sweep
+    released it, another worker has it): the outcome is rolled back and nothing is recorded."""
+
+
 # --- Entry points ---------------------------------------------------------------------------
 
 
@@ -104,6 +109,9 @@ def group_synthesize(*, group_id: int) -> str | None:
     group = IncidentGroup.objects.select_related("project").get(pk=group_id)
     try:
         return _synthesize_claimed(group)
+    except SynthesisClaimLost:
+        logger.warning("Group %s was released while it was synthesised; result dropped.", group_id)
+        return None
     except llm.LlmTransientError as exc:
         if group.synthesis_attempts >= MAX_ATTEMPTS:
             _finish(group, SynthesisStatus.FAILED, f"{exc} (gave up after {MAX_ATTEMPTS} attempts)")
@@ -199,12 +207,16 @@ def groups_budget_release() -> int:
 
 
 def groups_stale_running_release(*, older_than_seconds: int) -> int:
-    """RUNNING groups whose worker died (no outcome long after the request) go back to WAITING
-    for the sweep; the claim keeps a live worker's result safe."""
+    """RUNNING groups whose worker died (no outcome long after the claim) go back to WAITING
+    for the sweep. Staleness is measured from the claim (``synthesis_claimed_at``), never from
+    the request: a group that waited long before a worker claimed it is not taken from that
+    worker. Groups claimed before the claim was stamped fall back to the request time."""
     cutoff = timezone.now() - timedelta(seconds=older_than_seconds)
     released = 0
     for group_id in IncidentGroup.objects.filter(
-        synthesis_status=SynthesisStatus.RUNNING, synthesis_requested_at__lt=cutoff
+        Q(synthesis_claimed_at__lt=cutoff)
+        | Q(synthesis_claimed_at__isnull=True, synthesis_requested_at__lt=cutoff),
+        synthesis_status=SynthesisStatus.RUNNING,
     ).values_list("id", flat=True)[:500]:
         released += incident_services.group_synthesis_finish(
             group_id=group_id,
@@ -448,15 +460,20 @@ def _decide(
             embedding=[round(float(x), 6) for x in vector],
             actor_label="fast-loop",
         )
-        _finish(group, SynthesisStatus.PROPOSED, "", revision=revision)
+        # No proposal without the transition: if the group is no longer ours, roll it back.
+        if not _finish(group, SynthesisStatus.PROPOSED, "", revision=revision):
+            raise SynthesisClaimLost(f"Group {group.pk} is no longer RUNNING.")
     return SynthesisStatus.PROPOSED
 
 
 def _finish(
     group: IncidentGroup, status: str, reason: str, *, revision: SkillRevision | None = None
-) -> None:
+) -> bool:
+    """Record the outcome (RUNNING → ``status``); False when the group was no longer RUNNING."""
     if incident_services.group_synthesis_finish(group_id=group.pk, status=status, error=reason):
         _audit_outcome(group.pk, status, reason, revision=revision, project=group.project)
+        return True
+    return False
 
 
 def _audit_outcome(
@@ -1054,12 +1071,13 @@ def _propose_evidence_draft(
             prompt_version="",
             actor_label="fast-loop",
         )
-        _finish(
+        if not _finish(
             group,
             SynthesisStatus.NEEDS_SKILL,
             "No LLM is configured; a draft from the evidence awaits a person.",
             revision=revision,
-        )
+        ):
+            raise SynthesisClaimLost(f"Group {group.pk} is no longer RUNNING.")
     return SynthesisStatus.NEEDS_SKILL
 
 

@@ -132,3 +132,17 @@ def process_slack_interaction(interaction_id: int) -> None:
             notify.slack_respond(reply.response_url, reply.body)
         except notify.DeliveryError as exc:
             logger.warning("Slack reply for interaction %s failed: %s", interaction_id, exc)
+
+
+@shared_task(acks_late=True, ignore_result=True)
+def sweep_slack_interactions() -> int:
+    """Finish Slack clicks left behind: enqueue RECEIVED ones whose task message was lost, and
+    mark FAILED the ones a dead worker held or that are too old to answer."""
+    from . import approvals
+
+    ids = approvals.slack_interactions_stuck(
+        older_than_seconds=settings.METACLAW["OUTBOX_SWEEP_AFTER_SECONDS"] * 4
+    )
+    for interaction_id in ids:
+        process_slack_interaction.delay(interaction_id)
+    return len(ids)

@@ -699,3 +699,108 @@ def test_a_send_to_a_private_address_is_refused_at_send_time_and_recorded(
         assert notification.status == NotificationStatus.FAILED
         assert notification.attempts == 1
         assert "Refused to send to 127.0.0.1" in notification.last_error
+
+
+# --- Slack endpoint hardening and the interaction sweep -------------------------------------
+
+
+def _post_signed(client, body: str, secret: str | None):
+    headers = slack_signed_headers(secret, body) if secret else {}
+    return client.post(
+        INTERACTIONS, data=body, content_type="application/x-www-form-urlencoded", **headers
+    )
+
+
+def test_a_deeply_nested_payload_is_refused_without_a_server_error(client, settings):
+    settings.SLACK_SIGNING_SECRET = "site-wide-secret"
+    body = urlencode({"payload": "[" * 100_000 + "]" * 100_000})
+
+    unsigned = _post_signed(client, body, None)
+    wrongly_signed = _post_signed(client, body, "someone-elses-secret")
+    signed = _post_signed(client, body, "site-wide-secret")
+
+    assert unsigned.status_code == wrongly_signed.status_code == 401
+    assert signed.status_code == 400
+    # A signed payload whose button value nests deeply is an unknown button, not a crash.
+    nested_value = json.dumps({"actions": [{"value": "[" * 100_000}]})
+    signed_value = _post_signed(client, urlencode({"payload": nested_value}), "site-wide-secret")
+    assert signed_value.status_code == 200
+    assert SlackInteraction.objects.get().project is None
+
+
+def test_the_signature_is_checked_before_the_payload_is_parsed(client, monkeypatch):
+    import skills.approval_views as views
+
+    parsed = []
+    real_loads = views.json.loads
+    monkeypatch.setattr(
+        views.json, "loads", lambda *a, **k: parsed.append(1) or real_loads(*a, **k)
+    )
+    body = urlencode({"payload": json.dumps({"type": "block_actions"})})
+
+    assert _post_signed(client, body, "not-a-known-secret").status_code == 401
+    assert parsed == []
+
+
+def test_a_click_signed_with_another_secret_than_its_project_has_is_refused(
+    client, django_capture_on_commit_callbacks, slack, slack_project, rita, settings
+):
+    settings.SLACK_SIGNING_SECRET = "site-wide-secret"
+    revision = propose(slack_project, django_capture_on_commit_callbacks)
+    approve = buttons(slack.of("webhook")[0].json)["Approve"]
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response, _ = click(client, slack, approve, secret="site-wide-secret")
+
+    assert response.status_code == 401
+    assert not SlackInteraction.objects.exists()
+    revision.refresh_from_db()
+    assert revision.status == RevisionStatus.PROPOSED
+
+
+def test_the_sweep_processes_a_click_whose_task_was_lost_and_fails_stuck_ones(
+    client, django_capture_on_commit_callbacks, slack, slack_project, rita
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from skills.tasks import sweep_slack_interactions
+
+    revision = propose(slack_project, django_capture_on_commit_callbacks)
+    approve = buttons(slack.of("webhook")[0].json)["Approve"]
+    response, _ = click(client, slack, approve)  # the enqueue never happens (no commit)
+    assert response.status_code == 200
+    lost = SlackInteraction.objects.get()
+    assert lost.status == InteractionStatus.RECEIVED
+    # A fresh click is left to its own task.
+    assert sweep_slack_interactions() == 0
+    now = timezone.now()
+    SlackInteraction.objects.filter(pk=lost.pk).update(created_at=now - timedelta(minutes=5))
+    dead = SlackInteraction.objects.create(
+        dedupe_key="d" * 64,
+        project=slack_project,
+        status=InteractionStatus.PROCESSING,
+        created_at=now - timedelta(hours=1),
+    )
+    too_old = SlackInteraction.objects.create(
+        dedupe_key="o" * 64,
+        project=slack_project,
+        status=InteractionStatus.RECEIVED,
+        created_at=now - timedelta(hours=2),
+    )
+    live = SlackInteraction.objects.create(
+        dedupe_key="l" * 64, project=slack_project, status=InteractionStatus.PROCESSING
+    )
+
+    with django_capture_on_commit_callbacks(execute=True):
+        assert sweep_slack_interactions() == 1
+
+    lost.refresh_from_db()
+    assert lost.status == InteractionStatus.DONE and lost.result == "approved"
+    revision.refresh_from_db()
+    assert revision.status == RevisionStatus.APPROVED
+    for row, status in ((dead, "failed"), (too_old, "failed"), (live, "processing")):
+        row.refresh_from_db()
+        assert row.status == status, row
+    assert "click again" in dead.result

@@ -8,6 +8,7 @@ import zipfile
 import pytest
 from django.core.management import call_command
 
+from metaclaw_site.services import DomainError
 from skills import skillmd
 from skills.models import Origin, RevisionStatus, SkillRevision
 from skills.services import skill_revision_approve, skill_revision_propose
@@ -223,3 +224,62 @@ def test_the_management_commands_round_trip_a_folder_library(project, other_proj
         files["skills/iso-dates/SKILL.md"]
         == (tmp_path / "lib/skills/iso-dates/SKILL.md").read_text()
     )
+
+
+# --- Damaged archives -----------------------------------------------------------------------
+
+
+def _patched_zip(*, compression: int = zipfile.ZIP_STORED, patch=None) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression) as archive:
+        archive.writestr("skills/debug/SKILL.md", FOREIGN * 4)
+    data = bytearray(buffer.getvalue())
+    if patch is not None:
+        patch(data)
+    return bytes(data)
+
+
+def _flip_content_byte(data: bytearray) -> None:
+    data[30 + len("skills/debug/SKILL.md") + 40] ^= 0xFF  # inside the first entry's data
+
+
+def _set_central(offset: int, value: bytes):
+    def patch(data: bytearray) -> None:
+        at = data.index(b"PK\x01\x02") + offset
+        data[at : at + len(value)] = value
+
+    return patch
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(_patched_zip(patch=_flip_content_byte), id="bad-crc"),
+        pytest.param(
+            _patched_zip(compression=zipfile.ZIP_DEFLATED, patch=_flip_content_byte),
+            id="corrupt-deflate",
+        ),
+        pytest.param(_patched_zip(patch=_set_central(8, b"\x01\x00")), id="encrypted"),
+        pytest.param(_patched_zip(patch=_set_central(10, b"\x63\x00")), id="unknown-method"),
+        pytest.param(b"PK\x03\x04" + b"\x00" * 40, id="truncated"),
+    ],
+)
+def test_a_damaged_archive_is_refused_naming_the_file_field(data):
+    with pytest.raises(DomainError) as refused:
+        skillmd.read_zip(data)
+    assert refused.value.field == "file"
+
+
+def test_a_damaged_archive_upload_answers_a_client_error_not_a_server_error(
+    api, project, admin_key
+):
+    response = api.client.post(
+        "/api/v1/skills/import",
+        data=_patched_zip(patch=_set_central(8, b"\x01\x00")),
+        content_type="application/zip",
+        HTTP_AUTHORIZATION=f"Bearer {admin_key}",
+    )
+
+    assert 400 <= response.status_code < 500, response.content
+    assert "file" in response.content.decode()
+    assert not SkillRevision.objects.exists()

@@ -654,8 +654,9 @@ def test_the_sweep_takes_back_a_group_whose_worker_died_mid_synthesis(
 ):
     group = _waiting_group(project)
     assert synthesis.incident_services.group_synthesis_claim(group_id=group.pk)  # then it died
+    two_hours_ago = timezone.now() - timezone.timedelta(hours=2)
     IncidentGroup.objects.filter(pk=group.pk).update(
-        synthesis_requested_at=timezone.now() - timezone.timedelta(hours=2)
+        synthesis_requested_at=two_hours_ago, synthesis_claimed_at=two_hours_ago
     )
     llm_server.enqueue(Reply(content=answer()))
     from skills.tasks import sweep_waiting_groups
@@ -695,3 +696,81 @@ def test_demo_proposals_join_a_draft_a_worker_made_first_and_say_what_they_are(
     for group in IncidentGroup.objects.filter(project=project):
         origins = sorted(group.skill_revisions.values_list("origin", flat=True))
         assert origins == [Origin.DEMO_FIXTURE, Origin.EVIDENCE_DRAFT]
+
+
+def test_a_group_that_waited_long_before_its_claim_is_not_taken_from_its_worker(
+    project, llm_server
+):
+    group = _waiting_group(project)
+    # Requested two hours ago (the broker was down), claimed just now by a live worker.
+    IncidentGroup.objects.filter(pk=group.pk).update(
+        synthesis_requested_at=timezone.now() - timezone.timedelta(hours=2)
+    )
+    before = timezone.now()
+    assert synthesis.incident_services.group_synthesis_claim(group_id=group.pk)
+    group.refresh_from_db()
+    assert group.synthesis_claimed_at is not None and group.synthesis_claimed_at >= before
+    from skills.tasks import sweep_waiting_groups
+
+    sweep_waiting_groups()
+
+    group.refresh_from_db()
+    assert group.synthesis_status == SynthesisStatus.RUNNING
+    assert llm_server.chat_requests() == []
+
+
+def test_a_running_group_claimed_before_the_stamp_existed_is_released_by_its_request_time(
+    project,
+):
+    group = _waiting_group(project)
+    assert synthesis.incident_services.group_synthesis_claim(group_id=group.pk)
+    IncidentGroup.objects.filter(pk=group.pk).update(
+        synthesis_requested_at=timezone.now() - timezone.timedelta(hours=2),
+        synthesis_claimed_at=None,
+    )
+
+    assert synthesis.groups_stale_running_release(older_than_seconds=600) == 1
+
+    group.refresh_from_db()
+    assert group.synthesis_status == SynthesisStatus.WAITING
+
+
+def _release_during_propose(monkeypatch, group):
+    """A sweep puts the group back to WAITING while the worker synthesises (after its claim,
+    before it writes the proposal)."""
+    real = synthesis._similar_skills
+
+    def racing(*args, **kwargs):
+        IncidentGroup.objects.filter(pk=group.pk).update(synthesis_status=SynthesisStatus.WAITING)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synthesis, "_similar_skills", racing)
+
+
+def test_a_proposal_is_rolled_back_when_the_group_was_released_meanwhile(
+    project, llm_server, monkeypatch
+):
+    group = _waiting_group(project)
+    llm_server.enqueue(Reply(content=answer(), usage=USAGE))
+    _release_during_propose(monkeypatch, group)
+
+    assert synthesis.group_synthesize(group_id=group.pk) is None
+
+    group.refresh_from_db()
+    assert group.synthesis_status == SynthesisStatus.WAITING  # for the worker that claims it
+    assert not SkillRevision.objects.exists()
+    assert not AuditEvent.objects.filter(action__startswith="skill_revision").exists()
+
+
+def test_an_evidence_draft_is_rolled_back_when_the_group_was_released_meanwhile(
+    project, settings, monkeypatch
+):
+    settings.LLM = {"BASE_URL": "", "API_KEY": "", "MODEL": "", "TIMEOUT_SECONDS": 1}
+    group = _waiting_group(project)
+    _release_during_propose(monkeypatch, group)
+
+    assert synthesis.group_synthesize(group_id=group.pk) is None
+
+    group.refresh_from_db()
+    assert group.synthesis_status == SynthesisStatus.WAITING
+    assert not SkillRevision.objects.exists()
