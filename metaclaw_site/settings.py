@@ -263,6 +263,9 @@ TINKER_API_KEY = os.environ.get("TINKER_API_KEY", "")
 TINKER_BASE_URL = os.environ.get("TINKER_BASE_URL", "")
 SLACK_WEBHOOK_URL = os.environ.get("SLACK_WEBHOOK_URL", "")
 SLACK_SIGNING_SECRET = os.environ.get("SLACK_SIGNING_SECRET", "")
+# Outgoing webhooks to loopback or private addresses are refused (a project admin must not be
+# able to make the worker call internal services). Turn on for chat tools on a private network.
+METACLAW_ALLOW_PRIVATE_WEBHOOKS = env_bool("METACLAW_ALLOW_PRIVATE_WEBHOOKS", False)
 
 LOGGING = {
     "version": 1,

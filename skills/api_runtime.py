@@ -12,7 +12,7 @@ from uuid import UUID
 from django.http import HttpRequest, HttpResponse
 from ninja import Query, Router, Schema
 from ninja.security import HttpBearer
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from incidents.schemas import ErrorIn, KindLiteral, SeverityLiteral
@@ -94,6 +94,14 @@ class FeedbackIn(Schema):
     outcome: Literal["success", "failure", "unknown"] | None = None
     reward: float | None = Field(default=None, ge=-1e6, le=1e6)
     failure: FailureIn | None = None
+
+    @field_validator("session_id")
+    @classmethod
+    def printable_session_id(cls, value: str) -> str:
+        # What the proxy records (X-Session-Id) is header text: printable, never NUL.
+        if not value.isprintable():
+            raise ValueError("The session id must be printable text.")
+        return value
 
 
 class FeedbackOut(Schema):

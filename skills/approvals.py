@@ -973,13 +973,21 @@ def _slack_refuse(interaction: SlackInteraction, text: str) -> SlackReply:
     return SlackReply(interaction.response_url, notify.slack_ephemeral(text))
 
 
+# Slack accepts replies through a response_url for 30 minutes; a click older than that is not
+# acted on any more.
+SLACK_INTERACTION_MAX_AGE = timedelta(minutes=30)
+
+
 def slack_interaction_handle(*, interaction_id: int) -> SlackReply | None:
     """Act on one button click, at most once: claim the row (RECEIVED → PROCESSING), map the
     Slack user to a member, check that the message still shows the object as it is, and call
     the same decision service as the dashboard. Returns what to tell the clicker (ephemeral),
     or None when the decision itself updates the message (``approval_decision_notify``)."""
+    # A click older than Slack's response window is not acted on (the sweep marks it FAILED).
     claimed = SlackInteraction.objects.filter(
-        pk=interaction_id, status=InteractionStatus.RECEIVED
+        pk=interaction_id,
+        status=InteractionStatus.RECEIVED,
+        created_at__gte=timezone.now() - SLACK_INTERACTION_MAX_AGE,
     ).update(status=InteractionStatus.PROCESSING)
     if claimed != 1:
         return None
@@ -1063,20 +1071,22 @@ def slack_interaction_handle(*, interaction_id: int) -> SlackReply | None:
     return None
 
 
-# Slack accepts replies through a response_url for 30 minutes; a click older than that is not
-# acted on any more.
-SLACK_INTERACTION_MAX_AGE = timedelta(minutes=30)
-
-
 def slack_interactions_stuck(*, older_than_seconds: int) -> list[int]:
-    """Interactions nobody finished. PROCESSING ones whose worker died (older than twice the
-    task time limit) and RECEIVED ones older than Slack's response window are marked FAILED
-    (the clicker may click again; a decision that did happen changed the object's state, so a
-    second click is refused as already decided). RECEIVED ones whose task message was lost
-    (the broker was down at commit) are returned, for the sweep to enqueue again; the claim
-    in ``slack_interaction_handle`` makes a duplicate message a no-op."""
+    """Interactions nobody finished. PROCESSING ones whose worker died and RECEIVED ones older
+    than Slack's response window are marked FAILED (the clicker may click again; a decision
+    that did happen changed the object's state, so a second click is refused as already
+    decided). RECEIVED ones whose task message was lost (the broker was down at commit) are
+    returned, for the sweep to enqueue again; the claim in ``slack_interaction_handle`` makes
+    a duplicate message a no-op."""
     now = timezone.now()
-    dead = now - timedelta(seconds=max(older_than_seconds, 2 * settings.CELERY_TASK_TIME_LIMIT))
+    # Rows carry no claim time, but a click is claimed within SLACK_INTERACTION_MAX_AGE of its
+    # arrival or never: so one created longer ago than that plus twice the task time limit
+    # (a live attempt is killed by then) has no live worker.
+    dead = (
+        now
+        - SLACK_INTERACTION_MAX_AGE
+        - timedelta(seconds=max(older_than_seconds, 2 * settings.CELERY_TASK_TIME_LIMIT))
+    )
     SlackInteraction.objects.filter(
         status=InteractionStatus.PROCESSING, created_at__lt=dead
     ).update(

@@ -35,6 +35,7 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.db import close_old_connections
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http.request import split_domain_port, validate_host
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
@@ -399,20 +400,83 @@ def fast_lane(app: AsgiApp) -> AsgiApp:
 Handler = Callable[..., Awaitable[ProxyResponse]]
 
 
+def _body_limit(path: str) -> int:
+    """The body size Django would accept on ``path`` (the fast lane skips its checks)."""
+    if path == PATH:
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        return MAX_BODY_BYTES if limit is None else min(int(limit), MAX_BODY_BYTES)
+    return int(settings.METACLAW["INGEST_MAX_BODY_BYTES"])
+
+
+def _host_allowed(scope: dict, headers: dict[str, str]) -> bool:
+    """Django's ``ALLOWED_HOSTS`` check (``HttpRequest.get_host``), which the fast lane skips."""
+    if settings.USE_X_FORWARDED_HOST and "x-forwarded-host" in headers:
+        host = headers["x-forwarded-host"]
+    elif "host" in headers:
+        host = headers["host"]
+    else:
+        server = scope.get("server") or ("", None)
+        host = f"{server[0]}:{server[1]}" if server[1] not in (None, 80, 443) else str(server[0])
+    allowed = settings.ALLOWED_HOSTS
+    if settings.DEBUG and not allowed:
+        allowed = [".localhost", "127.0.0.1", "[::1]"]
+    domain, _ = split_domain_port(host)
+    return bool(domain) and validate_host(domain, allowed)
+
+
+def _refusal(path: str, status: int, message: str, code: str) -> ProxyResponse:
+    """An error in the shape of the door: OpenAI's for the proxy, the API's for the rest."""
+    if path == PATH:
+        return _error(status, message, code)
+    from .api_runtime import _api_error
+
+    response = _api_error(status, message, code)
+    if status == 401:
+        response.headers.append(("www-authenticate", "Bearer"))
+    return response
+
+
+async def _refuse_early(scope: dict, headers: dict[str, str]) -> ProxyResponse | None:
+    """Refuse what can be refused from the headers alone, before reading any body: a host
+    not in ALLOWED_HOSTS, a declared body over the limit, a missing or unknown key."""
+    path = scope["path"]
+    if not _host_allowed(scope, headers):
+        return _refusal(path, 400, "Invalid Host header.", "bad_request")
+    declared = headers.get("content-length", "")
+    if declared.strip().isdigit() and int(declared) > _body_limit(path):
+        return _refusal(path, 413, "Request body too large.", "payload_too_large")
+    if await authenticate(headers) is None:  # cached: the handler's own check is then free
+        if path == PATH:
+            return _error(
+                401,
+                "A valid MetaClaw API key is required (Authorization: Bearer <key>).",
+                "invalid_api_key",
+            )
+        return _refusal(
+            path, 401, "A valid API key is required (Authorization: Bearer <key>).", "unauthorized"
+        )
+    return None
+
+
 async def _serve(handler: Handler, scope: dict, receive: Callable, send: Callable) -> None:
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
     parts: list[bytes] = []
     size = 0
     more = True
-    result: ProxyResponse | None = None
-    while more:
+    try:
+        result = await _refuse_early(scope, headers)
+    except Exception:  # noqa: BLE001 - a 500 that says where, never a dropped connection
+        logger.exception("Runtime request %s failed.", scope["path"])
+        result = _error(500, "Internal error in MetaClaw's runtime.", "internal_error")
+    limit = _body_limit(scope["path"])
+    while more and result is None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            result = _error(413, "Request body too large.", "payload_too_large")
+        if size > limit:
+            result = _refusal(scope["path"], 413, "Request body too large.", "payload_too_large")
             break
         parts.append(chunk)
         more = message.get("more_body", False)

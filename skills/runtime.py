@@ -36,6 +36,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db import close_old_connections, connection, transaction
 from django.utils import timezone
+from pydantic import ValidationError
 
 from metaclaw_site import counters
 from metaclaw_site.auth import RateLimited, ScopeDenied
@@ -337,9 +338,10 @@ _WRAPPER_OPEN = re.compile(
 MAX_CLEAN_CHARS = MAX_QUERY_CHARS * 4
 MAX_QUERY_MESSAGES = 16
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-_BRACKET_PREFIX = re.compile(r"^\s*\[[^\]\n]{1,120}\]\s*", re.M)
+# ``[ \t]*`` rather than ``\s*`` after ``^``: with re.M, ``^\s*`` is quadratic on blank lines.
+_BRACKET_PREFIX = re.compile(r"^[ \t]*\[[^\]\n]{1,120}\]\s*", re.M)
 _HEADER_LINE = re.compile(
-    r"^\s*(?:current (?:date|time)|date|time|timestamp|now|session(?: id)?|user(?: id)?|"
+    r"^[ \t]*(?:current (?:date|time)|date|time|timestamp|now|session(?: id)?|user(?: id)?|"
     r"channel|sender|conversation(?: id)?|message id|timezone|locale|cwd|working directory)"
     r"\s*[:=][^\n]*$\n?",
     re.M | re.I,
@@ -485,6 +487,8 @@ def messages_with_skills(messages: list[Any], section: str) -> list[Any]:
         if not isinstance(message, dict) or message.get("role") not in ("system", "developer"):
             continue
         content = message.get("content")
+        if not (content is None or isinstance(content, (str, list))):
+            break  # content we cannot extend (a number, an object): add a message of our own
         if isinstance(content, list):
             kept = [
                 p
@@ -700,9 +704,16 @@ class Upstream:
 
 
 def upstream_for(project: Project) -> Upstream:
+    """The project's upstream, else the global one. The global API key is only ever sent to
+    the global base URL: a project with a URL of its own and no key of its own gets no key."""
+    global_url = (settings.UPSTREAM["BASE_URL"] or "").rstrip("/")
+    base_url = (project.upstream_base_url or "").rstrip("/") or global_url
+    api_key = project.upstream_api_key or ""
+    if not api_key and base_url == global_url:
+        api_key = settings.UPSTREAM["API_KEY"] or ""
     return Upstream(
-        base_url=(project.upstream_base_url or settings.UPSTREAM["BASE_URL"] or "").rstrip("/"),
-        api_key=project.upstream_api_key or settings.UPSTREAM["API_KEY"] or "",
+        base_url=base_url,
+        api_key=api_key,
         model_map=project.upstream_model_map
         if isinstance(project.upstream_model_map, dict)
         else {},
@@ -762,9 +773,10 @@ def _parse_response(turn: Turn) -> tuple[Any, int | None, int | None]:
             return {"raw": turn.response_body[:2000].decode("utf-8", "replace")}, None, None
         if turn.status_code >= 400 or not isinstance(body, dict):
             return body, None, None
-        usage = body.get("usage") or {}
-        choices = body.get("choices") or [{}]
-        return choices[0].get("message"), usage.get("prompt_tokens"), usage.get("completion_tokens")
+        usage = _dict(body.get("usage"))
+        choices = body.get("choices")
+        first = _dict(choices[0]) if isinstance(choices, list) and choices else {}
+        return first.get("message"), usage.get("prompt_tokens"), usage.get("completion_tokens")
     content: list[str] = []
     tool_calls: dict[int, dict[str, Any]] = {}
     usage: dict[str, Any] = {}
@@ -779,24 +791,37 @@ def _parse_response(turn: Turn) -> tuple[Any, int | None, int | None]:
             chunk = _loads(data)
         except ValueError:
             continue
-        usage = chunk.get("usage") or usage
-        for choice in chunk.get("choices") or []:
-            delta = choice.get("delta") or {}
+        if not isinstance(chunk, dict):  # a malformed line (``data: 1``) is skipped
+            continue
+        usage = _dict(chunk.get("usage")) or usage
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else []:
+            delta = _dict(_dict(choice).get("delta"))
             if isinstance(delta.get("content"), str):
                 content.append(delta["content"])
-            for call in delta.get("tool_calls") or []:
+            calls = delta.get("tool_calls")
+            for call in calls if isinstance(calls, list) else []:
+                if not isinstance(call, dict):
+                    continue
+                index = call.get("index", 0)
                 slot = tool_calls.setdefault(
-                    call.get("index", 0),
+                    index if isinstance(index, int) else 0,
                     {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
                 )
-                slot["id"] = call.get("id") or slot["id"]
-                fn = call.get("function") or {}
-                slot["function"]["name"] += fn.get("name") or ""
-                slot["function"]["arguments"] += fn.get("arguments") or ""
+                if isinstance(call.get("id"), str) and call["id"]:
+                    slot["id"] = call["id"]
+                fn = _dict(call.get("function"))
+                for part in ("name", "arguments"):
+                    if isinstance(fn.get(part), str):
+                        slot["function"][part] += fn[part]
     message: dict[str, Any] = {"role": "assistant", "content": "".join(content) or None}
     if tool_calls:
         message["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
     return message, usage.get("prompt_tokens"), usage.get("completion_tokens")
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def proxy_turns_record(*, turns: Sequence[Turn]) -> int:
@@ -811,7 +836,12 @@ def proxy_turns_record(*, turns: Sequence[Turn]) -> int:
     rows = []
     now = timezone.now()
     for turn in turns:
-        response, prompt_tokens, completion_tokens = _parse_response(turn)
+        try:
+            response, prompt_tokens, completion_tokens = _parse_response(turn)
+        except Exception:  # noqa: BLE001 - one odd answer must not lose the other turns
+            logger.exception("Could not parse the upstream answer of a proxied turn.")
+            raw = (turn.response_body or b"")[:2000].decode("utf-8", "replace")
+            response, prompt_tokens, completion_tokens = {"raw": raw}, None, None
         # Messages parsed by a strict JSON parser hold no NaN and no lone surrogates; only
         # NUL characters, which PostgreSQL refuses, need cleaning (the proxy flags those).
         clean = clean_json if turn.needs_cleaning else _identity
@@ -933,10 +963,12 @@ class _Recorder:
                 # Small chunks, yielding the GIL between them: the event loop serving
                 # requests must not wait a whole switch interval behind a big batch.
                 for start in range(0, len(batch), self.CHUNK):
-                    proxy_turns_record(turns=batch[start : start + self.CHUNK])
+                    chunk = batch[start : start + self.CHUNK]
+                    try:
+                        proxy_turns_record(turns=chunk)
+                    except Exception:  # noqa: BLE001 - recording must never take the proxy down
+                        logger.exception("Could not record %d proxied turns.", len(chunk))
                     time.sleep(0)
-            except Exception:  # noqa: BLE001 - recording must never take the proxy down
-                logger.exception("Could not record %d proxied turns.", len(batch))
             finally:
                 self._done(len(batch))
 
@@ -985,15 +1017,44 @@ def session_feedback_record(
     """Record how a proxied session ended: the outcome and reward on its trajectories, and for
     a failure an incident of the fast loop (idempotent per session unless the failure carries
     its own ``id``) with the session's last main turn as evidence."""
-    from incidents.models import Outcome, Trajectory
-    from incidents.schemas import IncidentIn
-    from incidents.services import incidents_ingest
-
     if failure is not None:
+        from incidents.models import Outcome
+
         outcome = Outcome.FAILURE
     if outcome is None and reward is None:
         raise DomainError("Give an outcome, a reward or a failure.", field="outcome")
     recordings_wait(2.0)
+    # One transaction: an incident that cannot be made leaves the turns' outcome unchanged.
+    with transaction.atomic():
+        return _session_feedback_apply(
+            project=project,
+            session_id=session_id,
+            outcome=outcome,
+            reward=reward,
+            failure=failure,
+            actor_label=actor_label,
+        )
+
+
+def session_incident_id(session_id: str) -> str:
+    """The external id of a session's failure incident: bounded and printable, whatever the
+    session id is."""
+    return "session:" + hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+
+
+def _session_feedback_apply(
+    *,
+    project: Project,
+    session_id: str,
+    outcome: str | None,
+    reward: float | None,
+    failure: dict[str, Any] | None,
+    actor_label: str,
+) -> FeedbackResult:
+    from incidents.models import Trajectory
+    from incidents.schemas import IncidentIn
+    from incidents.services import incidents_ingest
+
     turns = Trajectory.objects.filter(project=project, session_id=session_id)
     changes: dict[str, Any] = {}
     if outcome is not None:
@@ -1016,7 +1077,7 @@ def session_feedback_record(
             messages.append(last.response)
         tools = list(last.tools or [])
     payload = {
-        "id": failure.get("id") or f"session:{session_id}",
+        "id": failure.get("id") or session_incident_id(session_id),
         "agent": {"name": failure.get("agent") or (last.agent_name if last else "") or "proxy"},
         "policy_version": last.policy_version if last else None,
         "kind": failure.get("kind") or "wrong_answer",
@@ -1030,10 +1091,19 @@ def session_feedback_record(
     }
     try:
         item = IncidentIn.model_validate(payload)
-    except Exception:  # noqa: BLE001 - recorded messages an incident cannot hold: keep the rest
+    except ValidationError:  # recorded messages an incident cannot hold: keep the rest
         payload["messages"] = []
         payload["tools"] = []
-        item = IncidentIn.model_validate(payload)
+        try:
+            item = IncidentIn.model_validate(payload)
+        except ValidationError as exc:
+            first = (exc.errors(include_url=False) or [{}])[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            raise DomainError(
+                f"The failure cannot be recorded as an incident ({where}: {first.get('msg', '')}).",
+                code="invalid",
+                field="failure",
+            ) from exc
     result = incidents_ingest(project=project, items=[item], actor_label=actor_label)[0]
     return FeedbackResult(
         session_id, updated, result.incident_id, result.group_id, result.duplicate

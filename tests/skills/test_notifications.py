@@ -729,13 +729,17 @@ def test_a_deeply_nested_payload_is_refused_without_a_server_error(client, setti
 
 
 def test_the_signature_is_checked_before_the_payload_is_parsed(client, monkeypatch):
+    from types import SimpleNamespace
+
     import skills.approval_views as views
 
     parsed = []
-    real_loads = views.json.loads
-    monkeypatch.setattr(
-        views.json, "loads", lambda *a, **k: parsed.append(1) or real_loads(*a, **k)
-    )
+
+    def spy(*args, **kwargs):
+        parsed.append(args)
+        return json.loads(*args, **kwargs)
+
+    monkeypatch.setattr(views, "json", SimpleNamespace(loads=spy))
     body = urlencode({"payload": json.dumps({"type": "block_actions"})})
 
     assert _post_signed(client, body, "not-a-known-secret").status_code == 401

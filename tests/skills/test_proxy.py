@@ -493,3 +493,169 @@ def test_the_production_app_serves_policy_and_retrieval_like_the_api(proxy_url, 
     assert [s["slug"] for s in found.json()["skills"]] == [REFUNDS[0]]
     assert no_task.status_code == 422
     assert no_task.json()["code"] == "invalid"
+
+
+# --- Hardening ------------------------------------------------------------------------------
+
+
+def _asgi_call(path, headers, body=b"", method="POST"):
+    """Call the fast lane directly: (status, json body, how many body messages it read)."""
+    import json
+
+    from skills.proxy import fast_lane
+
+    async def django_app(scope, receive, send):  # never reached on the fast lane's paths
+        raise AssertionError("served by Django")
+
+    reads = []
+    sent = []
+
+    async def receive():
+        reads.append(1)
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "query_string": b"",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "server": ("127.0.0.1", 8000),
+    }
+    async_to_sync(fast_lane(django_app))(scope, receive, send)
+    status = sent[0]["status"]
+    payload = json.loads(sent[1]["body"]) if sent[1]["body"] else None
+    return status, payload, len(reads)
+
+
+def test_the_fast_lane_refuses_unknown_keys_before_reading_the_body(key):
+    for path in ("/v1/chat/completions", "/api/v1/runtime/skills/retrieve"):
+        status, body, reads = _asgi_call(
+            path, {"host": "127.0.0.1", "authorization": "Bearer mc_nope"}, b"{}"
+        )
+        assert (status, reads) == (401, 0), path
+    assert body["code"] == "unauthorized"
+
+
+def test_the_fast_lane_applies_djangos_body_limits(key, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    settings.METACLAW = {**settings.METACLAW, "INGEST_MAX_BODY_BYTES": 500}
+    auth = {"host": "127.0.0.1", "authorization": f"Bearer {key}"}
+
+    declared = _asgi_call("/v1/chat/completions", {**auth, "content-length": "1001"}, b"x")
+    streamed = _asgi_call("/v1/chat/completions", auth, b"x" * 1001)
+    api_declared = _asgi_call(
+        "/api/v1/runtime/skills/retrieve", {**auth, "content-length": "501"}, b"x"
+    )
+    api_streamed = _asgi_call("/api/v1/runtime/skills/retrieve", auth, b" " * 501)
+    fits = _asgi_call("/api/v1/runtime/skills/retrieve", auth, b'{"query": "x"}')
+
+    assert declared[0] == 413 and declared[2] == 0
+    assert declared[1]["error"]["code"] == "payload_too_large"
+    assert streamed[0] == 413
+    assert api_declared[0] == 413 and api_declared[2] == 0
+    assert api_declared[1]["code"] == "payload_too_large"
+    assert api_streamed[0] == 413
+    assert fits[0] != 413
+
+
+def test_the_fast_lane_checks_the_host_against_allowed_hosts(proxy_url, key, settings):
+    settings.ALLOWED_HOSTS = ["metaclaw.example"]
+    auth = {"Authorization": f"Bearer {key}"}
+
+    bad = httpx.get(f"{proxy_url}/api/v1/runtime/policy", headers={**auth, "Host": "evil.test"})
+    chat = httpx.post(
+        f"{proxy_url}/v1/chat/completions",
+        json={"model": "m", "messages": []},
+        headers={**auth, "Host": "evil.test"},
+    )
+    good = _asgi_call(
+        "/api/v1/runtime/policy", {"host": "metaclaw.example:443", **auth}, method="GET"
+    )
+
+    assert bad.status_code == 400
+    assert bad.json()["code"] == "bad_request"
+    assert chat.status_code == 400
+    assert chat.json()["error"]["code"] == "bad_request"
+    assert good[0] == 200  # an allowed host, with its port
+
+
+def test_a_projects_own_upstream_never_gets_the_global_key(settings):
+    from metaclaw_site.models import Project
+
+    settings.UPSTREAM = {"BASE_URL": "https://global.example/v1/", "API_KEY": "global-secret"}
+
+    def upstream(url, key=""):
+        return runtime.upstream_for(
+            Project(upstream_base_url=url, upstream_api_key=key, upstream_model_map={})
+        )
+
+    assert upstream("").api_key == "global-secret"
+    assert upstream("").base_url == "https://global.example/v1"
+    assert upstream("https://global.example/v1").api_key == "global-secret"
+    assert upstream("https://attacker.example/v1").api_key == ""
+    assert upstream("https://attacker.example/v1", "own").api_key == "own"
+    assert upstream("", "own").api_key == "own"
+
+
+def test_skills_go_in_a_new_system_message_when_the_existing_content_is_odd():
+    section = "<!-- metaclaw:active-skills -->x<!-- /metaclaw:active-skills -->"
+    for odd in (123, {"text": "hi"}, True):
+        messages = [{"role": "system", "content": odd}, {"role": "user", "content": "hi"}]
+        out = runtime.messages_with_skills(messages, section)
+        assert out[0] == {"role": "system", "content": section}
+        assert out[1:] == messages
+    assert runtime.messages_with_skills([{"role": "system", "content": None}], section) == [
+        {"role": "system", "content": section}
+    ]
+
+
+def _turn(project, body, *, stream):
+    return runtime.Turn(
+        project_id=project.pk,
+        session_id="odd-upstream",
+        turn_type="main",
+        agent_name="",
+        policy_version=1,
+        requested_model="m",
+        model="m",
+        messages=[{"role": "user", "content": "hi"}],
+        tools=[],
+        skills=[],
+        status_code=200,
+        latency_ms=1.0,
+        response_body=body,
+        stream=stream,
+    )
+
+
+def test_malformed_upstream_answers_are_recorded_without_losing_other_turns(project):
+    odd = [
+        _turn(project, b"data: 1\n\ndata: [DONE]\n", stream=True),
+        _turn(project, b'data: {"choices": [null, {"delta": 5}], "usage": 3}\n', stream=True),
+        _turn(
+            project,
+            b'data: {"choices": [{"delta": {"content": "ok", "tool_calls": [null, '
+            b'{"index": [1], "function": {"name": 7, "arguments": "{}"}}]}}]}\n',
+            stream=True,
+        ),
+        _turn(project, b'{"choices": [null], "usage": []}', stream=False),
+        _turn(project, b'{"choices": "nope"}', stream=False),
+        _turn(project, b'data: {"choices": [{"delta": {"content": "fine"}}]}\n', stream=True),
+    ]
+
+    assert runtime.proxy_turns_record(turns=odd) == len(odd)
+
+    responses = list(
+        Trajectory.objects.filter(session_id="odd-upstream")
+        .order_by("occurred_at")
+        .values_list("response", flat=True)
+    )
+    assert len(responses) == len(odd)
+    assert {"role": "assistant", "content": "fine"} in responses
+    parsed, _, _ = runtime._parse_response(odd[2])
+    assert parsed["content"] == "ok"
+    assert parsed["tool_calls"][0]["function"] == {"name": "", "arguments": "{}"}

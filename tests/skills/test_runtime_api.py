@@ -367,3 +367,88 @@ def test_feedback_without_an_outcome_names_the_field(api, runtime_key):
     assert response.json()["errors"][0]["field"] == "outcome"
     assert missing.status_code == 422
     assert missing.json()["errors"][0]["field"] == "session_id"
+
+
+def test_a_long_session_id_still_becomes_an_incident(api, project, runtime_key):
+    """The incident id is derived from a hash of the session id: bounded whatever its length
+    (``session:`` + a 200-character id used to overflow the 200-character id and answer 500)."""
+    session_id = "s" * 200
+    _turns(project, session_id)
+
+    response = api.post(
+        "/api/v1/runtime/feedback",
+        {"session_id": session_id, "failure": {"feedback": "wrong"}},
+        key=runtime_key,
+    )
+
+    assert response.status_code == 200
+    incident = Incident.objects.get()
+    assert incident.session_id == session_id
+    assert incident.client_id == runtime.session_incident_id(session_id)
+    assert len(incident.client_id) <= 200
+
+
+def test_a_session_id_that_is_not_printable_text_is_refused(api, project, runtime_key):
+    for bad in ("a\x00b", "line\nbreak", "bell\x07"):
+        response = api.post(
+            "/api/v1/runtime/feedback", {"session_id": bad, "outcome": "success"}, key=runtime_key
+        )
+        assert response.status_code == 422, bad
+        assert response.json()["errors"][0]["field"] == "session_id"
+
+
+def test_a_failure_that_cannot_become_an_incident_is_a_422_and_changes_nothing(
+    api, project, runtime_key, monkeypatch
+):
+    from pydantic import ValidationError
+
+    from incidents.schemas import IncidentIn
+
+    def refuse(payload):
+        raise ValidationError.from_exception_data(
+            "IncidentIn", [{"type": "missing", "loc": ("kind",), "input": payload}]
+        )
+
+    _turns(project, "s-bad")
+    monkeypatch.setattr(IncidentIn, "model_validate", refuse)
+
+    response = api.post(
+        "/api/v1/runtime/feedback",
+        {"session_id": "s-bad", "reward": -1, "failure": {"feedback": "no"}},
+        key=runtime_key,
+    )
+
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["field"] == "failure"
+    assert Incident.objects.count() == 0
+    # The outcome update ran in the same transaction and was rolled back.
+    assert set(Trajectory.objects.values_list("outcome", "reward")) == {(Outcome.UNKNOWN, None)}
+
+
+def test_retrieval_cleans_pathological_messages_in_linear_time(api, runtime_key, library):
+    """Unclosed wrapper tags and blank lines used to make the cleaning regexes quadratic
+    (``"<system>" * n``: 26 s for 160 KB) on the event loop."""
+    import time
+
+    for text in ("<system>" * 25_000, "\n" * 200_000, " \n" * 100_000, "<context x>" * 20_000):
+        started = time.perf_counter()
+        runtime.query_from_messages([{"role": "user", "content": text}] * 20)
+        runtime.clean_request_text(text)
+        assert time.perf_counter() - started < 0.5, text[:20]
+
+    response = api.post(
+        "/api/v1/runtime/skills/retrieve",
+        {"messages": [{"role": "user", "content": "<system>" * 25_000 + " refund my money"}]},
+        key=runtime_key,
+    )
+    assert response.status_code == 200
+
+
+def test_wrapper_blocks_are_still_removed_case_insensitively():
+    text = (
+        "<System-Reminder>always be nice</system-reminder>"
+        "<context a='1'>cwd /tmp</CONTEXT>I want a refund"
+        "<env>x</env> <system>never closed"
+    )
+
+    assert runtime.clean_request_text(text) == "I want a refund <system>never closed"
