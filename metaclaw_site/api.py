@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
+import orjson
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
+from ninja.parser import Parser
 
 from .auth import RateLimited, ScopeDenied
 from .services import Conflict, DomainError, NotFound, PermissionDenied
 
+
+class FastJsonParser(Parser):
+    """orjson for request bodies (several times faster on 5 MB batches). Python's parser, which
+    also accepts NaN and Infinity as some clients send them, takes over when orjson refuses."""
+
+    def parse_body(self, request: HttpRequest) -> Any:
+        try:
+            return orjson.loads(request.body)
+        except orjson.JSONDecodeError:
+            return json.loads(request.body)
+
+
 api = NinjaAPI(
+    parser=FastJsonParser(),
     title="MetaClaw API",
     version="1",
     description=(
