@@ -114,6 +114,21 @@ _GROUP_COLUMNS = [
 ]  # fmt: skip
 
 
+def _is_instant(value: Any, instant: datetime) -> bool:
+    """Whether a timestamp read back from a raw cursor is ``instant``. PostgreSQL returns an
+    aware datetime; SQLite a naive UTC datetime or its text, depending on the column."""
+    if value is None:
+        return False
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return False
+    if timezone.is_naive(value):
+        value = value.replace(tzinfo=UTC)
+    return value == instant
+
+
 def _upsert_groups(project: Project, incidents: list[Incident], now: datetime) -> dict[str, dict]:
     """Create or update one group per fingerprint in a single statement.
 
@@ -198,9 +213,9 @@ def _upsert_groups(project: Project, incidents: list[Incident], now: datetime) -
     for group_id, fp, regressed_at, requested_at, created_at in returned:
         result[fp] = {
             "id": group_id,
-            "regressed": regressed_at == stamp,
-            "created": created_at == stamp,
-            "awaits_synthesis": requested_at == stamp,
+            "regressed": _is_instant(regressed_at, now),
+            "created": _is_instant(created_at, now),
+            "awaits_synthesis": _is_instant(requested_at, now),
             "count": aggregates[fp]["count"],
         }
     return result
