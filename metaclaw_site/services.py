@@ -213,8 +213,8 @@ def api_key_revoke(*, api_key: ApiKey, actor: Any = None) -> ApiKey:
 
 
 # Recently authenticated keys, per process, by hash: saves a database round trip on the hot
-# ingestion and runtime paths. A revocation is immediate in the revoking process and reaches
-# the others within API_KEY_CACHE_SECONDS.
+# ingestion and runtime paths (one cache for both). A revocation is immediate in the revoking
+# process and reaches the others within API_KEY_CACHE_SECONDS.
 _key_cache: dict[str, tuple[float, ApiKey]] = {}
 _key_cache_lock = threading.Lock()
 
@@ -222,6 +222,19 @@ _key_cache_lock = threading.Lock()
 def api_key_cache_clear() -> None:
     with _key_cache_lock:
         _key_cache.clear()
+
+
+def _key_cache_ttl() -> float:
+    return float(settings.METACLAW.get("API_KEY_CACHE_SECONDS", 5))
+
+
+def api_key_cached(secret: str) -> ApiKey | None:
+    """The key for ``secret`` if this process authenticated it recently; no database access
+    (the async proxy asks this first, before hopping to a thread for the database)."""
+    cached = _key_cache.get(_hash_secret(secret))
+    if cached is not None and time.monotonic() - cached[0] < _key_cache_ttl():
+        return cached[1]
+    return None
 
 
 def api_key_authenticate(secret: str) -> ApiKey | None:
@@ -234,12 +247,10 @@ def api_key_authenticate(secret: str) -> ApiKey | None:
     prefix, _, rest = secret[len(KEY_PREFIX) :].partition("_")
     if not prefix or not rest:
         return None
+    cached = api_key_cached(secret)
+    if cached is not None:
+        return cached
     hashed = _hash_secret(secret)
-    ttl = settings.METACLAW.get("API_KEY_CACHE_SECONDS", 2)
-    now_mono = time.monotonic()
-    cached = _key_cache.get(hashed)
-    if cached is not None and now_mono - cached[0] < ttl:
-        return cached[1]
     api_key = (
         ApiKey.objects.select_related("project")
         .filter(prefix=prefix, revoked_at__isnull=True)
@@ -251,9 +262,9 @@ def api_key_authenticate(secret: str) -> ApiKey | None:
     if api_key.last_used_at is None or (now - api_key.last_used_at).total_seconds() > 60:
         ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
         api_key.last_used_at = now
-    if ttl > 0:
+    if _key_cache_ttl() > 0:
         with _key_cache_lock:
             if len(_key_cache) > 10_000:
                 _key_cache.clear()
-            _key_cache[hashed] = (now_mono, api_key)
+            _key_cache[hashed] = (time.monotonic(), api_key)
     return api_key

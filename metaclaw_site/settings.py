@@ -245,6 +245,8 @@ METACLAW = {
     "BATCH_MAX_ITEMS": env_int("METACLAW_BATCH_MAX_ITEMS", 1000),
     # Requests per minute per API key (counted in Redis; the project may set its own).
     "RATE_LIMIT_PER_MINUTE": env_int("METACLAW_RATE_LIMIT_PER_MINUTE", 60_000),
+    # How long a web process trusts an API key it has checked (revocations elsewhere wait this).
+    "API_KEY_CACHE_SECONDS": float(os.environ.get("METACLAW_API_KEY_CACHE_SECONDS", "5")),
     # A group waiting this long without being picked up is re-enqueued by the sweep.
     "OUTBOX_SWEEP_AFTER_SECONDS": env_int("METACLAW_OUTBOX_SWEEP_AFTER_SECONDS", 30),
 }

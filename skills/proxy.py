@@ -145,9 +145,6 @@ async def authenticate(headers: dict[str, str]) -> Any:
     api_key = runtime.runtime_key_lookup(secret)
     if api_key is None:
         api_key = await in_worker_thread(runtime.runtime_key_from_db)(secret)
-        if api_key is None:
-            return None
-        runtime.runtime_key_store(secret, api_key)
     return api_key
 
 

@@ -42,7 +42,13 @@ from metaclaw_site import counters
 from metaclaw_site.auth import RateLimited, ScopeDenied
 from metaclaw_site.models import ApiKey, Project
 from metaclaw_site.sanitize import clean_json, clean_text
-from metaclaw_site.services import DomainError, NotFound, api_key_authenticate
+from metaclaw_site.services import (
+    DomainError,
+    NotFound,
+    api_key_authenticate,
+    api_key_cache_clear,
+    api_key_cached,
+)
 
 from .embeddings import get_embedder, skill_text, top_k
 from .models import PolicyVersion, VersionStatus
@@ -62,7 +68,6 @@ def _loads(data: bytes) -> Any:
 
 GENERATION_KEY = "metaclaw:runtime:generation:{project_id}"
 SYNC_INTERVAL = 0.25
-KEY_CACHE_SECONDS = 5.0
 PINNED_CACHE_SIZE = 64
 
 DEFAULT_TOP_K = 5
@@ -506,49 +511,19 @@ def messages_with_skills(messages: list[Any], section: str) -> list[Any]:
 
 # --- API keys and request counting ----------------------------------------------------------
 
-_key_cache: dict[str, tuple[float, ApiKey]] = {}
-_key_lock = threading.Lock()
-
-
-def runtime_key_from_db(secret: str) -> ApiKey | None:
-    return api_key_authenticate(secret)
-
-
-def runtime_key_lookup(secret: str) -> ApiKey | None:
-    """The active key for ``secret`` (project loaded) from this process's short cache, or None
-    when unknown. Does not check scopes or limits."""
-    digest = hashlib.sha256(secret.encode()).hexdigest()
-    now = time.monotonic()
-    hit = _key_cache.get(digest)
-    if hit is not None and hit[0] > now:
-        return hit[1]
-    return None
-
-
-def runtime_key_store(secret: str, api_key: ApiKey) -> None:
-    digest = hashlib.sha256(secret.encode()).hexdigest()
-    with _key_lock:
-        if len(_key_cache) > 10_000:
-            _key_cache.clear()
-        # Revocation and project setting changes take effect within KEY_CACHE_SECONDS.
-        _key_cache[digest] = (time.monotonic() + KEY_CACHE_SECONDS, api_key)
-
-
-def runtime_key_cache_clear() -> None:
-    with _key_lock:
-        _key_cache.clear()
+# API keys are cached once, in metaclaw_site.services (shared with ingestion).
+runtime_key_lookup = api_key_cached
+runtime_key_from_db = api_key_authenticate
+runtime_key_cache_clear = api_key_cache_clear
 
 
 def runtime_authenticate(secret: str) -> ApiKey | None:
     """Authenticate a runtime-scoped key (sync; cached), count the request and apply the rate
     limit. Raises ``ScopeDenied`` / ``RateLimited``; None for an unknown key."""
     secret = secret.strip()
-    api_key = runtime_key_lookup(secret)
+    api_key = api_key_authenticate(secret)
     if api_key is None:
-        api_key = runtime_key_from_db(secret)
-        if api_key is None:
-            return None
-        runtime_key_store(secret, api_key)
+        return None
     runtime_admit(api_key)
     return api_key
 
