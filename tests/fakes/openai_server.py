@@ -113,6 +113,9 @@ class OpenAIServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Without TCP_NODELAY the body, written after the headers, waits for the client's
+            # delayed ACK: every answer would take tens of milliseconds, not "instantly".
+            disable_nagle_algorithm = True
 
             def log_message(self, *args: Any) -> None:  # keep test output clean
                 pass
