@@ -81,7 +81,9 @@ def real_broker():
 
 @pytest.fixture(scope="module")
 def worker(django_db_setup, _module_llm_server, tmp_path_factory):
-    """One worker process for this module (starting one takes seconds on a busy machine)."""
+    """One worker for this module (starting one takes seconds on a busy machine). Prefork with
+    one child, as in production: tasks run in a forked child, where Celery's Django fixup
+    manages the database connections."""
     from metaclaw_site.counters import redis_client
 
     redis_client().flushdb()  # no stale task messages from an earlier run
@@ -101,7 +103,7 @@ def worker(django_db_setup, _module_llm_server, tmp_path_factory):
         process = subprocess.Popen(
             [
                 sys.executable, "-m", "celery", "-A", "metaclaw_site", "worker",
-                "-Q", "fast", "-P", "solo", "--without-gossip", "--without-mingle",
+                "-Q", "fast", "-P", "prefork", "-c", "1", "--without-gossip", "--without-mingle",
                 "--without-heartbeat", "-l", "INFO",
             ],
             cwd=ROOT,
@@ -213,3 +215,41 @@ def test_many_incidents_in_one_group_make_one_llm_call_in_the_worker(
     assert len(llm_server.chat_requests()) == 1
     assert SkillRevision.objects.count() == 1
     assert settings.CELERY_TASK_ALWAYS_EAGER  # the rest of the suite is untouched
+
+
+def test_the_worker_keeps_its_database_connection_from_one_task_to_the_next(
+    api, project, ingest_key, llm_server, real_broker, worker
+):
+    # Celery's Django fixup would close it after every task: each synthesis would then start
+    # with a new PostgreSQL connection (a backend fork and authentication on the fast loop).
+    def ingest(client_id: str, message: str) -> int:
+        payload = factories.incident_payload(client_id)
+        payload["error"] = {"type": "ToolArgumentError", "message": message}
+        return api.post("/api/v1/incidents", payload, key=ingest_key).json()["group_id"]
+
+    def proposed(group_id: int) -> bool:
+        return IncidentGroup.objects.get(pk=group_id).synthesis_status == SynthesisStatus.PROPOSED
+
+    first = ingest("keep-1", "search_orders: invalid value for 'since'")
+    _wait_for(lambda: proposed(first), logs=worker)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT clock_timestamp()")
+        (before_second,) = cursor.fetchone()
+
+    answer = json.loads(ANSWER)
+    answer["skill"].update(slug="currency-codes-for-refunds", name="Currency codes for refunds")
+    answer["skill"]["instructions"] = "Pass ISO 4217 currency codes (EUR, USD) to create_refund."
+    # The LLM takes its time, so the second task can be looked at while it runs.
+    llm_server.enqueue(Reply(content=json.dumps(answer), delay=1.5))
+    second = ingest("keep-2", "create_refund: unknown currency code")
+    _wait_for(lambda: len(llm_server.chat_requests()) == 2, logs=worker)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND backend_start > %s",
+            [before_second],
+        )
+        (opened_since,) = cursor.fetchone()
+    _wait_for(lambda: proposed(second), logs=worker)
+
+    assert opened_since == 0, "the second task opened a new database connection"
