@@ -500,6 +500,12 @@ def approval_notify(
     project = _project_of(obj)
     role = REQUIRED_ROLE[_actions_for(obj)[0]]
     target = {"revision": obj} if isinstance(obj, SkillRevision) else {"version": obj}
+    slack_url, team = _slack_webhook(project), _team_emails(project)
+    members = [
+        m for m in eligible_members(project, role) if m.user.email and m.user.email not in team
+    ]
+    if not (slack_url or project.webhook_url or team or members):
+        return []  # nobody to tell: no summary to build (it costs queries on the fast loop)
     summary = _summary(obj)
     rows: list[Notification] = []
 
@@ -515,7 +521,6 @@ def approval_notify(
             )
         )
 
-    slack_url, team = _slack_webhook(project), _team_emails(project)
     channel_links = (
         _links_for(obj, addressee=None, channel=CHANNEL_LINK)
         if slack_url or project.webhook_url or team
@@ -532,10 +537,8 @@ def approval_notify(
     for address in team:
         mail = notify.approval_email(summary, channel_links, personal=False)
         add(NotificationChannel.EMAIL, address, {**mail, "to": [address]})
-    for membership in eligible_members(project, role):
+    for membership in members:
         address = membership.user.email
-        if not address or address in team:
-            continue
         links = _links_for(obj, addressee=membership.user, channel="email")
         mail = notify.approval_email(summary, links, personal=True)
         add(NotificationChannel.EMAIL, address, {**mail, "to": [address]})

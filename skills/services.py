@@ -118,15 +118,15 @@ def skill_revision_propose(
     skill_content_validate(
         slug=slug, name=name, description=description, instructions=instructions, category=category
     )
-    skill, _ = Skill.objects.get_or_create(
+    # The skill row is locked (found FOR UPDATE, or just inserted by us) so that two proposals
+    # for it cannot take the same number.
+    skill, created = Skill.objects.select_for_update().get_or_create(
         project=project, slug=slug, defaults={"category": category}
     )
-    # Lock the skill so two proposals for it cannot take the same number.
-    skill = Skill.objects.select_for_update().get(pk=skill.pk)
     if skill.category != category:
         skill.category = category
         skill.save(update_fields=["category"])
-    number = (skill.revisions.aggregate(n=Max("number"))["n"] or 0) + 1
+    number = 1 if created else (skill.revisions.aggregate(n=Max("number"))["n"] or 0) + 1
     revision = SkillRevision.objects.create(
         skill=skill,
         number=number,
@@ -149,10 +149,11 @@ def skill_revision_propose(
         status=RevisionStatus.PROPOSED,
         status_changed_at=timezone.now(),
     )
+    # add, not set: a new revision has no links to compare against (set reads them first).
     if source_groups:
-        revision.source_groups.set(source_groups)
+        revision.source_groups.add(*source_groups)
     if source_incidents:
-        revision.source_incidents.set(source_incidents)
+        revision.source_incidents.add(*source_incidents)
     audit_record(
         action="skill_revision.propose",
         project=project,
