@@ -481,7 +481,6 @@ def _slack_webhook(project: Project) -> str:
     return project.slack_webhook_url or settings.SLACK_WEBHOOK_URL
 
 
-@transaction.atomic
 def approval_notify(
     *, revision: SkillRevision | None = None, version: PolicyVersion | None = None
 ) -> list[Notification]:
@@ -506,6 +505,18 @@ def approval_notify(
     ]
     if not (slack_url or project.webhook_url or team or members):
         return []  # nobody to tell: no summary to build (it costs queries on the fast loop)
+    with transaction.atomic():
+        return _approval_notify_rows(obj, project, target, slack_url, team, members)
+
+
+def _approval_notify_rows(
+    obj: SkillRevision | PolicyVersion,
+    project: Project,
+    target: dict[str, Any],
+    slack_url: str,
+    team: list[str],
+    members: list[Membership],
+) -> list[Notification]:
     summary = _summary(obj)
     rows: list[Notification] = []
 

@@ -86,7 +86,9 @@ def skill_content_validate(
         raise DomainError(f"Unknown category '{category}'.", field="category")
 
 
-@transaction.atomic
+# No savepoint when nested (the fast loop calls this inside its own transaction): a failure
+# here fails the caller's transaction too, which every caller lets propagate anyway.
+@transaction.atomic(savepoint=False)
 def skill_revision_propose(
     *,
     project: Project,
