@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from django.db import connection, transaction
+import orjson
+from django.db import connection, models, transaction
 from django.db.models import F
 from django.utils import timezone
+from pydantic import TypeAdapter
 
 from metaclaw_site.models import Project
-from metaclaw_site.sanitize import clean_json, clean_text
+from metaclaw_site.sanitize import clean_json, clean_json_text, clean_text
 from metaclaw_site.services import Conflict, DomainError, audit_record
 
 from . import signals
@@ -31,7 +33,7 @@ from .models import (
     SynthesisStatus,
     Trajectory,
 )
-from .schemas import IncidentIn, TrajectoryIn
+from .schemas import ChatMessage, IncidentIn, TrajectoryIn
 
 # A client clock a little ahead of ours is normal; a timestamp far in the future is not.
 MAX_CLOCK_SKEW = timedelta(minutes=5)
@@ -63,21 +65,58 @@ def _title(error_type: str, message: str, kind: str, agent: str) -> str:
     return title[:300]
 
 
-def _build_incident(project: Project, item: IncidentIn, now: datetime) -> Incident:
-    messages = clean_json([m.model_dump(exclude_none=True) for m in item.messages])
+@dataclass(slots=True)
+class _NewIncident:
+    """An incident about to be stored, as the insert takes it: attributes named after
+    ``Incident``'s columns (JSON columns hold JSON text), plus the normalised message its group
+    needs. Cheaper to build than a model instance, and nothing here needs one."""
+
+    id: uuid.UUID
+    project_id: int
+    client_id: str
+    agent_name: str
+    agent_version: str
+    policy_version: int | None
+    kind: str
+    severity: str
+    error_type: str
+    error_message: str
+    tool_name: str
+    messages: str
+    tools: str
+    feedback_text: str
+    feedback_score: float | None
+    reward: float | None
+    metadata: str
+    session_id: str
+    fingerprint: str
+    normalized_message: str
+    occurred_at: datetime
+    received_at: datetime
+    group_id: int | None = None
+    status: str = IncidentStatus.NEW.value
+
+
+_MESSAGES = TypeAdapter(list[ChatMessage])
+
+
+def _build_incident(project: Project, item: IncidentIn, now: datetime) -> _NewIncident:
+    messages_json, messages = clean_json_text(
+        _MESSAGES.dump_python(item.messages, exclude_none=True)
+    )
     error_type = clean_text(item.error.type.strip())
     error_message = clean_text(item.error.message)
     tool = clean_text(
         item.error.tool if item.error.tool is not None else tool_from_messages(messages)
     )
     agent = clean_text(item.agent.name.strip())
-    fp, _ = fingerprint(
+    fp, normalized = fingerprint(
         agent=agent, kind=item.kind, error_type=error_type, message=error_message, tool=tool
     )
     feedback = item.feedback
-    return Incident(
+    return _NewIncident(
         id=uuid.uuid4(),
-        project=project,
+        project_id=project.pk,
         client_id=clean_text(item.id),
         agent_name=agent,
         agent_version=clean_text(item.agent.version),
@@ -87,14 +126,15 @@ def _build_incident(project: Project, item: IncidentIn, now: datetime) -> Incide
         error_type=error_type,
         error_message=error_message,
         tool_name=tool,
-        messages=messages,
-        tools=clean_json(item.tools),
+        messages=messages_json,
+        tools=clean_json_text(item.tools)[0],
         feedback_text=clean_text(feedback.text) if feedback else "",
         feedback_score=feedback.score if feedback else None,
         reward=feedback.reward if feedback else None,
-        metadata=clean_json(item.metadata),
+        metadata=clean_json_text(item.metadata)[0],
         session_id=clean_text(item.session_id),
         fingerprint=fp,
+        normalized_message=normalized,
         occurred_at=_event_time(item.occurred_at, now),
         received_at=now,
     )
@@ -105,13 +145,6 @@ _SEVERITY_SQL = (
     + " ".join(f"WHEN '{name}' THEN {rank}" for name, rank in SEVERITY_RANK.items())
     + " ELSE 0 END"
 )
-
-_GROUP_COLUMNS = [
-    "project_id", "fingerprint", "fingerprint_version", "title", "agent_name", "kind",
-    "error_type", "tool_name", "normalized_message", "severity", "event_count", "first_seen",
-    "last_seen", "status", "status_changed_at", "synthesis_status", "synthesis_requested_at",
-    "synthesis_error", "synthesis_attempts", "events_at_synthesis", "created_at",
-]  # fmt: skip
 
 
 def _is_instant(value: Any, instant: datetime) -> bool:
@@ -129,30 +162,83 @@ def _is_instant(value: Any, instant: datetime) -> bool:
     return value == instant
 
 
-def _upsert_groups(project: Project, incidents: list[Incident], now: datetime) -> dict[str, dict]:
+def _as_uuid(value: Any) -> uuid.UUID:
+    # SQLite hands back UUIDs as hex strings, PostgreSQL as UUID objects.
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(value)
+
+
+# Rows per INSERT on SQLite, whose statements take a bounded number of parameters.
+_SQLITE_CHUNK = 500
+
+
+def _sqlite_value(value: Any) -> Any:
+    # What UUIDField and DateTimeField store on SQLite: hex text and naive UTC text.
+    if isinstance(value, uuid.UUID):
+        return value.hex
+    if isinstance(value, datetime):
+        return connection.ops.adapt_datetimefield_value(value)
+    return value
+
+
+def _insert_rows(
+    model: type[models.Model], rows: list[dict[str, Any]], *, order_by: str, tail: str
+) -> list:
+    """``INSERT INTO <model's table> (<rows' columns>) ... <tail>`` and what its RETURNING
+    gives. ``rows`` are dicts of column values, already sorted by ``order_by``: concurrent
+    statements then take their row locks in the same order and cannot deadlock each other.
+
+    PostgreSQL reads the rows from one JSON parameter (``json_to_recordset``, typed from the
+    model's columns; JSON columns hold JSON text and are passed through as JSON): psycopg's
+    client-side binding then has one placeholder to find and one string to quote, where a
+    multi-row VALUES list cost it more CPU than the rest of the ingest. SQLite gets that
+    VALUES list, in chunks."""
+    fields = {f.column: f for f in model._meta.concrete_fields}
+    columns = list(rows[0])
+    json_columns = [c for c in columns if fields[c].get_internal_type() == "JSONField"]
+    table = model._meta.db_table
+    quote = connection.ops.quote_name
+    column_list = ", ".join(quote(c) for c in columns)
+    if connection.vendor == "postgresql":
+        if json_columns:
+            rows = [{**row, **{c: orjson.Fragment(row[c]) for c in json_columns}} for row in rows]
+        types = ", ".join(f"{quote(c)} {fields[c].db_type(connection)}" for c in columns)
+        sql = (
+            f"INSERT INTO {table} ({column_list}) SELECT {column_list} "
+            f"FROM json_to_recordset(%s::json) AS r({types}) ORDER BY {quote(order_by)} {tail}"
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [orjson.dumps(rows).decode()])
+            return cursor.fetchall()
+    returned: list = []
+    for start in range(0, len(rows), _SQLITE_CHUNK):
+        chunk = rows[start : start + _SQLITE_CHUNK]
+        params = [_sqlite_value(value) for row in chunk for value in row.values()]
+        placeholders = "(" + ", ".join(["%s"] * len(columns)) + ")"
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"INSERT INTO {table} ({column_list}) "
+                f"VALUES {', '.join([placeholders] * len(chunk))} {tail}",
+                params,
+            )
+            returned.extend(cursor.fetchall())
+    return returned
+
+
+def _upsert_groups(
+    project: Project, incidents: list[_NewIncident], now: datetime
+) -> dict[str, dict]:
     """Create or update one group per fingerprint in a single statement.
 
     Concurrent ingests of the same new fingerprint meet at the unique constraint and the loser
     updates the winner's row, so counts are never lost. Returns, per fingerprint, the group id,
     and whether this statement moved it to REGRESSED or to WAITING (we compare the returned
     timestamps with the one we passed: only this statement writes exactly that value)."""
-    table = IncidentGroup._meta.db_table
-    ops = connection.ops
-    stamp = ops.adapt_datetimefield_value(now)
     aggregates: dict[str, dict[str, Any]] = {}
     for incident in incidents:
         agg = aggregates.get(incident.fingerprint)
         if agg is None:
-            _, normalized = fingerprint(
-                agent=incident.agent_name,
-                kind=incident.kind,
-                error_type=incident.error_type,
-                message=incident.error_message,
-                tool=incident.tool_name,
-            )
             aggregates[incident.fingerprint] = {
                 "incident": incident,
-                "normalized": normalized,
                 "count": 1,
                 "first": incident.occurred_at,
                 "last": incident.occurred_at,
@@ -165,27 +251,40 @@ def _upsert_groups(project: Project, incidents: list[Incident], now: datetime) -
             if SEVERITY_RANK[incident.severity] > SEVERITY_RANK[agg["severity"]]:
                 agg["severity"] = incident.severity
 
-    rows: list[Any] = []
-    # Rows in fingerprint order: concurrent batches then lock groups in the same order and
-    # cannot deadlock each other.
-    aggregates = dict(sorted(aggregates.items()))
-    for fp, agg in aggregates.items():
-        inc: Incident = agg["incident"]
-        rows.extend(
-            [
-                project.pk, fp, FINGERPRINT_VERSION,
-                _title(inc.error_type, inc.error_message, inc.kind, inc.agent_name),
-                inc.agent_name, inc.kind, inc.error_type, inc.tool_name, agg["normalized"],
-                agg["severity"], agg["count"], ops.adapt_datetimefield_value(agg["first"]),
-                ops.adapt_datetimefield_value(agg["last"]), GroupStatus.UNRESOLVED, None,
-                SynthesisStatus.WAITING, stamp, "", 0, 0, stamp,
-            ]
-        )  # fmt: skip
-    placeholders = "(" + ", ".join(["%s"] * len(_GROUP_COLUMNS)) + ")"
-    old = table
-    sql = f"""
-        INSERT INTO {table} ({", ".join(_GROUP_COLUMNS)})
-        VALUES {", ".join([placeholders] * len(aggregates))}
+    rows: list[dict[str, Any]] = []
+    for fp, agg in sorted(aggregates.items()):
+        inc: _NewIncident = agg["incident"]
+        rows.append(
+            {
+                "project_id": project.pk,
+                "fingerprint": fp,
+                "fingerprint_version": FINGERPRINT_VERSION,
+                "title": _title(inc.error_type, inc.error_message, inc.kind, inc.agent_name),
+                "agent_name": inc.agent_name,
+                "kind": inc.kind,
+                "error_type": inc.error_type,
+                "tool_name": inc.tool_name,
+                "normalized_message": inc.normalized_message,
+                "severity": agg["severity"],
+                "event_count": agg["count"],
+                "first_seen": agg["first"],
+                "last_seen": agg["last"],
+                "status": GroupStatus.UNRESOLVED.value,
+                "status_changed_at": None,
+                "synthesis_status": SynthesisStatus.WAITING.value,
+                "synthesis_requested_at": now,
+                "synthesis_error": "",
+                "synthesis_attempts": 0,
+                "events_at_synthesis": 0,
+                "created_at": now,
+            }
+        )
+    old = IncidentGroup._meta.db_table
+    returned = _insert_rows(
+        IncidentGroup,
+        rows,
+        order_by="fingerprint",
+        tail=f"""
         ON CONFLICT (project_id, fingerprint) DO UPDATE SET
             event_count = {old}.event_count + EXCLUDED.event_count,
             first_seen = CASE WHEN EXCLUDED.first_seen < {old}.first_seen
@@ -205,10 +304,8 @@ def _upsert_groups(project: Project, incidents: list[Incident], now: datetime) -
             synthesis_status = CASE WHEN {old}.synthesis_status = 'none'
                 THEN 'waiting' ELSE {old}.synthesis_status END
         RETURNING id, fingerprint, regressed_at, synthesis_requested_at, created_at
-    """
-    with connection.cursor() as cursor:
-        cursor.execute(sql, rows)
-        returned = cursor.fetchall()
+        """,
+    )
     result: dict[str, dict] = {}
     for group_id, fp, regressed_at, requested_at, created_at in returned:
         result[fp] = {
@@ -225,55 +322,46 @@ def _stored_incidents(project_id: int, client_ids: list[str]) -> dict[str, tuple
     """``client_id -> (client_id, id, group_id, status)`` of the stored incidents.
 
     Plain SQL because it runs twice on every ingest: building the same query through the ORM
-    cost more CPU than PostgreSQL spent answering it."""
+    cost more CPU than PostgreSQL spent answering it. On PostgreSQL the ids travel as one JSON
+    parameter (one placeholder for psycopg to bind, and the unique index still serves)."""
     if not client_ids:
         return {}
     table = Incident._meta.db_table
-    placeholders = ", ".join(["%s"] * len(client_ids))
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT client_id, id, group_id, status FROM {table} "
-            f"WHERE project_id = %s AND client_id IN ({placeholders})",
-            [project_id, *client_ids],
+    if connection.vendor == "postgresql":
+        sql = (
+            f"SELECT client_id, id, group_id, status FROM {table} WHERE project_id = %s "
+            "AND client_id = ANY(ARRAY(SELECT json_array_elements_text(%s::json)))"
         )
+        params: list[Any] = [project_id, orjson.dumps(client_ids).decode()]
+    else:
+        placeholders = ", ".join(["%s"] * len(client_ids))
+        sql = (
+            f"SELECT client_id, id, group_id, status FROM {table} "
+            f"WHERE project_id = %s AND client_id IN ({placeholders})"
+        )
+        params = [project_id, *client_ids]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
         rows = cursor.fetchall()
-    # SQLite hands back UUIDs as hex strings, PostgreSQL as UUID objects.
-    return {
-        cid: (cid, pk if isinstance(pk, uuid.UUID) else uuid.UUID(pk), group_id, status)
-        for cid, pk, group_id, status in rows
-    }
+    return {cid: (cid, _as_uuid(pk), group_id, status) for cid, pk, group_id, status in rows}
 
 
-_INSERT_CHUNK = 500
+_INCIDENT_ATTNAMES = [f.attname for f in Incident._meta.concrete_fields]
 
 
-def _insert_incidents(incidents: list[Incident]) -> set[uuid.UUID]:
+def _insert_incidents(incidents: list[_NewIncident]) -> set[uuid.UUID]:
     """INSERT ... ON CONFLICT (project, client id) DO NOTHING, returning the ids it stored.
 
     One statement instead of bulk_create plus a read-back: the rows a concurrent request
-    stored first are simply not returned."""
-    fields = Incident._meta.concrete_fields
-    table = Incident._meta.db_table
-    columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
-    row = "(" + ", ".join(["%s"] * len(fields)) + ")"
-    stored: set[uuid.UUID] = set()
-    for start in range(0, len(incidents), _INSERT_CHUNK):
-        chunk = incidents[start : start + _INSERT_CHUNK]
-        params = [
-            field.get_db_prep_save(field.pre_save(incident, add=True), connection)
-            for incident in chunk
-            for field in fields
-        ]
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"INSERT INTO {table} ({columns}) VALUES {', '.join([row] * len(chunk))} "
-                "ON CONFLICT (project_id, client_id) DO NOTHING RETURNING id",
-                params,
-            )
-            stored.update(
-                pk if isinstance(pk, uuid.UUID) else uuid.UUID(pk) for (pk,) in cursor.fetchall()
-            )
-    return stored
+    stored first are simply not returned. ``incidents`` must be sorted by client id."""
+    rows = [{name: getattr(inc, name) for name in _INCIDENT_ATTNAMES} for inc in incidents]
+    returned = _insert_rows(
+        Incident,
+        rows,
+        order_by="client_id",
+        tail="ON CONFLICT (project_id, client_id) DO NOTHING RETURNING id",
+    )
+    return {_as_uuid(pk) for (pk,) in returned}
 
 
 def incidents_ingest(
@@ -536,7 +624,7 @@ def group_synthesis_finish(
     | BUDGET) and mark the group's incidents accordingly."""
     if status not in SynthesisStatus.values or status in (SynthesisStatus.NONE,):
         raise DomainError(f"Unknown synthesis status '{status}'.")
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):  # nested in the fast loop's transaction
         group = IncidentGroup.objects.select_for_update().filter(pk=group_id).first()
         if group is None or group.synthesis_status != from_status:
             return False
