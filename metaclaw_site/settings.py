@@ -108,6 +108,23 @@ TEMPLATES = [
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 if DATABASE_URL:
     DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_bool(
+        "METACLAW_DB_POOL", True
+    ):
+        # A connection pool per process (psycopg_pool), lent for a request or a task and back
+        # at its end. Under ASGI each request runs its sync view in a thread of its own, and a
+        # persistent connection per thread exhausted PostgreSQL's max_connections ("too many
+        # clients"); a pool bounds a process's connections at max_size (a request over it
+        # waits up to the timeout) and still spares each request a new connection. Pooling
+        # requires CONN_MAX_AGE = 0. A pool opens on first use, so each forked process (Celery's
+        # prefork children, gunicorn's preloaded workers) opens its own: nothing may query the
+        # database in a parent before it forks.
+        DATABASES["default"]["CONN_MAX_AGE"] = 0
+        DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+            "min_size": env_int("METACLAW_DB_POOL_MIN_SIZE", 1),
+            "max_size": env_int("METACLAW_DB_POOL_MAX_SIZE", 10),
+            "timeout": float(os.environ.get("METACLAW_DB_POOL_TIMEOUT", "10")),
+        }
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES = {

@@ -1,3 +1,4 @@
+import gc
 import os
 
 from django.core.wsgi import get_wsgi_application
@@ -10,3 +11,9 @@ application = get_wsgi_application()
 from django.urls import get_resolver  # noqa: E402
 
 get_resolver().url_patterns  # noqa: B018 - the access is the point: it imports them
+
+# What boot loaded lives as long as the process: take it out of the collector's sight. A large
+# batch request allocates enough to set off full collections, and each would otherwise walk
+# these ~170k objects again (about 50 ms a time: over a third of the CPU of 500-item batches).
+gc.collect()
+gc.freeze()
