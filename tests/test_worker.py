@@ -44,6 +44,9 @@ ANSWER = json.dumps(
 )
 
 
+WORKER_APP_NAME = "metaclaw-test-worker"
+
+
 def _redis_url() -> str:
     return os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
 
@@ -80,7 +83,7 @@ def real_broker():
 
 
 @pytest.fixture(scope="module")
-def worker(django_db_setup, _module_llm_server, tmp_path_factory):
+def worker(django_db_setup, django_db_blocker, _module_llm_server, tmp_path_factory):
     """One worker for this module (starting one takes seconds on a busy machine). Prefork with
     one child, as in production: tasks run in a forked child, where Celery's Django fixup
     manages the database connections."""
@@ -98,6 +101,7 @@ def worker(django_db_setup, _module_llm_server, tmp_path_factory):
         "OPENAI_API_KEY": "test-key",
         "METACLAW_LLM_MODEL": "loopback-model",
         "METACLAW_OUTBOX_SWEEP_AFTER_SECONDS": "0",
+        "PGAPPNAME": WORKER_APP_NAME,  # libpq names the worker's connections
     }
     with open(logs / "worker-0.log", "w") as log:
         process = subprocess.Popen(
@@ -118,6 +122,24 @@ def worker(django_db_setup, _module_llm_server, tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        with django_db_blocker.unblock():
+            _wait_for_worker_backends_to_end()
+
+
+def _wait_for_worker_backends_to_end(timeout: float = 10.0) -> None:
+    """The worker's PostgreSQL backends outlive its process by a moment; the test database
+    cannot be dropped at the end of the session while they are there."""
+    deadline = time.monotonic() + timeout
+    with connection.cursor() as cursor:
+        while time.monotonic() < deadline:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = %s",
+                [WORKER_APP_NAME],
+            )
+            if cursor.fetchone()[0] == 0:
+                return
+            time.sleep(0.1)
 
 
 def _wait_for(predicate, timeout: float = 90.0, what: str = "the worker", logs: Path | None = None):
