@@ -352,9 +352,7 @@ def test_promoting_a_candidate_makes_it_the_only_active_version(project, admin):
     assert (release.from_version.number, release.to_version.number, release.actor) == (1, 2, admin)
 
 
-def test_promote_refuses_a_candidate_built_before_skills_were_approved(
-    project, admin, reviewer
-):
+def test_promote_refuses_a_candidate_built_before_skills_were_approved(project, admin, reviewer):
     candidate = services.policy_version_create_candidate(
         project=project, adapter_ref="tinker://run/1", base_model="m", changelog="c"
     )
