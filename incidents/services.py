@@ -516,6 +516,40 @@ def trajectories_ingest(
     return out
 
 
+def trajectories_store(*, trajectories: Sequence[Trajectory]) -> int:
+    """Store trajectories built elsewhere (the runtime proxy's recorded turns, already cleaned
+    and stamped) in one transaction. Returns how many were stored.
+
+    On PostgreSQL the rows go in with one ``COPY``: Django's ``bulk_create`` escapes every JSON
+    value into an array literal, several times the CPU for agent-sized message lists, and the
+    proxy records turns in the web process."""
+    if not trajectories:
+        return 0
+    if connection.vendor == "postgresql":
+        _copy_rows(Trajectory, trajectories)
+    else:
+        with transaction.atomic():
+            Trajectory.objects.bulk_create(trajectories)
+    return len(trajectories)
+
+
+def _copy_rows(model: type[models.Model], rows: Sequence[models.Model]) -> None:
+    fields = list(model._meta.concrete_fields)
+    columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
+    table = connection.ops.quote_name(model._meta.db_table)
+    json_fields = [isinstance(f, models.JSONField) for f in fields]
+    with transaction.atomic(), connection.cursor() as cursor:
+        with cursor.cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+            for row in rows:
+                values = []
+                for f, is_json in zip(fields, json_fields, strict=True):
+                    value = getattr(row, f.attname)
+                    if is_json and value is not None:
+                        value = orjson.dumps(value).decode()
+                    values.append(value)
+                copy.write_row(values)
+
+
 # --- Group status (people) ----------------------------------------------------------------
 
 _GROUP_TRANSITIONS: dict[str, set[str]] = {

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from django.conf import settings
 from django.core.cache import cache
-from django.db import close_old_connections, connection, transaction
+from django.db import close_old_connections, transaction
 from django.utils import timezone
 from pydantic import ValidationError
 
@@ -803,9 +803,9 @@ def proxy_turns_record(*, turns: Sequence[Turn]) -> int:
     """Store proxied turns as trajectories (source=proxy), stamped with their policy version.
     Returns how many were stored.
 
-    On PostgreSQL the rows go in with one ``COPY`` (Django's ``bulk_create`` escapes every JSON
-    value into an array literal, several times the CPU for agent-sized message lists, and this
-    runs in the web process)."""
+    The rows are written by ``incidents.services.trajectories_store`` (one ``COPY`` on
+    PostgreSQL)."""
+    from incidents import services as incident_services
     from incidents.models import Trajectory, TrajectorySource
 
     rows = []
@@ -846,39 +846,11 @@ def proxy_turns_record(*, turns: Sequence[Turn]) -> int:
                 received_at=now,
             )
         )
-    if connection.vendor == "postgresql":
-        _copy_rows(Trajectory, rows)
-    else:
-        with transaction.atomic():
-            Trajectory.objects.bulk_create(rows)
-    return len(rows)
+    return incident_services.trajectories_store(trajectories=rows)
 
 
 def _identity(value: Any) -> Any:
     return value
-
-
-def _copy_rows(model: Any, rows: Sequence[Any]) -> None:
-    from django.db.models import JSONField
-
-    fields = list(model._meta.concrete_fields)
-    columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
-    table = connection.ops.quote_name(model._meta.db_table)
-    json_fields = [isinstance(f, JSONField) for f in fields]
-    with transaction.atomic(), connection.cursor() as cursor:
-        with cursor.cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
-            for row in rows:
-                values = []
-                for f, is_json in zip(fields, json_fields, strict=True):
-                    value = getattr(row, f.attname)
-                    if is_json:
-                        value = None if value is None else _dumps_text(value)
-                    values.append(value)
-                copy.write_row(values)
-
-
-def _dumps_text(value: Any) -> str:
-    return _orjson.dumps(value).decode() if _orjson else json.dumps(value)
 
 
 class _Recorder:
@@ -945,6 +917,7 @@ class _Recorder:
                         logger.exception("Could not record %d proxied turns.", len(chunk))
                     time.sleep(0)
             finally:
+                close_old_connections()  # with the pool: back to it until the next batch
                 self._done(len(batch))
 
     def wait(self, timeout: float = 10.0) -> bool:
