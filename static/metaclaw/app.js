@@ -57,7 +57,11 @@ document.addEventListener("keydown", (event) => {
     return;
   }
   const items = Array.from(document.querySelectorAll(".queue-item"));
-  const current = items.findIndex((item) => item.classList.contains("selected"));
+  // The open proposal is the one in the panel: the list's highlight follows it only once
+  // htmx settles, and a second key pressed before that must still move on from it.
+  const detail = document.getElementById("detail");
+  const openId = detail && detail.dataset.revisionId;
+  const current = items.findIndex((item) => item.dataset.id === openId);
   const submit = (form) => form && (form.requestSubmit ? form.requestSubmit() : form.submit());
   switch (event.key) {
     case "j":
