@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Ingestion throughput and latency under a production server.
 
-Runs MetaClaw under gunicorn on PostgreSQL + Redis (a database of its own, `metaclaw_bench`)
+Runs MetaClaw under gunicorn (or uvicorn, as the README runs it in production) on PostgreSQL + Redis (a database of its own, `metaclaw_bench`)
 and drives it over HTTP with concurrent keep-alive clients. Prints incidents/s and p50/p99
 latency for the single and the batch endpoint.
 
@@ -70,7 +70,8 @@ def main() -> None:
     parser.add_argument(
         "--server", choices=["gthread", "sync", "uvicorn"], default="sync",
         help="gunicorn sync workers (default: requests spread evenly over the processes), "
-        "gunicorn gthread (keep-alive connections stick to one process), or uvicorn (ASGI)",
+        "gunicorn gthread (keep-alive connections stick to one process), or uvicorn (ASGI) "
+        "with the README's production flags (--loop uvloop --http httptools)",
     )  # fmt: skip
     args = parser.parse_args()
 
@@ -84,7 +85,7 @@ def main() -> None:
         command = [
             sys.executable, "-m", "uvicorn", "metaclaw_site.asgi:application", "--host", "127.0.0.1",
             "--port", str(port), "--workers", str(args.workers), "--no-access-log",
-            "--log-level", "warning",
+            "--log-level", "warning", "--loop", "uvloop", "--http", "httptools",
         ]  # fmt: skip
     else:
         command = [

@@ -11,8 +11,9 @@ from django.http import HttpRequest
 from ninja import Query, Router, Schema, Status
 from pydantic import ValidationError as PydanticValidationError
 
-from metaclaw_site.api import validation_errors
+from metaclaw_site.api_shapes import pydantic_errors
 from metaclaw_site.auth import admin_auth, ingest_auth, read_auth
+from metaclaw_site.models import ApiKey, Project
 from metaclaw_site.pagination import paginate
 from metaclaw_site.services import DomainError
 
@@ -34,7 +35,74 @@ router = Router(tags=["incidents"])
 
 
 def _actor_label(request: HttpRequest) -> str:
-    return f"api-key:{request.api_key.prefix}"  # type: ignore[attr-defined]
+    return actor_label(request.api_key)  # type: ignore[attr-defined]
+
+
+def actor_label(api_key: ApiKey) -> str:
+    return f"api-key:{api_key.prefix}"
+
+
+# --- Answers shared by both doors: these views, and incidents.fast_lane on the ASGI fast lane
+
+
+def incident_answer(*, project: Project, payload: IncidentIn, actor: str) -> tuple[int, dict]:
+    """Store one incident: the status and body of ``POST /incidents``."""
+    (result,) = services.incidents_ingest(project=project, items=[payload], actor_label=actor)
+    return 200 if result.duplicate else 202, {
+        "id": result.incident_id,
+        "client_id": result.client_id,
+        "group_id": result.group_id,
+        "status": result.status,
+        "duplicate": result.duplicate,
+    }
+
+
+def incident_batch_answer(*, project: Project, items: list[Any], actor: str) -> dict:
+    """Store a batch of incidents: the body of ``POST /incidents/batch`` (207). Raises
+    ``DomainError`` for a batch over ``BATCH_MAX_ITEMS``."""
+    _check_batch_size(items)
+    valid, invalid = _validate_items(items, IncidentIn)
+    stored = (
+        services.incidents_ingest(
+            project=project, items=[item for _, item in valid], actor_label=actor
+        )
+        if valid
+        else []
+    )
+    results = [
+        {
+            "index": index,
+            "status": 200 if result.duplicate else 202,
+            "id": result.incident_id,
+            "client_id": result.client_id,
+            "group_id": result.group_id,
+            "duplicate": result.duplicate,
+        }
+        for (index, _), result in zip(valid, stored, strict=True)
+    ]
+    return _batch_body(results, invalid)
+
+
+def trajectory_batch_answer(*, project: Project, items: list[Any]) -> dict:
+    """Store a batch of turns: the body of ``POST /trajectories/batch`` (207)."""
+    _check_batch_size(items)
+    valid, invalid = _validate_items(items, TrajectoryIn)
+    stored = (
+        services.trajectories_ingest(project=project, items=[item for _, item in valid])
+        if valid
+        else []
+    )
+    results = [
+        {
+            "index": index,
+            "status": 200 if duplicate else 202,
+            "id": trajectory_id,
+            "client_id": item.id,
+            "duplicate": duplicate,
+        }
+        for (index, item), (trajectory_id, duplicate) in zip(valid, stored, strict=True)
+    ]
+    return _batch_body(results, invalid)
 
 
 @router.post(
@@ -46,17 +114,9 @@ def _actor_label(request: HttpRequest) -> str:
 def post_incident(request: HttpRequest, payload: IncidentIn):
     """Store one incident and group it. 202 when stored now; 200 with the stored incident when
     this client id was seen before (nothing is stored twice)."""
-    (result,) = services.incidents_ingest(
-        project=request.project, items=[payload], actor_label=_actor_label(request)
+    return Status(
+        *incident_answer(project=request.project, payload=payload, actor=_actor_label(request))
     )
-    body = IncidentAccepted(
-        id=result.incident_id,
-        client_id=result.client_id,
-        group_id=result.group_id,
-        status=result.status,
-        duplicate=result.duplicate,
-    )
-    return Status(200 if result.duplicate else 202, body)
 
 
 def _validate_items(
@@ -68,7 +128,7 @@ def _validate_items(
         try:
             valid.append((index, schema.model_validate(raw)))
         except PydanticValidationError as exc:
-            invalid[index] = validation_errors(exc.errors(include_url=False, include_input=False))
+            invalid[index] = pydantic_errors(exc)
     return valid, invalid
 
 
@@ -87,29 +147,12 @@ def _check_batch_size(items: list[Any]) -> None:
 def post_incident_batch(request: HttpRequest, payload: BatchIn):
     """Each item is validated and stored on its own: good items are stored even when others
     fail. Per-item status: 202 stored, 200 duplicate client id, 422 invalid (with errors)."""
-    _check_batch_size(payload.items)
-    valid, invalid = _validate_items(payload.items, IncidentIn)
-    stored = (
-        services.incidents_ingest(
-            project=request.project,
-            items=[item for _, item in valid],
-            actor_label=_actor_label(request),
-        )
-        if valid
-        else []
+    return Status(
+        207,
+        incident_batch_answer(
+            project=request.project, items=payload.items, actor=_actor_label(request)
+        ),
     )
-    results = [
-        {
-            "index": index,
-            "status": 200 if result.duplicate else 202,
-            "id": result.incident_id,
-            "client_id": result.client_id,
-            "group_id": result.group_id,
-            "duplicate": result.duplicate,
-        }
-        for (index, _), result in zip(valid, stored, strict=True)
-    ]
-    return _batch_answer(results, invalid)
 
 
 @router.post(
@@ -120,27 +163,10 @@ def post_incident_batch(request: HttpRequest, payload: BatchIn):
     summary="Report ordinary turns for the slow loop; per-item results",
 )
 def post_trajectory_batch(request: HttpRequest, payload: BatchIn):
-    _check_batch_size(payload.items)
-    valid, invalid = _validate_items(payload.items, TrajectoryIn)
-    stored = (
-        services.trajectories_ingest(project=request.project, items=[item for _, item in valid])
-        if valid
-        else []
-    )
-    results = [
-        {
-            "index": index,
-            "status": 200 if duplicate else 202,
-            "id": trajectory_id,
-            "client_id": item.id,
-            "duplicate": duplicate,
-        }
-        for (index, item), (trajectory_id, duplicate) in zip(valid, stored, strict=True)
-    ]
-    return _batch_answer(results, invalid)
+    return Status(207, trajectory_batch_answer(project=request.project, items=payload.items))
 
 
-def _batch_answer(stored: list[dict], invalid: dict[int, list]):
+def _batch_body(stored: list[dict], invalid: dict[int, list]) -> dict:
     """207 with one result per item, in request order (like Langfuse's batch ingestion).
 
     Results are plain dicts: ninja validates them against BatchOut once, where Schema objects
@@ -150,15 +176,12 @@ def _batch_answer(stored: list[dict], invalid: dict[int, list]):
     ]
     results.sort(key=lambda r: r["index"])
     duplicates = sum(1 for r in stored if r["duplicate"])
-    return Status(
-        207,
-        {
-            "accepted": len(stored) - duplicates,
-            "duplicates": duplicates,
-            "rejected": len(invalid),
-            "results": results,
-        },
-    )
+    return {
+        "accepted": len(stored) - duplicates,
+        "duplicates": duplicates,
+        "rejected": len(invalid),
+        "results": results,
+    }
 
 
 class IncidentFilter(Schema):

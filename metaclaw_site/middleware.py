@@ -43,24 +43,31 @@ class ApiBodyLimitMiddleware:
             except ValueError:
                 length = 0
             if length > limit:
-                return JsonResponse(
-                    {
-                        "detail": f"Request body too large: {length} bytes, the limit is {limit}.",
-                        "code": "payload_too_large",
-                        "limit_bytes": limit,
-                    },
-                    status=413,
-                )
+                return JsonResponse(too_large_body(length, limit), status=413)
         return self.get_response(request)
 
     @staticmethod
     def _limit_for(path: str) -> int | None:
-        conf = settings.METACLAW
-        if path.startswith("/api/") and path.endswith("/batch"):
-            return conf["BATCH_MAX_BODY_BYTES"]
-        if path.startswith("/api/"):
-            return conf["INGEST_MAX_BODY_BYTES"]
-        return None
+        return api_body_limit(path)
+
+
+def api_body_limit(path: str) -> int | None:
+    """The largest request body accepted on ``path`` (None: not an API path). The ASGI fast
+    lane applies the same limits."""
+    conf = settings.METACLAW
+    if path.startswith("/api/") and path.endswith("/batch"):
+        return conf["BATCH_MAX_BODY_BYTES"]
+    if path.startswith("/api/"):
+        return conf["INGEST_MAX_BODY_BYTES"]
+    return None
+
+
+def too_large_body(length: int, limit: int) -> dict:
+    return {
+        "detail": f"Request body too large: {length} bytes, the limit is {limit}.",
+        "code": "payload_too_large",
+        "limit_bytes": limit,
+    }
 
 
 class CurrentProjectMiddleware:

@@ -189,41 +189,8 @@ def runtime_skills_retrieve(request: HttpRequest, payload: RetrieveIn) -> HttpRe
 # same error shapes as the NinjaAPI's.
 
 
-def _api_error(status: int, detail: str, code: str, field: str | None = None, **extra: Any):
-    from .proxy import ProxyResponse
-
-    body: dict[str, Any] = {"detail": detail, "code": code, **extra}
-    if field:
-        body["errors"] = [{"field": field, "message": detail, "type": code}]
-    return ProxyResponse(status, [("content-type", "application/json")], _dumps(body))
-
-
-async def _fast_auth(headers: dict[str, str]) -> Any:
-    """The key's project, or a ProxyResponse refusing the request."""
-    from metaclaw_site.auth import RateLimited, ScopeDenied
-
-    from .proxy import authenticate
-
-    api_key = await authenticate(headers)
-    if api_key is None:
-        response = _api_error(
-            401, "A valid API key is required (Authorization: Bearer <key>).", "unauthorized"
-        )
-        response.headers.append(("www-authenticate", "Bearer"))
-        return response
-    try:
-        runtime.runtime_admit(api_key)
-    except ScopeDenied as exc:
-        return _api_error(403, str(exc), "forbidden")
-    except RateLimited as exc:
-        response = _api_error(429, str(exc), "rate_limited", retry_after=exc.retry_after)
-        response.headers.append(("retry-after", str(exc.retry_after)))
-        return response
-    return api_key.project
-
-
 async def _fast_snapshot(project_id: int, version: int | None) -> Any:
-    from .proxy import in_worker_thread
+    from .proxy import api_error, in_worker_thread
 
     snapshot = runtime.policy_snapshot_cached(project_id=project_id, version=version)
     if snapshot is not None:
@@ -233,21 +200,22 @@ async def _fast_snapshot(project_id: int, version: int | None) -> Any:
             project_id=project_id, version=version
         )
     except NotFound as exc:
-        return _api_error(404, str(exc), "not_found", field=exc.field)
+        return api_error(404, str(exc), "not_found", field=exc.field)
 
 
 async def fast_policy(*, headers: dict[str, str], query: str, body: bytes) -> Any:
-    from .proxy import ProxyResponse
+    from .proxy import ProxyResponse, api_admit, api_invalid
 
-    project = await _fast_auth(headers)
-    if isinstance(project, ProxyResponse):
-        return project
+    api_key = await api_admit(headers, ("runtime",))
+    if isinstance(api_key, ProxyResponse):
+        return api_key
+    project = api_key.project
     try:
         filters = PolicyQuery.model_validate(
             {k: v[-1] for k, v in parse_qs(query).items() if k == "version"}
         )
     except PydanticValidationError as exc:
-        return _invalid(exc)
+        return api_invalid(exc)
     snapshot = await _fast_snapshot(project.pk, filters.version)
     if isinstance(snapshot, ProxyResponse):
         return snapshot
@@ -255,15 +223,16 @@ async def fast_policy(*, headers: dict[str, str], query: str, body: bytes) -> An
 
 
 async def fast_retrieve(*, headers: dict[str, str], query: str, body: bytes) -> Any:
-    from .proxy import ProxyResponse
+    from .proxy import ProxyResponse, api_admit, api_invalid
 
-    project = await _fast_auth(headers)
-    if isinstance(project, ProxyResponse):
-        return project
+    api_key = await api_admit(headers, ("runtime",))
+    if isinstance(api_key, ProxyResponse):
+        return api_key
+    project = api_key.project
     try:
         payload = RetrieveIn.model_validate_json(body or b"{}")
     except PydanticValidationError as exc:
-        return _invalid(exc)
+        return api_invalid(exc)
     snapshot = await _fast_snapshot(project.pk, payload.version)
     if isinstance(snapshot, ProxyResponse):
         return snapshot
@@ -272,19 +241,6 @@ async def fast_retrieve(*, headers: dict[str, str], query: str, body: bytes) -> 
         [("content-type", "application/json"), ("x-metaclaw-policy-version", str(snapshot.number))],
         retrieve_answer(snapshot, payload),
     )
-
-
-def _invalid(exc: PydanticValidationError) -> Any:
-    from metaclaw_site.api import validation_errors
-
-    from .proxy import ProxyResponse
-
-    errors = [
-        {**e, "loc": e.get("loc") or ("body",)}
-        for e in exc.errors(include_url=False, include_context=False, include_input=False)
-    ]
-    body = {"detail": "Invalid input.", "code": "invalid", "errors": validation_errors(errors)}
-    return ProxyResponse(422, [("content-type", "application/json")], _dumps(body))
 
 
 @router.post("/runtime/feedback", response=FeedbackOut, summary="How a session ended")

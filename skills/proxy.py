@@ -17,13 +17,14 @@ thread per request, which would cost more than everything else the proxy does).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import logging
 import ssl
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -39,9 +40,19 @@ from django.http.request import split_domain_port, validate_host
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
+from pydantic import BaseModel, create_model
+from pydantic import ValidationError as PydanticValidationError
 
-from metaclaw_site.auth import RateLimited, ScopeDenied
-from metaclaw_site.services import NotFound
+from metaclaw_site.api_shapes import (
+    domain_error_answer,
+    invalid_body,
+    parse_json,
+    pydantic_errors,
+    render_json,
+)
+from metaclaw_site.auth import RateLimited, ScopeDenied, admit
+from metaclaw_site.middleware import api_body_limit, too_large_body
+from metaclaw_site.services import DomainError, NotFound
 
 from . import runtime
 
@@ -131,7 +142,12 @@ def in_worker_thread(func: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
 
     def call(*args: Any, **kwargs: Any) -> Any:
         close_old_connections()
-        return func(*args, **kwargs)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            # With the connection pool, this hands the connection back: an idle executor
+            # thread must not keep one (there are more threads than pooled connections).
+            close_old_connections()
 
     return sync_to_async(call, thread_sensitive=False)
 
@@ -371,16 +387,23 @@ AsgiApp = Callable[
 ]
 
 
-def fast_lane(app: AsgiApp) -> AsgiApp:
+def fast_lane(
+    app: AsgiApp, extra_routes: Mapping[tuple[str, str], Handler] | None = None
+) -> AsgiApp:
     """Wrap the Django ASGI app: the agent-facing hot paths (``POST /v1/chat/completions``,
-    ``GET /api/v1/runtime/policy``, ``POST /api/v1/runtime/skills/retrieve``) are served by the
-    same handlers as the Django views, without the middleware stack; everything else by Django."""
+    ``GET /api/v1/runtime/policy``, ``POST /api/v1/runtime/skills/retrieve``, and the
+    ``(method, path)`` routes of ``extra_routes``, which the composition root passes in for
+    other apps) are served by the same services as the Django views, without the middleware
+    stack; everything else by Django. A handler takes ``headers`` (lower-case names),
+    ``query`` and ``body`` and answers a ``ProxyResponse``; an API handler authenticates with
+    ``api_admit`` and answers errors with ``api_error`` / ``api_invalid``."""
     from . import api_runtime
 
     routes: dict[tuple[str, str], Handler] = {
         ("POST", PATH): proxy_handle,
         ("GET", "/api/v1/runtime/policy"): api_runtime.fast_policy,
         ("POST", "/api/v1/runtime/skills/retrieve"): api_runtime.fast_retrieve,
+        **(extra_routes or {}),
     }
 
     async def asgi(scope: dict, receive: Callable, send: Callable) -> None:
@@ -402,7 +425,8 @@ def _body_limit(path: str) -> int:
     if path == PATH:
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         return MAX_BODY_BYTES if limit is None else min(int(limit), MAX_BODY_BYTES)
-    return int(settings.METACLAW["INGEST_MAX_BODY_BYTES"])
+    limit = api_body_limit(path)  # ApiBodyLimitMiddleware's
+    return int(settings.METACLAW["INGEST_MAX_BODY_BYTES"] if limit is None else limit)
 
 
 def _host_allowed(scope: dict, headers: dict[str, str]) -> bool:
@@ -425,12 +449,16 @@ def _refusal(path: str, status: int, message: str, code: str) -> ProxyResponse:
     """An error in the shape of the door: OpenAI's for the proxy, the API's for the rest."""
     if path == PATH:
         return _error(status, message, code)
-    from .api_runtime import _api_error
-
-    response = _api_error(status, message, code)
+    response = api_error(status, message, code)
     if status == 401:
         response.headers.append(("www-authenticate", "Bearer"))
     return response
+
+
+def _too_large(path: str, length: int) -> ProxyResponse:
+    if path == PATH:
+        return _error(413, "Request body too large.", "payload_too_large")
+    return api_answer(413, too_large_body(length, _body_limit(path)))
 
 
 async def _refuse_early(scope: dict, headers: dict[str, str]) -> ProxyResponse | None:
@@ -441,7 +469,7 @@ async def _refuse_early(scope: dict, headers: dict[str, str]) -> ProxyResponse |
         return _refusal(path, 400, "Invalid Host header.", "bad_request")
     declared = headers.get("content-length", "")
     if declared.strip().isdigit() and int(declared) > _body_limit(path):
-        return _refusal(path, 413, "Request body too large.", "payload_too_large")
+        return _too_large(path, int(declared))
     if await authenticate(headers) is None:  # cached: the handler's own check is then free
         if path == PATH:
             return _error(
@@ -473,7 +501,7 @@ async def _serve(handler: Handler, scope: dict, receive: Callable, send: Callabl
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            result = _refusal(scope["path"], 413, "Request body too large.", "payload_too_large")
+            result = _too_large(scope["path"], size)
             break
         parts.append(chunk)
         more = message.get("more_body", False)
@@ -501,3 +529,77 @@ async def _serve(handler: Handler, scope: dict, receive: Callable, send: Callabl
         await send({"type": "http.response.body", "body": b""})
     finally:
         await stream.aclose()  # type: ignore[attr-defined]
+
+
+# --- API-shaped answers on the fast lane (the runtime API, and routes of other apps) --------
+# Same status codes and bodies as the NinjaAPI's handlers in metaclaw_site/api.py.
+
+
+def api_answer(status: int, body: Any) -> ProxyResponse:
+    """``body`` rendered byte for byte as ninja renders it."""
+    return ProxyResponse(
+        status, [("content-type", "application/json; charset=utf-8")], render_json(body)
+    )
+
+
+def api_error(
+    status: int, detail: str, code: str, field: str | None = None, **extra: Any
+) -> ProxyResponse:
+    body: dict[str, Any] = {"detail": detail, "code": code, **extra}
+    if field:
+        body["errors"] = [{"field": field, "message": detail, "type": code}]
+    return api_answer(status, body)
+
+
+def api_invalid(exc: Exception) -> ProxyResponse:
+    """422 for a pydantic ``ValidationError``, as ninja answers it."""
+    return api_answer(422, invalid_body(pydantic_errors(exc)))
+
+
+def api_domain_error(exc: DomainError) -> ProxyResponse:
+    return api_answer(*domain_error_answer(exc))
+
+
+@functools.cache
+def _body_model(schema: type[BaseModel]) -> type[BaseModel]:
+    # ninja validates a single body parameter as the field ``payload`` of a model like this one
+    return create_model(f"{schema.__name__}Body", payload=(schema, ...))
+
+
+def api_body(schema: type[BaseModel], body: bytes) -> Any:
+    """The request body parsed and validated as ninja does for ``payload: schema`` (the same
+    parser, the same error locations), or a ProxyResponse: 400 not JSON, 422 invalid."""
+    data: dict[str, Any] = {}
+    if body:  # ninja leaves an empty body out: "payload" is then missing
+        try:
+            data["payload"] = parse_json(body)
+        except Exception as exc:  # noqa: BLE001 - ninja answers any parser failure with a 400
+            detail = "Cannot parse request body"
+            if settings.DEBUG:
+                detail += f" ({exc})"
+            return api_error(400, detail, "error")
+    try:
+        return _body_model(schema).model_validate(data).payload  # type: ignore[attr-defined]
+    except PydanticValidationError as exc:
+        return api_invalid(exc)
+
+
+async def api_admit(headers: dict[str, str], scopes: tuple[str, ...]) -> Any:
+    """The request's API key, or a ProxyResponse refusing it: 401 without a valid key, 403
+    without one of ``scopes``, 429 over the rate limit. The request is counted like the Django
+    door counts it (``metaclaw_site.auth.admit``), in process so that the event loop never
+    waits on Redis."""
+    api_key = await authenticate(headers)
+    if api_key is None:
+        return _refusal(
+            "", 401, "A valid API key is required (Authorization: Bearer <key>).", "unauthorized"
+        )
+    try:
+        admit(api_key, scopes, count=runtime.request_count)
+    except ScopeDenied as exc:
+        return api_error(403, str(exc), "forbidden")
+    except RateLimited as exc:
+        response = api_error(429, str(exc), "rate_limited", retry_after=exc.retry_after)
+        response.headers.append(("retry-after", str(exc.retry_after)))
+        return response
+    return api_key

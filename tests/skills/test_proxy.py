@@ -326,6 +326,27 @@ def test_each_turn_is_recorded_as_a_trajectory_off_the_response_path(
     assert [s["slug"] for s in main.skills_injected] == [DATES[0]]
 
 
+def test_the_proxy_hands_pooled_database_connections_back_after_each_use(
+    client, upstream, project, skills
+):
+    from django.db import connection
+
+    pool = connection.pool
+    if pool is None:
+        pytest.skip("the connection pool is turned off (METACLAW_DB_POOL=0)")
+    for _ in range(5):
+        client.chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": REFUND_QUESTION}]
+        )
+    assert runtime.recordings_wait(10)
+    time.sleep(0.2)  # the recorder returns its connection right after the batch it wrote
+
+    stats = pool.get_stats()
+    # Only this test's own connection is out; the server's threads and the recorder hold none
+    # between uses (more executor threads than pooled connections would starve the pool).
+    assert stats["pool_size"] - stats["pool_available"] <= 1, stats
+
+
 def test_a_pinned_version_is_served_and_named_in_the_header(client, upstream, skills):
     raw = client.chat.completions.with_raw_response.create(
         model="gpt-test",

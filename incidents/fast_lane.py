@@ -1,0 +1,86 @@
+"""The ingestion endpoints on the ASGI fast lane (``skills.proxy.fast_lane``): a second door to
+the answers of ``incidents/api.py``, without Django's middleware stack (which runs sync
+middleware and the sync view in a thread per request: more than the work itself).
+
+Same authentication, scope, rate limit, body limits, validation and bodies as the NinjaAPI's;
+the service runs on a worker thread that hands its database connection back to the pool
+afterwards. ``metaclaw_site/asgi.py`` (the composition root) registers ``ROUTES``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from metaclaw_site.services import DomainError
+from skills.proxy import (
+    Handler,
+    ProxyResponse,
+    api_admit,
+    api_answer,
+    api_body,
+    api_domain_error,
+    in_worker_thread,
+)
+
+from .api import actor_label, incident_answer, incident_batch_answer, trajectory_batch_answer
+from .schemas import BatchIn, BatchOut, IncidentAccepted, IncidentIn
+
+INGEST = ("ingest",)
+
+
+async def post_incident(*, headers: dict[str, str], query: str, body: bytes) -> ProxyResponse:
+    api_key = await api_admit(headers, INGEST)
+    if isinstance(api_key, ProxyResponse):
+        return api_key
+    payload = api_body(IncidentIn, body)
+    if isinstance(payload, ProxyResponse):
+        return payload
+    status, answer = await in_worker_thread(incident_answer)(
+        project=api_key.project, payload=payload, actor=actor_label(api_key)
+    )
+    return api_answer(status, _out(IncidentAccepted, answer))
+
+
+async def post_incident_batch(*, headers: dict[str, str], query: str, body: bytes) -> ProxyResponse:
+    api_key = await api_admit(headers, INGEST)
+    if isinstance(api_key, ProxyResponse):
+        return api_key
+    payload = api_body(BatchIn, body)
+    if isinstance(payload, ProxyResponse):
+        return payload
+    try:
+        answer = await in_worker_thread(incident_batch_answer)(
+            project=api_key.project, items=payload.items, actor=actor_label(api_key)
+        )
+    except DomainError as exc:
+        return api_domain_error(exc)
+    return api_answer(207, _out(BatchOut, answer))
+
+
+async def post_trajectory_batch(
+    *, headers: dict[str, str], query: str, body: bytes
+) -> ProxyResponse:
+    api_key = await api_admit(headers, INGEST)
+    if isinstance(api_key, ProxyResponse):
+        return api_key
+    payload = api_body(BatchIn, body)
+    if isinstance(payload, ProxyResponse):
+        return payload
+    try:
+        answer = await in_worker_thread(trajectory_batch_answer)(
+            project=api_key.project, items=payload.items
+        )
+    except DomainError as exc:
+        return api_domain_error(exc)
+    return api_answer(207, _out(BatchOut, answer))
+
+
+def _out(schema: Any, answer: dict) -> dict:
+    # What ninja sends for ``response=schema``: validated, with every field (defaults included).
+    return schema.model_validate(answer).model_dump()
+
+
+ROUTES: dict[tuple[str, str], Handler] = {
+    ("POST", "/api/v1/incidents"): post_incident,
+    ("POST", "/api/v1/incidents/batch"): post_incident_batch,
+    ("POST", "/api/v1/trajectories/batch"): post_trajectory_batch,
+}
