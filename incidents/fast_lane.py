@@ -1,4 +1,4 @@
-"""The ingestion endpoints on the ASGI fast lane (``skills.proxy.fast_lane``): a second door to
+"""The ingestion endpoints on the ASGI fast lane (``metaclaw_site.fast_lane``): a second door to
 the answers of ``incidents/api.py``, without Django's middleware stack (which runs sync
 middleware and the sync view in a thread per request: more than the work itself).
 
@@ -10,16 +10,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from metaclaw_site.services import DomainError
-from skills.proxy import (
-    Handler,
-    ProxyResponse,
+from metaclaw_site.fast_lane import (
+    FastResponse,
+    Route,
     api_admit,
     api_answer,
     api_body,
     api_domain_error,
     in_worker_thread,
 )
+from metaclaw_site.services import DomainError
 
 from .api import actor_label, incident_answer, incident_batch_answer, trajectory_batch_answer
 from .schemas import BatchIn, BatchOut, IncidentAccepted, IncidentIn
@@ -27,12 +27,12 @@ from .schemas import BatchIn, BatchOut, IncidentAccepted, IncidentIn
 INGEST = ("ingest",)
 
 
-async def post_incident(*, headers: dict[str, str], query: str, body: bytes) -> ProxyResponse:
+async def post_incident(*, headers: dict[str, str], query: str, body: bytes) -> FastResponse:
     api_key = await api_admit(headers, INGEST)
-    if isinstance(api_key, ProxyResponse):
+    if isinstance(api_key, FastResponse):
         return api_key
     payload = api_body(IncidentIn, body)
-    if isinstance(payload, ProxyResponse):
+    if isinstance(payload, FastResponse):
         return payload
     status, answer = await in_worker_thread(incident_answer)(
         project=api_key.project, payload=payload, actor=actor_label(api_key)
@@ -40,12 +40,12 @@ async def post_incident(*, headers: dict[str, str], query: str, body: bytes) -> 
     return api_answer(status, _out(IncidentAccepted, answer))
 
 
-async def post_incident_batch(*, headers: dict[str, str], query: str, body: bytes) -> ProxyResponse:
+async def post_incident_batch(*, headers: dict[str, str], query: str, body: bytes) -> FastResponse:
     api_key = await api_admit(headers, INGEST)
-    if isinstance(api_key, ProxyResponse):
+    if isinstance(api_key, FastResponse):
         return api_key
     payload = api_body(BatchIn, body)
-    if isinstance(payload, ProxyResponse):
+    if isinstance(payload, FastResponse):
         return payload
     try:
         answer = await in_worker_thread(incident_batch_answer)(
@@ -58,12 +58,12 @@ async def post_incident_batch(*, headers: dict[str, str], query: str, body: byte
 
 async def post_trajectory_batch(
     *, headers: dict[str, str], query: str, body: bytes
-) -> ProxyResponse:
+) -> FastResponse:
     api_key = await api_admit(headers, INGEST)
-    if isinstance(api_key, ProxyResponse):
+    if isinstance(api_key, FastResponse):
         return api_key
     payload = api_body(BatchIn, body)
-    if isinstance(payload, ProxyResponse):
+    if isinstance(payload, FastResponse):
         return payload
     try:
         answer = await in_worker_thread(trajectory_batch_answer)(
@@ -79,8 +79,8 @@ def _out(schema: Any, answer: dict) -> dict:
     return schema.model_validate(answer).model_dump()
 
 
-ROUTES: dict[tuple[str, str], Handler] = {
-    ("POST", "/api/v1/incidents"): post_incident,
-    ("POST", "/api/v1/incidents/batch"): post_incident_batch,
-    ("POST", "/api/v1/trajectories/batch"): post_trajectory_batch,
+ROUTES: dict[tuple[str, str], Route] = {
+    ("POST", "/api/v1/incidents"): Route(post_incident),
+    ("POST", "/api/v1/incidents/batch"): Route(post_incident_batch),
+    ("POST", "/api/v1/trajectories/batch"): Route(post_trajectory_batch),
 }

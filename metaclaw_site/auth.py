@@ -32,8 +32,8 @@ def admit(
 ) -> None:
     """Check that ``api_key`` holds one of ``scopes``, count the request and apply the rate
     limit (raises ``ScopeDenied`` / ``RateLimited``). ``count`` counts one request and answers
-    the key's count this minute: ``counters.hit`` asks Redis; the ASGI fast lane passes an
-    in-process counter that never blocks its event loop on the network."""
+    the key's count this minute: ``counters.hit`` asks Redis; the ASGI fast lane passes
+    ``counters.hit_local``, which never blocks its event loop on the network."""
     if not any(api_key.has_scope(scope) for scope in scopes):
         raise ScopeDenied(scopes[0])
     now = time.time()

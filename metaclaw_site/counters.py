@@ -1,13 +1,24 @@
 """Per-minute counters: API rate limits and the traffic figures the slow loop's idle detection
-reads. Redis in production (shared by every web process); the Django cache in embedded mode."""
+reads. Redis in production (shared by every web process); the Django cache in embedded mode.
+
+Two ways to count a request: ``hit`` asks Redis on the spot (the Django door); ``hit_local``
+counts in this process's memory and a background thread adds the counts to the same keys every
+``FLUSH_INTERVAL`` seconds (the ASGI fast lane, whose event loop must never wait on Redis)."""
 
 from __future__ import annotations
 
+import atexit
 import functools
+import logging
+import threading
 import time
 
 from django.conf import settings
 from django.core.cache import cache
+
+from .periodic import Periodic
+
+logger = logging.getLogger(__name__)
 
 TRAFFIC_KEY = "metaclaw:traffic:{project_id}:{minute}"
 RATE_KEY = "metaclaw:rate:{key_id}:{minute}"
@@ -93,3 +104,96 @@ def traffic_per_minute(*, project_id: int, minutes: int, now: float | None = Non
         values = cache.get_many(keys)
         return [int(values.get(k) or 0) for k in keys]
     return [int(v or 0) for v in client.mget(keys)]
+
+
+# --- In-process counts, flushed to the same keys in the background ---------------------------
+
+FLUSH_INTERVAL = 0.25
+
+
+class _LocalCounts:
+    """Request counts of this process not yet added to Redis, and the totals Redis answered."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.rate: dict[tuple[int, int], int] = {}
+        self.traffic: dict[tuple[int, int], int] = {}
+        self.known_rate: dict[tuple[int, int], int] = {}
+
+
+_local = _LocalCounts()
+
+
+def hit_local(*, key_id: int, project_id: int, now: float | None = None) -> int:
+    """Count one request (rate limit of the key, traffic of the project) and return the key's
+    count in this minute as far as this process knows (Redis totals as of the last flush plus
+    what is not yet flushed). Never touches the network."""
+    _flusher.ensure_started()
+    minute = current_minute(now)
+    rate_key = (key_id, minute)
+    with _local.lock:
+        pending = _local.rate.get(rate_key, 0) + 1
+        _local.rate[rate_key] = pending
+        traffic_key = (project_id, minute)
+        _local.traffic[traffic_key] = _local.traffic.get(traffic_key, 0) + 1
+        return _local.known_rate.get(rate_key, 0) + pending
+
+
+def flush_local() -> None:
+    """Add the counts of ``hit_local`` to Redis (the cache in embedded mode) and learn the
+    keys' totals. Counts that cannot be written are kept for the next flush."""
+    with _local.lock:
+        rate, _local.rate = _local.rate, {}
+        traffic, _local.traffic = _local.traffic, {}
+        current = current_minute()
+        for key in [k for k in _local.known_rate if k[1] < current - 1]:
+            del _local.known_rate[key]
+    if not rate and not traffic:
+        return
+    client = redis_client()
+    try:
+        if client is None:
+            totals = {}
+            for (key_id, minute), n in rate.items():
+                totals[(key_id, minute)] = _cache_incr(
+                    RATE_KEY.format(key_id=key_id, minute=minute), n, 120
+                )
+            for (pid, minute), n in traffic.items():
+                _cache_incr(
+                    TRAFFIC_KEY.format(project_id=pid, minute=minute), n, TRAFFIC_TTL_SECONDS
+                )
+        else:
+            pipe = client.pipeline(transaction=False)
+            for (key_id, minute), n in rate.items():
+                key = RATE_KEY.format(key_id=key_id, minute=minute)
+                pipe.incrby(key, n)
+                pipe.expire(key, 120)
+            for (pid, minute), n in traffic.items():
+                key = TRAFFIC_KEY.format(project_id=pid, minute=minute)
+                pipe.incrby(key, n)
+                pipe.expire(key, TRAFFIC_TTL_SECONDS)
+            results = pipe.execute()
+            totals = {k: int(results[2 * i]) for i, k in enumerate(rate)}
+    except Exception:  # noqa: BLE001 - counts must never fail requests; keep them for later
+        logger.warning("Could not flush request counts; keeping them for the next try.")
+        with _local.lock:
+            for k, n in rate.items():
+                _local.rate[k] = _local.rate.get(k, 0) + n
+            for k, n in traffic.items():
+                _local.traffic[k] = _local.traffic.get(k, 0) + n
+        return
+    with _local.lock:
+        for k, total in totals.items():
+            _local.known_rate[k] = max(total, _local.known_rate.get(k, 0))
+
+
+def _cache_incr(key: str, n: int, ttl: int) -> int:
+    try:
+        return cache.incr(key, n)
+    except ValueError:
+        cache.add(key, 0, ttl)
+        return cache.incr(key, n)
+
+
+_flusher = Periodic("metaclaw-counts-flush", FLUSH_INTERVAL, lambda: flush_local())
+atexit.register(lambda: flush_local())

@@ -16,6 +16,13 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from incidents.schemas import ErrorIn, KindLiteral, SeverityLiteral
+from metaclaw_site.fast_lane import (
+    FastResponse,
+    api_admit,
+    api_error,
+    api_invalid,
+    in_worker_thread,
+)
 from metaclaw_site.services import NotFound
 
 from . import runtime
@@ -184,14 +191,12 @@ def runtime_skills_retrieve(request: HttpRequest, payload: RetrieveIn) -> HttpRe
     )
 
 
-# --- The same endpoints on the ASGI fast lane (skills.proxy.fast_lane) ----------------------
+# --- The same endpoints on the ASGI fast lane (metaclaw_site.fast_lane; skills.proxy.ROUTES) --
 # Agents poll these; Django's middleware stack would cost more than the answer. Same handlers,
 # same error shapes as the NinjaAPI's.
 
 
 async def _fast_snapshot(project_id: int, version: int | None) -> Any:
-    from .proxy import api_error, in_worker_thread
-
     snapshot = runtime.policy_snapshot_cached(project_id=project_id, version=version)
     if snapshot is not None:
         return snapshot
@@ -204,10 +209,8 @@ async def _fast_snapshot(project_id: int, version: int | None) -> Any:
 
 
 async def fast_policy(*, headers: dict[str, str], query: str, body: bytes) -> Any:
-    from .proxy import ProxyResponse, api_admit, api_invalid
-
     api_key = await api_admit(headers, ("runtime",))
-    if isinstance(api_key, ProxyResponse):
+    if isinstance(api_key, FastResponse):
         return api_key
     project = api_key.project
     try:
@@ -217,16 +220,14 @@ async def fast_policy(*, headers: dict[str, str], query: str, body: bytes) -> An
     except PydanticValidationError as exc:
         return api_invalid(exc)
     snapshot = await _fast_snapshot(project.pk, filters.version)
-    if isinstance(snapshot, ProxyResponse):
+    if isinstance(snapshot, FastResponse):
         return snapshot
-    return ProxyResponse(*policy_answer(snapshot, headers.get("if-none-match", "")))
+    return FastResponse(*policy_answer(snapshot, headers.get("if-none-match", "")))
 
 
 async def fast_retrieve(*, headers: dict[str, str], query: str, body: bytes) -> Any:
-    from .proxy import ProxyResponse, api_admit, api_invalid
-
     api_key = await api_admit(headers, ("runtime",))
-    if isinstance(api_key, ProxyResponse):
+    if isinstance(api_key, FastResponse):
         return api_key
     project = api_key.project
     try:
@@ -234,9 +235,9 @@ async def fast_retrieve(*, headers: dict[str, str], query: str, body: bytes) -> 
     except PydanticValidationError as exc:
         return api_invalid(exc)
     snapshot = await _fast_snapshot(project.pk, payload.version)
-    if isinstance(snapshot, ProxyResponse):
+    if isinstance(snapshot, FastResponse):
         return snapshot
-    return ProxyResponse(
+    return FastResponse(
         200,
         [("content-type", "application/json"), ("x-metaclaw-policy-version", str(snapshot.number))],
         retrieve_answer(snapshot, payload),

@@ -9,52 +9,48 @@ answer untouched (streams chunk by chunk, errors with the upstream's status and 
 is recorded as a trajectory by a background thread, never on the response path.
 
 Two doors lead to the same ``proxy_handle``: the Django view ``chat_completions`` (mounted in
-``metaclaw_site/urls.py``), and ``fast_lane``, an ASGI wrapper that the production ASGI app puts in
-front of Django so the hot path skips the middleware stack (Django runs sync middleware in a
-thread per request, which would cost more than everything else the proxy does).
+``metaclaw_site/urls.py``), and the ASGI fast lane (``metaclaw_site.fast_lane``), which the
+production ASGI app puts in front of Django so the hot path skips the middleware stack (Django
+runs sync middleware in a thread per request, which would cost more than everything else the
+proxy does). ``ROUTES`` are the skills app's routes on the fast lane: the proxy, behind a door
+that refuses in OpenAI's error shape, and the runtime API's (``skills.api_runtime``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import json
 import logging
 import ssl
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import parse_qs
 
 import certifi
 import httpx
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.db import close_old_connections
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
-from django.http.request import split_domain_port, validate_host
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
-from pydantic import BaseModel, create_model
-from pydantic import ValidationError as PydanticValidationError
 
-from metaclaw_site.api_shapes import (
-    domain_error_answer,
-    invalid_body,
-    parse_json,
-    pydantic_errors,
-    render_json,
+from metaclaw_site import fast_lane as site_fast_lane
+from metaclaw_site.auth import RateLimited, ScopeDenied
+from metaclaw_site.fast_lane import (
+    AsgiApp,
+    Door,
+    FastResponse,
+    Route,
+    authenticate,
+    in_worker_thread,
 )
-from metaclaw_site.auth import RateLimited, ScopeDenied, admit
-from metaclaw_site.middleware import api_body_limit, too_large_body
-from metaclaw_site.services import DomainError, NotFound
+from metaclaw_site.services import NotFound
 
-from . import runtime
+from . import api_runtime, runtime
 
 logger = logging.getLogger(__name__)
 
@@ -83,22 +79,14 @@ except ImportError:  # pragma: no cover
     pass
 
 
-@dataclass
-class ProxyResponse:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes = b""
-    stream: AsyncIterator[bytes] | None = None
-
-
 def _error(
     status: int, message: str, code: str, *, version: int | None = None, param: str | None = None
-) -> ProxyResponse:
+) -> FastResponse:
     body = {"error": {"message": message, "type": "metaclaw_error", "code": code, "param": param}}
     headers = [("content-type", "application/json")]
     if version is not None:
         headers.append((VERSION_HEADER.lower(), str(version)))
-    return ProxyResponse(status, headers, _dumps(body))
+    return FastResponse(status, headers, _dumps(body))
 
 
 # --- Pooled upstream client, one per event loop -------------------------------------------
@@ -137,33 +125,6 @@ def upstream_client() -> httpx.AsyncClient:
 # --- The request --------------------------------------------------------------------------
 
 
-def in_worker_thread(func: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-    """Run ``func`` on a worker thread, like Django runs a request: with usable connections."""
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        close_old_connections()
-        try:
-            return func(*args, **kwargs)
-        finally:
-            # With the connection pool, this hands the connection back: an idle executor
-            # thread must not keep one (there are more threads than pooled connections).
-            close_old_connections()
-
-    return sync_to_async(call, thread_sensitive=False)
-
-
-async def authenticate(headers: dict[str, str]) -> Any:
-    auth = headers.get("authorization", "")
-    scheme, _, secret = auth.partition(" ")
-    secret = secret.strip()
-    if scheme.lower() != "bearer" or not secret:
-        return None
-    api_key = runtime.runtime_key_lookup(secret)
-    if api_key is None:
-        api_key = await in_worker_thread(runtime.runtime_key_from_db)(secret)
-    return api_key
-
-
 def _pinned_version(headers: dict[str, str], query: str) -> int | None | str:
     raw = headers.get(VERSION_HEADER.lower())
     if raw is None and query:
@@ -178,7 +139,7 @@ def _pinned_version(headers: dict[str, str], query: str) -> int | None | str:
     return number if number >= 1 else "invalid"
 
 
-async def proxy_handle(*, headers: dict[str, str], query: str, body: bytes) -> ProxyResponse:
+async def proxy_handle(*, headers: dict[str, str], query: str, body: bytes) -> FastResponse:
     """Serve one chat completion. ``headers`` have lower-case names."""
     started = time.perf_counter()
     try:
@@ -322,11 +283,11 @@ async def proxy_handle(*, headers: dict[str, str], query: str, body: bytes) -> P
         turn.response_body = response.content
         turn.stream = False
         _record(turn, started)
-        return ProxyResponse(response.status_code, out_headers, response.content)
+        return FastResponse(response.status_code, out_headers, response.content)
 
     out_headers.append(("cache-control", "no-cache"))
     out_headers.append(("x-accel-buffering", "no"))
-    return ProxyResponse(response.status_code, out_headers, stream=_relay(response, turn, started))
+    return FastResponse(response.status_code, out_headers, stream=_relay(response, turn, started))
 
 
 async def _relay(
@@ -380,226 +341,42 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     return response
 
 
-# --- Door 2: the ASGI fast lane -----------------------------------------------------------
-
-AsgiApp = Callable[
-    [dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]
-]
+# --- Door 2: the ASGI fast lane (metaclaw_site.fast_lane) -----------------------------------
 
 
-def fast_lane(
-    app: AsgiApp, extra_routes: Mapping[tuple[str, str], Handler] | None = None
-) -> AsgiApp:
-    """Wrap the Django ASGI app: the agent-facing hot paths (``POST /v1/chat/completions``,
-    ``GET /api/v1/runtime/policy``, ``POST /api/v1/runtime/skills/retrieve``, and the
-    ``(method, path)`` routes of ``extra_routes``, which the composition root passes in for
-    other apps) are served by the same services as the Django views, without the middleware
-    stack; everything else by Django. A handler takes ``headers`` (lower-case names),
-    ``query`` and ``body`` and answers a ``ProxyResponse``; an API handler authenticates with
-    ``api_admit`` and answers errors with ``api_error`` / ``api_invalid``."""
-    from . import api_runtime
+class OpenAIDoor(Door):
+    """The fast lane's own refusals on the proxy's route, in OpenAI's error shape (the one
+    agents' OpenAI clients read), with the body limit the Django view would apply."""
 
-    routes: dict[tuple[str, str], Handler] = {
-        ("POST", PATH): proxy_handle,
-        ("GET", "/api/v1/runtime/policy"): api_runtime.fast_policy,
-        ("POST", "/api/v1/runtime/skills/retrieve"): api_runtime.fast_retrieve,
-        **(extra_routes or {}),
-    }
-
-    async def asgi(scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http":
-            handler = routes.get((scope["method"], scope["path"]))
-            if handler is not None:
-                await _serve(handler, scope, receive, send)
-                return
-        await app(scope, receive, send)
-
-    return asgi
-
-
-Handler = Callable[..., Awaitable[ProxyResponse]]
-
-
-def _body_limit(path: str) -> int:
-    """The body size Django would accept on ``path`` (the fast lane skips its checks)."""
-    if path == PATH:
+    def body_limit(self, path: str) -> int:
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         return MAX_BODY_BYTES if limit is None else min(int(limit), MAX_BODY_BYTES)
-    limit = api_body_limit(path)  # ApiBodyLimitMiddleware's
-    return int(settings.METACLAW["INGEST_MAX_BODY_BYTES"] if limit is None else limit)
 
+    def internal_error(self) -> FastResponse:
+        return _error(500, "Internal error in MetaClaw's runtime.", "internal_error")
 
-def _host_allowed(scope: dict, headers: dict[str, str]) -> bool:
-    """Django's ``ALLOWED_HOSTS`` check (``HttpRequest.get_host``), which the fast lane skips."""
-    if settings.USE_X_FORWARDED_HOST and "x-forwarded-host" in headers:
-        host = headers["x-forwarded-host"]
-    elif "host" in headers:
-        host = headers["host"]
-    else:
-        server = scope.get("server") or ("", None)
-        host = f"{server[0]}:{server[1]}" if server[1] not in (None, 80, 443) else str(server[0])
-    allowed = settings.ALLOWED_HOSTS
-    if settings.DEBUG and not allowed:
-        allowed = [".localhost", "127.0.0.1", "[::1]"]
-    domain, _ = split_domain_port(host)
-    return bool(domain) and validate_host(domain, allowed)
-
-
-def _refusal(path: str, status: int, message: str, code: str) -> ProxyResponse:
-    """An error in the shape of the door: OpenAI's for the proxy, the API's for the rest."""
-    if path == PATH:
+    def refusal(self, status: int, message: str, code: str) -> FastResponse:
         return _error(status, message, code)
-    response = api_error(status, message, code)
-    if status == 401:
-        response.headers.append(("www-authenticate", "Bearer"))
-    return response
 
+    def unauthorized(self) -> FastResponse:
+        return _error(
+            401,
+            "A valid MetaClaw API key is required (Authorization: Bearer <key>).",
+            "invalid_api_key",
+        )
 
-def _too_large(path: str, length: int) -> ProxyResponse:
-    if path == PATH:
+    def too_large(self, path: str, length: int) -> FastResponse:
         return _error(413, "Request body too large.", "payload_too_large")
-    return api_answer(413, too_large_body(length, _body_limit(path)))
 
 
-async def _refuse_early(scope: dict, headers: dict[str, str]) -> ProxyResponse | None:
-    """Refuse what can be refused from the headers alone, before reading any body: a host
-    not in ALLOWED_HOSTS, a declared body over the limit, a missing or unknown key."""
-    path = scope["path"]
-    if not _host_allowed(scope, headers):
-        return _refusal(path, 400, "Invalid Host header.", "bad_request")
-    declared = headers.get("content-length", "")
-    if declared.strip().isdigit() and int(declared) > _body_limit(path):
-        return _too_large(path, int(declared))
-    if await authenticate(headers) is None:  # cached: the handler's own check is then free
-        if path == PATH:
-            return _error(
-                401,
-                "A valid MetaClaw API key is required (Authorization: Bearer <key>).",
-                "invalid_api_key",
-            )
-        return _refusal(
-            path, 401, "A valid API key is required (Authorization: Bearer <key>).", "unauthorized"
-        )
-    return None
+ROUTES: dict[tuple[str, str], Route] = {
+    ("POST", PATH): Route(proxy_handle, OpenAIDoor()),
+    ("GET", "/api/v1/runtime/policy"): Route(api_runtime.fast_policy),
+    ("POST", "/api/v1/runtime/skills/retrieve"): Route(api_runtime.fast_retrieve),
+}
 
 
-async def _serve(handler: Handler, scope: dict, receive: Callable, send: Callable) -> None:
-    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-    parts: list[bytes] = []
-    size = 0
-    more = True
-    try:
-        result = await _refuse_early(scope, headers)
-    except Exception:  # noqa: BLE001 - a 500 that says where, never a dropped connection
-        logger.exception("Runtime request %s failed.", scope["path"])
-        result = _error(500, "Internal error in MetaClaw's runtime.", "internal_error")
-    limit = _body_limit(scope["path"])
-    while more and result is None:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            result = _too_large(scope["path"], size)
-            break
-        parts.append(chunk)
-        more = message.get("more_body", False)
-    if result is None:
-        try:
-            result = await handler(
-                headers=headers,
-                query=scope.get("query_string", b"").decode("latin-1"),
-                body=b"".join(parts),
-            )
-        except Exception:  # noqa: BLE001 - a 500 that says where, never a dropped connection
-            logger.exception("Runtime request %s failed.", scope["path"])
-            result = _error(500, "Internal error in MetaClaw's runtime.", "internal_error")
-    raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in result.headers]
-    if result.stream is None:
-        raw_headers.append((b"content-length", str(len(result.body)).encode()))
-        await send({"type": "http.response.start", "status": result.status, "headers": raw_headers})
-        await send({"type": "http.response.body", "body": result.body})
-        return
-    await send({"type": "http.response.start", "status": result.status, "headers": raw_headers})
-    stream = result.stream
-    try:
-        async for chunk in stream:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
-    finally:
-        await stream.aclose()  # type: ignore[attr-defined]
-
-
-# --- API-shaped answers on the fast lane (the runtime API, and routes of other apps) --------
-# Same status codes and bodies as the NinjaAPI's handlers in metaclaw_site/api.py.
-
-
-def api_answer(status: int, body: Any) -> ProxyResponse:
-    """``body`` rendered byte for byte as ninja renders it."""
-    return ProxyResponse(
-        status, [("content-type", "application/json; charset=utf-8")], render_json(body)
-    )
-
-
-def api_error(
-    status: int, detail: str, code: str, field: str | None = None, **extra: Any
-) -> ProxyResponse:
-    body: dict[str, Any] = {"detail": detail, "code": code, **extra}
-    if field:
-        body["errors"] = [{"field": field, "message": detail, "type": code}]
-    return api_answer(status, body)
-
-
-def api_invalid(exc: Exception) -> ProxyResponse:
-    """422 for a pydantic ``ValidationError``, as ninja answers it."""
-    return api_answer(422, invalid_body(pydantic_errors(exc)))
-
-
-def api_domain_error(exc: DomainError) -> ProxyResponse:
-    return api_answer(*domain_error_answer(exc))
-
-
-@functools.cache
-def _body_model(schema: type[BaseModel]) -> type[BaseModel]:
-    # ninja validates a single body parameter as the field ``payload`` of a model like this one
-    return create_model(f"{schema.__name__}Body", payload=(schema, ...))
-
-
-def api_body(schema: type[BaseModel], body: bytes) -> Any:
-    """The request body parsed and validated as ninja does for ``payload: schema`` (the same
-    parser, the same error locations), or a ProxyResponse: 400 not JSON, 422 invalid."""
-    data: dict[str, Any] = {}
-    if body:  # ninja leaves an empty body out: "payload" is then missing
-        try:
-            data["payload"] = parse_json(body)
-        except Exception as exc:  # noqa: BLE001 - ninja answers any parser failure with a 400
-            detail = "Cannot parse request body"
-            if settings.DEBUG:
-                detail += f" ({exc})"
-            return api_error(400, detail, "error")
-    try:
-        return _body_model(schema).model_validate(data).payload  # type: ignore[attr-defined]
-    except PydanticValidationError as exc:
-        return api_invalid(exc)
-
-
-async def api_admit(headers: dict[str, str], scopes: tuple[str, ...]) -> Any:
-    """The request's API key, or a ProxyResponse refusing it: 401 without a valid key, 403
-    without one of ``scopes``, 429 over the rate limit. The request is counted like the Django
-    door counts it (``metaclaw_site.auth.admit``), in process so that the event loop never
-    waits on Redis."""
-    api_key = await authenticate(headers)
-    if api_key is None:
-        return _refusal(
-            "", 401, "A valid API key is required (Authorization: Bearer <key>).", "unauthorized"
-        )
-    try:
-        admit(api_key, scopes, count=runtime.request_count)
-    except ScopeDenied as exc:
-        return api_error(403, str(exc), "forbidden")
-    except RateLimited as exc:
-        response = api_error(429, str(exc), "rate_limited", retry_after=exc.retry_after)
-        response.headers.append(("retry-after", str(exc.retry_after)))
-        return response
-    return api_key
+def fast_lane(app: AsgiApp, extra_routes: Mapping[tuple[str, str], Route] | None = None) -> AsgiApp:
+    """``app`` behind the fast lane with the skills app's ``ROUTES`` and ``extra_routes``
+    (the production table is built by ``metaclaw_site/asgi.py``)."""
+    return site_fast_lane.fast_lane(app, {**ROUTES, **(extra_routes or {})})

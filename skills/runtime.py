@@ -1,12 +1,14 @@
-"""Runtime: the policy agents run with, skill retrieval, request counting and turn recording.
+"""Runtime: the policy agents run with, skill retrieval, the runtime scope's admission and turn
+recording.
 
 Everything on the request path of ``/v1/chat/completions`` and ``/api/v1/runtime/*`` reads
-process-local memory only; Redis and the database are touched by two background threads:
+process-local memory only (requests are counted with ``metaclaw_site.counters.hit_local``, whose
+own thread flushes the counts to Redis); Redis and the database are touched by two background
+threads of this module:
 
-- the *syncer* (every ``SYNC_INTERVAL`` s) flushes request counts to Redis (rate limits and the
-  traffic figures the slow loop's idle detection reads) and compares each cached policy's
-  generation with the per-project counter in Redis, which ``policy_cache_invalidate`` bumps when
-  the active version changes. A promotion or rollback therefore reaches every web process within
+- the *syncer* (every ``SYNC_INTERVAL`` s) compares each cached policy's generation with the
+  per-project counter in Redis, which ``policy_cache_invalidate`` bumps when the active version
+  changes. A promotion or rollback therefore reaches every web process within
   ``SYNC_INTERVAL`` seconds, and the process that made it at once;
 - the *recorder* writes proxied turns as trajectories in batches, off the response path.
 
@@ -41,13 +43,13 @@ from pydantic import ValidationError
 from metaclaw_site import counters
 from metaclaw_site.auth import RateLimited, ScopeDenied
 from metaclaw_site.models import ApiKey, Project
+from metaclaw_site.periodic import Periodic
 from metaclaw_site.sanitize import clean_json, clean_text
 from metaclaw_site.services import (
     DomainError,
     NotFound,
     api_key_authenticate,
     api_key_cache_clear,
-    api_key_cached,
 )
 
 from .embeddings import get_embedder, skill_text, top_k
@@ -512,8 +514,6 @@ def messages_with_skills(messages: list[Any], section: str) -> list[Any]:
 # --- API keys and request counting ----------------------------------------------------------
 
 # API keys are cached once, in metaclaw_site.services (shared with ingestion).
-runtime_key_lookup = api_key_cached
-runtime_key_from_db = api_key_authenticate
 runtime_key_cache_clear = api_key_cache_clear
 
 
@@ -533,126 +533,17 @@ def runtime_admit(api_key: ApiKey) -> None:
         raise ScopeDenied("runtime")
     now = time.time()
     limit = api_key.project.rate_limit_per_minute or settings.METACLAW["RATE_LIMIT_PER_MINUTE"]
-    if request_count(key_id=api_key.pk, project_id=api_key.project_id, now=now) > limit:
+    if counters.hit_local(key_id=api_key.pk, project_id=api_key.project_id, now=now) > limit:
         raise RateLimited(retry_after=max(1, 60 - int(now) % 60), limit=limit)
 
 
-class _Counts:
-    """Request counts of this process not yet added to Redis, and the totals Redis answered."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.rate: dict[tuple[int, int], int] = {}
-        self.traffic: dict[tuple[int, int], int] = {}
-        self.known_rate: dict[tuple[int, int], int] = {}
-
-
-_counts = _Counts()
-
-
-def request_count(*, key_id: int, project_id: int, now: float | None = None) -> int:
-    """Count one request (rate limit of the key, traffic of the project) and return the key's
-    count in this minute as far as this process knows (Redis totals as of the last sync plus
-    what is not yet flushed). Never touches the network."""
-    _syncer.ensure_started()
-    minute = counters.current_minute(now)
-    rate_key = (key_id, minute)
-    with _counts.lock:
-        pending = _counts.rate.get(rate_key, 0) + 1
-        _counts.rate[rate_key] = pending
-        traffic_key = (project_id, minute)
-        _counts.traffic[traffic_key] = _counts.traffic.get(traffic_key, 0) + 1
-        return _counts.known_rate.get(rate_key, 0) + pending
-
-
-def _flush_counts() -> None:
-    with _counts.lock:
-        rate, _counts.rate = _counts.rate, {}
-        traffic, _counts.traffic = _counts.traffic, {}
-        current = counters.current_minute()
-        for key in [k for k in _counts.known_rate if k[1] < current - 1]:
-            del _counts.known_rate[key]
-    if not rate and not traffic:
-        return
-    client = counters.redis_client()
-    try:
-        if client is None:
-            totals = {}
-            for (key_id, minute), n in rate.items():
-                totals[(key_id, minute)] = _cache_incr(
-                    counters.RATE_KEY.format(key_id=key_id, minute=minute), n, 120
-                )
-            for (pid, minute), n in traffic.items():
-                _cache_incr(
-                    counters.TRAFFIC_KEY.format(project_id=pid, minute=minute),
-                    n,
-                    counters.TRAFFIC_TTL_SECONDS,
-                )
-        else:
-            pipe = client.pipeline(transaction=False)
-            for (key_id, minute), n in rate.items():
-                key = counters.RATE_KEY.format(key_id=key_id, minute=minute)
-                pipe.incrby(key, n)
-                pipe.expire(key, 120)
-            for (pid, minute), n in traffic.items():
-                key = counters.TRAFFIC_KEY.format(project_id=pid, minute=minute)
-                pipe.incrby(key, n)
-                pipe.expire(key, counters.TRAFFIC_TTL_SECONDS)
-            results = pipe.execute()
-            totals = {k: int(results[2 * i]) for i, k in enumerate(rate)}
-    except Exception:  # noqa: BLE001 - counts must never fail requests; keep them for later
-        logger.warning("Could not flush runtime request counts; keeping them for the next try.")
-        with _counts.lock:
-            for k, n in rate.items():
-                _counts.rate[k] = _counts.rate.get(k, 0) + n
-            for k, n in traffic.items():
-                _counts.traffic[k] = _counts.traffic.get(k, 0) + n
-        return
-    with _counts.lock:
-        for k, total in totals.items():
-            _counts.known_rate[k] = max(total, _counts.known_rate.get(k, 0))
-
-
-def _cache_incr(key: str, n: int, ttl: int) -> int:
-    try:
-        return cache.incr(key, n)
-    except ValueError:
-        cache.add(key, 0, ttl)
-        return cache.incr(key, n)
-
-
-class _Syncer:
-    """Background thread: flush counts, drop snapshots whose generation moved on."""
-
-    def __init__(self) -> None:
-        self._started = False
-        self._lock = threading.Lock()
-
-    def ensure_started(self) -> None:
-        if self._started:
-            return
-        with self._lock:
-            if self._started:
-                return
-            thread = threading.Thread(target=self._run, name="metaclaw-runtime-sync", daemon=True)
-            thread.start()
-            self._started = True
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(SYNC_INTERVAL)
-            try:
-                sync_now()
-            except Exception:  # noqa: BLE001 - keep syncing whatever one round did
-                logger.exception("Runtime sync failed.")
-
-
-_syncer = _Syncer()
+_syncer = Periodic("metaclaw-runtime-sync", SYNC_INTERVAL, lambda: sync_now())
 
 
 def sync_now() -> None:
-    """One round of the syncer (also called by tests)."""
-    _flush_counts()
+    """One round of the syncer, after flushing this process's request counts to Redis
+    (``counters.flush_local``, which a thread of its own also runs); called by tests."""
+    counters.flush_local()
     cached = _policies.generations()
     if not cached:
         return
@@ -663,9 +554,6 @@ def sync_now() -> None:
     for project_id, generations in cached.items():
         if any(g != latest.get(project_id, 0) for g in generations):
             _policies.drop_project(project_id)
-
-
-atexit.register(lambda: _flush_counts())
 
 
 # --- Upstream -----------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -10,8 +11,8 @@ from asgiref.sync import async_to_sync
 from incidents import signals
 from incidents.fast_lane import ROUTES
 from incidents.models import Incident, IncidentGroup, SynthesisStatus, Trajectory
+from metaclaw_site.fast_lane import fast_lane
 from metaclaw_site.models import Project
-from skills.proxy import fast_lane
 from tests import factories
 
 # The fast lane runs the service on a worker thread: it must see committed rows.
@@ -159,6 +160,8 @@ def test_refusals_match_the_django_door(api, project, ingest_key, settings):
 def test_the_rate_limit_applies_on_the_fast_lane(project, ingest_key):
     Project.objects.filter(pk=project.pk).update(rate_limit_per_minute=1)
     payload = factories.incident_payload("rl")
+    while time.time() % 60 > 58.5:  # the limit counts per clock minute: not across one
+        time.sleep(0.1)
 
     first = fast("/api/v1/incidents", payload, key=ingest_key)
     second = fast("/api/v1/incidents", payload, key=ingest_key)
@@ -206,3 +209,22 @@ def test_trajectories_batch_on_the_fast_lane(ingest_key):
     assert json.loads(first[2])["results"][0]["status"] == 202
     assert json.loads(again[2])["results"][0]["status"] == 200
     assert Trajectory.objects.count() == 1
+
+
+def test_a_failing_handler_answers_500_in_the_apis_shape(project, ingest_key, monkeypatch):
+    import incidents.fast_lane
+
+    def broken(**kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(incidents.fast_lane, "incident_answer", broken)
+
+    status, headers, content, _ = fast(
+        "/api/v1/incidents", factories.incident_payload("x"), key=ingest_key
+    )
+
+    assert status == 500
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(content)["code"] == "internal_error"
+    assert "boom" not in content.decode()
+    assert not Incident.objects.exists()

@@ -1,0 +1,282 @@
+"""The ASGI fast lane: the agent-facing hot paths served without Django's middleware stack.
+
+Django runs sync middleware (and a sync view) on a thread per request, which costs more than
+everything the proxy, the runtime API or ingestion do for a request. ``fast_lane`` wraps the
+Django ASGI app: the requests of its route table go to their handler, everything else to Django.
+The composition root (``metaclaw_site/asgi.py``) builds the table from the apps' ``ROUTES``.
+
+A handler takes ``headers`` (lower-case names), ``query`` and ``body`` and answers a
+``FastResponse``; it is served by the same services as the Django door. The router does what
+Django's stack would have done first (``ALLOWED_HOSTS``, the body limits, refusing a missing or
+unknown key before reading the body), in the shape of the route's ``Door``: the API's by default.
+API handlers authenticate with ``api_admit``, read the body with ``api_body`` and answer with
+``api_answer`` / ``api_error`` / ``api_invalid`` / ``api_domain_error``: the same status codes and
+bodies as the NinjaAPI's handlers in ``metaclaw_site/api.py``. Services run on a worker thread
+(``in_worker_thread``)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import close_old_connections
+from django.http.request import split_domain_port, validate_host
+from pydantic import BaseModel, create_model
+from pydantic import ValidationError as PydanticValidationError
+
+from . import counters
+from .api_shapes import domain_error_answer, invalid_body, parse_json, pydantic_errors, render_json
+from .auth import RateLimited, ScopeDenied, admit
+from .middleware import api_body_limit, too_large_body
+from .services import DomainError, api_key_authenticate, api_key_cached
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FastResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+
+
+Handler = Callable[..., Awaitable[FastResponse]]
+AsgiApp = Callable[
+    [dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]
+]
+
+
+class Door:
+    """The shape of the answers the router gives on a route itself, before (or instead of) its
+    handler: the API's. A door of another shape (the OpenAI proxy's) overrides these."""
+
+    def body_limit(self, path: str) -> int:
+        """The body size Django would accept on ``path`` (ApiBodyLimitMiddleware's)."""
+        limit = api_body_limit(path)
+        return int(settings.METACLAW["INGEST_MAX_BODY_BYTES"] if limit is None else limit)
+
+    def refusal(self, status: int, message: str, code: str) -> FastResponse:
+        response = api_error(status, message, code)
+        if status == 401:
+            response.headers.append(("www-authenticate", "Bearer"))
+        return response
+
+    def unauthorized(self) -> FastResponse:
+        return self.refusal(
+            401, "A valid API key is required (Authorization: Bearer <key>).", "unauthorized"
+        )
+
+    def too_large(self, path: str, length: int) -> FastResponse:
+        return api_answer(413, too_large_body(length, self.body_limit(path)))
+
+    def internal_error(self) -> FastResponse:
+        return api_error(500, "Internal server error.", "internal_error")
+
+
+API = Door()
+
+
+class Route(NamedTuple):
+    handler: Handler
+    door: Door = API
+
+
+def fast_lane(app: AsgiApp, routes: Mapping[tuple[str, str], Route]) -> AsgiApp:
+    """Wrap the ASGI ``app``: a request whose ``(method, path)`` is in ``routes`` is served by
+    that route, everything else by ``app``."""
+    table = dict(routes)
+
+    async def asgi(scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            route = table.get((scope["method"], scope["path"]))
+            if route is not None:
+                await _serve(route, scope, receive, send)
+                return
+        await app(scope, receive, send)
+
+    return asgi
+
+
+def in_worker_thread(func: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    """Run ``func`` on a worker thread, like Django runs a request: with usable connections."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        close_old_connections()
+        try:
+            return func(*args, **kwargs)
+        finally:
+            # With the connection pool, this hands the connection back: an idle executor
+            # thread must not keep one (there are more threads than pooled connections).
+            close_old_connections()
+
+    return sync_to_async(call, thread_sensitive=False)
+
+
+async def authenticate(headers: dict[str, str]) -> Any:
+    """The API key of ``Authorization: Bearer <key>`` (cached per process), or None."""
+    auth = headers.get("authorization", "")
+    scheme, _, secret = auth.partition(" ")
+    secret = secret.strip()
+    if scheme.lower() != "bearer" or not secret:
+        return None
+    api_key = api_key_cached(secret)
+    if api_key is None:
+        api_key = await in_worker_thread(api_key_authenticate)(secret)
+    return api_key
+
+
+def _host_allowed(scope: dict, headers: dict[str, str]) -> bool:
+    """Django's ``ALLOWED_HOSTS`` check (``HttpRequest.get_host``), which the fast lane skips."""
+    if settings.USE_X_FORWARDED_HOST and "x-forwarded-host" in headers:
+        host = headers["x-forwarded-host"]
+    elif "host" in headers:
+        host = headers["host"]
+    else:
+        server = scope.get("server") or ("", None)
+        host = f"{server[0]}:{server[1]}" if server[1] not in (None, 80, 443) else str(server[0])
+    allowed = settings.ALLOWED_HOSTS
+    if settings.DEBUG and not allowed:
+        allowed = [".localhost", "127.0.0.1", "[::1]"]
+    domain, _ = split_domain_port(host)
+    return bool(domain) and validate_host(domain, allowed)
+
+
+async def _refuse_early(door: Door, scope: dict, headers: dict[str, str]) -> FastResponse | None:
+    """Refuse what can be refused from the headers alone, before reading any body: a host
+    not in ALLOWED_HOSTS, a declared body over the limit, a missing or unknown key."""
+    path = scope["path"]
+    if not _host_allowed(scope, headers):
+        return door.refusal(400, "Invalid Host header.", "bad_request")
+    declared = headers.get("content-length", "")
+    if declared.strip().isdigit() and int(declared) > door.body_limit(path):
+        return door.too_large(path, int(declared))
+    if await authenticate(headers) is None:  # cached: the handler's own check is then free
+        return door.unauthorized()
+    return None
+
+
+async def _serve(route: Route, scope: dict, receive: Callable, send: Callable) -> None:
+    door = route.door
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    parts: list[bytes] = []
+    size = 0
+    more = True
+    try:
+        result = await _refuse_early(door, scope, headers)
+    except Exception:  # noqa: BLE001 - a 500 that says where, never a dropped connection
+        logger.exception("Runtime request %s failed.", scope["path"])
+        result = door.internal_error()
+    limit = door.body_limit(scope["path"])
+    while more and result is None:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            result = door.too_large(scope["path"], size)
+            break
+        parts.append(chunk)
+        more = message.get("more_body", False)
+    if result is None:
+        try:
+            result = await route.handler(
+                headers=headers,
+                query=scope.get("query_string", b"").decode("latin-1"),
+                body=b"".join(parts),
+            )
+        except Exception:  # noqa: BLE001 - a 500 that says where, never a dropped connection
+            logger.exception("Runtime request %s failed.", scope["path"])
+            result = door.internal_error()
+    raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in result.headers]
+    if result.stream is None:
+        raw_headers.append((b"content-length", str(len(result.body)).encode()))
+        await send({"type": "http.response.start", "status": result.status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": result.body})
+        return
+    await send({"type": "http.response.start", "status": result.status, "headers": raw_headers})
+    stream = result.stream
+    try:
+        async for chunk in stream:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+# --- API-shaped answers (the runtime API, ingestion) ------------------------------------------
+# Same status codes and bodies as the NinjaAPI's handlers in metaclaw_site/api.py.
+
+
+def api_answer(status: int, body: Any) -> FastResponse:
+    """``body`` rendered byte for byte as ninja renders it."""
+    return FastResponse(
+        status, [("content-type", "application/json; charset=utf-8")], render_json(body)
+    )
+
+
+def api_error(
+    status: int, detail: str, code: str, field: str | None = None, **extra: Any
+) -> FastResponse:
+    body: dict[str, Any] = {"detail": detail, "code": code, **extra}
+    if field:
+        body["errors"] = [{"field": field, "message": detail, "type": code}]
+    return api_answer(status, body)
+
+
+def api_invalid(exc: Exception) -> FastResponse:
+    """422 for a pydantic ``ValidationError``, as ninja answers it."""
+    return api_answer(422, invalid_body(pydantic_errors(exc)))
+
+
+def api_domain_error(exc: DomainError) -> FastResponse:
+    return api_answer(*domain_error_answer(exc))
+
+
+@functools.cache
+def _body_model(schema: type[BaseModel]) -> type[BaseModel]:
+    # ninja validates a single body parameter as the field ``payload`` of a model like this one
+    return create_model(f"{schema.__name__}Body", payload=(schema, ...))
+
+
+def api_body(schema: type[BaseModel], body: bytes) -> Any:
+    """The request body parsed and validated as ninja does for ``payload: schema`` (the same
+    parser, the same error locations), or a FastResponse: 400 not JSON, 422 invalid."""
+    data: dict[str, Any] = {}
+    if body:  # ninja leaves an empty body out: "payload" is then missing
+        try:
+            data["payload"] = parse_json(body)
+        except Exception as exc:  # noqa: BLE001 - ninja answers any parser failure with a 400
+            detail = "Cannot parse request body"
+            if settings.DEBUG:
+                detail += f" ({exc})"
+            return api_error(400, detail, "error")
+    try:
+        return _body_model(schema).model_validate(data).payload  # type: ignore[attr-defined]
+    except PydanticValidationError as exc:
+        return api_invalid(exc)
+
+
+async def api_admit(headers: dict[str, str], scopes: tuple[str, ...]) -> Any:
+    """The request's API key, or a FastResponse refusing it: 401 without a valid key, 403
+    without one of ``scopes``, 429 over the rate limit. The request is counted like the Django
+    door counts it (``metaclaw_site.auth.admit``), in process (``counters.hit_local``) so that
+    the event loop never waits on Redis."""
+    api_key = await authenticate(headers)
+    if api_key is None:
+        return API.unauthorized()
+    try:
+        admit(api_key, scopes, count=counters.hit_local)
+    except ScopeDenied as exc:
+        return api_error(403, str(exc), "forbidden")
+    except RateLimited as exc:
+        response = api_error(429, str(exc), "rate_limited", retry_after=exc.retry_after)
+        response.headers.append(("retry-after", str(exc.retry_after)))
+        return response
+    return api_key
