@@ -1,6 +1,7 @@
 """Fast-loop latency: from an incident's ingest response to its group's proposal being stored.
 
-Everything is real except the LLM: gunicorn serves the API, a Celery worker (prefork) takes the
+Everything is real except the LLM: uvicorn serves the API (the README's production command;
+``--web-server gunicorn`` for sync workers), a Celery worker (prefork) takes the
 tasks from Redis, PostgreSQL stores everything, and our OpenAI-compatible loopback server
 answers instantly through the real ``openai`` client.
 
@@ -173,6 +174,13 @@ def main() -> int:
     parser.add_argument("--worker-pool", default="prefork", choices=["prefork", "threads", "solo"])
     parser.add_argument("--web-workers", type=int, default=2)
     parser.add_argument(
+        "--web-server",
+        default="uvicorn",
+        choices=["uvicorn", "gunicorn"],
+        help="uvicorn: the README's production command (ASGI, the ingestion fast lane); "
+        "gunicorn: sync workers (WSGI, the whole Django stack)",
+    )
+    parser.add_argument(
         "--database-url",
         default=os.environ.get(
             "BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/metaclaw_bench_fast_loop"
@@ -234,15 +242,19 @@ def main() -> int:
         }
     )
     web_port = _free_port()
+    if args.web_server == "uvicorn":
+        web_command = [
+            sys.executable, "-m", "uvicorn", "metaclaw_site.asgi:application",
+            "--host", "127.0.0.1", "--port", str(web_port), "--workers", str(args.web_workers),
+            "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning",
+        ]  # fmt: skip
+    else:
+        web_command = [
+            sys.executable, "-m", "gunicorn", "metaclaw_site.wsgi:application",
+            "-w", str(args.web_workers), "-b", f"127.0.0.1:{web_port}", "--log-level", "warning",
+        ]  # fmt: skip
     processes = [
-        subprocess.Popen(
-            [
-                sys.executable, "-m", "gunicorn", "metaclaw_site.wsgi:application",
-                "-w", str(args.web_workers), "-b", f"127.0.0.1:{web_port}",
-                "--log-level", "warning",
-            ],
-            cwd=ROOT, env=env,
-        ),
+        subprocess.Popen(web_command, cwd=ROOT, env=env),
         subprocess.Popen(
             [
                 sys.executable, "-m", "celery", "-A", "metaclaw_site", "worker", "-Q", "fast",
@@ -336,7 +348,7 @@ def main() -> int:
 
         print(f"fast loop benchmark: {len(results)} incidents in {groups_db} groups, sent in "
               f"{sent_in:.1f} s ({len(results) / sent_in:.0f}/s, {args.clients} clients); "
-              f"gunicorn x{args.web_workers}, "
+              f"{args.web_server} x{args.web_workers}, "
               f"celery {args.worker_pool} x{args.worker_concurrency}, "
               "Redis broker, PostgreSQL, loopback LLM answering instantly")  # fmt: skip
         print(f"ingest response -> proposal stored, all incidents: "

@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Ingestion throughput and latency under a production server.
 
-Runs MetaClaw under gunicorn (or uvicorn, as the README runs it in production) on PostgreSQL + Redis (a database of its own, `metaclaw_bench`)
-and drives it over HTTP with concurrent keep-alive clients. Prints incidents/s and p50/p99
-latency for the single and the batch endpoint.
+Runs MetaClaw under the README's production command (uvicorn, one worker per core; or
+gunicorn with ``--server sync|gthread``) on PostgreSQL + Redis (a database of its own,
+``metaclaw_bench``) and drives it over HTTP with concurrent keep-alive clients. Prints
+incidents/s and p50/p99 latency for the single and the batch endpoint.
 
-    python benchmarks/ingest.py [--clients 16] [--duration 10] [--workers 4]
+    python benchmarks/ingest.py [--server uvicorn] [--workers N] [--clients 16] [--duration 10]
 
 Targets on a 2-core machine: single ≥ 500 incidents/s with p99 ≤ 50 ms at 16 clients;
 batch ≥ 5,000 incidents/s.
@@ -64,16 +65,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument(
+        "--workers", type=int, default=None, help="default: one per core (uvicorn), 4 (gunicorn)"
+    )
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--batch-clients", type=int, default=4)
     parser.add_argument(
-        "--server", choices=["gthread", "sync", "uvicorn"], default="sync",
-        help="gunicorn sync workers (default: requests spread evenly over the processes), "
-        "gunicorn gthread (keep-alive connections stick to one process), or uvicorn (ASGI) "
-        "with the README's production flags (--loop uvloop --http httptools)",
+        "--server", choices=["gthread", "sync", "uvicorn"], default="uvicorn",
+        help="uvicorn (default: the README's production command, --loop uvloop --http "
+        "httptools), gunicorn sync workers (requests spread evenly over the processes), or "
+        "gunicorn gthread (keep-alive connections stick to one process)",
     )  # fmt: skip
     args = parser.parse_args()
+    if args.workers is None:
+        args.workers = (os.cpu_count() or 2) if args.server == "uvicorn" else 4
 
     env = bench_env("metaclaw_bench", redis_db=9)
     ensure_database(env)
