@@ -19,6 +19,11 @@ from django.urls import get_resolver  # noqa: E402
 
 get_resolver().url_patterns  # noqa: B018 - the access is the point: it imports them
 
+# And the embedding model (skill retrieval, the runtime's hot path) at boot, not in a request.
+from skills.embeddings import get_embedder  # noqa: E402
+
+get_embedder()
+
 # What boot loaded lives as long as the process: take it out of the collector's sight. A large
 # batch request allocates enough to set off full collections, and each would otherwise walk
 # these ~170k objects again (about 50 ms a time: over a third of the CPU of 500-item batches).

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 from celery import Celery
-from celery.signals import task_postrun, task_prerun
+from celery.signals import task_postrun, task_prerun, worker_init
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "metaclaw_site.settings")
 
@@ -40,3 +41,19 @@ app.conf.beat_schedule = {
         "schedule": 60.0,
     },
 }
+
+
+@worker_init.connect
+def _load_before_the_pool_forks(**kwargs) -> None:
+    """Import the URL configuration (tasks build approval links) and load the embedding model
+    once, in the worker's main process: the pool's children fork with both in memory. Loaded
+    lazily, each child paid for them (about 0.8 s here) in its first task, a fast-loop
+    proposal among them."""
+    from django.urls import get_resolver
+
+    from skills.embeddings import get_embedder
+
+    get_resolver().url_patterns  # noqa: B018 - the access is the point: it imports them
+    get_embedder()
+    gc.collect()
+    gc.freeze()  # and keep what boot loaded out of the children's garbage collections
