@@ -57,9 +57,12 @@ class Door:
     handler: the API's. A door of another shape (the OpenAI proxy's) overrides these."""
 
     def body_limit(self, path: str) -> int:
-        """The body size Django would accept on ``path`` (ApiBodyLimitMiddleware's)."""
+        """The body size Django would accept on ``path``: ApiBodyLimitMiddleware's limit, and
+        never more than DATA_UPLOAD_MAX_MEMORY_SIZE (Django refuses a larger body anyway)."""
         limit = api_body_limit(path)
-        return int(settings.METACLAW["INGEST_MAX_BODY_BYTES"] if limit is None else limit)
+        limit = int(settings.METACLAW["INGEST_MAX_BODY_BYTES"] if limit is None else limit)
+        ceiling = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        return limit if ceiling is None else min(limit, int(ceiling))
 
     def refusal(self, status: int, message: str, code: str) -> FastResponse:
         response = api_error(status, message, code)
@@ -147,12 +150,45 @@ def _host_allowed(scope: dict, headers: dict[str, str]) -> bool:
     return bool(domain) and validate_host(domain, allowed)
 
 
+def _is_secure(scope: dict, headers: dict[str, str]) -> bool:
+    """``HttpRequest.is_secure``: the ASGI scheme, or the proxy's header when
+    SECURE_PROXY_SSL_HEADER names one."""
+    proxy_header = settings.SECURE_PROXY_SSL_HEADER
+    if proxy_header:
+        name, value = proxy_header
+        name = name.removeprefix("HTTP_").replace("_", "-").lower()
+        if name in headers:
+            return headers[name].split(",", 1)[0].strip() == value
+    return scope.get("scheme") == "https"
+
+
+def _security_headers(scope: dict, headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    """The headers SecurityMiddleware adds to every answer it lets through."""
+    out: list[tuple[bytes, bytes]] = []
+    if settings.SECURE_CONTENT_TYPE_NOSNIFF:
+        out.append((b"x-content-type-options", b"nosniff"))
+    if settings.SECURE_HSTS_SECONDS and _is_secure(scope, headers):
+        value = f"max-age={settings.SECURE_HSTS_SECONDS}"
+        if settings.SECURE_HSTS_INCLUDE_SUBDOMAINS:
+            value += "; includeSubDomains"
+        if settings.SECURE_HSTS_PRELOAD:
+            value += "; preload"
+        out.append((b"strict-transport-security", value.encode()))
+    return out
+
+
 async def _refuse_early(door: Door, scope: dict, headers: dict[str, str]) -> FastResponse | None:
     """Refuse what can be refused from the headers alone, before reading any body: a host
     not in ALLOWED_HOSTS, a declared body over the limit, a missing or unknown key."""
     path = scope["path"]
     if not _host_allowed(scope, headers):
         return door.refusal(400, "Invalid Host header.", "bad_request")
+    if settings.SECURE_SSL_REDIRECT and not _is_secure(scope, headers):
+        # What SecurityMiddleware answers on every other path.
+        host = settings.SECURE_SSL_HOST or headers.get("host", "")
+        query = scope.get("query_string", b"").decode("latin-1")
+        location = f"https://{host}{path}" + (f"?{query}" if query else "")
+        return FastResponse(301, [("location", location)], b"")
     declared = headers.get("content-length", "")
     if declared.strip().isdigit() and int(declared) > door.body_limit(path):
         return door.too_large(path, int(declared))
@@ -195,6 +231,7 @@ async def _serve(route: Route, scope: dict, receive: Callable, send: Callable) -
             logger.exception("Runtime request %s failed.", scope["path"])
             result = door.internal_error()
     raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in result.headers]
+    raw_headers.extend(_security_headers(scope, headers))
     if result.stream is None:
         raw_headers.append((b"content-length", str(len(result.body)).encode()))
         await send({"type": "http.response.start", "status": result.status, "headers": raw_headers})

@@ -228,3 +228,37 @@ def test_a_failing_handler_answers_500_in_the_apis_shape(project, ingest_key, mo
     assert json.loads(content)["code"] == "internal_error"
     assert "boom" not in content.decode()
     assert not Incident.objects.exists()
+
+
+def test_the_fast_lane_applies_the_security_middlewares_rules(api, ingest_key, settings):
+    settings.SECURE_SSL_REDIRECT = True
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    settings.SECURE_HSTS_SECONDS = 3600
+    payload = factories.incident_payload("tls")
+
+    status, headers, _, _ = fast("/api/v1/incidents", payload, key=ingest_key)
+    django = api.post("/api/v1/incidents", payload, key=ingest_key)
+
+    assert (status, headers["location"]) == (301, "https://testserver/api/v1/incidents")
+    assert (django.status_code, django["Location"]) == (301, headers["location"])
+    assert not Incident.objects.exists()
+
+    status, headers, _, _ = fast(
+        "/api/v1/incidents", payload, key=ingest_key, headers={"x-forwarded-proto": "https"}
+    )
+    assert status == 202
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["strict-transport-security"] == "max-age=3600"
+
+
+def test_a_body_over_djangos_upload_ceiling_is_refused_on_both_doors(api, ingest_key, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2_000
+    payload = factories.incident_payload("big", metadata={"notes": "x" * 3_000})
+
+    (django_status, django_body), (fast_status, fast_body) = both(
+        api, "/api/v1/incidents", payload, key=ingest_key
+    )
+
+    assert fast_status == django_status == 413
+    assert fast_body["code"] == django_body["code"]
+    assert not Incident.objects.exists()
