@@ -32,11 +32,16 @@ def bench_env(db_name: str, redis_db: int = 9) -> dict[str, str]:
     return env
 
 
-def ensure_database(env: dict[str, str]) -> None:
+def ensure_database(env: dict[str, str], *, fresh: bool = False) -> None:
+    """Create and migrate the benchmark's own database. ``fresh`` drops it first, so that a
+    run does not measure the tables and indexes every earlier run left behind (the machines
+    here run PostgreSQL without autovacuum, which makes that history weigh even more)."""
     import psycopg
 
     name = env["DATABASE_URL"].rsplit("/", 1)[1]
     with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+        if fresh:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
         if not exists:
             conn.execute(f'CREATE DATABASE "{name}"')

@@ -81,7 +81,7 @@ def main() -> None:
         args.workers = (os.cpu_count() or 2) if args.server == "uvicorn" else 4
 
     env = bench_env("metaclaw_bench", redis_db=9)
-    ensure_database(env)
+    ensure_database(env, fresh=True)
     key = setup_project(env)
     port = free_port()
     run_id = uuid.uuid4().hex[:8]
