@@ -48,7 +48,15 @@ def actor_label(api_key: ApiKey) -> str:
 def incident_answer(*, project: Project, payload: IncidentIn, actor: str) -> tuple[int, dict]:
     """Store one incident: the status and body of ``POST /incidents``."""
     (result,) = services.incidents_ingest(project=project, items=[payload], actor_label=actor)
-    return 200 if result.duplicate else 202, {
+    return _status_of(result), _result_fields(result)
+
+
+def _status_of(result: services.IngestResult) -> int:
+    return 200 if result.duplicate else 202
+
+
+def _result_fields(result: services.IngestResult) -> dict:
+    return {
         "id": result.incident_id,
         "client_id": result.client_id,
         "group_id": result.group_id,
@@ -70,14 +78,8 @@ def incident_batch_answer(*, project: Project, items: list[Any], actor: str) -> 
         else []
     )
     results = [
-        {
-            "index": index,
-            "status": 200 if result.duplicate else 202,
-            "id": result.incident_id,
-            "client_id": result.client_id,
-            "group_id": result.group_id,
-            "duplicate": result.duplicate,
-        }
+        # An item's "status" is its HTTP status, not the incident's.
+        {"index": index, **_result_fields(result), "status": _status_of(result)}
         for (index, _), result in zip(valid, stored, strict=True)
     ]
     return _batch_body(results, invalid)

@@ -36,7 +36,7 @@ class ApiBodyLimitMiddleware:
                     },
                     status=400,
                 )
-        limit = self._limit_for(request.path)
+        limit = api_body_limit(request.path)
         if limit is not None:
             try:
                 length = int(request.META.get("CONTENT_LENGTH") or 0)
@@ -45,10 +45,6 @@ class ApiBodyLimitMiddleware:
             if length > limit:
                 return JsonResponse(too_large_body(length, limit), status=413)
         return self.get_response(request)
-
-    @staticmethod
-    def _limit_for(path: str) -> int | None:
-        return api_body_limit(path)
 
 
 def api_body_limit(path: str) -> int | None:

@@ -41,7 +41,7 @@ from django.utils import timezone
 from pydantic import ValidationError
 
 from metaclaw_site import counters
-from metaclaw_site.auth import RateLimited, ScopeDenied
+from metaclaw_site.auth import admit
 from metaclaw_site.models import ApiKey, Project
 from metaclaw_site.periodic import Periodic
 from metaclaw_site.sanitize import clean_json, clean_text
@@ -529,12 +529,9 @@ def runtime_authenticate(secret: str) -> ApiKey | None:
 
 
 def runtime_admit(api_key: ApiKey) -> None:
-    if not api_key.has_scope("runtime"):
-        raise ScopeDenied("runtime")
-    now = time.time()
-    limit = api_key.project.rate_limit_per_minute or settings.METACLAW["RATE_LIMIT_PER_MINUTE"]
-    if counters.hit_local(key_id=api_key.pk, project_id=api_key.project_id, now=now) > limit:
-        raise RateLimited(retry_after=max(1, 60 - int(now) % 60), limit=limit)
+    """The runtime scope and the rate limit, counted in process (the event loop never waits
+    on Redis). Raises ``ScopeDenied`` / ``RateLimited``."""
+    admit(api_key, ("runtime",), count=counters.hit_local)
 
 
 _syncer = Periodic("metaclaw-runtime-sync", SYNC_INTERVAL, lambda: sync_now())
