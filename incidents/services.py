@@ -659,21 +659,21 @@ def group_synthesis_finish(
     if status not in SynthesisStatus.values or status in (SynthesisStatus.NONE,):
         raise DomainError(f"Unknown synthesis status '{status}'.")
     with transaction.atomic(savepoint=False):  # nested in the fast loop's transaction
-        group = IncidentGroup.objects.select_for_update().filter(pk=group_id).first()
-        if group is None or group.synthesis_status != from_status:
+        # One conditional UPDATE is the check and the change: it takes the row lock, and a
+        # group that left ``from_status`` meanwhile matches nothing.
+        changed = IncidentGroup.objects.filter(pk=group_id, synthesis_status=from_status).update(
+            synthesis_status=status, synthesis_error=error, events_at_synthesis=F("event_count")
+        )
+        if not changed:
             return False
-        group.synthesis_status = status
-        group.synthesis_error = error
-        group.events_at_synthesis = group.event_count
-        group.save(update_fields=["synthesis_status", "synthesis_error", "events_at_synthesis"])
         incident_status = {
             SynthesisStatus.PROPOSED: IncidentStatus.PROPOSED,
             SynthesisStatus.NO_SKILL: IncidentStatus.NO_SKILL,
             SynthesisStatus.FAILED: IncidentStatus.FAILED,
         }.get(status)
         if incident_status:
-            group.incidents.filter(
-                status__in=[IncidentStatus.NEW, IncidentStatus.ANALYZING]
+            Incident.objects.filter(
+                group_id=group_id, status__in=[IncidentStatus.NEW, IncidentStatus.ANALYZING]
             ).update(status=incident_status)
     return True
 

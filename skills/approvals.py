@@ -490,6 +490,8 @@ def approval_notify(
     obj: SkillRevision | PolicyVersion = revision if revision is not None else version
     if obj is None:
         raise DomainError("Nothing to notify about.", field="revision")
+    if not _anyone_to_notify(obj):
+        return []  # the fast loop's common case without channels: two small reads, no reload
     if isinstance(obj, SkillRevision):
         obj = SkillRevision.objects.select_related("skill__project").get(pk=obj.pk)
     else:
@@ -507,6 +509,27 @@ def approval_notify(
         return []  # nobody to tell: no summary to build (it costs queries on the fast loop)
     with transaction.atomic():
         return _approval_notify_rows(obj, project, target, slack_url, team, members)
+
+
+def _anyone_to_notify(obj: SkillRevision | PolicyVersion) -> bool:
+    """Whether the project has a channel, or a member who may decide ``obj`` and has an
+    address, as stored now."""
+    project_id = obj.skill.project_id if isinstance(obj, SkillRevision) else obj.project_id
+    channels = (
+        Project.objects.filter(pk=project_id)
+        .values_list("slack_webhook_url", "webhook_url", "notify_emails")
+        .first()
+    )
+    if channels is None:
+        return False
+    if any(value.strip() for value in channels) or settings.SLACK_WEBHOOK_URL:
+        return True
+    role = REQUIRED_ROLE[_actions_for(obj)[0]]
+    return (
+        Membership.objects.filter(project_id=project_id, role__in=ROLES_AT_LEAST[Role(role)])
+        .exclude(user__email="")
+        .exists()
+    )
 
 
 def _approval_notify_rows(

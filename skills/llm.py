@@ -162,10 +162,15 @@ def complete_json(
     while True:
         attempt += 1
         try:
+            # The raw response: the SDK's errors and retries as always, and the answer read
+            # as JSON here instead of built into the SDK's models (about a millisecond of CPU
+            # a synthesis, for the four fields used below).
+            completions = client.chat.completions.with_raw_response
             if structured:
-                response = client.chat.completions.create(**kwargs, response_format=response_format)
+                raw = completions.create(**kwargs, response_format=response_format)
             else:
-                response = client.chat.completions.create(**kwargs)
+                raw = completions.create(**kwargs)
+            body = _completion_body(raw.content)
             break
         except openai.BadRequestError as exc:
             if structured and _mentions_response_format(exc):
@@ -200,19 +205,39 @@ def complete_json(
             # A 200 whose body is not a chat completion (a broken proxy, a truncated answer).
             raise LlmInvalidOutput(f"The LLM endpoint answered garbage: {_brief(exc)}") from exc
 
+    usage_body = body.get("usage") if isinstance(body.get("usage"), dict) else {}
     usage = Usage(
-        tokens_in=int(getattr(response.usage, "prompt_tokens", 0) or 0),
-        tokens_out=int(getattr(response.usage, "completion_tokens", 0) or 0),
+        tokens_in=_count(usage_body.get("prompt_tokens")),
+        tokens_out=_count(usage_body.get("completion_tokens")),
     )
-    choices = getattr(response, "choices", None) or []
-    content = (choices[0].message.content or "") if choices else ""
-    model = getattr(response, "model", None) or cfg.model
+    choices = body.get("choices") if isinstance(body.get("choices"), list) else []
+    message = choices[0].get("message") if choices and isinstance(choices[0], dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    content = content if isinstance(content, str) else ""
+    model = body.get("model") if isinstance(body.get("model"), str) else ""
+    model = model or cfg.model
     parsed = parse_json_object(content)
     if parsed is None:
         raise LlmInvalidOutput(
             "The LLM's answer holds no JSON object.", content=content, usage=usage
         )
     return Completion(parsed=parsed, content=content, usage=usage, model=model)
+
+
+def _completion_body(content: bytes) -> dict[str, Any]:
+    """A 200's body as a chat completion object; ValueError when it is not one (a broken
+    proxy, a truncated answer)."""
+    body = json.loads(content)
+    if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
+        raise ValueError("the body is not a chat completion")
+    return body
+
+
+def _count(value: Any) -> int:
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _wait_or_raise(attempt: int, retry_after: float | None, message: str, exc: Exception) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Max
 from django.utils import timezone
 
@@ -86,6 +86,51 @@ def skill_content_validate(
         raise DomainError(f"Unknown category '{category}'.", field="category")
 
 
+def _skill_lock(*, project: Project, slug: str, category: str) -> tuple[Skill, bool]:
+    """The project's skill ``slug`` with ``category``, created if new, its row locked until the
+    transaction ends so that two proposals for it cannot take the same revision number."""
+    if connection.vendor != "postgresql":
+        skill, created = Skill.objects.select_for_update().get_or_create(
+            project=project, slug=slug, defaults={"category": category}
+        )
+        if skill.category != category:
+            skill.category = category
+            skill.save(update_fields=["category"])
+        return skill, created
+    # One statement instead of a locking read, a savepoint and an insert: the upsert locks the
+    # row either way, and ``xmax = 0`` tells a row it inserted from one it updated.
+    table = Skill._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} (project_id, slug, category, created_at) "
+            "VALUES (%s, %s, %s, %s) ON CONFLICT (project_id, slug) "
+            "DO UPDATE SET category = EXCLUDED.category RETURNING id, created_at, xmax = 0",
+            [project.pk, slug, category, timezone.now()],
+        )
+        pk, created_at, created = cursor.fetchone()
+    skill = Skill(pk=pk, project=project, slug=slug, category=category, created_at=created_at)
+    skill._state.adding, skill._state.db = False, connection.alias
+    return skill, created
+
+
+def _link_sources(descriptor: Any, revision: SkillRevision, target_ids: list[Any]) -> None:
+    if not target_ids:
+        return
+    through = descriptor.through._meta
+    source = descriptor.field.m2m_column_name()
+    target = descriptor.field.m2m_reverse_name()
+    # As the column stores them (SQLite keeps a UUID as its hex digits).
+    prep = descriptor.field.target_field.get_db_prep_value
+    targets = sorted({prep(pk, connection) for pk in target_ids})
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {through.db_table} ({source}, {target}) VALUES "
+            + ", ".join(["(%s, %s)"] * len(targets))
+            + " ON CONFLICT DO NOTHING",
+            [value for pk in targets for value in (revision.pk, pk)],
+        )
+
+
 # No savepoint when nested (the fast loop calls this inside its own transaction): a failure
 # here fails the caller's transaction too, which every caller lets propagate anyway.
 @transaction.atomic(savepoint=False)
@@ -120,14 +165,8 @@ def skill_revision_propose(
     skill_content_validate(
         slug=slug, name=name, description=description, instructions=instructions, category=category
     )
-    # The skill row is locked (found FOR UPDATE, or just inserted by us) so that two proposals
-    # for it cannot take the same number.
-    skill, created = Skill.objects.select_for_update().get_or_create(
-        project=project, slug=slug, defaults={"category": category}
-    )
-    if skill.category != category:
-        skill.category = category
-        skill.save(update_fields=["category"])
+    skill, created = _skill_lock(project=project, slug=slug, category=category)
+    # A statement after the lock: it reads what the proposal that held the lock committed.
     number = 1 if created else (skill.revisions.aggregate(n=Max("number"))["n"] or 0) + 1
     revision = SkillRevision.objects.create(
         skill=skill,
@@ -151,11 +190,9 @@ def skill_revision_propose(
         status=RevisionStatus.PROPOSED,
         status_changed_at=timezone.now(),
     )
-    # add, not set: a new revision has no links to compare against (set reads them first).
-    if source_groups:
-        revision.source_groups.add(*source_groups)
-    if source_incidents:
-        revision.source_incidents.add(*source_incidents)
+    # A new revision has no links yet: one plain insert each (``add`` reads and signals first).
+    _link_sources(SkillRevision.source_groups, revision, [g.pk for g in source_groups or []])
+    _link_sources(SkillRevision.source_incidents, revision, [i.pk for i in source_incidents or []])
     audit_record(
         action="skill_revision.propose",
         project=project,

@@ -246,15 +246,19 @@ def skill_regressions_detect(
             list(group_ids),
         )
         sources = cursor.fetchall()
-    if not sources:
-        return []
-    active = set(
-        PolicyVersion.revisions.through.objects.filter(
-            skillrevision_id__in={revision_id for revision_id, _ in sources},
-            policyversion__project=project,
-            policyversion__status=VersionStatus.ACTIVE,
-        ).values_list("skillrevision_id", flat=True)
-    )
+        if not sources:
+            return []
+        # Written out, like the read above: once a group has a proposal, every incident of
+        # it comes here, and the ORM's compiling of this join cost more than PostgreSQL's run.
+        revision_ids = sorted({revision_id for revision_id, _ in sources})
+        cursor.execute(
+            f"SELECT pr.skillrevision_id FROM {PolicyVersion.revisions.through._meta.db_table} pr "
+            f"JOIN {PolicyVersion._meta.db_table} v ON v.id = pr.policyversion_id "
+            f"WHERE v.project_id = %s AND v.status = %s "
+            f"AND pr.skillrevision_id IN ({', '.join(['%s'] * len(revision_ids))})",
+            [project.pk, VersionStatus.ACTIVE.value, *revision_ids],
+        )
+        active = {row[0] for row in cursor.fetchall()}
     if not active:
         return []
     details = {
@@ -427,13 +431,13 @@ def _decide(
     if proposal.decision == "new_skill" and parent is None:
         duplicate = _near_duplicate(standing, vector, proposal.slug)
         if duplicate is not None:
-            revision_of, score = duplicate
+            standing_of, revision_of, score = duplicate
             note = (
                 f"Proposed as the new skill '{proposal.slug}', but it is {score:.2f} similar to "
-                f"'{revision_of.skill.slug}', so it is offered as a revision of that skill."
+                f"'{standing_of.slug}', so it is offered as a revision of that skill."
             )
-            proposal.slug = revision_of.skill.slug
-            proposal.category = revision_of.skill.category
+            proposal.slug = standing_of.slug
+            proposal.category = standing_of.category
             parent = revision_of
 
     diagnosis = proposal.diagnosis + (f"\n\n{note}" if note else "")
@@ -463,6 +467,8 @@ def _decide(
         # No proposal without the transition: if the group is no longer ours, roll it back.
         if not _finish(group, SynthesisStatus.PROPOSED, "", revision=revision):
             raise SynthesisClaimLost(f"Group {group.pk} is no longer RUNNING.")
+    # This process's next syntheses rank against the new revision without reading it back.
+    _revision_vector_cache[(embedder.name, revision.pk)] = np.asarray(vector, dtype=np.float32)
     return SynthesisStatus.PROPOSED
 
 
@@ -666,21 +672,34 @@ class Standing:
     revision_id: int
     skill_id: int
     slug: str
+    category: str
+
+
+# The reads below run in every synthesis, so they are written out: the ORM spent more CPU
+# compiling each of them than PostgreSQL spent running it (the fast loop's throughput under a
+# burst of new groups is CPU-bound). Table names come from the models; the SQL is portable.
+REVISIONS = SkillRevision._meta.db_table
+SKILLS = Skill._meta.db_table
+
+
+def _in(values: list) -> str:
+    return ", ".join(["%s"] * len(values))
 
 
 def _latest_revisions(project: Project) -> list[Standing]:
-    rows = (
-        SkillRevision.objects.filter(
-            skill__project=project,
-            status__in=[RevisionStatus.APPROVED, RevisionStatus.PROPOSED],
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT r.id, r.skill_id, s.slug, s.category FROM {REVISIONS} r "
+            f"JOIN {SKILLS} s ON s.id = r.skill_id "
+            "WHERE s.project_id = %s AND r.status IN (%s, %s) "
+            "ORDER BY r.skill_id, r.number DESC LIMIT 5000",
+            [project.pk, RevisionStatus.APPROVED.value, RevisionStatus.PROPOSED.value],
         )
-        .order_by("skill_id", "-number")
-        .values_list("id", "skill_id", "skill__slug")
-    )
+        rows = cursor.fetchall()
     latest: dict[int, Standing] = {}
-    for revision_id, skill_id, slug in rows[:5000]:
+    for revision_id, skill_id, slug, category in rows:
         if skill_id not in latest:
-            latest[skill_id] = Standing(revision_id, skill_id, slug)
+            latest[skill_id] = Standing(revision_id, skill_id, slug, category)
     return list(latest.values())
 
 
@@ -736,7 +755,11 @@ def _similar_skills(
 ) -> list[KnownSkill]:
     candidates = list(standing)
     if regressed is not None and all(c.skill_id != regressed.skill_id for c in candidates):
-        candidates.append(Standing(regressed.pk, regressed.skill_id, regressed.skill.slug))
+        candidates.append(
+            Standing(
+                regressed.pk, regressed.skill_id, regressed.skill.slug, regressed.skill.category
+            )
+        )
     if not candidates:
         return []
     scores = _revision_vectors([c.revision_id for c in candidates]) @ group_vector
@@ -744,28 +767,39 @@ def _similar_skills(
     if regressed is not None:
         index = next(i for i, c in enumerate(candidates) if c.skill_id == regressed.skill_id)
         order = [index] + [i for i in order if i != index][: MAX_SIMILAR_SKILLS - 1]
-    rows = SkillRevision.objects.select_related("skill").in_bulk(
-        [candidates[i].revision_id for i in order]
-    )
-    active_ids = set(
-        PolicyVersion.objects.filter(project=project, status=VersionStatus.ACTIVE).values_list(
-            "revisions", flat=True
+    top_ids = [candidates[i].revision_id for i in order]
+    top_skill_ids = [candidates[i].skill_id for i in order]
+    # One query for the top matches (is each in the active policy?) and the rolled-back
+    # revisions of their skills: the prompt shows both.
+    rows = list(
+        SkillRevision.objects.raw(
+            "SELECT r.id, r.skill_id, r.number, r.name, r.description, r.instructions, "
+            "r.status, r.rolled_back_at, EXISTS (SELECT 1 FROM "
+            f"{PolicyVersion.revisions.through._meta.db_table} pr "
+            f"JOIN {PolicyVersion._meta.db_table} v ON v.id = pr.policyversion_id "
+            "WHERE pr.skillrevision_id = r.id AND v.project_id = %s AND v.status = %s"
+            f") AS in_active_policy FROM {REVISIONS} r WHERE r.id IN ({_in(top_ids)}) "
+            f"OR (r.skill_id IN ({_in(top_skill_ids)}) AND r.rolled_back_at IS NOT NULL)",
+            [project.pk, VersionStatus.ACTIVE.value, *top_ids, *top_skill_ids],
         )
     )
+    by_id = {row.pk: row for row in rows}
     known = [
         KnownSkill(
             skill_id=candidates[i].skill_id,
             slug=candidates[i].slug,
-            revision=rows[candidates[i].revision_id],
+            revision=by_id[candidates[i].revision_id],
             score=float(scores[i]),
-            active=candidates[i].revision_id in active_ids,
+            active=bool(by_id[candidates[i].revision_id].in_active_policy),
         )
         for i in order
-        if candidates[i].revision_id in rows
+        if candidates[i].revision_id in by_id
     ]
-    rolled_back = SkillRevision.objects.filter(
-        skill_id__in=[k.skill_id for k in known], rolled_back_at__isnull=False
-    ).order_by("-rolled_back_at")
+    rolled_back = sorted(
+        (row for row in rows if row.rolled_back_at is not None),
+        key=lambda row: row.rolled_back_at,
+        reverse=True,
+    )
     for revision in rolled_back:
         for item in known:
             if item.skill_id == revision.skill_id:
@@ -794,17 +828,21 @@ def _link_related_groups(group: IncidentGroup, vector: np.ndarray) -> None:
         return
     # Both directions in one statement, in a fixed order: two workers linking the same pair
     # from either end would otherwise take the index locks in opposite orders and deadlock.
-    through = IncidentGroup.related_groups.through
+    # One autocommitted statement (bulk_create would wrap it in a transaction of its own).
+    table = IncidentGroup.related_groups.through._meta.db_table
     pairs = sorted({(group.pk, other) for other in related} | {(o, group.pk) for o in related})
-    through.objects.bulk_create(
-        [through(from_incidentgroup_id=a, to_incidentgroup_id=b) for a, b in pairs],
-        ignore_conflicts=True,
-    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} (from_incidentgroup_id, to_incidentgroup_id) VALUES "
+            + ", ".join(["(%s, %s)"] * len(pairs))
+            + " ON CONFLICT DO NOTHING",
+            [pk for pair in pairs for pk in pair],
+        )
 
 
 def _near_duplicate(
     standing: list[Standing], vector: np.ndarray, slug: str
-) -> tuple[SkillRevision, float] | None:
+) -> tuple[Standing, SkillRevision, float] | None:
     candidates = [c for c in standing if c.slug != slug]
     if not candidates:
         return None
@@ -812,12 +850,15 @@ def _near_duplicate(
     best = int(np.argmax(scores))
     if float(scores[best]) < duplicate_threshold():
         return None
-    revision = (
-        SkillRevision.objects.select_related("skill")
-        .filter(pk=candidates[best].revision_id)
-        .first()
+    revision = next(
+        iter(
+            SkillRevision.objects.raw(
+                f"SELECT * FROM {REVISIONS} WHERE id = %s", [candidates[best].revision_id]
+            )
+        ),
+        None,
     )
-    return (revision, float(scores[best])) if revision is not None else None
+    return (candidates[best], revision, float(scores[best])) if revision is not None else None
 
 
 # --- Prompt and answer ----------------------------------------------------------------------
@@ -966,11 +1007,15 @@ def _validate(parsed: dict[str, Any], project: Project, known: list[KnownSkill])
         )
     except DomainError as exc:
         raise InvalidAnswer(f"skill.{exc.field}: {exc}") from exc
-    # One query for everything this slug already has.
+    # One query for everything this slug already has, in the columns the checks read (a skill
+    # can hold many revisions).
     history = list(
-        SkillRevision.objects.filter(skill__project=project, skill__slug=proposal.slug)
-        .select_related("skill")
-        .order_by("-number")
+        SkillRevision.objects.raw(
+            "SELECT r.id, r.skill_id, r.number, r.status, r.instructions, r.rolled_back_at "
+            f"FROM {REVISIONS} r JOIN {SKILLS} s ON s.id = r.skill_id "
+            "WHERE s.project_id = %s AND s.slug = %s ORDER BY r.number DESC",
+            [project.pk, proposal.slug],
+        )
     )
     if decision == "revise_skill" and not history:
         slugs = ", ".join(k.slug for k in known) or "none"
