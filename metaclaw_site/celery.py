@@ -45,15 +45,19 @@ app.conf.beat_schedule = {
 
 @worker_init.connect
 def _load_before_the_pool_forks(**kwargs) -> None:
-    """Import the URL configuration (tasks build approval links) and load the embedding model
-    once, in the worker's main process: the pool's children fork with both in memory. Loaded
-    lazily, each child paid for them (about 0.8 s here) in its first task, a fast-loop
-    proposal among them."""
+    """Import the URL configuration (tasks build approval links), the fast loop's modules and
+    the LLM SDK's lazy parts, and load the embedding model, once, in the worker's main process:
+    the pool's children fork with all of it in memory. Loaded lazily, each child paid for them
+    (about 1 s here) in its first task, a fast-loop proposal among them."""
     from django.urls import get_resolver
 
+    import skills.approvals
+    import skills.synthesis  # noqa: F401
+    from skills import llm
     from skills.embeddings import get_embedder
 
     get_resolver().url_patterns  # noqa: B018 - the access is the point: it imports them
+    llm.preload()
     get_embedder()
     gc.collect()
     gc.freeze()  # and keep what boot loaded out of the children's garbage collections

@@ -134,6 +134,14 @@ def _client(cfg: LlmConfig) -> openai.OpenAI:
         return client
 
 
+def preload() -> None:
+    """Import what the SDK imports lazily on its first call (about 0.1 s here). A worker calls
+    this before its pool forks, so no child pays for it in front of a proposal. The client is
+    thrown away: it opened no connection, and each process makes its own (``_client``)."""
+    client = openai.OpenAI(base_url="http://127.0.0.1/v1", api_key="preload")
+    client.chat.completions.with_raw_response.create  # noqa: B018 - the access imports them
+
+
 def complete_json(
     messages: list[dict[str, Any]],
     schema: dict[str, Any],
