@@ -808,13 +808,13 @@ def _similar_skills(
 
 
 def _link_related_groups(group: IncidentGroup, vector: np.ndarray) -> None:
-    others = [
-        (pk, _group_text_of(title, tool))
-        for pk, title, tool in IncidentGroup.objects.filter(project=group.project)
-        .exclude(pk=group.pk)
-        .order_by("-last_seen")
-        .values_list("id", "title", "tool_name")[:500]
-    ]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT id, title, tool_name FROM {IncidentGroup._meta.db_table} "
+            "WHERE project_id = %s AND id <> %s ORDER BY last_seen DESC LIMIT 500",
+            [group.project_id, group.pk],
+        )
+        others = [(pk, _group_text_of(title, tool)) for pk, title, tool in cursor.fetchall()]
     if not others:
         return
     scores = _group_vectors(others) @ vector
