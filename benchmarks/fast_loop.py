@@ -1,8 +1,8 @@
 """Fast-loop latency: from an incident's ingest response to its group's proposal being stored.
 
 Everything is real except the LLM: uvicorn serves the API (the README's production command;
-``--web-server gunicorn`` for sync workers), a Celery worker (prefork) takes the
-tasks from Redis, PostgreSQL stores everything, and our OpenAI-compatible loopback server
+``--web-server gunicorn`` for sync workers), the fast Celery worker of the same command
+(prefork, 4 processes) takes the tasks from Redis, PostgreSQL stores everything, and our OpenAI-compatible loopback server
 answers instantly through the real ``openai`` client.
 
     python benchmarks/fast_loop.py [--incidents 500] [--groups 100] [--rate 100]
@@ -149,7 +149,12 @@ def main() -> int:
     parser.add_argument("--groups", type=int, default=100)
     parser.add_argument("--rate", type=float, default=100.0, help="incidents per second sent")
     parser.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients")
-    parser.add_argument("--worker-concurrency", type=int, default=2)
+    parser.add_argument(
+        "--worker-concurrency",
+        type=int,
+        default=4,
+        help="the fast worker's processes (4: the README's production command)",
+    )
     parser.add_argument("--worker-pool", default="prefork", choices=["prefork", "threads", "solo"])
     parser.add_argument("--web-workers", type=int, default=2)
     parser.add_argument(

@@ -131,6 +131,17 @@ def _link_sources(descriptor: Any, revision: SkillRevision, target_ids: list[Any
         )
 
 
+def _next_revision_number(skill: Skill) -> int:
+    # A statement after the lock: it reads what the proposal that held the lock committed.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT MAX(number) FROM {SkillRevision._meta.db_table} WHERE skill_id = %s",
+            [skill.pk],
+        )
+        (highest,) = cursor.fetchone()
+    return (highest or 0) + 1
+
+
 # No savepoint when nested (the fast loop calls this inside its own transaction): a failure
 # here fails the caller's transaction too, which every caller lets propagate anyway.
 @transaction.atomic(savepoint=False)
@@ -166,8 +177,7 @@ def skill_revision_propose(
         slug=slug, name=name, description=description, instructions=instructions, category=category
     )
     skill, created = _skill_lock(project=project, slug=slug, category=category)
-    # A statement after the lock: it reads what the proposal that held the lock committed.
-    number = 1 if created else (skill.revisions.aggregate(n=Max("number"))["n"] or 0) + 1
+    number = 1 if created else _next_revision_number(skill)
     revision = SkillRevision.objects.create(
         skill=skill,
         number=number,

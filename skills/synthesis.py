@@ -104,9 +104,9 @@ def group_synthesize(*, group_id: int) -> str | None:
     holds the claim or the group no longer waits; otherwise the group's new synthesis status.
 
     Raises ``SynthesisRetryLater`` after releasing the group on a transient LLM error."""
-    if not incident_services.group_synthesis_claim(group_id=group_id):
+    group = incident_services.group_synthesis_claim(group_id=group_id)
+    if group is None:
         return None
-    group = IncidentGroup.objects.select_related("project").get(pk=group_id)
     try:
         return _synthesize_claimed(group)
     except SynthesisClaimLost:
@@ -547,7 +547,13 @@ def _informativeness(incident: Incident) -> float:
 
 
 def _gather_evidence(group: IncidentGroup, regressed: SkillRevision | None) -> Evidence:
-    candidates = list(group.incidents.order_by("-occurred_at")[:CANDIDATE_INCIDENTS])
+    candidates = list(
+        Incident.objects.raw(
+            f"SELECT * FROM {Incident._meta.db_table} WHERE group_id = %s "
+            "ORDER BY occurred_at DESC LIMIT %s",
+            [group.pk, CANDIDATE_INCIDENTS],
+        )
+    )
     since = None
     if regressed is not None:
         since = regressed.status_changed_at or regressed.created_at

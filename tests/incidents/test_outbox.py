@@ -31,8 +31,13 @@ def test_only_one_worker_can_claim_a_waiting_group(api, ingest_key):
     api.post("/api/v1/incidents", factories.incident_payload("a"), key=ingest_key)
     group = IncidentGroup.objects.get()
 
-    assert services.group_synthesis_claim(group_id=group.id) is True
-    assert services.group_synthesis_claim(group_id=group.id) is False
+    claimed = services.group_synthesis_claim(group_id=group.id)
+    assert (claimed.pk, claimed.synthesis_status, claimed.synthesis_attempts) == (
+        group.pk,
+        SynthesisStatus.RUNNING,
+        1,
+    )
+    assert services.group_synthesis_claim(group_id=group.id) is None
     group.refresh_from_db()
     assert group.synthesis_status == SynthesisStatus.RUNNING
     assert group.synthesis_attempts == 1
