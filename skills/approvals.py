@@ -491,7 +491,7 @@ def approval_notify(
     if obj is None:
         raise DomainError("Nothing to notify about.", field="revision")
     if not _anyone_to_notify(obj):
-        return []  # the fast loop's common case without channels: two small reads, no reload
+        return []  # the fast loop's common case without channels: one small read, no reload
     if isinstance(obj, SkillRevision):
         obj = SkillRevision.objects.select_related("skill__project").get(pk=obj.pk)
     else:
