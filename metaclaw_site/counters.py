@@ -119,6 +119,9 @@ class _LocalCounts:
         self.rate: dict[tuple[int, int], int] = {}
         self.traffic: dict[tuple[int, int], int] = {}
         self.known_rate: dict[tuple[int, int], int] = {}
+        # Counts taken by a flush and not yet answered for: still this process's requests (a
+        # request arriving meanwhile must see them, or it could pass a limit just reached).
+        self.flushing_rate: dict[tuple[int, int], int] = {}
 
 
 _local = _LocalCounts()
@@ -136,15 +139,25 @@ def hit_local(*, key_id: int, project_id: int, now: float | None = None) -> int:
         _local.rate[rate_key] = pending
         traffic_key = (project_id, minute)
         _local.traffic[traffic_key] = _local.traffic.get(traffic_key, 0) + 1
-        return _local.known_rate.get(rate_key, 0) + pending
+        return _local.known_rate.get(rate_key, 0) + _local.flushing_rate.get(rate_key, 0) + pending
 
 
 def flush_local() -> None:
     """Add the counts of ``hit_local`` to Redis (the cache in embedded mode) and learn the
-    keys' totals. Counts that cannot be written are kept for the next flush."""
+    keys' totals. Counts that cannot be written are kept for the next flush. One flush at a
+    time (the background one and the one at exit)."""
+    with _flush_lock:
+        _flush_local()
+
+
+_flush_lock = threading.Lock()
+
+
+def _flush_local() -> None:
     with _local.lock:
         rate, _local.rate = _local.rate, {}
         traffic, _local.traffic = _local.traffic, {}
+        _local.flushing_rate = dict(rate)
         current = current_minute()
         for key in [k for k in _local.known_rate if k[1] < current - 1]:
             del _local.known_rate[key]
@@ -181,10 +194,12 @@ def flush_local() -> None:
                 _local.rate[k] = _local.rate.get(k, 0) + n
             for k, n in traffic.items():
                 _local.traffic[k] = _local.traffic.get(k, 0) + n
+            _local.flushing_rate = {}
         return
     with _local.lock:
         for k, total in totals.items():
             _local.known_rate[k] = max(total, _local.known_rate.get(k, 0))
+        _local.flushing_rate = {}
 
 
 def _cache_incr(key: str, n: int, ttl: int) -> int:
