@@ -30,3 +30,9 @@ def test_a_statement_run_often_is_prepared_on_the_server():
 
     assert prepared == []  # the value travelled apart from the SQL, not quoted into it
     assert count == 1
+
+
+def test_a_prepared_statement_is_still_planned_for_its_values():
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW plan_cache_mode")
+        assert cursor.fetchone() == ("force_custom_plan",)
