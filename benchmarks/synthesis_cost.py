@@ -1,0 +1,94 @@
+"""What one fast-loop synthesis costs, in process: CPU of this Python process and of its
+PostgreSQL backend, and wall time, per ``group_synthesize``.
+
+The fast loop's throughput under a burst of new groups is bound by CPU (web, worker and
+PostgreSQL share the cores), so this is the figure behind ``fast_loop.py``'s latency, without
+its queueing and without the noise of other processes. The loopback LLM answers instantly from
+a process of its own (its CPU is not counted), with the same answers as ``fast_loop.py``.
+
+    python benchmarks/synthesis_cost.py [--groups 100]   # 3 warm up, 97 are measured
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import secrets
+import time
+from collections import Counter
+
+from _harness import bench_env, django_setup, ensure_database
+from fast_loop import _payload, _serve_llm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--groups", type=int, default=100, help="3 of them warm up")
+    args = parser.parse_args()
+
+    context = multiprocessing.get_context("fork")
+    port, calls, stop = context.Value("i", 0), context.Value("i", 0), context.Event()
+    llm = context.Process(target=_serve_llm, args=(port, calls, stop), daemon=True)
+    llm.start()
+    while not port.value:
+        time.sleep(0.05)
+
+    env = bench_env("metaclaw_bench_synthesis", redis_db=9)
+    env.update(
+        OPENAI_BASE_URL=f"http://127.0.0.1:{port.value}/v1",
+        OPENAI_API_KEY="bench",
+        METACLAW_LLM_MODEL="loopback-instant",
+        CELERY_TASK_ALWAYS_EAGER="0",
+        METACLAW_OUTBOX_SWEEP_AFTER_SECONDS="3600",
+    )
+    ensure_database(env, fresh=True)
+    django_setup(env)
+
+    from django.db import connection
+
+    from incidents import services as incident_services
+    from incidents import signals
+    from incidents.schemas import IncidentIn
+    from metaclaw_site import services
+    from skills.embeddings import get_embedder
+    from skills.synthesis import group_synthesize
+
+    signals.groups_await_synthesis.receivers.clear()  # no worker here: this process synthesises
+    get_embedder()
+    project = services.project_create(name="Synthesis cost", slug=f"cost-{secrets.token_hex(3)}")
+    group_ids = []
+    for group in range(args.groups):
+        for n in range(2):
+            (result,) = incident_services.incidents_ingest(
+                project=project, items=[IncidentIn(**_payload(group, n))]
+            )
+        group_ids.append(result.group_id)
+    group_ids = list(dict.fromkeys(group_ids))  # fast_loop.py's payloads make 100 groups at most
+    for group_id in group_ids[:3]:  # warm-up: imports, the SDK's client, connections
+        group_synthesize(group_id=group_id)
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (backend,) = cursor.fetchone()
+
+    def backend_cpu() -> float:
+        fields = open(f"/proc/{backend}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    pg_started, cpu_started, started = backend_cpu(), time.process_time(), time.perf_counter()
+    outcomes = [group_synthesize(group_id=group_id) for group_id in group_ids[3:]]
+    wall = time.perf_counter() - started
+    cpu, pg = time.process_time() - cpu_started, backend_cpu() - pg_started
+    stop.set()
+
+    n = len(outcomes)
+    print(
+        f"synthesis cost over {n} groups ({dict(Counter(str(o) for o in outcomes))}), loopback LLM: "
+        f"Python CPU {cpu / n * 1000:.1f} ms, PostgreSQL backend CPU {pg / n * 1000:.1f} ms, "
+        f"wall {wall / n * 1000:.1f} ms per synthesis"
+    )
+
+
+if __name__ == "__main__":
+    main()
