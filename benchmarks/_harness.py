@@ -38,8 +38,15 @@ def ensure_database(env: dict[str, str], *, fresh: bool = False) -> None:
     here run PostgreSQL without autovacuum, which makes that history weigh even more)."""
     import psycopg
 
-    name = env["DATABASE_URL"].rsplit("/", 1)[1]
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+    server, name = env["DATABASE_URL"].rsplit("/", 1)
+    if fresh and not name.startswith("metaclaw_bench"):
+        raise SystemExit(
+            f"Refusing to drop {name!r}: a benchmark starts afresh only in a database whose "
+            "name begins with metaclaw_bench."
+        )
+    # The server of DATABASE_URL, through its maintenance database.
+    admin = server.replace("postgres://", "postgresql://", 1) + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
         if fresh:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()

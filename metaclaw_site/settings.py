@@ -129,21 +129,6 @@ if DATABASE_URL:
             "max_size": env_int("METACLAW_DB_POOL_MAX_SIZE", 10),
             "timeout": float(os.environ.get("METACLAW_DB_POOL_TIMEOUT", "10")),
         }
-    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_bool(
-        "METACLAW_DB_PREPARED_STATEMENTS", True
-    ):
-        # Parameters sent apart from the SQL (Python stops quoting every value into the
-        # text), and a statement run five times on a connection prepared there (PostgreSQL
-        # stops parsing it). Still planned for each run's values: a plan cached once outlives
-        # the table sizes it was made for until an ANALYZE (without autovacuum, a plan made on
-        # an empty table scanned all of the 50,000 rows it grew to). Off behind a pooler that
-        # cannot keep prepared statements (PgBouncer before 1.21 in transaction mode).
-        options = DATABASES["default"].setdefault("OPTIONS", {})
-        options["server_side_binding"] = True
-        options["prepare_threshold"] = 5
-        options["options"] = (
-            options.get("options", "") + " -c plan_cache_mode=force_custom_plan"
-        ).strip()
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES = {

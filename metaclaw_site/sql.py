@@ -7,9 +7,8 @@ from django.db import models
 
 
 def columns(model: type[models.Model]) -> str:
-    """The model's columns, named: with prepared statements, ``SELECT *`` would fail in a
-    process that prepared it before a migration added a column ("cached plan must not change
-    result type"); a named list keeps reading what the process's model knows."""
+    """The model's columns, named: a process keeps reading what its model knows while a
+    migration adds a column (``SELECT *`` would hand it the new one as an extra attribute)."""
     return ", ".join(field.column for field in model._meta.concrete_fields)
 
 

@@ -244,7 +244,7 @@ def _completion_body(content: bytes) -> dict[str, Any]:
 def _count(value: Any) -> int:
     try:
         return max(0, int(value or 0))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: 1e999 parses as infinity
         return 0
 
 

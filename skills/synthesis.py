@@ -442,6 +442,7 @@ def _decide(
             parent = revision_of
 
     diagnosis = proposal.diagnosis + (f"\n\n{note}" if note else "")
+    stored_vector = [round(float(x), 6) for x in vector]
     with transaction.atomic():
         revision = skill_revision_propose(
             project=project,
@@ -462,14 +463,15 @@ def _decide(
             prompt_version=PROMPT_VERSION,
             tokens_in=usage.tokens_in,
             tokens_out=usage.tokens_out,
-            embedding=[round(float(x), 6) for x in vector],
+            embedding=stored_vector,
             actor_label="fast-loop",
         )
         # No proposal without the transition: if the group is no longer ours, roll it back.
         if not _finish(group, SynthesisStatus.PROPOSED, "", revision=revision):
             raise SynthesisClaimLost(f"Group {group.pk} is no longer RUNNING.")
-    # This process's next syntheses rank against the new revision without reading it back.
-    _revision_vector_cache[(embedder.name, revision.pk)] = np.asarray(vector, dtype=np.float32)
+    # This process's next syntheses rank against the new revision without reading it back
+    # (the vector as stored, as every other process reads it).
+    _revision_vector_cache_put(embedder.name, revision.pk, stored_vector)
     return SynthesisStatus.PROPOSED
 
 
@@ -710,6 +712,12 @@ def _latest_revisions(project: Project) -> list[Standing]:
 _revision_vector_cache: dict[tuple[str, int], np.ndarray] = {}
 _group_vector_cache: dict[tuple[str, int, str], np.ndarray] = {}
 _CACHE_LIMIT = 50_000
+
+
+def _revision_vector_cache_put(embedder_name: str, revision_id: int, vector: list[float]) -> None:
+    if len(_revision_vector_cache) > _CACHE_LIMIT:
+        _revision_vector_cache.clear()
+    _revision_vector_cache[(embedder_name, revision_id)] = np.asarray(vector, dtype=np.float32)
 
 
 def _revision_vectors(revision_ids: list[int]) -> np.ndarray:
