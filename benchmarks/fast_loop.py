@@ -135,6 +135,23 @@ def _serve_llm(port_out, calls, stop) -> None:
     server.stop()
 
 
+def start_llm(env: dict[str, str]):
+    """Start the loopback LLM in a process of its own and point ``env`` at it. Returns the
+    process, its shared count of chat calls and the event that stops it."""
+    context = multiprocessing.get_context("fork")
+    port, calls, stop = context.Value("i", 0), context.Value("i", 0), context.Event()
+    process = context.Process(target=_serve_llm, args=(port, calls, stop), daemon=True)
+    process.start()
+    while not port.value:
+        time.sleep(0.05)
+    env.update(
+        OPENAI_BASE_URL=f"http://127.0.0.1:{port.value}/v1",
+        OPENAI_API_KEY="bench",
+        METACLAW_LLM_MODEL="loopback-instant",
+    )
+    return process, calls, stop
+
+
 def _percentile(values: list[float], pct: float) -> float:
     ordered = sorted(values)
     if not ordered:
@@ -212,19 +229,7 @@ def main() -> int:
     key = services.api_key_create(project=project, name="bench", scopes=["ingest"]).secret
     warm_key = services.api_key_create(project=warm_project, name="warm", scopes=["ingest"]).secret
 
-    context = multiprocessing.get_context("fork")
-    llm_port, llm_calls, llm_stop = context.Value("i", 0), context.Value("i", 0), context.Event()
-    llm = context.Process(target=_serve_llm, args=(llm_port, llm_calls, llm_stop), daemon=True)
-    llm.start()
-    while not llm_port.value:
-        time.sleep(0.05)
-    env.update(
-        {
-            "OPENAI_BASE_URL": f"http://127.0.0.1:{llm_port.value}/v1",
-            "OPENAI_API_KEY": "bench",
-            "METACLAW_LLM_MODEL": "loopback-instant",
-        }
-    )
+    llm, llm_calls, llm_stop = start_llm(env)
     web_port = free_port()
     if args.web_server == "uvicorn":
         web_command = [

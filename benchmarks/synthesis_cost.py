@@ -12,14 +12,13 @@ a process of its own (its CPU is not counted), with the same answers as ``fast_l
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import secrets
 import time
 from collections import Counter
 
 from _harness import bench_env, django_setup, ensure_database
-from fast_loop import _payload, _serve_llm
+from fast_loop import _payload, start_llm
 
 
 def main() -> None:
@@ -27,21 +26,9 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=100, help="3 of them warm up")
     args = parser.parse_args()
 
-    context = multiprocessing.get_context("fork")
-    port, calls, stop = context.Value("i", 0), context.Value("i", 0), context.Event()
-    llm = context.Process(target=_serve_llm, args=(port, calls, stop), daemon=True)
-    llm.start()
-    while not port.value:
-        time.sleep(0.05)
-
     env = bench_env("metaclaw_bench_synthesis", redis_db=9)
-    env.update(
-        OPENAI_BASE_URL=f"http://127.0.0.1:{port.value}/v1",
-        OPENAI_API_KEY="bench",
-        METACLAW_LLM_MODEL="loopback-instant",
-        CELERY_TASK_ALWAYS_EAGER="0",
-        METACLAW_OUTBOX_SWEEP_AFTER_SECONDS="3600",
-    )
+    env.update(CELERY_TASK_ALWAYS_EAGER="0", METACLAW_OUTBOX_SWEEP_AFTER_SECONDS="3600")
+    _, _, stop = start_llm(env)
     ensure_database(env, fresh=True)
     django_setup(env)
 

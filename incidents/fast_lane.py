@@ -27,13 +27,22 @@ from .schemas import BatchIn, BatchOut, IncidentAccepted, IncidentIn
 INGEST = ("ingest",)
 
 
-async def post_incident(*, headers: dict[str, str], query: str, body: bytes) -> FastResponse:
+async def _admitted(headers: dict[str, str], schema: Any, body: bytes):
+    """The ingest key and the validated body, or the refusal to send instead."""
     api_key = await api_admit(headers, INGEST)
     if isinstance(api_key, FastResponse):
         return api_key
-    payload = api_body(IncidentIn, body)
+    payload = api_body(schema, body)
     if isinstance(payload, FastResponse):
         return payload
+    return api_key, payload
+
+
+async def post_incident(*, headers: dict[str, str], query: str, body: bytes) -> FastResponse:
+    admitted = await _admitted(headers, IncidentIn, body)
+    if isinstance(admitted, FastResponse):
+        return admitted
+    api_key, payload = admitted
     status, answer = await in_worker_thread(incident_answer)(
         project=api_key.project, payload=payload, actor=actor_label(api_key)
     )
@@ -41,34 +50,32 @@ async def post_incident(*, headers: dict[str, str], query: str, body: bytes) -> 
 
 
 async def post_incident_batch(*, headers: dict[str, str], query: str, body: bytes) -> FastResponse:
-    api_key = await api_admit(headers, INGEST)
-    if isinstance(api_key, FastResponse):
-        return api_key
-    payload = api_body(BatchIn, body)
-    if isinstance(payload, FastResponse):
-        return payload
-    try:
-        answer = await in_worker_thread(incident_batch_answer)(
-            project=api_key.project, items=payload.items, actor=actor_label(api_key)
-        )
-    except DomainError as exc:
-        return api_domain_error(exc)
-    return api_answer(207, _out(BatchOut, answer))
+    admitted = await _admitted(headers, BatchIn, body)
+    if isinstance(admitted, FastResponse):
+        return admitted
+    api_key, payload = admitted
+    return await _batch(
+        incident_batch_answer,
+        project=api_key.project,
+        items=payload.items,
+        actor=actor_label(api_key),
+    )
 
 
 async def post_trajectory_batch(
     *, headers: dict[str, str], query: str, body: bytes
 ) -> FastResponse:
-    api_key = await api_admit(headers, INGEST)
-    if isinstance(api_key, FastResponse):
-        return api_key
-    payload = api_body(BatchIn, body)
-    if isinstance(payload, FastResponse):
-        return payload
+    admitted = await _admitted(headers, BatchIn, body)
+    if isinstance(admitted, FastResponse):
+        return admitted
+    api_key, payload = admitted
+    return await _batch(trajectory_batch_answer, project=api_key.project, items=payload.items)
+
+
+async def _batch(answer_batch: Any, **kwargs: Any) -> FastResponse:
+    """A batch's 207 with one result per item, or the refusal of the whole batch."""
     try:
-        answer = await in_worker_thread(trajectory_batch_answer)(
-            project=api_key.project, items=payload.items
-        )
+        answer = await in_worker_thread(answer_batch)(**kwargs)
     except DomainError as exc:
         return api_domain_error(exc)
     return api_answer(207, _out(BatchOut, answer))

@@ -21,7 +21,7 @@ from pydantic import TypeAdapter
 from metaclaw_site.models import Project
 from metaclaw_site.sanitize import clean_json, clean_json_text, clean_text
 from metaclaw_site.services import Conflict, DomainError, audit_record
-from metaclaw_site.sql import columns
+from metaclaw_site.sql import columns, placeholders
 
 from . import signals
 from .fingerprint import FINGERPRINT_VERSION, fingerprint, tool_from_messages
@@ -335,10 +335,9 @@ def _stored_incidents(project_id: int, client_ids: list[str]) -> dict[str, tuple
         )
         params: list[Any] = [project_id, orjson.dumps(client_ids).decode()]
     else:
-        placeholders = ", ".join(["%s"] * len(client_ids))
         sql = (
             f"SELECT client_id, id, group_id, status FROM {table} "
-            f"WHERE project_id = %s AND client_id IN ({placeholders})"
+            f"WHERE project_id = %s AND client_id IN ({placeholders(client_ids)})"
         )
         params = [project_id, *client_ids]
     with connection.cursor() as cursor:

@@ -7,13 +7,7 @@ groups, the sources of each revision, the token usage, and the draft made withou
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent.parent
+from tests.embedded import run_embedded
 
 SCRIPT = r"""
 import json
@@ -105,28 +99,7 @@ print(json.dumps({
 
 
 def test_embedded_mode_synthesises_on_sqlite(tmp_path):
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in {"DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL"}
-    }
-    env.update(
-        DJANGO_SETTINGS_MODULE="metaclaw_site.settings",
-        METACLAW_TESTING="1",
-        METACLAW_VAR_DIR=str(tmp_path),
-        ALLOWED_HOSTS="testserver",
-        CELERY_TASK_ALWAYS_EAGER="0",
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = run_embedded(SCRIPT, tmp_path, CELERY_TASK_ALWAYS_EAGER="0")
     assert out["vendor"] == "sqlite"
     first, second, third = (out["groups"][k] for k in ("first", "second", "third"))
 
