@@ -51,9 +51,9 @@ def load() -> None:
     from django.db import connection, transaction
     from django.utils import timezone
 
+    from base import services as site_services
+    from base.models import AuditEvent, Project
     from incidents.models import Incident, IncidentGroup
-    from metaclaw_site import services as site_services
-    from metaclaw_site.models import AuditEvent, Project
     from skills.models import (
         Origin,
         PolicyVersion,
@@ -228,8 +228,8 @@ def measure(requests: int) -> list[tuple[str, str, float, float, float, int]]:
     from django.test import Client
     from django.urls import NoReverseMatch, reverse
 
-    from metaclaw_site import services as site_services
-    from metaclaw_site.models import Project
+    from base import services as site_services
+    from base.models import Project
 
     project = Project.objects.get(slug=SLUG)
     user = get_user_model().objects.filter(username="bench-admin").first()
@@ -282,8 +282,8 @@ def main() -> None:
     django_setup(env)
     from django.test.utils import setup_test_environment
 
+    from base.models import Project
     from incidents.models import Incident
-    from metaclaw_site.models import Project
 
     setup_test_environment()  # the test client, not a test database
     project = Project.objects.filter(slug=SLUG).first()

@@ -219,8 +219,8 @@ def main() -> int:
 
     redis.Redis.from_url(args.redis_url).flushdb()
 
+    from base import services
     from incidents.models import IncidentGroup
-    from metaclaw_site import services
     from skills.models import SkillRevision
 
     run = secrets.token_hex(3)

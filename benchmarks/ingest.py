@@ -34,8 +34,8 @@ from _harness import (
 
 def setup_project(env: dict[str, str]) -> str:
     django_setup(env)
-    from metaclaw_site import services
-    from metaclaw_site.models import Project
+    from base import services
+    from base.models import Project
 
     project = Project.objects.filter(slug="bench").first() or services.project_create(
         name="Bench", slug="bench"

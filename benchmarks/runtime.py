@@ -183,8 +183,8 @@ def chat_body(i: int) -> bytes:
 def setup_project(env: dict[str, str]) -> str:
     """The benchmark project with 1,000 approved skills in its active version; a runtime key."""
     django_setup(env)
-    from metaclaw_site import services
-    from metaclaw_site.models import Project
+    from base import services
+    from base.models import Project
     from skills.models import PolicyVersion, RevisionStatus, Skill, SkillRevision, VersionStatus
     from skills.services import policy_version_create_candidate, policy_version_promote
 

@@ -25,10 +25,10 @@ ENV = bench_env("metaclaw_bench_slow")
 ensure_database(ENV)
 django_setup(ENV)
 
+from base.models import Project  # noqa: E402
+from base.services import project_create  # noqa: E402
 from incidents.schemas import TrajectoryIn  # noqa: E402
 from incidents.services import trajectories_ingest  # noqa: E402
-from metaclaw_site.models import Project  # noqa: E402
-from metaclaw_site.services import project_create  # noqa: E402
 from skills.models import Release  # noqa: E402
 
 NOUNS = (

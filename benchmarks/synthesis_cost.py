@@ -34,10 +34,10 @@ def main() -> None:
 
     from django.db import connection
 
+    from base import services
     from incidents import services as incident_services
     from incidents import signals
     from incidents.schemas import IncidentIn
-    from metaclaw_site import services
     from skills.embeddings import get_embedder
     from skills.synthesis import group_synthesize
 

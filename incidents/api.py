@@ -11,11 +11,11 @@ from django.http import HttpRequest
 from ninja import Query, Router, Schema, Status
 from pydantic import ValidationError as PydanticValidationError
 
-from metaclaw_site.api_shapes import pydantic_errors
-from metaclaw_site.auth import admin_auth, ingest_auth, read_auth
-from metaclaw_site.models import ApiKey, Project
-from metaclaw_site.pagination import paginate
-from metaclaw_site.services import DomainError
+from base.api_shapes import pydantic_errors
+from base.auth import admin_auth, ingest_auth, read_auth
+from base.models import ApiKey, Project
+from base.pagination import paginate
+from base.services import DomainError
 
 from . import selectors, services
 from .schemas import (

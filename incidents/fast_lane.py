@@ -1,4 +1,4 @@
-"""The ingestion endpoints on the ASGI fast lane (``metaclaw_site.fast_lane``): a second door to
+"""The ingestion endpoints on the ASGI fast lane (``base.fast_lane``): a second door to
 the answers of ``incidents/api.py``, without Django's middleware stack (which runs sync
 middleware and the sync view in a thread per request: more than the work itself).
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from metaclaw_site.fast_lane import (
+from base.fast_lane import (
     FastResponse,
     Route,
     api_admit,
@@ -19,7 +19,7 @@ from metaclaw_site.fast_lane import (
     api_domain_error,
     in_worker_thread,
 )
-from metaclaw_site.services import DomainError
+from base.services import DomainError
 
 from .api import actor_label, incident_answer, incident_batch_answer, trajectory_batch_answer
 from .schemas import BatchIn, BatchOut, IncidentAccepted, IncidentIn

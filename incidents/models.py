@@ -7,7 +7,7 @@ import uuid
 from django.db import models
 from django.utils import timezone
 
-from metaclaw_site.models import Project
+from base.models import Project
 
 
 class IncidentKind(models.TextChoices):

@@ -9,8 +9,8 @@ from django.db.models import Count, QuerySet
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
-from metaclaw_site.models import Project
-from metaclaw_site.services import NotFound
+from base.models import Project
+from base.services import NotFound
 
 from .models import Incident, IncidentGroup, Trajectory
 

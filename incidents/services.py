@@ -18,10 +18,10 @@ from django.db.models import F
 from django.utils import timezone
 from pydantic import TypeAdapter
 
-from metaclaw_site.models import Project
-from metaclaw_site.sanitize import clean_json, clean_json_text, clean_text
-from metaclaw_site.services import Conflict, DomainError, audit_record
-from metaclaw_site.sql import columns, placeholders
+from base.models import Project
+from base.sanitize import clean_json, clean_json_text, clean_text
+from base.services import Conflict, DomainError, audit_record
+from base.sql import columns, placeholders
 
 from . import signals
 from .fingerprint import FINGERPRINT_VERSION, fingerprint, tool_from_messages

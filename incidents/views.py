@@ -8,9 +8,9 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
-from metaclaw_site.decorators import project_view
-from metaclaw_site.models import Role
-from metaclaw_site.services import DomainError
+from base.decorators import project_view
+from base.models import Role
+from base.services import DomainError
 
 from . import selectors, services
 from .models import GroupStatus, IncidentKind

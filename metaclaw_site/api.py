@@ -10,9 +10,9 @@ from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.parser import Parser
 
-from .api_shapes import domain_error_answer, invalid_body, parse_json, validation_errors
-from .auth import RateLimited, ScopeDenied
-from .services import DomainError
+from base.api_shapes import domain_error_answer, invalid_body, parse_json, validation_errors
+from base.auth import RateLimited, ScopeDenied
+from base.services import DomainError
 
 
 class FastJsonParser(Parser):

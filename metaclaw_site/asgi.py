@@ -7,9 +7,9 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "metaclaw_site.settings")
 django_application = get_asgi_application()
 
 # The agent-facing hot paths (the proxy, the runtime API, ingestion) skip Django's middleware
-# stack (see metaclaw_site.fast_lane); the composition root hands it the apps' routes.
+# stack (see base.fast_lane); the composition root hands it the apps' routes.
+from base.fast_lane import fast_lane  # noqa: E402
 from incidents.fast_lane import ROUTES as INGESTION_ROUTES  # noqa: E402
-from metaclaw_site.fast_lane import fast_lane  # noqa: E402
 from skills.proxy import ROUTES as SKILLS_ROUTES  # noqa: E402
 
 application = fast_lane(django_application, {**SKILLS_ROUTES, **INGESTION_ROUTES})

@@ -63,7 +63,7 @@ INSTALLED_APPS = [
     "django.contrib.humanize",
     "django_htmx",
     "template_partials",
-    "metaclaw_site",
+    "base",
     "incidents",
     "skills",
     "training",
@@ -72,7 +72,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
-    "metaclaw_site.middleware.ApiBodyLimitMiddleware",
+    "base.middleware.ApiBodyLimitMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -80,7 +80,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
-    "metaclaw_site.middleware.CurrentProjectMiddleware",
+    "base.middleware.CurrentProjectMiddleware",
 ]
 
 ROOT_URLCONF = "metaclaw_site.urls"
@@ -99,7 +99,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
-                "metaclaw_site.context_processors.current_project",
+                "base.context_processors.current_project",
             ],
         },
     },

@@ -6,9 +6,9 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
+from base import views
 from skills import proxy
 
-from . import views
 from .api import api
 
 urlpatterns = [
@@ -20,7 +20,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),
     path("p/<slug:project_slug>/", include("incidents.urls")),
-    path("p/<slug:project_slug>/", include("metaclaw_site.project_urls")),
+    path("p/<slug:project_slug>/", include("base.urls")),
     path("", include("skills.approval_urls")),
     path("v1/chat/completions", proxy.chat_completions, name="proxy_chat_completions"),
 ]

@@ -12,8 +12,8 @@ from typing import Any
 from django.http import HttpRequest
 from ninja import Field, Query, Router, Schema, Status
 
-from metaclaw_site.auth import admin_auth
-from metaclaw_site.pagination import paginate
+from base.auth import admin_auth
+from base.pagination import paginate
 
 from . import selectors, services
 from .models import Category, Origin, PolicyVersion, RevisionStatus, SkillRevision, VersionStatus

@@ -10,9 +10,9 @@ import json
 from django.http import HttpRequest, HttpResponse
 from ninja import Router, Schema, Status
 
+from base.auth import admin_auth
+from base.services import DomainError
 from incidents import selectors as incident_selectors
-from metaclaw_site.auth import admin_auth
-from metaclaw_site.services import DomainError
 
 from . import skillmd, synthesis
 

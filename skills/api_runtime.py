@@ -15,15 +15,15 @@ from ninja.security import HttpBearer
 from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
-from incidents.schemas import ErrorIn, KindLiteral, SeverityLiteral
-from metaclaw_site.fast_lane import (
+from base.fast_lane import (
     FastResponse,
     api_admit,
     api_error,
     api_invalid,
     in_worker_thread,
 )
-from metaclaw_site.services import NotFound
+from base.services import NotFound
+from incidents.schemas import ErrorIn, KindLiteral, SeverityLiteral
 
 from . import runtime
 
@@ -191,7 +191,7 @@ def runtime_skills_retrieve(request: HttpRequest, payload: RetrieveIn) -> HttpRe
     )
 
 
-# --- The same endpoints on the ASGI fast lane (metaclaw_site.fast_lane; skills.proxy.ROUTES) --
+# --- The same endpoints on the ASGI fast lane (base.fast_lane; skills.proxy.ROUTES) --
 # Agents poll these; Django's middleware stack would cost more than the answer. Same handlers,
 # same error shapes as the NinjaAPI's.
 

@@ -18,9 +18,9 @@ from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods, require_POST
 
-from metaclaw_site.decorators import project_view
-from metaclaw_site.models import Membership, Role
-from metaclaw_site.services import DomainError
+from base.decorators import project_view
+from base.models import Membership, Role
+from base.services import DomainError
 
 from . import approvals
 from .models import ApprovalAction, SkillRevision

@@ -31,10 +31,10 @@ from django.db.models import F, Q
 from django.urls import reverse
 from django.utils import timezone
 
-from metaclaw_site.models import Membership, Project, Role
-from metaclaw_site.selectors import membership_for
-from metaclaw_site.services import Conflict, DomainError, NotFound, PermissionDenied, audit_record
-from metaclaw_site.sql import placeholders
+from base.models import Membership, Project, Role
+from base.selectors import membership_for
+from base.services import Conflict, DomainError, NotFound, PermissionDenied, audit_record
+from base.sql import placeholders
 
 from . import notify
 from .models import (
@@ -366,7 +366,7 @@ def approval_link_act(*, token: str, user: Any = None, reason: str = "") -> Appr
 
 def revision_evidence(revision: SkillRevision) -> dict[str, Any]:
     """How much evidence led to the revision, and one short redacted excerpt of it."""
-    from metaclaw_site.redaction import redact_text
+    from base.redaction import redact_text
 
     incidents = revision.source_incidents.order_by("-received_at")
     count = incidents.count()

@@ -10,9 +10,9 @@ from datetime import timedelta
 
 from django.utils import timezone
 
+from base.models import Project
 from incidents.schemas import IncidentIn
 from incidents.services import incidents_ingest
-from metaclaw_site.models import Project
 
 
 def _tool_call(name: str, arguments: str, call_id: str) -> dict:

@@ -6,8 +6,8 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+from base.models import Project
 from incidents.models import Incident, IncidentGroup
-from metaclaw_site.models import Project
 
 
 class Category(models.TextChoices):

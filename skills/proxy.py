@@ -9,7 +9,7 @@ answer untouched (streams chunk by chunk, errors with the upstream's status and 
 is recorded as a trajectory by a background thread, never on the response path.
 
 Two doors lead to the same ``proxy_handle``: the Django view ``chat_completions`` (mounted in
-``metaclaw_site/urls.py``), and the ASGI fast lane (``metaclaw_site.fast_lane``), which the
+``metaclaw_site/urls.py``), and the ASGI fast lane (``base.fast_lane``), which the
 production ASGI app puts in front of Django so the hot path skips the middleware stack (Django
 runs sync middleware in a thread per request, which would cost more than everything else the
 proxy does). ``ROUTES`` are the skills app's routes on the fast lane: the proxy, behind a door
@@ -38,9 +38,9 @@ from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from metaclaw_site import fast_lane as site_fast_lane
-from metaclaw_site.auth import RateLimited, ScopeDenied
-from metaclaw_site.fast_lane import (
+from base import fast_lane as site_fast_lane
+from base.auth import RateLimited, ScopeDenied
+from base.fast_lane import (
     AsgiApp,
     Door,
     FastResponse,
@@ -48,7 +48,7 @@ from metaclaw_site.fast_lane import (
     authenticate,
     in_worker_thread,
 )
-from metaclaw_site.services import NotFound
+from base.services import NotFound
 
 from . import api_runtime, runtime
 
@@ -341,7 +341,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     return response
 
 
-# --- Door 2: the ASGI fast lane (metaclaw_site.fast_lane) -----------------------------------
+# --- Door 2: the ASGI fast lane (base.fast_lane) -----------------------------------
 
 
 class OpenAIDoor(Door):

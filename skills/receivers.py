@@ -7,8 +7,8 @@ import logging
 from django.db.models.signals import post_save
 from django.dispatch import receiver
 
+from base.models import Project
 from incidents import signals as incident_signals
-from metaclaw_site.models import Project
 
 logger = logging.getLogger(__name__)
 

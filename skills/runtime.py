@@ -2,7 +2,7 @@
 recording.
 
 Everything on the request path of ``/v1/chat/completions`` and ``/api/v1/runtime/*`` reads
-process-local memory only (requests are counted with ``metaclaw_site.counters.hit_local``, whose
+process-local memory only (requests are counted with ``base.counters.hit_local``, whose
 own thread flushes the counts to Redis); Redis and the database are touched by two background
 threads of this module:
 
@@ -40,12 +40,12 @@ from django.db import close_old_connections, transaction
 from django.utils import timezone
 from pydantic import ValidationError
 
-from metaclaw_site import counters
-from metaclaw_site.auth import admit
-from metaclaw_site.models import ApiKey, Project
-from metaclaw_site.periodic import Periodic
-from metaclaw_site.sanitize import clean_json, clean_text
-from metaclaw_site.services import (
+from base import counters
+from base.auth import admit
+from base.models import ApiKey, Project
+from base.periodic import Periodic
+from base.sanitize import clean_json, clean_text
+from base.services import (
     DomainError,
     NotFound,
     api_key_authenticate,
@@ -513,7 +513,7 @@ def messages_with_skills(messages: list[Any], section: str) -> list[Any]:
 
 # --- API keys and request counting ----------------------------------------------------------
 
-# API keys are cached once, in metaclaw_site.services (shared with ingestion).
+# API keys are cached once, in base.services (shared with ingestion).
 runtime_key_cache_clear = api_key_cache_clear
 
 

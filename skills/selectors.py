@@ -25,9 +25,9 @@ from django.db.models import (
 )
 from django.db.models.functions import Coalesce
 
+from base.models import Project
+from base.services import NotFound
 from incidents.models import SEVERITY_RANK, Incident, IncidentGroup
-from metaclaw_site.models import Project
-from metaclaw_site.services import NotFound
 
 from . import diff as diffs
 from .models import PolicyVersion, RevisionStatus, Skill, SkillRevision, VersionStatus

@@ -10,15 +10,15 @@ from django.db import connection, transaction
 from django.db.models import Max
 from django.utils import timezone
 
-from incidents.models import Incident, IncidentGroup
-from metaclaw_site.models import AuditEvent, Project, Role
-from metaclaw_site.services import (
+from base.models import AuditEvent, Project, Role
+from base.services import (
     Conflict,
     DomainError,
     NotFound,
     PermissionDenied,
     audit_record,
 )
+from incidents.models import Incident, IncidentGroup
 
 from . import signals
 from .models import (
@@ -243,7 +243,7 @@ def _require_role(actor: Any, project: Project, role: str) -> None:
     the caller (API key scope, signed link) has checked already."""
     if actor is None:
         return
-    from metaclaw_site.selectors import membership_for
+    from base.selectors import membership_for
 
     membership = membership_for(user=actor, project=project)
     if membership is None or not membership.has_role(role):

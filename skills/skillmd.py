@@ -22,8 +22,8 @@ from typing import Any
 import yaml
 from django.db import transaction
 
-from metaclaw_site.models import Project
-from metaclaw_site.services import DomainError, audit_record
+from base.models import Project
+from base.services import DomainError, audit_record
 
 from .models import (
     Author,

@@ -30,13 +30,13 @@ from django.db.models import F, Q, Sum
 from django.utils import timezone
 from django.utils.text import slugify
 
+from base.models import Project, Role
+from base.redaction import Redactor
+from base.selectors import membership_for
+from base.services import Conflict, DomainError, PermissionDenied, audit_record
+from base.sql import columns, placeholders
 from incidents import services as incident_services
 from incidents.models import GroupStatus, Incident, IncidentGroup, SynthesisStatus
-from metaclaw_site.models import Project, Role
-from metaclaw_site.redaction import Redactor
-from metaclaw_site.selectors import membership_for
-from metaclaw_site.services import Conflict, DomainError, PermissionDenied, audit_record
-from metaclaw_site.sql import columns, placeholders
 
 from . import llm
 from .embeddings import get_embedder, skill_text

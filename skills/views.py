@@ -15,10 +15,10 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from base.decorators import project_view
+from base.models import Role
+from base.services import Conflict, DomainError, NotFound, PermissionDenied
 from incidents.selectors import agents_for_project
-from metaclaw_site.decorators import project_view
-from metaclaw_site.models import Role
-from metaclaw_site.services import Conflict, DomainError, NotFound, PermissionDenied
 
 from . import selectors, services
 from .models import Category, Origin, PolicyVersion, VersionStatus

@@ -8,7 +8,7 @@ from tests import factories
 @pytest.fixture(autouse=True, scope="session")
 def _clean_redis():
     """Counters from an earlier run must not rate-limit this one."""
-    from metaclaw_site.counters import redis_client
+    from base.counters import redis_client
 
     client = redis_client()
     if client is not None:
@@ -20,7 +20,7 @@ def _clean_redis():
 def _clear_local_caches():
     from django.core.cache import cache
 
-    from metaclaw_site.services import api_key_cache_clear
+    from base.services import api_key_cache_clear
 
     cache.clear()
     api_key_cache_clear()

@@ -8,8 +8,8 @@ from typing import Any
 
 from django.contrib.auth import get_user_model
 
-from metaclaw_site import services
-from metaclaw_site.models import Project
+from base import services
+from base.models import Project
 
 _seq = itertools.count(1)
 

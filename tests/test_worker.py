@@ -87,7 +87,7 @@ def worker(django_db_setup, django_db_blocker, _module_llm_server, tmp_path_fact
     """One worker for this module (starting one takes seconds on a busy machine). Prefork with
     one child, as in production: tasks run in a forked child, where Celery's Django fixup
     manages the database connections."""
-    from metaclaw_site.counters import redis_client
+    from base.counters import redis_client
 
     redis_client().flushdb()  # no stale task messages from an earlier run
     logs = tmp_path_factory.mktemp("worker")

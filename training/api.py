@@ -7,9 +7,9 @@ from dataclasses import asdict
 from django.http import HttpRequest
 from ninja import Query, Router, Status
 
-from metaclaw_site.auth import admin_auth
-from metaclaw_site.pagination import paginate
-from metaclaw_site.services import DomainError
+from base.auth import admin_auth
+from base.pagination import paginate
+from base.services import DomainError
 
 from . import selectors, services
 from .schemas import IdleStatusOut, RunActionIn, RunFilter, TrainingRunOut, TrainingRunPage

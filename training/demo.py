@@ -9,9 +9,9 @@ from datetime import timedelta
 
 from django.utils import timezone
 
+from base.models import Project
 from incidents.schemas import TrajectoryIn
 from incidents.services import trajectories_ingest
-from metaclaw_site.models import Project
 from skills.models import PolicyVersion, VersionStatus
 
 SYSTEM = "You are Clawdesk, the support assistant of Acme Cloud. Answer briefly, in steps."

@@ -7,7 +7,7 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone as dj_timezone
 
-from metaclaw_site.models import Project
+from base.models import Project
 from skills.models import PolicyVersion
 
 

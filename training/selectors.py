@@ -6,8 +6,8 @@ from pathlib import Path
 
 from django.db.models import Prefetch, QuerySet
 
-from metaclaw_site.models import Project
-from metaclaw_site.services import DomainError, NotFound
+from base.models import Project
+from base.services import DomainError, NotFound
 from skills.models import PolicyVersion, VersionStatus
 
 from .models import ACTIVE_RUN_STATUSES, DatasetSnapshot, RunStatus, TrainingRun

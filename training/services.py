@@ -26,11 +26,11 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from metaclaw_site import counters
-from metaclaw_site.models import Project, Role
-from metaclaw_site.redaction import Redactor
-from metaclaw_site.selectors import membership_for
-from metaclaw_site.services import Conflict, DomainError, NotFound, PermissionDenied, audit_record
+from base import counters
+from base.models import Project, Role
+from base.redaction import Redactor
+from base.selectors import membership_for
+from base.services import Conflict, DomainError, NotFound, PermissionDenied, audit_record
 from skills.models import PolicyVersion, VersionStatus
 
 from . import idle

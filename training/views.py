@@ -10,9 +10,9 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from metaclaw_site.decorators import project_view
-from metaclaw_site.models import Role
-from metaclaw_site.services import DomainError, NotFound
+from base.decorators import project_view
+from base.models import Role
+from base.services import DomainError, NotFound
 
 from . import selectors, services
 from .forms import IdlePolicyForm

@@ -10,7 +10,7 @@ from django import template
 from django.utils.html import escape, linebreaks
 from django.utils.safestring import SafeString, mark_safe
 
-from metaclaw_site.redaction import MARK_RE, redact_text
+from base.redaction import MARK_RE, redact_text
 
 from .. import diff as diffs
 

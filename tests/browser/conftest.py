@@ -97,7 +97,7 @@ def person(project) -> Callable[..., object]:
     """``person("admin", "ada")``: a user with that role in ``project`` and a known password."""
 
     def person(role: str, username: str, in_project=None):
-        from metaclaw_site import services
+        from base import services
 
         user = factories.make_user(username, password=PASSWORD)
         services.membership_set(project=in_project or project, user=user, role=role)

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from base import services
+from base.models import ApiKey, AuditEvent, Membership
 from incidents.models import GroupStatus, IncidentGroup
-from metaclaw_site import services
-from metaclaw_site.models import ApiKey, AuditEvent, Membership
 from tests import factories
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]

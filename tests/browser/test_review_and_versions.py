@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from base.models import AuditEvent
 from incidents.models import IncidentGroup
-from metaclaw_site.models import AuditEvent
 from skills import services as skill_services
 from skills.models import (
     Origin,

@@ -8,8 +8,8 @@ from unittest import mock
 
 import pytest
 
+from base.models import AuditEvent
 from incidents.models import GroupStatus, Incident, IncidentGroup, SynthesisStatus
-from metaclaw_site.models import AuditEvent
 from tests import factories
 
 pytestmark = pytest.mark.django_db

@@ -20,7 +20,7 @@ from django.test import Client
 
 from incidents import signals
 from incidents.models import GroupStatus, Incident, IncidentGroup, SynthesisStatus
-from metaclaw_site import services
+from base import services
 from tests import factories
 
 call_command("migrate", verbosity=0)

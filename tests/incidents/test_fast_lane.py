@@ -8,11 +8,11 @@ import time
 import pytest
 from asgiref.sync import async_to_sync
 
+from base.fast_lane import fast_lane
+from base.models import Project
 from incidents import signals
 from incidents.fast_lane import ROUTES
 from incidents.models import Incident, IncidentGroup, SynthesisStatus, Trajectory
-from metaclaw_site.fast_lane import fast_lane
-from metaclaw_site.models import Project
 from tests import factories
 
 # The fast lane runs the service on a worker thread: it must see committed rows.
@@ -123,7 +123,7 @@ def test_the_same_input_gets_the_same_answer_on_both_doors(api, ingest_key, sett
 def test_refusals_match_the_django_door(api, project, ingest_key, settings):
     runtime_key = factories.make_key(project, scopes=["runtime"])
     revoked = factories.make_key(project, scopes=["ingest"], name="old")
-    from metaclaw_site.models import ApiKey
+    from base.models import ApiKey
 
     ApiKey.objects.filter(name="old").update(revoked_at="2020-01-01T00:00:00Z")
     payload = factories.incident_payload("r")

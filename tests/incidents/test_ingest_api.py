@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from base.models import AuditEvent
 from incidents.models import GroupStatus, Incident, IncidentGroup, SynthesisStatus, Trajectory
-from metaclaw_site.models import AuditEvent
 from tests import factories
 
 pytestmark = pytest.mark.django_db

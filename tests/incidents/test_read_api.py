@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from base.models import AuditEvent
 from incidents.models import GroupStatus, Incident, IncidentGroup
-from metaclaw_site.models import AuditEvent
 from tests import factories
 
 pytestmark = pytest.mark.django_db

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from metaclaw_site.models import AuditEvent
+from base.models import AuditEvent
 from skills import services
 from skills.models import Origin, PolicyVersion, Release, RevisionStatus, SkillRevision
 from tests import factories

@@ -9,9 +9,9 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
+from base.models import Project
+from base.services import PermissionDenied, membership_set
 from incidents.models import Incident
-from metaclaw_site.models import Project
-from metaclaw_site.services import PermissionDenied, membership_set
 from skills import approvals
 from skills.models import (
     ApprovalAction,

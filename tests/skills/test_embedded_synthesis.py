@@ -23,7 +23,7 @@ from django.db import connection
 from incidents import services as incident_services
 from incidents.models import IncidentGroup
 from incidents.schemas import IncidentIn
-from metaclaw_site import services
+from base import services
 from skills.models import LlmUsage, SkillRevision
 from skills.synthesis import group_synthesize
 from tests import factories

@@ -11,7 +11,7 @@ from urllib.parse import urlencode, urlsplit
 import pytest
 from django.core import mail
 
-from metaclaw_site.models import AuditEvent, Membership, Project
+from base.models import AuditEvent, Membership, Project
 from skills.models import (
     ApprovalRequest,
     InteractionStatus,
@@ -293,7 +293,7 @@ def test_reviewers_get_personal_links_by_email_that_act_without_a_login(
     client, django_capture_on_commit_callbacks, project
 ):
     reviewer = factories.make_user("rex", email="rex@example.com")
-    from metaclaw_site.services import membership_set
+    from base.services import membership_set
 
     membership_set(project=project, user=reviewer, role="reviewer")
     factories.make_user("nobody", email="nobody@example.com")  # not a member

@@ -17,8 +17,8 @@ import uvicorn
 from asgiref.sync import async_to_sync
 from django.test import AsyncClient
 
+from base import counters
 from incidents.models import Trajectory
-from metaclaw_site import counters
 from skills import runtime
 from skills.models import Author, Origin, PolicyVersion, VersionStatus
 from skills.services import (
@@ -605,7 +605,7 @@ def test_the_fast_lane_checks_the_host_against_allowed_hosts(proxy_url, key, set
 
 
 def test_a_projects_own_upstream_never_gets_the_global_key(settings):
-    from metaclaw_site.models import Project
+    from base.models import Project
 
     settings.UPSTREAM = {"BASE_URL": "https://global.example/v1/", "API_KEY": "global-secret"}
 

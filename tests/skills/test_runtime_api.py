@@ -6,10 +6,10 @@ import time
 
 import pytest
 
+from base import counters
 from incidents.models import Incident, Outcome, Trajectory
 from incidents.schemas import TrajectoryIn
 from incidents.services import trajectories_ingest
-from metaclaw_site import counters
 from skills import runtime
 from skills.models import Author, Origin, PolicyVersion, VersionStatus
 from skills.services import skill_revision_approve, skill_revision_propose

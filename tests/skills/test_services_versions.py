@@ -5,8 +5,8 @@ import threading
 import pytest
 from django.db import connection
 
-from metaclaw_site.models import AuditEvent
-from metaclaw_site.services import Conflict, DomainError, PermissionDenied
+from base.models import AuditEvent
+from base.services import Conflict, DomainError, PermissionDenied
 from skills import services, signals
 from skills.models import (
     Origin,

@@ -8,7 +8,7 @@ import zipfile
 import pytest
 from django.core.management import call_command
 
-from metaclaw_site.services import DomainError
+from base.services import DomainError
 from skills import skillmd
 from skills.models import Origin, RevisionStatus, SkillRevision
 from skills.services import skill_revision_approve, skill_revision_propose

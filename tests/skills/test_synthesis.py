@@ -9,8 +9,8 @@ import json
 import pytest
 from django.utils import timezone
 
+from base.models import AuditEvent
 from incidents.models import GroupStatus, IncidentGroup, IncidentStatus, SynthesisStatus
-from metaclaw_site.models import AuditEvent
 from skills import llm, synthesis
 from skills.models import (
     LlmUsage,

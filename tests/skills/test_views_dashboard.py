@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 from django.urls import reverse
 
+from base.models import Role
 from incidents.models import Incident
-from metaclaw_site.models import Role
 from skills import services
 from skills.models import Origin, PolicyVersion, Release, RevisionStatus, SkillRevision
 from tests import factories

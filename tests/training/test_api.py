@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from metaclaw_site.models import AuditEvent
+from base.models import AuditEvent
 from tests import factories
 from training import services
 from training.models import RunStatus, TrainingRun

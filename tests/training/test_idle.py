@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from base import counters
+from base.services import DomainError
 from incidents.models import Trajectory
-from metaclaw_site import counters
-from metaclaw_site.services import DomainError
 from tests import factories
 from training import services
 from training.demo import demo_trajectories_load

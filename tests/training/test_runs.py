@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from metaclaw_site.models import AuditEvent
-from metaclaw_site.services import Conflict, PermissionDenied
+from base.models import AuditEvent
+from base.services import Conflict, PermissionDenied
 from skills.models import PolicyVersion, VersionStatus
 from tests import factories
 from tests.fakes.tinker_server import FakeTinkerServer

@@ -11,8 +11,8 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
-from metaclaw_site.models import AuditEvent, Project
-from metaclaw_site.services import DomainError, PermissionDenied
+from base.models import AuditEvent, Project
+from base.services import DomainError, PermissionDenied
 from skills import services as skill_services
 from tests import factories
 from training import services, serving

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from metaclaw_site.models import Project
+from base.models import Project
 from skills import skillmd
 
 

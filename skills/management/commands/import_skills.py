@@ -6,8 +6,8 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from metaclaw_site.models import Project
-from metaclaw_site.services import DomainError
+from base.models import Project
+from base.services import DomainError
 from skills import skillmd
 
 

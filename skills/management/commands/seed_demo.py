@@ -13,8 +13,8 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
-from metaclaw_site import services
-from metaclaw_site.models import ApiKey, Project, Role
+from base import services
+from base.models import ApiKey, Project, Role
 from skills.demo import demo_incidents_load
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
-from metaclaw_site.models import Project
-from metaclaw_site.services import DomainError
+from base.models import Project
+from base.services import DomainError
 from training import selectors, services, serving
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 
-from metaclaw_site import counters
+from base import counters
 
 
 def test_requests_counted_while_a_flush_is_in_flight_still_count_against_the_limit(

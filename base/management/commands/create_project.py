@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from metaclaw_site import services
+from base import services
 
 
 class Command(BaseCommand):

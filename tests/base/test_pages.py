@@ -7,8 +7,8 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from metaclaw_site import services
-from metaclaw_site.models import ApiKey, AuditEvent, Membership
+from base import services
+from base.models import ApiKey, AuditEvent, Membership
 from tests import factories
 
 pytestmark = pytest.mark.django_db
@@ -363,7 +363,7 @@ def test_audit_log_over_htmx_names_a_bad_date_inside_the_table(client, project):
 def test_audit_filter_menus_come_from_recent_events_and_keep_the_chosen_value(
     client, project, monkeypatch
 ):
-    from metaclaw_site import selectors
+    from base import selectors
 
     monkeypatch.setattr(selectors, "AUDIT_CHOICES_WINDOW", 3)
     client.force_login(factories.make_member(project, "viewer"))

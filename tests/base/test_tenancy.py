@@ -9,9 +9,9 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
+from base import services
+from base.models import ApiKey, AuditEvent, Membership, Project
 from incidents.models import Incident, IncidentGroup
-from metaclaw_site import services
-from metaclaw_site.models import ApiKey, AuditEvent, Membership, Project
 from tests import factories
 
 pytestmark = pytest.mark.django_db

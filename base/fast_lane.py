@@ -303,7 +303,7 @@ def api_body(schema: type[BaseModel], body: bytes) -> Any:
 async def api_admit(headers: dict[str, str], scopes: tuple[str, ...]) -> Any:
     """The request's API key, or a FastResponse refusing it: 401 without a valid key, 403
     without one of ``scopes``, 429 over the rate limit. The request is counted like the Django
-    door counts it (``metaclaw_site.auth.admit``), in process (``counters.hit_local``) so that
+    door counts it (``base.auth.admit``), in process (``counters.hit_local``) so that
     the event loop never waits on Redis."""
     api_key = await authenticate(headers)
     if api_key is None:

@@ -58,7 +58,7 @@ def switch_project(request: HttpRequest) -> HttpResponse:
 
 
 # --- Project administration pages: audit log, API keys, members ------------------------------
-# Thin views: reads through selectors, writes through metaclaw_site.services.
+# Thin views: reads through selectors, writes through base.services.
 
 AUDIT_PAGE_SIZE = 50
 
@@ -149,8 +149,8 @@ def audit_log(request: HttpRequest) -> HttpResponse:
     }
     if request.htmx:  # type: ignore[attr-defined]
         # htmx swaps only 2xx answers; the partial itself names the bad field.
-        return render(request, "metaclaw_site/audit_log.html#audit-table", context)
-    return render(request, "metaclaw_site/audit_log.html", context, status=400 if errors else 200)
+        return render(request, "base/audit_log.html#audit-table", context)
+    return render(request, "base/audit_log.html", context, status=400 if errors else 200)
 
 
 def _json(value: object) -> str:
@@ -171,7 +171,7 @@ def _api_keys_context(request: HttpRequest, **extra: object) -> dict:
 @require_GET
 @project_view(role=Role.ADMIN)
 def api_keys(request: HttpRequest) -> HttpResponse:
-    return render(request, "metaclaw_site/api_keys.html", _api_keys_context(request, form={}))
+    return render(request, "base/api_keys.html", _api_keys_context(request, form={}))
 
 
 @require_POST
@@ -187,11 +187,11 @@ def api_keys_create(request: HttpRequest) -> HttpResponse:
         )
     except DomainError as exc:
         context = _api_keys_context(request, form=form, errors={exc.field or "name": str(exc)})
-        return render(request, "metaclaw_site/api_keys.html", context, status=422)
+        return render(request, "base/api_keys.html", context, status=422)
     # The secret is in this response only: never stored, never cached, never shown again.
     response = render(
         request,
-        "metaclaw_site/api_keys.html",
+        "base/api_keys.html",
         _api_keys_context(request, form={}, issued=issued),
         status=201,
     )
@@ -212,9 +212,7 @@ def api_keys_revoke(request: HttpRequest, key_id: int) -> HttpResponse:
         messages.error(request, str(exc))
     else:
         if request.htmx:  # type: ignore[attr-defined]
-            return render(
-                request, "metaclaw_site/api_keys.html#key-table", _api_keys_context(request)
-            )
+            return render(request, "base/api_keys.html#key-table", _api_keys_context(request))
         messages.success(request, f"Key {api_key.name} (mc_{api_key.prefix}…) revoked.")
     return redirect("project:api_keys", project_slug=project.slug)
 
@@ -231,7 +229,7 @@ def _members_context(request: HttpRequest, **extra: object) -> dict:
 @require_GET
 @project_view(role=Role.ADMIN)
 def members(request: HttpRequest) -> HttpResponse:
-    return render(request, "metaclaw_site/members.html", _members_context(request, form={}))
+    return render(request, "base/members.html", _members_context(request, form={}))
 
 
 @require_POST
@@ -250,7 +248,7 @@ def members_add(request: HttpRequest) -> HttpResponse:
         )
     except DomainError as exc:
         context = _members_context(request, form=form, errors={exc.field or "username": str(exc)})
-        return render(request, "metaclaw_site/members.html", context, status=422)
+        return render(request, "base/members.html", context, status=422)
     messages.success(request, f"{user.get_username()} added as {form['role']}.")
     return redirect("project:members", project_slug=project.slug)
 

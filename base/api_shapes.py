@@ -1,5 +1,5 @@
 """How the API reads request bodies and shapes its answers, shared by both doors: the
-NinjaAPI (``metaclaw_site/api.py``) and the ASGI fast lane (``metaclaw_site/fast_lane.py``).
+NinjaAPI (``metaclaw_site/api.py``) and the ASGI fast lane (``base/fast_lane.py``).
 A leaf module: it imports no app, so an app's API module can import it without pulling in
 the composition root."""
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
-from metaclaw_site import services
-from metaclaw_site.models import ApiKeyScope, Project
+from base import services
+from base.models import ApiKeyScope, Project
 
 
 class Command(BaseCommand):

@@ -3,8 +3,8 @@ from __future__ import annotations
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from metaclaw_site import services
-from metaclaw_site.models import Project, Role
+from base import services
+from base.models import Project, Role
 
 
 class Command(BaseCommand):

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from metaclaw_site.sanitize import MAX_DEPTH, clean_json, clean_json_text
+from base.sanitize import MAX_DEPTH, clean_json, clean_json_text
 
 
 def nested(depth: int, leaf: object = 1, kind: str = "list") -> object:
