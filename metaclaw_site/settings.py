@@ -67,6 +67,7 @@ INSTALLED_APPS = [
     "incidents",
     "skills",
     "training",
+    "metaclaw_site.apps.ProjectPackageConfig",
 ]
 
 MIDDLEWARE = [

@@ -32,6 +32,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from base.models import Membership, Project, Role
+from base.queue import enqueue, enqueue_on_commit
 from base.selectors import membership_for
 from base.services import Conflict, DomainError, NotFound, PermissionDenied, audit_record
 from base.sql import placeholders
@@ -415,17 +416,7 @@ def version_diff(version: PolicyVersion) -> dict[str, Any]:
 
 
 def _enqueue(notification_ids: list[int]) -> None:
-    def send() -> None:
-        from .tasks import send_notification
-
-        for notification_id in notification_ids:
-            try:
-                send_notification.delay(notification_id)
-            except Exception:  # noqa: BLE001 - the row stays pending; the sweep sends it later
-                logger.warning("Could not enqueue notification %s.", notification_id)
-
-    if notification_ids:
-        transaction.on_commit(send)
+    enqueue_on_commit("skills.tasks.send_notification", *[(nid,) for nid in notification_ids])
 
 
 def _team_emails(project: Project) -> list[str]:
@@ -993,12 +984,7 @@ def slack_interaction_record(
 
 
 def _enqueue_interaction(interaction_id: int) -> None:
-    from .tasks import process_slack_interaction
-
-    try:
-        process_slack_interaction.delay(interaction_id)
-    except Exception:  # noqa: BLE001 - the row stays RECEIVED and visible
-        logger.warning("Could not enqueue Slack interaction %s.", interaction_id)
+    enqueue("skills.tasks.process_slack_interaction", interaction_id)
 
 
 @dataclass(frozen=True)

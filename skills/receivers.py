@@ -8,6 +8,7 @@ from django.db.models.signals import post_save
 from django.dispatch import receiver
 
 from base.models import Project
+from base.queue import enqueue
 from incidents import signals as incident_signals
 
 logger = logging.getLogger(__name__)
@@ -17,15 +18,8 @@ logger = logging.getLogger(__name__)
 def enqueue_synthesis(sender, group_ids: list[int], **kwargs) -> None:
     """Runs after commit. A broker outage is logged, not raised: the groups stay WAITING in the
     database and ``sweep_waiting_groups`` enqueues them later."""
-    from .tasks import propose_skill
-
     for group_id in group_ids:
-        try:
-            propose_skill.delay(group_id)
-        except Exception:  # noqa: BLE001 - the outbox row is the source of truth
-            logger.warning(
-                "Could not enqueue synthesis for group %s; the sweep will retry.", group_id
-            )
+        if not enqueue("skills.tasks.propose_skill", group_id):
             return
 
 

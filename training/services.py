@@ -28,6 +28,7 @@ from django.utils import timezone
 
 from base import counters
 from base.models import Project, Role
+from base.queue import enqueue_on_commit
 from base.redaction import Redactor
 from base.selectors import membership_for
 from base.services import Conflict, DomainError, NotFound, PermissionDenied, audit_record
@@ -833,15 +834,8 @@ def _locked(run_id: int) -> TrainingRun:
 
 
 def _enqueue_execute(run_id: int) -> None:
-    def send() -> None:
-        from .tasks import training_run_execute
-
-        try:
-            training_run_execute.delay(run_id)
-        except Exception:  # noqa: BLE001 - the queued row stays; the idle check retries
-            logger.warning("Could not enqueue training run %s; the beat task will retry.", run_id)
-
-    transaction.on_commit(send)
+    # A broker outage leaves the run QUEUED; the idle check (beat) sends it again.
+    enqueue_on_commit("training.tasks.training_run_execute", (run_id,))
 
 
 @transaction.atomic

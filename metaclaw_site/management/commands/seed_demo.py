@@ -1,4 +1,5 @@
-"""Load the demo: a project, a login, an API key, and realistic incidents.
+"""Load the demo: a project, a login, an API key, realistic incidents, skill proposals and
+trajectories. It lives in the project package because it seeds every app.
 
 Idempotent. The login's password and the API key are kept in ``var/demo-credentials.json``
 (embedded mode is a local demo) so a second run prints the same ones."""
@@ -15,7 +16,8 @@ from django.db import transaction
 
 from base import services
 from base.models import ApiKey, Project, Role
-from skills.demo import demo_incidents_load
+from skills.demo import demo_incidents_load, demo_proposals_load
+from training.demo import demo_trajectories_load
 
 
 class Command(BaseCommand):
@@ -52,28 +54,14 @@ class Command(BaseCommand):
                     project=project, name="demo agent", scopes=["ingest", "runtime", "admin"]
                 ).secret
         count = demo_incidents_load(project=project)
-        extra = _load_optional_demo(project)
+        proposals = demo_proposals_load(project=project)
+        trajectories = demo_trajectories_load(project=project)
         path.write_text(json.dumps({"username": username, "password": password, "api_key": key}))
         path.chmod(0o600)
         if not quiet:
-            self.stdout.write(f"Demo project '{project.name}': {count} incidents{extra}.")
+            self.stdout.write(
+                f"Demo project '{project.name}': {count} incidents, {proposals} demo skill "
+                f"proposals, {trajectories} demo trajectories."
+            )
             self.stdout.write(f"Login:    {username} / {password}")
             self.stdout.write(f"API key:  {key}")
-
-
-def _load_optional_demo(project: Project) -> str:
-    """Demo proposals and training data, from the apps that provide them."""
-    notes = []
-    try:
-        from skills.demo import demo_proposals_load
-    except ImportError:
-        demo_proposals_load = None
-    if demo_proposals_load is not None:
-        notes.append(f"{demo_proposals_load(project=project)} demo skill proposals")
-    try:
-        from training.demo import demo_trajectories_load
-    except ImportError:
-        demo_trajectories_load = None
-    if demo_trajectories_load is not None:
-        notes.append(f"{demo_trajectories_load(project=project)} demo trajectories")
-    return (", " + ", ".join(notes)) if notes else ""

@@ -1,0 +1,55 @@
+"""How services hand work to Celery: by the task's name, after commit.
+
+Services enqueue and tasks call services, so a tasks module imports its services and never the
+reverse: a service names the task it wants (``"training.tasks.training_run_execute"``) and the
+Celery app's registry finds it. ``task.delay`` is what runs, so routing, eager mode in tests and
+a test's patch of ``delay`` behave as before.
+
+Work handed over this way is always recorded in the database first (a status, an outbox row):
+when the broker is down the send is logged, not raised, and that row's periodic sweep sends it
+again later.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import current_app
+from django.db import transaction
+
+logger = logging.getLogger(__name__)
+
+
+def _task(task_name: str):
+    try:
+        return current_app.tasks[task_name]
+    except KeyError:
+        # Outside a worker nothing has imported the apps' tasks modules yet: Celery's
+        # autodiscovery runs on this signal, which only a worker's boot sends by itself.
+        current_app.loader.import_default_modules()
+        return current_app.tasks[task_name]
+
+
+def enqueue(task_name: str, *args: object) -> bool:
+    """Send the task now. False (and a warning) when the broker cannot be reached."""
+    task = _task(task_name)  # a name that names no task is a bug: it raises
+    try:
+        task.delay(*args)
+    except Exception:  # noqa: BLE001 - the database row is the source of truth; a sweep resends
+        logger.warning("Could not enqueue %s%r; its sweep will send it later.", task_name, args)
+        return False
+    return True
+
+
+def enqueue_on_commit(task_name: str, *calls: tuple[object, ...]) -> None:
+    """Send the task once per argument tuple in ``calls`` when the current transaction commits
+    (at once outside a transaction). A broker outage stops the rest: they share its fate, and the
+    sweep finds every one of them."""
+
+    def send() -> None:
+        for args in calls:
+            if not enqueue(task_name, *args):
+                return
+
+    if calls:
+        transaction.on_commit(send)

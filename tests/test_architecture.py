@@ -1,0 +1,123 @@
+"""The shape of the code and of the database, checked so that it stays as ARCHITECTURE.md says."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+from django.conf import settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The last commit before the code moved into capability packages: "today's schema" for the
+# upgrade test below. Databases in use were made by this code or earlier.
+BEFORE_THE_RESTRUCTURING = "418a4ad"
+
+
+def test_imports_keep_the_one_way_rules():
+    """The import-linter contracts in pyproject.toml: layers, no cycles, a light runtime."""
+    lint_imports = Path(sys.executable).with_name("lint-imports")
+    done = subprocess.run(
+        [str(lint_imports), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "0 broken" in done.stdout
+
+
+def _server_url(database: str) -> str:
+    db = settings.DATABASES["default"]
+    user = db.get("USER") or "postgres"
+    host, port = db.get("HOST") or "127.0.0.1", db.get("PORT") or 5432
+    return f"postgres://{user}@{host}:{port}/{database}"
+
+
+def _manage(code_dir: Path, database_url: str, var_dir: Path, *args: str) -> str:
+    var_dir.mkdir(exist_ok=True)
+    environment = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PYTEST")},
+        "DJANGO_SETTINGS_MODULE": "metaclaw_site.settings_test",
+        "DATABASE_URL": database_url,
+        "METACLAW_DB_POOL": "0",
+        "METACLAW_VAR_DIR": str(var_dir),
+        "PYTHONPATH": str(code_dir),
+    }
+    done = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=code_dir,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+COUNT_ROWS = """
+import json
+from django.apps import apps
+print(json.dumps({m._meta.db_table: m.objects.count() for m in apps.get_models()
+                  if m._meta.app_label in {"metaclaw_site", "incidents", "skills", "training"}}))
+"""
+
+
+def test_a_database_made_before_the_restructuring_upgrades_with_all_its_data(tmp_path):
+    """Seed a database with the code as it was before the restructuring, then run today's
+    ``migrate`` on it: nothing is left to apply, and today's models read every row."""
+    git = shutil.which("git")
+    if git is None or not (ROOT / ".git").exists():
+        pytest.fail("The upgrade test needs the repository's history (git and .git).")
+    old_code = tmp_path / "before"
+    old_code.mkdir()
+    archive = subprocess.run(
+        [git, "archive", "--format=tar", BEFORE_THE_RESTRUCTURING],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout
+    archive_path = tmp_path / "before.tar"
+    archive_path.write_bytes(archive)
+    with tarfile.open(archive_path) as tar:
+        tar.extractall(old_code, filter="data")
+
+    name = f"metaclaw_upgrade_{uuid.uuid4().hex[:8]}"
+    admin_url = _server_url("postgres")
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        url = _server_url(name)
+        _manage(old_code, url, tmp_path / "var-before", "migrate", "--no-input")
+        _manage(old_code, url, tmp_path / "var-before", "seed_demo", "--quiet")
+        with psycopg.connect(url) as conn:
+            tables = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND "
+                    "split_part(tablename, '_', 1) IN ('metaclaw', 'incidents', 'skills', "
+                    "'training')"
+                )
+            ]
+            before = {t: conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables}
+        assert before["metaclaw_site_project"] == 1 and before["incidents_incident"] > 10
+
+        migrated = _manage(ROOT, url, tmp_path / "var-after", "migrate", "--no-input")
+        assert "No migrations to apply" in migrated
+        after = json.loads(
+            _manage(ROOT, url, tmp_path / "var-after", "shell", "-c", COUNT_ROWS)
+            .strip()
+            .splitlines()[-1]
+        )
+        assert after == {t: n for t, n in before.items() if t in after}
+        assert set(after) <= set(before)
+        assert len(after) == 18  # every model of the four apps, none left on a table of its own
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
