@@ -54,16 +54,8 @@ def load() -> None:
     from base import services as site_services
     from base.models import AuditEvent, Project
     from incidents.models import Incident, IncidentGroup
-    from skills.models import (
-        Origin,
-        PolicyVersion,
-        Release,
-        ReleaseKind,
-        RevisionStatus,
-        Skill,
-        SkillRevision,
-        VersionStatus,
-    )
+    from skills.library.models import Origin, RevisionStatus, Skill, SkillRevision
+    from skills.versions.models import PolicyVersion, Release, ReleaseKind, VersionStatus
 
     rng = random.Random(7)
     now = timezone.now()

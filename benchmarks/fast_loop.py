@@ -221,7 +221,7 @@ def main() -> int:
 
     from base import services
     from incidents.models import IncidentGroup
-    from skills.models import SkillRevision
+    from skills.library.models import SkillRevision
 
     run = secrets.token_hex(3)
     project = services.project_create(name=f"Fast-loop bench {run}", slug=f"bench-{run}")

@@ -185,8 +185,9 @@ def setup_project(env: dict[str, str]) -> str:
     django_setup(env)
     from base import services
     from base.models import Project
-    from skills.models import PolicyVersion, RevisionStatus, Skill, SkillRevision, VersionStatus
-    from skills.services import policy_version_create_candidate, policy_version_promote
+    from skills.library.models import RevisionStatus, Skill, SkillRevision
+    from skills.versions.models import PolicyVersion, VersionStatus
+    from skills.versions.services import policy_version_create_candidate, policy_version_promote
 
     project = Project.objects.filter(slug=PROJECT_SLUG).first() or services.project_create(
         name="Runtime bench", slug=PROJECT_SLUG

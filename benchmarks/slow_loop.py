@@ -29,7 +29,7 @@ from base.models import Project  # noqa: E402
 from base.services import project_create  # noqa: E402
 from incidents.schemas import TrajectoryIn  # noqa: E402
 from incidents.services import trajectories_ingest  # noqa: E402
-from skills.models import Release  # noqa: E402
+from skills.versions.models import Release  # noqa: E402
 
 NOUNS = (
     "invoice refund password webhook export invitation billing token domain backup alert "

@@ -38,8 +38,8 @@ def main() -> None:
     from incidents import services as incident_services
     from incidents import signals
     from incidents.schemas import IncidentIn
-    from skills.embeddings import get_embedder
-    from skills.synthesis import group_synthesize
+    from skills.library.embeddings import get_embedder
+    from skills.synthesis.services import group_synthesize
 
     signals.groups_await_synthesis.receivers.clear()  # no worker here: this process synthesises
     get_embedder()

@@ -533,6 +533,20 @@ def trajectories_store(*, trajectories: Sequence[Trajectory]) -> int:
     return len(trajectories)
 
 
+def session_outcome_record(
+    *, project: Project, session_id: str, outcome: str | None, reward: float | None
+) -> int:
+    """Stamp every recorded turn of a session with its outcome and/or reward (what an agent
+    learns at the end of a conversation). Returns how many turns were updated."""
+    changes: dict[str, Any] = {}
+    if outcome is not None:
+        changes["outcome"] = outcome
+    if reward is not None:
+        changes["reward"] = reward
+    turns = Trajectory.objects.filter(project=project, session_id=session_id)
+    return turns.update(**changes) if changes else 0
+
+
 def _copy_rows(model: type[models.Model], rows: Sequence[models.Model]) -> None:
     fields = list(model._meta.concrete_fields)
     columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)

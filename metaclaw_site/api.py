@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
@@ -22,7 +23,19 @@ class FastJsonParser(Parser):
         return parse_json(request.body)
 
 
-api = NinjaAPI(
+class MetaClawAPI(NinjaAPI):
+    def get_openapi_operation_id(self, operation: Any) -> str:
+        """Operation ids are part of the API (generated clients name their methods after them)
+        and ninja makes them from the handler's module path. A router module that moved keeps
+        the ids it had by declaring their prefix as ``OPENAPI_OPERATION_PREFIX``."""
+        module = sys.modules[operation.view_func.__module__]
+        prefix = getattr(module, "OPENAPI_OPERATION_PREFIX", None)
+        if prefix is None:
+            return super().get_openapi_operation_id(operation)
+        return f"{prefix}_{operation.view_func.__name__}"
+
+
+api = MetaClawAPI(
     parser=FastJsonParser(),
     title="MetaClaw API",
     version="1",
@@ -95,16 +108,22 @@ def on_http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
 
 def _mount_routers() -> None:
     from incidents.api import router as incidents_router
+    from skills.runtime.api import router as runtime_router
+    from skills.skillmd.api import router as skillmd_router
+    from skills.synthesis.api import router as synthesis_router
+    from skills.versions.api import router as versions_router
+    from training.api import router as training_router
 
-    api.add_router("/", incidents_router)
-    for module_name in ("skills.api", "skills.api_runtime", "skills.api_library", "training.api"):
-        try:
-            module = __import__(module_name, fromlist=["router"])
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        api.add_router("/", module.router)
+    # In this order: it is the order of the operations in the OpenAPI document.
+    for router in (
+        incidents_router,
+        versions_router,
+        runtime_router,
+        skillmd_router,
+        synthesis_router,
+        training_router,
+    ):
+        api.add_router("/", router)
 
 
 _mount_routers()

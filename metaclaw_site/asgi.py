@@ -10,7 +10,7 @@ django_application = get_asgi_application()
 # stack (see base.fast_lane); the composition root hands it the apps' routes.
 from base.fast_lane import fast_lane  # noqa: E402
 from incidents.fast_lane import ROUTES as INGESTION_ROUTES  # noqa: E402
-from skills.proxy import ROUTES as SKILLS_ROUTES  # noqa: E402
+from skills.runtime.proxy import ROUTES as SKILLS_ROUTES  # noqa: E402
 
 application = fast_lane(django_application, {**SKILLS_ROUTES, **INGESTION_ROUTES})
 
@@ -20,7 +20,7 @@ from django.urls import get_resolver  # noqa: E402
 get_resolver().url_patterns  # noqa: B018 - the access is the point: it imports them
 
 # And the embedding model (skill retrieval, the runtime's hot path) at boot, not in a request.
-from skills.embeddings import get_embedder  # noqa: E402
+from skills.library.embeddings import get_embedder  # noqa: E402
 
 get_embedder()
 

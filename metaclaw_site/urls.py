@@ -7,7 +7,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
 from base import views
-from skills import proxy
+from skills.runtime import proxy
 
 from .api import api
 
@@ -21,7 +21,7 @@ urlpatterns = [
     path("api/v1/", api.urls),
     path("p/<slug:project_slug>/", include("incidents.urls")),
     path("p/<slug:project_slug>/", include("base.urls")),
-    path("", include("skills.approval_urls")),
+    path("", include("skills.approvals.urls")),
     path("v1/chat/completions", proxy.chat_completions, name="proxy_chat_completions"),
 ]
 

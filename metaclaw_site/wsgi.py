@@ -13,7 +13,7 @@ from django.urls import get_resolver  # noqa: E402
 get_resolver().url_patterns  # noqa: B018 - the access is the point: it imports them
 
 # And the embedding model (skill retrieval, the runtime's hot path) at boot, not in a request.
-from skills.embeddings import get_embedder  # noqa: E402
+from skills.library.embeddings import get_embedder  # noqa: E402
 
 get_embedder()
 

@@ -1,15 +1,9 @@
 from django.contrib import admin
 
-from .models import (
-    ApprovalRequest,
-    LlmUsage,
-    Notification,
-    PolicyVersion,
-    Release,
-    Skill,
-    SkillRevision,
-    SlackInteraction,
-)
+from skills.approvals.models import ApprovalRequest, Notification, SlackInteraction
+from skills.library.models import Skill, SkillRevision
+from skills.synthesis.models import LlmUsage
+from skills.versions.models import PolicyVersion, Release
 
 
 @admin.register(Skill)

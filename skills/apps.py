@@ -5,4 +5,9 @@ class SkillsConfig(AppConfig):
     name = "skills"
 
     def ready(self) -> None:
-        from . import receivers  # noqa: F401  (connects the fast loop to incidents' signals)
+        # Connect each capability's receivers: the fast loop to incidents' signals, the
+        # approvals to proposals and decisions, the runtime's caches to promotions.
+        import skills.approvals.receivers  # noqa: F401
+        import skills.runtime.receivers  # noqa: F401
+        import skills.synthesis.receivers  # noqa: F401
+        import skills.versions.receivers  # noqa: F401

@@ -247,10 +247,9 @@ def demo_proposals_load(project: Project) -> int:
     Returns how many demo proposals exist."""
     from incidents import services as incident_services
     from incidents.models import IncidentGroup, SynthesisStatus
-
-    from . import llm
-    from .models import Author, Origin, SkillRevision
-    from .services import skill_revision_propose
+    from skills.library.models import Author, Origin, SkillRevision
+    from skills.library.services import skill_revision_propose
+    from skills.synthesis import llm
 
     if llm.is_configured():
         return 0

@@ -1,8 +1,11 @@
-"""Dashboard pages of the skills app, included at the site root (project-scoped paths)."""
+"""Dashboard pages of the skills app, included at the site root (project-scoped paths): the
+review queue, versions and library pages (``skills.versions.views``) and the fast loop's retry
+action (``skills.synthesis.views``), under one namespace so their names stay ``skills:*``."""
 
 from django.urls import path
 
-from . import views
+from skills.synthesis import views as synthesis_views
+from skills.versions import views
 
 app_name = "skills"
 
@@ -23,7 +26,7 @@ urlpatterns = [
     path(P + "skills/", views.skill_library, name="skill_library"),
     path(
         P + "groups/<int:group_id>/retry-synthesis/",
-        views.group_retry_synthesis,
+        synthesis_views.group_retry_synthesis,
         name="group_retry_synthesis",
     ),
 ]

@@ -121,3 +121,62 @@ def test_a_database_made_before_the_restructuring_upgrades_with_all_its_data(tmp
     finally:
         with psycopg.connect(admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_the_api_keeps_its_operations_wherever_their_code_lives():
+    """Moving a router's module must not rename its OpenAPI operations: ninja derives their
+    ids from the module path, and generated clients name their methods after them."""
+    from metaclaw_site.api import api
+
+    schema = api.get_openapi_schema()
+    operations = sorted(
+        f"{method.upper()} {path} {operation['operationId']}"
+        for path, methods in schema["paths"].items()
+        for method, operation in methods.items()
+    )
+    recorded = (ROOT / "tests" / "api_operations.txt").read_text().splitlines()
+    assert operations == [line for line in recorded if line and not line.startswith("#")]
+
+
+def _url_patterns(patterns, prefix: str = "", namespace: str = ""):
+    from django.urls.resolvers import URLResolver
+
+    for pattern in patterns:
+        if isinstance(pattern, URLResolver):
+            inner = namespace + (f"{pattern.namespace}:" if pattern.namespace else "")
+            yield from _url_patterns(pattern.url_patterns, prefix + str(pattern.pattern), inner)
+        else:
+            yield f"{prefix}{pattern.pattern} {namespace}{pattern.name or '-'}"
+
+
+def test_every_page_and_endpoint_keeps_its_url_and_name():
+    from django.urls import get_resolver
+
+    patterns = sorted(
+        line
+        for line in set(_url_patterns(get_resolver().url_patterns))
+        if not line.startswith("admin/")
+    )
+    recorded = (ROOT / "tests" / "url_patterns.txt").read_text().splitlines()
+    assert patterns == [line for line in recorded if line and not line.startswith("#")]
+
+
+def test_every_task_keeps_its_name_and_the_beat_schedule_finds_each():
+    """Task names travel in queued messages and in the beat schedule: moving a task's module
+    must not rename it, or messages queued by an older process are dropped as unknown."""
+    from metaclaw_site.celery import app
+
+    app.loader.import_default_modules()
+    ours = sorted(name for name in app.tasks if name.startswith(("skills.", "training.")))
+    assert ours == [
+        "skills.tasks.process_slack_interaction",
+        "skills.tasks.propose_skill",
+        "skills.tasks.send_notification",
+        "skills.tasks.sweep_pending_notifications",
+        "skills.tasks.sweep_slack_interactions",
+        "skills.tasks.sweep_waiting_groups",
+        "training.tasks.check_idle_windows",
+        "training.tasks.training_run_execute",
+    ]
+    for entry in app.conf.beat_schedule.values():
+        assert entry["task"] in app.tasks

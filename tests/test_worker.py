@@ -21,7 +21,7 @@ from django.db import connection
 
 from incidents.models import IncidentGroup, SynthesisStatus
 from metaclaw_site.celery import app as celery_app
-from skills.models import Origin, SkillRevision
+from skills.library.models import Origin, SkillRevision
 from tests import factories
 from tests.fakes.openai_server import OpenAIServer, Reply
 
@@ -204,7 +204,7 @@ def test_an_ingest_while_the_broker_is_down_answers_202_and_the_sweep_enqueues_i
 
     time.sleep(1.0)
     assert llm_server.chat_requests() == []  # nothing reached the queue
-    from skills.tasks import sweep_waiting_groups
+    from skills.synthesis.tasks import sweep_waiting_groups
 
     sweep_waiting_groups.delay()
 

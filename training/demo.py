@@ -12,7 +12,7 @@ from django.utils import timezone
 from base.models import Project
 from incidents.schemas import TrajectoryIn
 from incidents.services import trajectories_ingest
-from skills.models import PolicyVersion, VersionStatus
+from skills.versions.models import PolicyVersion, VersionStatus
 
 SYSTEM = "You are Clawdesk, the support assistant of Acme Cloud. Answer briefly, in steps."
 

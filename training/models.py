@@ -8,7 +8,7 @@ from django.db import models
 from django.utils import timezone as dj_timezone
 
 from base.models import Project
-from skills.models import PolicyVersion
+from skills.versions.models import PolicyVersion
 
 
 class IdleMode(models.TextChoices):

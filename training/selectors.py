@@ -8,7 +8,7 @@ from django.db.models import Prefetch, QuerySet
 
 from base.models import Project
 from base.services import DomainError, NotFound
-from skills.models import PolicyVersion, VersionStatus
+from skills.versions.models import PolicyVersion, VersionStatus
 
 from .models import ACTIVE_RUN_STATUSES, DatasetSnapshot, RunStatus, TrainingRun
 

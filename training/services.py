@@ -32,7 +32,7 @@ from base.queue import enqueue_on_commit
 from base.redaction import Redactor
 from base.selectors import membership_for
 from base.services import Conflict, DomainError, NotFound, PermissionDenied, audit_record
-from skills.models import PolicyVersion, VersionStatus
+from skills.versions.models import PolicyVersion, VersionStatus
 
 from . import idle
 from .backends import BackendError, get_backend
@@ -429,7 +429,7 @@ def _split_of(project_id: int, session: str, eval_fraction: float) -> str:
 
 def _near_duplicates(texts: list[str], threshold: float) -> list[bool]:
     """For each text, whether an earlier text is at least ``threshold`` similar."""
-    from skills.embeddings import get_embedder
+    from skills.library.embeddings import get_embedder
 
     if len(texts) < 2:
         return [False] * len(texts)
@@ -1369,7 +1369,7 @@ def _clean_metrics(metrics: dict) -> dict:
 def _evaluate_and_offer(
     run: TrainingRun, backend: TrainingBackend, config: TrainConfig, held_out: list[ChatSample]
 ) -> TrainingRun:
-    from skills import services as skill_services
+    from skills.versions import services as skill_services
 
     run.refresh_from_db()
     after = _clean_metrics(

@@ -11,8 +11,7 @@ from django.utils.html import escape, linebreaks
 from django.utils.safestring import SafeString, mark_safe
 
 from base.redaction import MARK_RE, redact_text
-
-from .. import diff as diffs
+from skills.versions import diff as diffs
 
 register = template.Library()
 

@@ -7,16 +7,10 @@ import pytest
 
 from base.models import AuditEvent
 from incidents.models import IncidentGroup
-from skills import services as skill_services
-from skills.models import (
-    Origin,
-    PolicyVersion,
-    Release,
-    ReleaseKind,
-    RevisionStatus,
-    SkillRevision,
-    VersionStatus,
-)
+from skills.library import services as library_services
+from skills.library.models import Origin, RevisionStatus, SkillRevision
+from skills.versions import services as version_services
+from skills.versions.models import PolicyVersion, Release, ReleaseKind, VersionStatus
 from tests import factories
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -36,7 +30,7 @@ def _group(client, project, error_type: str, events: int) -> IncidentGroup:
 
 
 def _propose(project, slug: str, name: str, groups=()) -> SkillRevision:
-    return skill_services.skill_revision_propose(
+    return library_services.skill_revision_propose(
         project=project,
         slug=slug,
         name=name,
@@ -122,10 +116,10 @@ def test_a_reviewer_approves_a_proposal_from_the_queue_with_the_keyboard(
 def test_an_admin_opens_a_version_diff_and_rolls_back(page, project, person, log_in, screenshot):
     admin = person("admin", "ada")
     dates = _propose(project, "check-dates", "Check date formats")
-    skill_services.skill_revision_approve(revision=dates, actor=admin)
+    version_services.skill_revision_approve(revision=dates, actor=admin)
     good = _active(project)
     timeouts = _propose(project, "retry-timeouts", "Retry timeouts")
-    skill_services.skill_revision_approve(revision=timeouts, actor=admin)
+    version_services.skill_revision_approve(revision=timeouts, actor=admin)
     bad = _active(project)
     assert bad.number == good.number + 1
 

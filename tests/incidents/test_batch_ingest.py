@@ -140,7 +140,7 @@ def test_a_batch_upserts_each_group_once_with_counts_span_severity_and_flags(
     assert proposed.synthesis_status == SynthesisStatus.PROPOSED  # more evidence, no re-queue
     # One announcement after commit, of the groups this batch put in the fast loop's queue.
     assert len(callbacks) == 1
-    with mock.patch("skills.tasks.propose_skill.delay") as enqueue:
+    with mock.patch("skills.synthesis.tasks.propose_skill.delay") as enqueue:
         callbacks[0]()
     assert sorted(call.args[0] for call in enqueue.call_args_list) == sorted([resolved_id, new_id])
 

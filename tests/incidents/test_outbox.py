@@ -7,7 +7,7 @@ from django.utils import timezone
 
 from incidents import services
 from incidents.models import IncidentGroup, SynthesisStatus
-from skills.tasks import sweep_waiting_groups
+from skills.synthesis.tasks import sweep_waiting_groups
 from tests import factories
 
 pytestmark = pytest.mark.django_db

@@ -3,8 +3,10 @@ from __future__ import annotations
 import pytest
 
 from base.models import AuditEvent
-from skills import services
-from skills.models import Origin, PolicyVersion, Release, RevisionStatus, SkillRevision
+from skills.library import services as library_services
+from skills.library.models import Origin, RevisionStatus, SkillRevision
+from skills.versions import services as version_services
+from skills.versions.models import PolicyVersion, Release
 from tests import factories
 
 pytestmark = pytest.mark.django_db
@@ -18,7 +20,7 @@ def propose(project, slug="iso-dates", **overrides) -> SkillRevision:
         "origin": Origin.DEMO_FIXTURE,
     }
     fields.update(overrides)
-    return services.skill_revision_propose(project=project, slug=slug, **fields)
+    return library_services.skill_revision_propose(project=project, slug=slug, **fields)
 
 
 def test_list_revisions_filters_by_status_and_stays_in_the_keys_project(
@@ -26,7 +28,7 @@ def test_list_revisions_filters_by_status_and_stays_in_the_keys_project(
 ):
     mine = propose(project)
     rejected = propose(project, slug="other")
-    services.skill_revision_reject(revision=rejected, actor=None, reason="no")
+    version_services.skill_revision_reject(revision=rejected, actor=None, reason="no")
     propose(other_project)
 
     response = api.get("/api/v1/skills/revisions", key=admin_key, status="proposed")
@@ -141,9 +143,9 @@ def test_edit_with_a_bad_category_answers_422_naming_it(api, project, admin_key)
 
 def test_versions_list_detail_and_diff(api, project, admin_key):
     first = propose(project)
-    services.skill_revision_approve(revision=first, actor=None)
+    version_services.skill_revision_approve(revision=first, actor=None)
     second = propose(project, instructions="Always pass dates as ISO 8601 YYYY-MM-DD.")
-    services.skill_revision_approve(revision=second, actor=None)
+    version_services.skill_revision_approve(revision=second, actor=None)
 
     listing = api.get("/api/v1/versions", key=admin_key).json()
     detail = api.get("/api/v1/versions/3", key=admin_key).json()
@@ -162,10 +164,10 @@ def test_versions_list_detail_and_diff(api, project, admin_key):
 
 
 def test_promote_reject_and_roll_back_through_the_api(api, project, admin_key):
-    candidate = services.policy_version_create_candidate(
+    candidate = version_services.policy_version_create_candidate(
         project=project, adapter_ref="tinker://r/1", base_model="m", changelog="LoRA"
     )
-    other = services.policy_version_create_candidate(
+    other = version_services.policy_version_create_candidate(
         project=project, adapter_ref="tinker://r/2", base_model="m", changelog="LoRA 2"
     )
 
@@ -185,7 +187,7 @@ def test_promote_reject_and_roll_back_through_the_api(api, project, admin_key):
 
 
 def test_rollback_without_a_reason_answers_422(api, project, admin_key):
-    services.skill_revision_approve(revision=propose(project), actor=None)
+    version_services.skill_revision_approve(revision=propose(project), actor=None)
 
     response = api.post("/api/v1/versions/1/rollback", {}, key=admin_key)
 
@@ -199,7 +201,7 @@ def test_unknown_version_answers_404(api, project, admin_key):
 
 
 def test_version_of_another_project_is_not_visible(api, project, other_project, admin_key):
-    services.skill_revision_approve(revision=propose(other_project), actor=None)
+    version_services.skill_revision_approve(revision=propose(other_project), actor=None)
 
     assert api.get("/api/v1/versions/2", key=admin_key).status_code == 404
     assert factories.make_key  # keys are per project: the admin key is the first project's

@@ -12,22 +12,15 @@ from django.utils import timezone
 from base.models import Project
 from base.services import PermissionDenied, membership_set
 from incidents.models import Incident
-from skills import approvals
-from skills.models import (
-    ApprovalAction,
-    ApprovalRequest,
-    Origin,
-    PolicyVersion,
-    Release,
-    RevisionStatus,
-    SkillRevision,
-    VersionStatus,
-)
-from skills.services import (
+from skills.approvals import services as approvals
+from skills.approvals.models import ApprovalAction, ApprovalRequest
+from skills.library.models import Origin, RevisionStatus, SkillRevision
+from skills.library.services import skill_revision_propose
+from skills.versions.models import PolicyVersion, Release, VersionStatus
+from skills.versions.services import (
     policy_version_create_candidate,
     policy_version_reject,
     skill_revision_edit,
-    skill_revision_propose,
 )
 from tests import factories
 

@@ -24,8 +24,9 @@ from incidents import services as incident_services
 from incidents.models import IncidentGroup
 from incidents.schemas import IncidentIn
 from base import services
-from skills.models import LlmUsage, SkillRevision
-from skills.synthesis import group_synthesize
+from skills.synthesis.models import LlmUsage
+from skills.library.models import SkillRevision
+from skills.synthesis.services import group_synthesize
 from tests import factories
 from tests.fakes.openai_server import OpenAIServer, Reply
 

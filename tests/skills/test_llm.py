@@ -1,4 +1,4 @@
-"""skills.llm against our OpenAI-compatible loopback server, through the real openai client."""
+"""skills.synthesis.llm against our OpenAI-compatible loopback server, through the real openai client."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from skills import llm
+from skills.synthesis import llm
 from tests.fakes.openai_server import OpenAIServer, Reply
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}

@@ -12,23 +12,20 @@ import pytest
 from django.core import mail
 
 from base.models import AuditEvent, Membership, Project
-from skills.models import (
+from skills.approvals.models import (
     ApprovalRequest,
     InteractionStatus,
     Notification,
     NotificationStatus,
-    Origin,
-    PolicyVersion,
-    RevisionStatus,
-    SkillRevision,
     SlackInteraction,
-    VersionStatus,
 )
-from skills.services import (
+from skills.library.models import Origin, RevisionStatus, SkillRevision
+from skills.library.services import skill_revision_propose
+from skills.versions.models import PolicyVersion, VersionStatus
+from skills.versions.services import (
     policy_version_create_candidate,
     skill_revision_approve,
     skill_revision_edit,
-    skill_revision_propose,
 )
 from tests import factories
 from tests.fakes.slack_server import SlackFake, slack_signed_headers
@@ -217,7 +214,7 @@ def test_a_notification_whose_worker_died_while_sending_is_sent_again_by_the_swe
 
     from django.utils import timezone
 
-    from skills.tasks import sweep_pending_notifications
+    from skills.approvals.tasks import sweep_pending_notifications
 
     revision = propose(slack_project, django_capture_on_commit_callbacks)
     notification = Notification.objects.get(revision=revision, channel="slack")
@@ -641,7 +638,7 @@ def test_send_a_test_message_reaches_every_configured_channel(
     ],
 )
 def test_private_and_loopback_addresses_are_refused_unless_allowed(settings, url):
-    from skills import notify
+    from skills.approvals import notify
 
     settings.METACLAW_ALLOW_PRIVATE_WEBHOOKS = False
     assert notify.url_refusal(url) is not None
@@ -650,7 +647,7 @@ def test_private_and_loopback_addresses_are_refused_unless_allowed(settings, url
 
 
 def test_a_public_address_is_allowed(settings):
-    from skills import notify
+    from skills.approvals import notify
 
     settings.METACLAW_ALLOW_PRIVATE_WEBHOOKS = False
     assert notify.url_refusal("https://93.184.216.34/hook") is None
@@ -731,7 +728,7 @@ def test_a_deeply_nested_payload_is_refused_without_a_server_error(client, setti
 def test_the_signature_is_checked_before_the_payload_is_parsed(client, monkeypatch):
     from types import SimpleNamespace
 
-    import skills.approval_views as views
+    import skills.approvals.views as views
 
     parsed = []
 
@@ -769,7 +766,7 @@ def test_the_sweep_processes_a_click_whose_task_was_lost_and_fails_stuck_ones(
 
     from django.utils import timezone
 
-    from skills.tasks import sweep_slack_interactions
+    from skills.approvals.tasks import sweep_slack_interactions
 
     revision = propose(slack_project, django_capture_on_commit_callbacks)
     approve = buttons(slack.of("webhook")[0].json)["Approve"]

@@ -19,14 +19,15 @@ from django.test import AsyncClient
 
 from base import counters
 from incidents.models import Trajectory
-from skills import runtime
-from skills.models import Author, Origin, PolicyVersion, VersionStatus
-from skills.services import (
+from skills.library.models import Author, Origin
+from skills.library.services import skill_revision_propose
+from skills.runtime import services as runtime
+from skills.versions.models import PolicyVersion, VersionStatus
+from skills.versions.services import (
     policy_version_create_candidate,
     policy_version_promote,
     policy_version_rollback,
     skill_revision_approve,
-    skill_revision_propose,
 )
 from tests import factories
 from tests.fakes.openai_server import OpenAIServer, Reply
@@ -523,7 +524,7 @@ def _asgi_call(path, headers, body=b"", method="POST"):
     """Call the fast lane directly: (status, json body, how many body messages it read)."""
     import json
 
-    from skills.proxy import fast_lane
+    from skills.runtime.proxy import fast_lane
 
     async def django_app(scope, receive, send):  # never reached on the fast lane's paths
         raise AssertionError("served by Django")

@@ -10,9 +10,11 @@ from base import counters
 from incidents.models import Incident, Outcome, Trajectory
 from incidents.schemas import TrajectoryIn
 from incidents.services import trajectories_ingest
-from skills import runtime
-from skills.models import Author, Origin, PolicyVersion, VersionStatus
-from skills.services import skill_revision_approve, skill_revision_propose
+from skills.library.models import Author, Origin
+from skills.library.services import skill_revision_propose
+from skills.runtime import services as runtime
+from skills.versions.models import PolicyVersion, VersionStatus
+from skills.versions.services import skill_revision_approve
 from tests import factories
 
 pytestmark = pytest.mark.django_db

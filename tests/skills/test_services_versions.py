@@ -7,16 +7,11 @@ from django.db import connection
 
 from base.models import AuditEvent
 from base.services import Conflict, DomainError, PermissionDenied
-from skills import services, signals
-from skills.models import (
-    Origin,
-    PolicyVersion,
-    Release,
-    ReleaseKind,
-    RevisionStatus,
-    SkillRevision,
-    VersionStatus,
-)
+from skills import signals
+from skills.library import services as library_services
+from skills.library.models import Origin, RevisionStatus, SkillRevision
+from skills.versions import services as version_services
+from skills.versions.models import PolicyVersion, Release, ReleaseKind, VersionStatus
 from tests import factories
 
 pytestmark = pytest.mark.django_db
@@ -30,7 +25,7 @@ def propose(project, slug="iso-dates", **overrides) -> SkillRevision:
         "origin": Origin.DEMO_FIXTURE,
     }
     fields.update(overrides)
-    return services.skill_revision_propose(project=project, slug=slug, **fields)
+    return library_services.skill_revision_propose(project=project, slug=slug, **fields)
 
 
 def snapshot(project) -> dict:
@@ -71,7 +66,7 @@ def admin(project):
 def test_approving_a_proposal_publishes_a_new_active_version_with_it(project, reviewer):
     revision = propose(project)
 
-    services.skill_revision_approve(revision=revision, actor=reviewer, reason="looks right")
+    version_services.skill_revision_approve(revision=revision, actor=reviewer, reason="looks right")
 
     revision.refresh_from_db()
     assert revision.status == RevisionStatus.APPROVED
@@ -92,11 +87,11 @@ def test_approving_a_new_revision_replaces_the_skills_previous_one_and_keeps_the
 ):
     first = propose(project)
     other = propose(project, slug="be-polite", name="Be polite")
-    services.skill_revision_approve(revision=first, actor=reviewer)
-    services.skill_revision_approve(revision=other, actor=reviewer)
+    version_services.skill_revision_approve(revision=first, actor=reviewer)
+    version_services.skill_revision_approve(revision=other, actor=reviewer)
     second = propose(project, instructions="Always pass dates as ISO 8601 (YYYY-MM-DD).")
 
-    services.skill_revision_approve(revision=second, actor=reviewer)
+    version_services.skill_revision_approve(revision=second, actor=reviewer)
 
     assert set(active(project).revisions.all()) == {other, second}
     first.refresh_from_db()
@@ -115,18 +110,18 @@ def test_approve_refuses_a_revision_that_is_not_proposed_and_changes_nothing(
     before = snapshot(project)
 
     with pytest.raises(Conflict, match=f"already {status}"):
-        services.skill_revision_approve(revision=revision, actor=reviewer)
+        version_services.skill_revision_approve(revision=revision, actor=reviewer)
 
     assert snapshot(project) == before
 
 
 def test_second_approval_says_who_approved_first_and_when(project, reviewer):
     revision = propose(project)
-    services.skill_revision_approve(revision=revision, actor=reviewer)
+    version_services.skill_revision_approve(revision=revision, actor=reviewer)
     late = factories.make_member(project, "reviewer")
 
     with pytest.raises(Conflict) as exc:
-        services.skill_revision_approve(revision=revision, actor=late)
+        version_services.skill_revision_approve(revision=revision, actor=late)
 
     assert f"already approved by {reviewer.username} at" in str(exc.value)
 
@@ -137,7 +132,7 @@ def test_a_viewer_cannot_approve_and_nothing_changes(project):
     before = snapshot(project)
 
     with pytest.raises(PermissionDenied):
-        services.skill_revision_approve(revision=revision, actor=viewer)
+        version_services.skill_revision_approve(revision=revision, actor=viewer)
 
     assert snapshot(project) == before
 
@@ -147,13 +142,15 @@ def test_a_member_of_another_project_cannot_approve(project, other_project):
     revision = propose(project)
 
     with pytest.raises(PermissionDenied):
-        services.skill_revision_approve(revision=revision, actor=outsider)
+        version_services.skill_revision_approve(revision=revision, actor=outsider)
 
 
 def test_a_machine_actor_approves_under_its_label(project):
     revision = propose(project)
 
-    services.skill_revision_approve(revision=revision, actor=None, actor_label="api-key:ab12cd34")
+    version_services.skill_revision_approve(
+        revision=revision, actor=None, actor_label="api-key:ab12cd34"
+    )
 
     assert Release.objects.get(kind=ReleaseKind.APPROVAL).actor_label == "api-key:ab12cd34"
     assert AuditEvent.objects.get(action="skill_revision.approve").actor_label == "api-key:ab12cd34"
@@ -164,7 +161,7 @@ def test_with_a_second_approver_required_the_first_approval_keeps_it_proposed(pr
     project.save()
     revision = propose(project)
 
-    services.skill_revision_approve(revision=revision, actor=reviewer)
+    version_services.skill_revision_approve(revision=revision, actor=reviewer)
 
     revision.refresh_from_db()
     assert revision.status == RevisionStatus.PROPOSED
@@ -176,11 +173,11 @@ def test_with_a_second_approver_required_the_same_person_cannot_approve_twice(pr
     project.require_second_approver = True
     project.save()
     revision = propose(project)
-    services.skill_revision_approve(revision=revision, actor=reviewer)
+    version_services.skill_revision_approve(revision=revision, actor=reviewer)
     before = snapshot(project)
 
     with pytest.raises(Conflict, match="second, different reviewer"):
-        services.skill_revision_approve(revision=revision, actor=reviewer)
+        version_services.skill_revision_approve(revision=revision, actor=reviewer)
 
     assert snapshot(project) == before
 
@@ -189,10 +186,10 @@ def test_with_a_second_approver_required_a_different_reviewer_makes_it_live(proj
     project.require_second_approver = True
     project.save()
     revision = propose(project)
-    services.skill_revision_approve(revision=revision, actor=reviewer)
+    version_services.skill_revision_approve(revision=revision, actor=reviewer)
     second = factories.make_member(project, "reviewer")
 
-    services.skill_revision_approve(revision=revision, actor=second)
+    version_services.skill_revision_approve(revision=revision, actor=second)
 
     revision.refresh_from_db()
     assert revision.status == RevisionStatus.APPROVED
@@ -216,7 +213,7 @@ def test_approval_announces_the_decision_and_the_new_active_version_after_commit
     try:
         revision = propose(project)
         with django_capture_on_commit_callbacks(execute=True):
-            services.skill_revision_approve(revision=revision, actor=reviewer)
+            version_services.skill_revision_approve(revision=revision, actor=reviewer)
     finally:
         signals.revision_decided.disconnect(on_decided)
         signals.active_version_changed.disconnect(on_active)
@@ -233,7 +230,7 @@ def test_rejecting_needs_a_reason_naming_the_field(project, reviewer):
     before = snapshot(project)
 
     with pytest.raises(DomainError) as exc:
-        services.skill_revision_reject(revision=revision, actor=reviewer, reason="  ")
+        version_services.skill_revision_reject(revision=revision, actor=reviewer, reason="  ")
 
     assert exc.value.field == "reason"
     assert snapshot(project) == before
@@ -242,7 +239,7 @@ def test_rejecting_needs_a_reason_naming_the_field(project, reviewer):
 def test_rejecting_a_proposal_records_who_and_why(project, reviewer):
     revision = propose(project)
 
-    services.skill_revision_reject(revision=revision, actor=reviewer, reason="too vague")
+    version_services.skill_revision_reject(revision=revision, actor=reviewer, reason="too vague")
 
     revision.refresh_from_db()
     assert revision.status == RevisionStatus.REJECTED
@@ -260,7 +257,7 @@ def test_reject_refuses_a_revision_that_is_not_proposed(project, reviewer, statu
     before = snapshot(project)
 
     with pytest.raises(Conflict):
-        services.skill_revision_reject(revision=revision, actor=reviewer, reason="no")
+        version_services.skill_revision_reject(revision=revision, actor=reviewer, reason="no")
 
     assert snapshot(project) == before
 
@@ -268,7 +265,7 @@ def test_reject_refuses_a_revision_that_is_not_proposed(project, reviewer, statu
 def test_editing_makes_a_new_human_proposal_and_supersedes_the_edited_one(project, reviewer):
     revision = propose(project)
 
-    edited = services.skill_revision_edit(
+    edited = version_services.skill_revision_edit(
         revision=revision,
         actor=reviewer,
         name="Use ISO 8601 dates",
@@ -294,7 +291,7 @@ def test_edit_refuses_a_revision_that_is_not_proposed(project, reviewer, status)
     before = snapshot(project)
 
     with pytest.raises(Conflict):
-        services.skill_revision_edit(
+        version_services.skill_revision_edit(
             revision=revision, actor=reviewer, name="x", description="y", instructions="z",
             category="general",
         )  # fmt: skip
@@ -307,7 +304,7 @@ def test_edit_with_empty_instructions_names_the_field_and_changes_nothing(projec
     before = snapshot(project)
 
     with pytest.raises(DomainError) as exc:
-        services.skill_revision_edit(
+        version_services.skill_revision_edit(
             revision=revision, actor=reviewer, name="x", description="y", instructions=" ",
             category="general",
         )  # fmt: skip
@@ -321,14 +318,14 @@ def test_edit_with_empty_instructions_names_the_field_and_changes_nothing(projec
 
 def approved(project, reviewer, slug, **kw) -> SkillRevision:
     revision = propose(project, slug=slug, **kw)
-    services.skill_revision_approve(revision=revision, actor=reviewer)
+    version_services.skill_revision_approve(revision=revision, actor=reviewer)
     return revision
 
 
 def test_a_candidate_carries_the_active_skills_and_waits(project, reviewer, admin):
     revision = approved(project, reviewer, "iso-dates")
 
-    candidate = services.policy_version_create_candidate(
+    candidate = version_services.policy_version_create_candidate(
         project=project, adapter_ref="tinker://run/1", base_model="Qwen3-8B", changelog="LoRA",
         actor_label="training",
     )  # fmt: skip
@@ -340,11 +337,11 @@ def test_a_candidate_carries_the_active_skills_and_waits(project, reviewer, admi
 
 
 def test_promoting_a_candidate_makes_it_the_only_active_version(project, admin):
-    candidate = services.policy_version_create_candidate(
+    candidate = version_services.policy_version_create_candidate(
         project=project, adapter_ref="tinker://run/1", base_model="m", changelog="c"
     )
 
-    services.policy_version_promote(version=candidate, actor=admin, reason="eval +4%")
+    version_services.policy_version_promote(version=candidate, actor=admin, reason="eval +4%")
 
     assert active(project) == candidate
     assert PolicyVersion.objects.filter(project=project, status="active").count() == 1
@@ -353,14 +350,14 @@ def test_promoting_a_candidate_makes_it_the_only_active_version(project, admin):
 
 
 def test_promote_refuses_a_candidate_built_before_skills_were_approved(project, admin, reviewer):
-    candidate = services.policy_version_create_candidate(
+    candidate = version_services.policy_version_create_candidate(
         project=project, adapter_ref="tinker://run/1", base_model="m", changelog="c"
     )
-    services.skill_revision_approve(revision=propose(project), actor=reviewer)
+    version_services.skill_revision_approve(revision=propose(project), actor=reviewer)
     before = snapshot(project)
 
     with pytest.raises(Conflict, match="would undo those changes"):
-        services.policy_version_promote(version=candidate, actor=admin)
+        version_services.policy_version_promote(version=candidate, actor=admin)
 
     assert snapshot(project) == before
     candidate.refresh_from_db()
@@ -368,27 +365,27 @@ def test_promote_refuses_a_candidate_built_before_skills_were_approved(project, 
 
 
 def test_a_reviewer_cannot_promote(project, reviewer):
-    candidate = services.policy_version_create_candidate(
+    candidate = version_services.policy_version_create_candidate(
         project=project, adapter_ref="a", base_model="m", changelog="c"
     )
     before = snapshot(project)
 
     with pytest.raises(PermissionDenied):
-        services.policy_version_promote(version=candidate, actor=reviewer)
+        version_services.policy_version_promote(version=candidate, actor=reviewer)
 
     assert snapshot(project) == before
 
 
 @pytest.mark.parametrize("status", [VersionStatus.RETIRED, VersionStatus.REJECTED])
 def test_promote_refuses_a_version_that_is_not_a_candidate(project, admin, status):
-    version = services.policy_version_create_candidate(
+    version = version_services.policy_version_create_candidate(
         project=project, adapter_ref="a", base_model="m", changelog="c"
     )
     PolicyVersion.objects.filter(pk=version.pk).update(status=status)
     before = snapshot(project)
 
     with pytest.raises(Conflict):
-        services.policy_version_promote(version=version, actor=admin)
+        version_services.policy_version_promote(version=version, actor=admin)
 
     assert snapshot(project) == before
 
@@ -397,26 +394,26 @@ def test_promote_refuses_the_active_version_saying_it_is_active_already(project,
     before = snapshot(project)
 
     with pytest.raises(Conflict, match="already active"):
-        services.policy_version_promote(version=active(project), actor=admin)
+        version_services.policy_version_promote(version=active(project), actor=admin)
 
     assert snapshot(project) == before
 
 
 def test_rejecting_a_candidate_needs_a_reason_and_keeps_the_active_one(project, admin):
-    candidate = services.policy_version_create_candidate(
+    candidate = version_services.policy_version_create_candidate(
         project=project, adapter_ref="a", base_model="m", changelog="c"
     )
     with pytest.raises(DomainError) as exc:
-        services.policy_version_reject(version=candidate, actor=admin, reason="")
+        version_services.policy_version_reject(version=candidate, actor=admin, reason="")
     assert exc.value.field == "reason"
 
-    services.policy_version_reject(version=candidate, actor=admin, reason="worse on eval")
+    version_services.policy_version_reject(version=candidate, actor=admin, reason="worse on eval")
 
     candidate.refresh_from_db()
     assert candidate.status == VersionStatus.REJECTED
     assert active(project).number == 1
     with pytest.raises(Conflict):
-        services.policy_version_reject(version=candidate, actor=admin, reason="again")
+        version_services.policy_version_reject(version=candidate, actor=admin, reason="again")
 
 
 def test_rolling_back_reactivates_an_earlier_version_and_marks_what_was_dropped(
@@ -426,7 +423,7 @@ def test_rolling_back_reactivates_an_earlier_version_and_marks_what_was_dropped(
     dropped = approved(project, reviewer, "be-polite", name="Be polite")  # v3
     v2 = PolicyVersion.objects.get(project=project, number=2)
 
-    services.policy_version_rollback(to_version=v2, actor=admin, reason="v3 broke refunds")
+    version_services.policy_version_rollback(to_version=v2, actor=admin, reason="v3 broke refunds")
 
     assert active(project) == v2
     v3 = PolicyVersion.objects.get(project=project, number=3)
@@ -443,14 +440,14 @@ def test_rolling_back_reactivates_an_earlier_version_and_marks_what_was_dropped(
 
 @pytest.mark.parametrize("status", [VersionStatus.CANDIDATE, VersionStatus.REJECTED])
 def test_rollback_refuses_a_version_that_was_never_active(project, admin, status):
-    version = services.policy_version_create_candidate(
+    version = version_services.policy_version_create_candidate(
         project=project, adapter_ref="a", base_model="m", changelog="c"
     )
     PolicyVersion.objects.filter(pk=version.pk).update(status=status)
     before = snapshot(project)
 
     with pytest.raises(Conflict):
-        services.policy_version_rollback(to_version=version, actor=admin, reason="r")
+        version_services.policy_version_rollback(to_version=version, actor=admin, reason="r")
 
     assert snapshot(project) == before
 
@@ -460,9 +457,11 @@ def test_rollback_refuses_the_active_version_and_a_missing_reason(project, admin
     before = snapshot(project)
 
     with pytest.raises(Conflict):
-        services.policy_version_rollback(to_version=active(project), actor=admin, reason="r")
+        version_services.policy_version_rollback(
+            to_version=active(project), actor=admin, reason="r"
+        )
     with pytest.raises(DomainError) as exc:
-        services.policy_version_rollback(
+        version_services.policy_version_rollback(
             to_version=PolicyVersion.objects.get(project=project, number=1), actor=admin, reason=""
         )
 
@@ -475,7 +474,7 @@ def test_a_reviewer_cannot_roll_back(project, reviewer):
     before = snapshot(project)
 
     with pytest.raises(PermissionDenied):
-        services.policy_version_rollback(
+        version_services.policy_version_rollback(
             to_version=PolicyVersion.objects.get(project=project, number=1),
             actor=reviewer,
             reason="r",
@@ -487,12 +486,12 @@ def test_a_reviewer_cannot_roll_back(project, reviewer):
 def test_approving_after_a_rollback_builds_on_the_rolled_back_to_version(project, reviewer, admin):
     a = approved(project, reviewer, "a-skill")  # v2
     approved(project, reviewer, "b-skill")  # v3
-    services.policy_version_rollback(
+    version_services.policy_version_rollback(
         to_version=PolicyVersion.objects.get(project=project, number=2), actor=admin, reason="r"
     )
     c = propose(project, slug="c-skill")
 
-    services.skill_revision_approve(revision=c, actor=reviewer)
+    version_services.skill_revision_approve(revision=c, actor=reviewer)
 
     version = active(project)
     assert version.number == 4
@@ -533,8 +532,8 @@ def test_two_approvals_at_once_give_consecutive_versions_and_one_active():
 
     results = _race(
         [
-            lambda: services.skill_revision_approve(revision=first, actor=alice),
-            lambda: services.skill_revision_approve(revision=second, actor=bob),
+            lambda: version_services.skill_revision_approve(revision=first, actor=alice),
+            lambda: version_services.skill_revision_approve(revision=second, actor=bob),
         ]
     )
 
@@ -554,8 +553,8 @@ def test_two_people_approving_the_same_revision_one_wins_the_other_gets_a_confli
 
     results = _race(
         [
-            lambda: services.skill_revision_approve(revision=revision, actor=alice),
-            lambda: services.skill_revision_approve(revision=revision, actor=bob),
+            lambda: version_services.skill_revision_approve(revision=revision, actor=alice),
+            lambda: version_services.skill_revision_approve(revision=revision, actor=bob),
         ]
     )
 
@@ -569,15 +568,17 @@ def test_promote_racing_a_rollback_never_leaves_two_active_versions():
     project = factories.make_project()
     admin = factories.make_member(project, "admin")
     approved(project, admin, "one")  # v2 active, v1 retired
-    candidate = services.policy_version_create_candidate(
+    candidate = version_services.policy_version_create_candidate(
         project=project, adapter_ref="a", base_model="m", changelog="c"
     )
     v1 = PolicyVersion.objects.get(project=project, number=1)
 
     results = _race(
         [
-            lambda: services.policy_version_promote(version=candidate, actor=admin),
-            lambda: services.policy_version_rollback(to_version=v1, actor=admin, reason="r"),
+            lambda: version_services.policy_version_promote(version=candidate, actor=admin),
+            lambda: version_services.policy_version_rollback(
+                to_version=v1, actor=admin, reason="r"
+            ),
         ]
     )
 
@@ -608,7 +609,7 @@ def test_promote_racing_a_rollback_never_leaves_two_active_versions():
     ],
 )
 def test_a_word_diff_rebuilds_both_texts_exactly(old, new):
-    from skills.diff import word_diff
+    from skills.versions.diff import word_diff
 
     chunks = word_diff(old, new)
 
@@ -617,7 +618,7 @@ def test_a_word_diff_rebuilds_both_texts_exactly(old, new):
 
 
 def test_a_word_diff_marks_only_the_changed_words_and_escapes_html():
-    from skills.diff import word_diff_html
+    from skills.versions.diff import word_diff_html
 
     html = word_diff_html("Use <b>dates</b> as words.", "Use <b>dates</b> as ISO words.")
 

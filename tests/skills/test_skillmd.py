@@ -9,9 +9,10 @@ import pytest
 from django.core.management import call_command
 
 from base.services import DomainError
-from skills import skillmd
-from skills.models import Origin, RevisionStatus, SkillRevision
-from skills.services import skill_revision_approve, skill_revision_propose
+from skills.library.models import Origin, RevisionStatus, SkillRevision
+from skills.library.services import skill_revision_propose
+from skills.skillmd import services as skillmd
+from skills.versions.services import skill_revision_approve
 from tests import factories
 
 pytestmark = pytest.mark.django_db

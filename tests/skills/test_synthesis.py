@@ -11,16 +11,12 @@ from django.utils import timezone
 
 from base.models import AuditEvent
 from incidents.models import GroupStatus, IncidentGroup, IncidentStatus, SynthesisStatus
-from skills import llm, synthesis
-from skills.models import (
-    LlmUsage,
-    Origin,
-    PolicyVersion,
-    RevisionStatus,
-    SkillRevision,
-    VersionStatus,
-)
-from skills.services import skill_revision_propose
+from skills.library.models import Origin, RevisionStatus, SkillRevision
+from skills.library.services import skill_revision_propose
+from skills.synthesis import llm
+from skills.synthesis import services as synthesis
+from skills.synthesis.models import LlmUsage
+from skills.versions.models import PolicyVersion, VersionStatus
 from tests import factories
 from tests.fakes.openai_server import OpenAIServer, Reply
 
@@ -338,7 +334,7 @@ def test_a_spent_daily_budget_holds_the_group_until_the_sweep_finds_budget_again
     # The next day: yesterday's usage no longer counts.
     LlmUsage.objects.update(day=timezone.localdate() - timezone.timedelta(days=1))
     llm_server.enqueue(Reply(content=answer()))
-    from skills.tasks import sweep_waiting_groups
+    from skills.synthesis.tasks import sweep_waiting_groups
 
     with django_capture_on_commit_callbacks(execute=True):
         sweep_waiting_groups()
@@ -388,7 +384,7 @@ def test_revise_skill_naming_an_unknown_slug_is_sent_back(
 def test_a_rolled_back_text_is_not_proposed_again_unchanged(
     api, project, ingest_key, llm_server, django_capture_on_commit_callbacks
 ):
-    from skills.services import policy_version_rollback
+    from skills.versions.services import policy_version_rollback
 
     first = _approved(
         project,
@@ -461,7 +457,7 @@ def test_an_incident_despite_an_active_skill_regresses_the_group_and_asks_for_a_
     llm_server.enqueue(Reply(content=answer()))
     body = ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
     revision = SkillRevision.objects.get()
-    from skills.services import skill_revision_approve
+    from skills.versions.services import skill_revision_approve
 
     with django_capture_on_commit_callbacks(execute=True):
         skill_revision_approve(revision=revision, actor=None, actor_label="test")
@@ -567,7 +563,7 @@ def _waiting_group(project) -> IncidentGroup:
 
 
 def _approved(project, **content) -> SkillRevision:
-    from skills.services import skill_revision_approve
+    from skills.versions.services import skill_revision_approve
 
     revision = skill_revision_propose(
         project=project,
@@ -659,7 +655,7 @@ def test_the_sweep_takes_back_a_group_whose_worker_died_mid_synthesis(
         synthesis_requested_at=two_hours_ago, synthesis_claimed_at=two_hours_ago
     )
     llm_server.enqueue(Reply(content=answer()))
-    from skills.tasks import sweep_waiting_groups
+    from skills.synthesis.tasks import sweep_waiting_groups
 
     with django_capture_on_commit_callbacks(execute=True):
         sweep_waiting_groups()
@@ -672,7 +668,7 @@ def test_the_sweep_takes_back_a_group_whose_worker_died_mid_synthesis(
 def test_a_running_synthesis_is_left_alone_by_the_sweep(project, llm_server):
     group = _waiting_group(project)
     assert synthesis.incident_services.group_synthesis_claim(group_id=group.pk)
-    from skills.tasks import sweep_waiting_groups
+    from skills.synthesis.tasks import sweep_waiting_groups
 
     sweep_waiting_groups()
 
@@ -710,7 +706,7 @@ def test_a_group_that_waited_long_before_its_claim_is_not_taken_from_its_worker(
     assert synthesis.incident_services.group_synthesis_claim(group_id=group.pk)
     group.refresh_from_db()
     assert group.synthesis_claimed_at is not None and group.synthesis_claimed_at >= before
-    from skills.tasks import sweep_waiting_groups
+    from skills.synthesis.tasks import sweep_waiting_groups
 
     sweep_waiting_groups()
 

@@ -5,8 +5,10 @@ from django.urls import reverse
 
 from base.models import Role
 from incidents.models import Incident
-from skills import services
-from skills.models import Origin, PolicyVersion, Release, RevisionStatus, SkillRevision
+from skills.library import services as library_services
+from skills.library.models import Origin, RevisionStatus, SkillRevision
+from skills.versions import services as version_services
+from skills.versions.models import PolicyVersion, Release
 from tests import factories
 
 pytestmark = pytest.mark.django_db
@@ -29,7 +31,7 @@ def propose(project, slug="iso-dates", incidents=(), **overrides) -> SkillRevisi
         "diagnosis": "The agent passed 'last week' where the tool wants an ISO date.",
     }
     fields.update(overrides)
-    return services.skill_revision_propose(
+    return library_services.skill_revision_propose(
         project=project,
         slug=slug,
         source_incidents=list(incidents),
@@ -68,7 +70,7 @@ def test_the_queue_lists_proposals_most_incidents_first(api, ingest_key, project
     big_incidents = [ingest(api, ingest_key, f"b-{i}") for i in range(3)]
     big = propose(project, "big", big_incidents)
     decided = propose(project, "decided")
-    services.skill_revision_reject(revision=decided, actor=None, reason="no")
+    version_services.skill_revision_reject(revision=decided, actor=None, reason="no")
 
     response = reviewer_client.get(url("review_queue", project))
 
@@ -145,7 +147,7 @@ def test_the_proposal_page_shows_evidence_as_a_conversation_with_redactions_mark
 
 def test_the_proposal_shows_a_word_diff_against_the_live_revision(project, reviewer_client):
     live = propose(project)
-    services.skill_revision_approve(revision=live, actor=None)
+    version_services.skill_revision_approve(revision=live, actor=None)
     revision = propose(project, instructions="Always pass dates as ISO 8601, YYYY-MM-DD.")
 
     response = reviewer_client.get(url("revision_detail", project, revision_id=revision.pk))
@@ -181,7 +183,7 @@ def test_an_htmx_approval_answers_the_new_panel_and_refreshes_the_queue(project,
 def test_approving_what_someone_else_approved_answers_409_naming_them(project, reviewer_client):
     revision = propose(project)
     first = factories.make_member(project, Role.REVIEWER, username="alice")
-    services.skill_revision_approve(revision=revision, actor=first)
+    version_services.skill_revision_approve(revision=revision, actor=first)
 
     response = reviewer_client.post(
         url("revision_approve", project, revision_id=revision.pk), HTTP_HX_REQUEST="true"
@@ -288,7 +290,7 @@ def test_an_invalid_edit_answers_422_naming_the_problem_and_keeps_the_text(
 
 def approved(project, slug, **kw) -> SkillRevision:
     revision = propose(project, slug, **kw)
-    services.skill_revision_approve(revision=revision, actor=None)
+    version_services.skill_revision_approve(revision=revision, actor=None)
     return revision
 
 
@@ -351,10 +353,12 @@ def test_a_reviewer_may_not_roll_back(project, reviewer_client):
 
 
 def test_promoting_a_version_that_is_no_longer_a_candidate_explains_why(project, admin_client):
-    candidate = services.policy_version_create_candidate(
+    candidate = version_services.policy_version_create_candidate(
         project=project, adapter_ref="tinker://r/1", base_model="m", changelog="LoRA"
     )
-    services.policy_version_promote(version=candidate, actor=None, actor_label="api-key:ab12")
+    version_services.policy_version_promote(
+        version=candidate, actor=None, actor_label="api-key:ab12"
+    )
 
     response = admin_client.post(url("version_promote", project, number=candidate.number))
 
@@ -363,7 +367,7 @@ def test_promoting_a_version_that_is_no_longer_a_candidate_explains_why(project,
 
 
 def test_an_admin_promotes_a_candidate(project, admin_client):
-    candidate = services.policy_version_create_candidate(
+    candidate = version_services.policy_version_create_candidate(
         project=project, adapter_ref="tinker://r/1", base_model="m", changelog="LoRA"
     )
 
@@ -399,7 +403,7 @@ def _grow(api, key, project, n: int) -> None:
         )
         revision = propose(project, f"grow-{n}-{i}", [incident])
         if i % 2:
-            services.skill_revision_approve(revision=revision, actor=None)
+            version_services.skill_revision_approve(revision=revision, actor=None)
 
 
 PAGES = {

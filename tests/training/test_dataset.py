@@ -11,7 +11,8 @@ from django.utils import timezone
 from incidents.models import Incident
 from incidents.schemas import IncidentIn, TrajectoryIn
 from incidents.services import incidents_ingest, trajectories_ingest
-from skills import services as skill_services
+from skills.library import services as library_services
+from skills.versions import services as version_services
 from tests import factories
 from training import services
 from training.demo import demo_trajectories_load
@@ -127,7 +128,7 @@ def test_cleaning_drops_duplicates_and_unusable_turns_redacts_secrets_and_cuts_l
 
 
 def _approve(project, slug: str):
-    revision = skill_services.skill_revision_propose(
+    revision = library_services.skill_revision_propose(
         project=project,
         slug=slug,
         name=slug.replace("-", " ").title(),
@@ -136,20 +137,20 @@ def _approve(project, slug: str):
         origin="human",
         author="human",
     )
-    skill_services.skill_revision_approve(revision=revision, actor=None, actor_label="test")
+    version_services.skill_revision_approve(revision=revision, actor=None, actor_label="test")
     return project.policy_versions.get(status="active")
 
 
 def test_data_from_an_older_skill_generation_or_a_rolled_back_version_is_not_used(project):
     v2 = _approve(project, "check-order-id")  # skill set {A}: generation 2
     v3 = _approve(project, "escalate-refunds")  # {A, B}
-    skill_services.policy_version_rollback(
+    version_services.policy_version_rollback(
         to_version=v2, actor=None, actor_label="test", reason="B made refunds worse"
     )
-    candidate = skill_services.policy_version_create_candidate(
+    candidate = version_services.policy_version_create_candidate(
         project=project, adapter_ref="adapter-1", base_model="m", changelog="new adapter"
     )
-    skill_services.policy_version_promote(version=candidate, actor=None, actor_label="test")
+    version_services.policy_version_promote(version=candidate, actor=None, actor_label="test")
     assert (v2.number, v3.number, candidate.number) == (2, 3, 4)
     ingest(
         project,
@@ -353,7 +354,7 @@ def test_sft_datasets_use_an_incident_only_with_a_corrected_answer(project):
 def test_incidents_from_an_older_skill_generation_or_a_rolled_back_version_are_not_used(project):
     v2 = _approve(project, "check-order-id")
     v3 = _approve(project, "escalate-refunds")
-    skill_services.policy_version_rollback(
+    version_services.policy_version_rollback(
         to_version=v2, actor=None, actor_label="test", reason="B made refunds worse"
     )
     assert (v2.number, v3.number) == (2, 3)

@@ -11,7 +11,7 @@ import pytest
 
 from base.models import AuditEvent
 from base.services import Conflict, PermissionDenied
-from skills.models import PolicyVersion, VersionStatus
+from skills.versions.models import PolicyVersion, VersionStatus
 from tests import factories
 from tests.fakes.tinker_server import FakeTinkerServer
 from training import services

@@ -13,7 +13,7 @@ from django.core.management import CommandError, call_command
 
 from base.models import AuditEvent, Project
 from base.services import DomainError, PermissionDenied
-from skills import services as skill_services
+from skills.versions import services as skill_services
 from tests import factories
 from training import services, serving
 

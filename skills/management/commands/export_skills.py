@@ -7,7 +7,7 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 
 from base.models import Project
-from skills import skillmd
+from skills.skillmd import services as skillmd
 
 
 class Command(BaseCommand):

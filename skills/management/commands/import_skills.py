@@ -8,7 +8,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from base.models import Project
 from base.services import DomainError
-from skills import skillmd
+from skills.skillmd import services as skillmd
 
 
 class Command(BaseCommand):

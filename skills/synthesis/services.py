@@ -37,21 +37,12 @@ from base.services import Conflict, DomainError, PermissionDenied, audit_record
 from base.sql import columns, placeholders
 from incidents import services as incident_services
 from incidents.models import GroupStatus, Incident, IncidentGroup, SynthesisStatus
-
-from . import llm
-from .embeddings import get_embedder, skill_text
-from .models import (
-    Author,
-    Category,
-    LlmUsage,
-    Origin,
-    PolicyVersion,
-    RevisionStatus,
-    Skill,
-    SkillRevision,
-    VersionStatus,
-)
-from .services import LIMITS, skill_content_validate, skill_revision_propose
+from skills.library.embeddings import get_embedder, skill_text
+from skills.library.models import Author, Category, Origin, RevisionStatus, Skill, SkillRevision
+from skills.library.services import LIMITS, skill_content_validate, skill_revision_propose
+from skills.synthesis import llm
+from skills.synthesis.models import LlmUsage
+from skills.versions.models import PolicyVersion, VersionStatus
 
 logger = logging.getLogger(__name__)
 

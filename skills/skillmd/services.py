@@ -24,17 +24,9 @@ from django.db import transaction
 
 from base.models import Project
 from base.services import DomainError, audit_record
-
-from .models import (
-    Author,
-    Category,
-    Origin,
-    PolicyVersion,
-    RevisionStatus,
-    SkillRevision,
-    VersionStatus,
-)
-from .services import SLUG_RE, skill_content_validate, skill_revision_propose
+from skills.library.models import Author, Category, Origin, RevisionStatus, SkillRevision
+from skills.library.services import SLUG_RE, skill_content_validate, skill_revision_propose
+from skills.versions.models import PolicyVersion, VersionStatus
 
 FILE_NAME = "SKILL.md"
 KNOWN_KEYS = {"name", "description", "category", "metadata"}

@@ -1,7 +1,7 @@
-"""Admin API for the skill library (SKILL.md import/export) and the fast loop's retry.
+"""Admin API for the skill library: SKILL.md import and export.
 
-Thin handlers over ``skills.skillmd`` and ``skills.synthesis``; ``admin`` keys only. The key's
-project scopes everything; the actor is the key (``api-key:<prefix>``)."""
+Thin handlers over ``skills.skillmd.services``; ``admin`` keys only. The key's project scopes
+everything; the actor is the key (``api-key:<prefix>``)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from ninja import Router, Schema, Status
 
 from base.auth import admin_auth
 from base.services import DomainError
-from incidents import selectors as incident_selectors
+from skills.skillmd import services as skillmd
 
-from . import skillmd, synthesis
+# Operation ids as before this module moved into skills.skillmd (see metaclaw_site.api).
+OPENAPI_OPERATION_PREFIX = "skills_api_library"
 
 router = Router(tags=["skill library"], auth=admin_auth)
 
@@ -36,11 +37,6 @@ class ImportOut(Schema):
     created: int
     unchanged: int
     skills: list[ImportedSkillOut]
-
-
-class RetryOut(Schema):
-    group_id: int
-    synthesis_status: str
 
 
 def _files_from_request(request: HttpRequest) -> dict[str, str]:
@@ -108,17 +104,3 @@ def export_library(request: HttpRequest, include_pending: bool = True) -> HttpRe
     response = HttpResponse(skillmd.zip_bytes(files), content_type="application/zip")
     response["Content-Disposition"] = f'attachment; filename="{project.slug}-skills.zip"'
     return response
-
-
-@router.post(
-    "/groups/{group_id}/retry-synthesis",
-    response={202: RetryOut},
-    summary="Ask the fast loop to try a failed (or no-skill) group again",
-)
-def retry_synthesis(request: HttpRequest, group_id: int):
-    group = incident_selectors.group_for_project(request.project, group_id)  # type: ignore[attr-defined]
-    group = synthesis.group_synthesis_retry(
-        group=group, actor=None, actor_label=_actor_label(request)
-    )
-    group.refresh_from_db(fields=["synthesis_status"])
-    return Status(202, RetryOut(group_id=group.pk, synthesis_status=group.synthesis_status))

@@ -1,6 +1,6 @@
 """Pages for approvals where reviewers are: the one-click link, Slack's interactivity endpoint
-and identity linking, and the project's integration settings. Thin: ``skills.approvals`` holds
-the rules."""
+and identity linking, and the project's integration settings. Thin:
+``skills.approvals.services`` holds the rules."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from django.views.decorators.http import require_http_methods, require_POST
 from base.decorators import project_view
 from base.models import Membership, Role
 from base.services import DomainError
-
-from . import approvals
-from .models import ApprovalAction, SkillRevision
+from skills.approvals import services as approvals
+from skills.approvals.models import ApprovalAction
+from skills.library.models import SkillRevision
 
 logger = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from django.db.models.functions import Coalesce
 from base.models import Project
 from base.services import NotFound
 from incidents.models import SEVERITY_RANK, Incident, IncidentGroup
-
-from . import diff as diffs
-from .models import PolicyVersion, RevisionStatus, Skill, SkillRevision, VersionStatus
+from skills.library.models import RevisionStatus, Skill, SkillRevision
+from skills.versions import diff as diffs
+from skills.versions.models import PolicyVersion, VersionStatus
 
 QUEUE_ORDERS = {
     "impact": ("-impact_events", F("impact_last_seen").desc(nulls_last=True), "-impact_severity"),
@@ -224,7 +224,7 @@ def version_revisions(version: PolicyVersion) -> list[SkillRevision]:
 
 
 def version_releases(version: PolicyVersion) -> list[Any]:
-    from .models import Release
+    from skills.versions.models import Release
 
     return list(
         Release.objects.filter(Q(to_version=version) | Q(from_version=version))

@@ -51,9 +51,8 @@ from base.services import (
     api_key_authenticate,
     api_key_cache_clear,
 )
-
-from .embeddings import get_embedder, skill_text, top_k
-from .models import PolicyVersion, VersionStatus
+from skills.library.embeddings import get_embedder, skill_text, top_k
+from skills.versions.models import PolicyVersion, VersionStatus
 
 try:
     import orjson as _orjson
@@ -886,15 +885,12 @@ def _session_feedback_apply(
 ) -> FeedbackResult:
     from incidents.models import Trajectory
     from incidents.schemas import IncidentIn
-    from incidents.services import incidents_ingest
+    from incidents.services import incidents_ingest, session_outcome_record
 
+    updated = session_outcome_record(
+        project=project, session_id=session_id, outcome=outcome, reward=reward
+    )
     turns = Trajectory.objects.filter(project=project, session_id=session_id)
-    changes: dict[str, Any] = {}
-    if outcome is not None:
-        changes["outcome"] = outcome
-    if reward is not None:
-        changes["reward"] = reward
-    updated = turns.update(**changes)
     if failure is None:
         return FeedbackResult(session_id, updated, None, None, False)
 

@@ -6,9 +6,9 @@ hash of the link's token is stored. A *personal* link (addressee set) acts as it
 without a login unless the project requires one; a *channel* link (no addressee: the one posted
 to Slack, a webhook or a team mailbox) acts as whoever opens it, who must log in.
 
-Every decision goes through the same services the dashboard uses (``skills.services``); this
-module only checks the link and records that it was used. The senders (HTTP, mail) live in
-``skills.notify``; the Celery tasks that call them in ``skills.tasks``.
+Every decision goes through the same services the dashboard uses (``skills.versions.services``);
+this module only checks the link and records that it was used. The senders (HTTP, mail) live in
+``skills.approvals.notify``; the Celery tasks that call them in ``skills.approvals.tasks``.
 """
 
 from __future__ import annotations
@@ -36,9 +36,8 @@ from base.queue import enqueue, enqueue_on_commit
 from base.selectors import membership_for
 from base.services import Conflict, DomainError, NotFound, PermissionDenied, audit_record
 from base.sql import placeholders
-
-from . import notify
-from .models import (
+from skills.approvals import notify
+from skills.approvals.models import (
     ApprovalAction,
     ApprovalRequest,
     InteractionStatus,
@@ -46,14 +45,11 @@ from .models import (
     NotificationChannel,
     NotificationKind,
     NotificationStatus,
-    PolicyVersion,
-    Release,
-    RevisionStatus,
-    SkillRevision,
     SlackInteraction,
-    VersionStatus,
 )
-from .services import (
+from skills.library.models import RevisionStatus, SkillRevision
+from skills.versions.models import PolicyVersion, Release, VersionStatus
+from skills.versions.services import (
     _revision_decided_message,
     _version_decided_message,
     policy_version_promote,

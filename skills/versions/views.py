@@ -1,8 +1,9 @@
 """Operators' dashboard: review queue, proposal detail, policy versions, skills library.
 
-Thin views: reads through ``skills.selectors``, decisions through ``skills.services`` (the same
-ones the API and the approval links call). Role checks: ``project_view`` for the page, and the
-service again for the action. htmx requests get the partial that changed."""
+Thin views: reads through ``skills.versions.selectors``, decisions through
+``skills.versions.services`` (the same ones the API and the approval links call). Role checks:
+``project_view`` for the page, and the service again for the action. htmx requests get the
+partial that changed."""
 
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ from base.decorators import project_view
 from base.models import Role
 from base.services import Conflict, DomainError, NotFound, PermissionDenied
 from incidents.selectors import agents_for_project
-
-from . import selectors, services
-from .models import Category, Origin, PolicyVersion, VersionStatus
+from skills.library.models import Category, Origin
+from skills.versions import selectors, services
+from skills.versions.models import PolicyVersion, VersionStatus
 
 QUEUE_FILTERS = ("category", "origin", "agent", "q", "order")
 LIBRARY_PAGE_SIZE = 50
@@ -355,26 +356,3 @@ def skill_library(request: HttpRequest) -> HttpResponse:
     if request.htmx:  # type: ignore[attr-defined]
         template += "#library"
     return render(request, template, {"page": page, "skills": list(page.object_list), "q": q})
-
-
-# --- Fast loop (group page actions) ----------------------------------------------------------
-
-
-@require_POST
-@project_view(role=Role.REVIEWER)
-def group_retry_synthesis(request: HttpRequest, group_id: int) -> HttpResponse:
-    from incidents.selectors import group_for_project
-
-    from .synthesis import group_synthesis_retry
-
-    project = request.project  # type: ignore[attr-defined]
-    try:
-        group = group_for_project(project, group_id)
-    except NotFound as exc:
-        raise Http404(str(exc)) from exc
-    try:
-        group_synthesis_retry(group=group, actor=request.user)
-        messages.success(request, "Synthesis requested again.")
-    except DomainError as exc:
-        messages.error(request, str(exc))
-    return redirect("incidents:group_detail", project_slug=project.slug, group_id=group.pk)

@@ -13,7 +13,7 @@ Two doors lead to the same ``proxy_handle``: the Django view ``chat_completions`
 production ASGI app puts in front of Django so the hot path skips the middleware stack (Django
 runs sync middleware in a thread per request, which would cost more than everything else the
 proxy does). ``ROUTES`` are the skills app's routes on the fast lane: the proxy, behind a door
-that refuses in OpenAI's error shape, and the runtime API's (``skills.api_runtime``).
+that refuses in OpenAI's error shape, and the runtime API's (``skills.runtime.api``).
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ from base.fast_lane import (
     in_worker_thread,
 )
 from base.services import NotFound
-
-from . import api_runtime, runtime
+from skills.runtime import api as api_runtime
+from skills.runtime import services as runtime
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,7 @@ from base.fast_lane import (
 )
 from base.services import NotFound
 from incidents.schemas import ErrorIn, KindLiteral, SeverityLiteral
-
-from . import runtime
+from skills.runtime import services as runtime
 
 
 class RuntimeAuth(HttpBearer):
@@ -39,6 +38,9 @@ class RuntimeAuth(HttpBearer):
             request.project = api_key.project  # type: ignore[attr-defined]
         return api_key
 
+
+# Operation ids as before this module moved into skills.runtime (see metaclaw_site.api).
+OPENAPI_OPERATION_PREFIX = "skills_api_runtime"
 
 router = Router(tags=["runtime"], auth=RuntimeAuth())
 
@@ -191,7 +193,7 @@ def runtime_skills_retrieve(request: HttpRequest, payload: RetrieveIn) -> HttpRe
     )
 
 
-# --- The same endpoints on the ASGI fast lane (base.fast_lane; skills.proxy.ROUTES) --
+# --- The same endpoints on the ASGI fast lane (base.fast_lane; skills.runtime.proxy.ROUTES) --
 # Agents poll these; Django's middleware stack would cost more than the answer. Same handlers,
 # same error shapes as the NinjaAPI's.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from . import approval_views as views
+from skills.approvals import views
 
 app_name = "approvals"
 

@@ -25,7 +25,9 @@ from django.conf import settings
 from django.core.mail import EmailMultiAlternatives
 
 if TYPE_CHECKING:
-    from .models import Notification, PolicyVersion, SkillRevision
+    from skills.approvals.models import Notification
+    from skills.library.models import SkillRevision
+    from skills.versions.models import PolicyVersion
 
 TIMEOUT = httpx.Timeout(5.0, connect=3.0)
 USER_AGENT = "MetaClaw-Notifier/1"

@@ -1,6 +1,6 @@
 """Admin API for reviews and policy versions (admins and CI pipelines, ``admin`` keys).
 
-Thin handlers: reads through ``skills.selectors``, decisions through the same services the
+Thin handlers: reads through ``skills.versions.selectors``, decisions through the same services the
 dashboard and the approval links call. The key's project scopes everything; the actor is the
 key itself (``api-key:<prefix>``), whose permission the ``admin`` scope has checked."""
 
@@ -14,11 +14,14 @@ from ninja import Field, Query, Router, Schema, Status
 
 from base.auth import admin_auth
 from base.pagination import paginate
-
-from . import selectors, services
-from .models import Category, Origin, PolicyVersion, RevisionStatus, SkillRevision, VersionStatus
+from skills.library.models import Category, Origin, RevisionStatus, SkillRevision
+from skills.versions import selectors, services
+from skills.versions.models import PolicyVersion, VersionStatus
 
 # Schemas live here rather than in skills/schemas.py: that module belongs to the runtime API.
+
+# Operation ids as before this module moved into skills.versions (see metaclaw_site.api).
+OPENAPI_OPERATION_PREFIX = "skills_api"
 
 router = Router(tags=["reviews and versions"], auth=admin_auth)
 

@@ -1,0 +1,123 @@
+"""Skills (a stable identity) and their revisions (immutable content)."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+from base.models import Project
+from incidents.models import Incident, IncidentGroup
+
+
+class Category(models.TextChoices):
+    """The categories of the published MetaClaw's SKILL.md files."""
+
+    GENERAL = "general", "General"
+    CODING = "coding", "Coding"
+    RESEARCH = "research", "Research"
+    DATA_ANALYSIS = "data_analysis", "Data analysis"
+    SECURITY = "security", "Security"
+    COMMUNICATION = "communication", "Communication"
+    AUTOMATION = "automation", "Automation"
+    AGENTIC = "agentic", "Agentic"
+    PRODUCTIVITY = "productivity", "Productivity"
+    COMMON_MISTAKES = "common_mistakes", "Common mistakes"
+
+
+class Skill(models.Model):
+    """The stable identity of a skill; its content lives in revisions."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="skills")
+    slug = models.SlugField(max_length=64)
+    category = models.CharField(max_length=32, choices=Category.choices, default=Category.GENERAL)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["project", "slug"], name="skill_unique_slug"),
+        ]
+        ordering = ["slug"]
+
+    def __str__(self) -> str:
+        return self.slug
+
+
+class RevisionStatus(models.TextChoices):
+    PROPOSED = "proposed", "Proposed"
+    APPROVED = "approved", "Approved"
+    REJECTED = "rejected", "Rejected"
+    SUPERSEDED = "superseded", "Superseded"
+
+
+class Author(models.TextChoices):
+    LLM = "llm", "LLM"
+    HUMAN = "human", "Human"
+
+
+class Origin(models.TextChoices):
+    """Where the text truly came from (the demo labels fixtures as such)."""
+
+    LIVE_LLM = "live_llm", "Written by the configured LLM"
+    HUMAN = "human", "Written by a person"
+    IMPORT = "import", "Imported from SKILL.md"
+    DEMO_FIXTURE = "demo_fixture", "Demo fixture (not written by a live LLM)"
+    EVIDENCE_DRAFT = "evidence_draft", "Draft built from evidence (no LLM configured)"
+
+
+class SkillRevision(models.Model):
+    """Immutable content of a skill. Editing makes a new revision; only the status fields
+    (through services) ever change after creation."""
+
+    skill = models.ForeignKey(Skill, on_delete=models.CASCADE, related_name="revisions")
+    number = models.PositiveIntegerField()
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children"
+    )
+    name = models.CharField(max_length=120)
+    description = models.CharField(max_length=500, help_text="When to use it, in one sentence.")
+    instructions = models.TextField(help_text="Markdown.")
+    examples = models.JSONField(default=list, blank=True)
+    category = models.CharField(max_length=32, choices=Category.choices, default=Category.GENERAL)
+    author = models.CharField(max_length=8, choices=Author.choices)
+    origin = models.CharField(max_length=16, choices=Origin.choices)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    source_groups = models.ManyToManyField(
+        IncidentGroup, blank=True, related_name="skill_revisions"
+    )
+    source_incidents = models.ManyToManyField(Incident, blank=True, related_name="skill_revisions")
+    diagnosis = models.TextField(blank=True, default="")
+    # Redactions applied to the evidence before it left the process: [{"kind": "email", "count": 2}]
+    redactions = models.JSONField(default=list, blank=True)
+    llm_model = models.CharField(max_length=200, blank=True, default="")
+    prompt_version = models.CharField(max_length=32, blank=True, default="")
+    tokens_in = models.PositiveIntegerField(default=0)
+    tokens_out = models.PositiveIntegerField(default=0)
+    embedding = models.JSONField(null=True, blank=True)
+    status = models.CharField(
+        max_length=16, choices=RevisionStatus.choices, default=RevisionStatus.PROPOSED
+    )
+    status_changed_at = models.DateTimeField(null=True, blank=True)
+    first_approved_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    decision_reason = models.TextField(blank=True, default="")
+    # Set when a policy version containing this revision was rolled back: the fast loop must not
+    # propose the same text again unchanged.
+    rolled_back_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["skill", "number"], name="revision_unique_number"),
+        ]
+        indexes = [models.Index(fields=["status", "-created_at"], name="revision_status_recent")]
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.skill.slug} r{self.number}"
