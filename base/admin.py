@@ -1,19 +1,9 @@
+"""Django's admin for tenancy and audit. Projects are registered by the project package
+(``metaclaw_site.admin``): a new project also gets its first policy version."""
+
 from django.contrib import admin
 
-from .models import ApiKey, AuditEvent, Membership, Project
-
-
-class MembershipInline(admin.TabularInline):
-    model = Membership
-    extra = 0
-
-
-@admin.register(Project)
-class ProjectAdmin(admin.ModelAdmin):
-    list_display = ("name", "slug", "created_at", "require_second_approver")
-    search_fields = ("name", "slug")
-    inlines = [MembershipInline]
-    exclude = ("slack_signing_secret", "webhook_secret", "upstream_api_key")
+from base.models import ApiKey, AuditEvent, Membership
 
 
 @admin.register(Membership)

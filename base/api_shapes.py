@@ -12,7 +12,7 @@ import orjson
 from ninja.responses import NinjaJSONEncoder
 from pydantic import ValidationError as PydanticValidationError
 
-from .services import Conflict, DomainError, NotFound, PermissionDenied
+from base.errors import Conflict, DomainError, NotFound, PermissionDenied
 
 
 def parse_json(body: bytes) -> Any:

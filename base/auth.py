@@ -9,9 +9,10 @@ from django.conf import settings
 from django.http import HttpRequest
 from ninja.security import HttpBearer
 
-from . import counters
-from .models import ApiKey
-from .services import api_key_authenticate
+from base import counters
+from base.models import ApiKey
+from base.requests import attach_api_key
+from base.services import api_key_authenticate
 
 
 class ScopeDenied(Exception):
@@ -49,8 +50,7 @@ def check_key(request: HttpRequest, token: str, scopes: tuple[str, ...]) -> ApiK
     if api_key is None:
         return None
     admit(api_key, scopes)
-    request.api_key = api_key  # type: ignore[attr-defined]
-    request.project = api_key.project  # type: ignore[attr-defined]
+    attach_api_key(request, api_key)
     return api_key
 
 

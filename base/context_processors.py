@@ -9,7 +9,7 @@ def current_project(request: HttpRequest) -> dict[str, Any]:
     user = getattr(request, "user", None)
     if user is None or not user.is_authenticated:
         return {}
-    from .selectors import membership_for, projects_for_user
+    from base.selectors import membership_for, projects_for_user
 
     project = getattr(request, "current_project", None)
     if project is not None and not project:  # an empty lazy object: no project at all

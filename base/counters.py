@@ -16,7 +16,7 @@ import time
 from django.conf import settings
 from django.core.cache import cache
 
-from .periodic import Periodic
+from base.periodic import Periodic
 
 logger = logging.getLogger(__name__)
 

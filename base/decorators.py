@@ -9,10 +9,11 @@ from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseForbidden
 from django.template.loader import render_to_string
 
-from .middleware import CurrentProjectMiddleware
-from .models import Role
-from .selectors import project_for_user
-from .services import NotFound, PermissionDenied
+from base.errors import NotFound, PermissionDenied
+from base.middleware import CurrentProjectMiddleware
+from base.models import Role
+from base.requests import attach_project
+from base.selectors import project_for_user
 
 
 def project_view(role: str = Role.VIEWER) -> Callable:
@@ -33,9 +34,8 @@ def project_view(role: str = Role.VIEWER) -> Callable:
                 return HttpResponseForbidden(
                     render_to_string("403.html", {"message": str(exc)}, request=request)
                 )
-            request.project = project  # type: ignore[attr-defined]
-            request.membership = membership  # type: ignore[attr-defined]
-            request.current_project = project  # type: ignore[attr-defined]
+            # The same object, now typed as what project views read (base.requests).
+            request = attach_project(request, project=project, membership=membership)
             if request.session.get(CurrentProjectMiddleware.SESSION_KEY) != project.slug:
                 request.session[CurrentProjectMiddleware.SESSION_KEY] = project.slug
             try:

@@ -29,11 +29,18 @@ from django.http.request import split_domain_port, validate_host
 from pydantic import BaseModel, create_model
 from pydantic import ValidationError as PydanticValidationError
 
-from . import counters
-from .api_shapes import domain_error_answer, invalid_body, parse_json, pydantic_errors, render_json
-from .auth import RateLimited, ScopeDenied, admit
-from .middleware import api_body_limit, too_large_body
-from .services import DomainError, api_key_authenticate, api_key_cached
+from base import counters
+from base.api_shapes import (
+    domain_error_answer,
+    invalid_body,
+    parse_json,
+    pydantic_errors,
+    render_json,
+)
+from base.auth import RateLimited, ScopeDenied, admit
+from base.errors import DomainError
+from base.middleware import api_body_limit, too_large_body
+from base.services import api_key_authenticate, api_key_cached
 
 logger = logging.getLogger(__name__)
 

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.functional import SimpleLazyObject
 
-from .models import Project
+from base.models import Project
+from base.requests import SiteRequest
 
 
 class ApiBodyLimitMiddleware:
@@ -76,14 +78,16 @@ class CurrentProjectMiddleware:
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         # Lazy: project pages set it from their URL, so most requests never run this query.
-        request.current_project = SimpleLazyObject(lambda: self._project(request))  # type: ignore[attr-defined]
+        # The proxy stands in for the Project (or None) it loads on first use.
+        current_project = cast("Project | None", SimpleLazyObject(lambda: self._project(request)))
+        cast(SiteRequest, request).current_project = current_project
         return self.get_response(request)
 
     def _project(self, request: HttpRequest) -> Project | None:
         user = getattr(request, "user", None)
         if user is None or not user.is_authenticated:
             return None
-        from .selectors import projects_for_user
+        from base.selectors import projects_for_user
 
         projects = projects_for_user(user)
         slug = request.session.get(self.SESSION_KEY)

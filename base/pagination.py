@@ -9,7 +9,7 @@ from typing import Any
 
 from django.db.models import Q, QuerySet
 
-from .services import DomainError
+from base.errors import DomainError
 
 
 def encode_cursor(values: list[Any]) -> str:

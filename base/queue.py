@@ -1,7 +1,7 @@
 """How services hand work to Celery: by the task's name, after commit.
 
 Services enqueue and tasks call services, so a tasks module imports its services and never the
-reverse: a service names the task it wants (``"training.tasks.training_run_execute"``) and the
+reverse: a service names the task it wants (``"training.runs.tasks.training_run_execute"``) and the
 Celery app's registry finds it. ``task.delay`` is what runs, so routing, eager mode in tests and
 a test's patch of ``delay`` behave as before.
 

@@ -6,8 +6,8 @@ from typing import Any
 
 from django.db.models import QuerySet
 
-from .models import ApiKey, AuditEvent, Membership, Project, Role
-from .services import NotFound, PermissionDenied
+from base.errors import NotFound, PermissionDenied
+from base.models import ApiKey, AuditEvent, Membership, Project, Role
 
 
 def projects_for_user(user: Any) -> QuerySet[Project]:

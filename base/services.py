@@ -13,40 +13,18 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
+from django.core.validators import URLValidator
 from django.db import transaction
 from django.utils import timezone
 from django.utils.text import slugify
 
-from .models import ApiKey, ApiKeyScope, AuditEvent, Membership, Project, Role
+from base import permissions
+from base.errors import Conflict, DomainError
+from base.models import ApiKey, ApiKeyScope, AuditEvent, Membership, Project, Role
 
 KEY_PREFIX = "mc_"
 VALID_SCOPES = {choice.value for choice in ApiKeyScope}
-
-
-class DomainError(Exception):
-    """A business rule refused the action. ``code`` is stable; the message is for people."""
-
-    code = "refused"
-
-    def __init__(self, message: str, *, code: str | None = None, field: str | None = None) -> None:
-        super().__init__(message)
-        if code:
-            self.code = code
-        self.field = field
-
-
-class NotFound(DomainError):
-    code = "not_found"
-
-
-class Conflict(DomainError):
-    """The object is not in a state that allows this action (someone else acted first...)."""
-
-    code = "conflict"
-
-
-class PermissionDenied(DomainError):
-    code = "forbidden"
 
 
 def audit_record(
@@ -80,7 +58,10 @@ def audit_record(
 
 
 @transaction.atomic
-def project_create(*, name: str, slug: str = "", actor: Any = None) -> Project:
+def project_row_create(*, name: str, slug: str = "", actor: Any = None) -> Project:
+    """The project's own row and its audit event, nothing else: a project also starts with a
+    policy version, which the skills app owns, so make one with
+    ``metaclaw_site.projects.project_create``."""
     slug = slugify(slug or name)[:64]
     if not slug:
         raise DomainError("A project needs a name.", field="name")
@@ -268,3 +249,41 @@ def api_key_authenticate(secret: str) -> ApiKey | None:
                 _key_cache.clear()
             _key_cache[hashed] = (time.monotonic(), api_key)
     return api_key
+
+
+# --- The project's upstream: where its proxy forwards (the slow loop's adapter server, offline) -
+
+
+@transaction.atomic
+def project_upstream_set(
+    *, project: Project, base_url: str, actor: Any = None, actor_label: str = ""
+) -> Project:
+    """Point the project's proxy (``/v1/chat/completions``) at ``base_url``, an
+    OpenAI-compatible endpoint such as ``serve_adapter``'s; ``""`` falls back to the site-wide
+    upstream. Locks the project row so two commands cannot interleave their audit events."""
+    permissions.require_role(actor, project, Role.ADMIN)
+    base_url = base_url.strip().rstrip("/")
+    if base_url:
+        try:
+            URLValidator(schemes=["http", "https"])(base_url)
+        except ValidationError as exc:
+            raise DomainError(
+                f"'{base_url}' is not an http(s) URL.", field="upstream_base_url"
+            ) from exc
+    locked = Project.objects.select_for_update().get(pk=project.pk)
+    before = locked.upstream_base_url
+    if before == base_url:
+        return locked
+    locked.upstream_base_url = base_url
+    locked.save(update_fields=["upstream_base_url"])
+    audit_record(
+        action="project.upstream.update",
+        project=locked,
+        actor=actor,
+        actor_label=actor_label,
+        obj=locked,
+        before={"upstream_base_url": before},
+        after={"upstream_base_url": base_url},
+    )
+    project.upstream_base_url = base_url
+    return locked

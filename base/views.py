@@ -15,13 +15,14 @@ from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 from django.views.decorators.http import require_GET, require_POST
 
-from . import selectors, services
-from .decorators import project_view
-from .middleware import CurrentProjectMiddleware
-from .models import ApiKeyScope, AuditEvent, Membership, Role
-from .pagination import paginate
-from .selectors import projects_for_user
-from .services import Conflict, DomainError
+from base import selectors, services
+from base.decorators import project_view
+from base.errors import Conflict, DomainError
+from base.middleware import CurrentProjectMiddleware
+from base.models import ApiKeyScope, AuditEvent, Membership, Role
+from base.pagination import paginate
+from base.requests import ProjectRequest
+from base.selectors import projects_for_user
 
 
 @require_GET
@@ -89,8 +90,8 @@ def _parse_when(value: str, *, field: str, end: bool = False) -> datetime | None
 
 @require_GET
 @project_view()
-def audit_log(request: HttpRequest) -> HttpResponse:
-    project = request.project  # type: ignore[attr-defined]
+def audit_log(request: ProjectRequest) -> HttpResponse:
+    project = request.project
     filters = {
         name: request.GET.get(name, "").strip()
         for name in ("action", "actor", "object_type", "since", "until")
@@ -147,7 +148,7 @@ def audit_log(request: HttpRequest) -> HttpResponse:
         "first_url": "?" + urlencode(given) if given else request.path,
         "is_later_page": bool(request.GET.get("cursor")),
     }
-    if request.htmx:  # type: ignore[attr-defined]
+    if request.htmx:
         # htmx swaps only 2xx answers; the partial itself names the bad field.
         return render(request, "base/audit_log.html#audit-table", context)
     return render(request, "base/audit_log.html", context, status=400 if errors else 200)
@@ -159,8 +160,8 @@ def _json(value: object) -> str:
     return json.dumps(value, indent=1, sort_keys=True, default=str)
 
 
-def _api_keys_context(request: HttpRequest, **extra: object) -> dict:
-    project = request.project  # type: ignore[attr-defined]
+def _api_keys_context(request: ProjectRequest, **extra: object) -> dict:
+    project = request.project
     return {
         "keys": list(selectors.api_keys_for_project(project)),
         "scopes": ApiKeyScope.choices,
@@ -170,17 +171,17 @@ def _api_keys_context(request: HttpRequest, **extra: object) -> dict:
 
 @require_GET
 @project_view(role=Role.ADMIN)
-def api_keys(request: HttpRequest) -> HttpResponse:
+def api_keys(request: ProjectRequest) -> HttpResponse:
     return render(request, "base/api_keys.html", _api_keys_context(request, form={}))
 
 
 @require_POST
 @project_view(role=Role.ADMIN)
-def api_keys_create(request: HttpRequest) -> HttpResponse:
+def api_keys_create(request: ProjectRequest) -> HttpResponse:
     form = {"name": request.POST.get("name", ""), "scopes": request.POST.getlist("scopes")}
     try:
         issued = services.api_key_create(
-            project=request.project,  # type: ignore[attr-defined]
+            project=request.project,
             name=form["name"],
             scopes=form["scopes"],
             actor=request.user,
@@ -201,24 +202,24 @@ def api_keys_create(request: HttpRequest) -> HttpResponse:
 
 @require_POST
 @project_view(role=Role.ADMIN)
-def api_keys_revoke(request: HttpRequest, key_id: int) -> HttpResponse:
-    project = request.project  # type: ignore[attr-defined]
+def api_keys_revoke(request: ProjectRequest, key_id: int) -> HttpResponse:
+    project = request.project
     api_key = get_object_or_404(selectors.api_keys_for_project(project), pk=key_id)
     try:
         services.api_key_revoke(api_key=api_key, actor=request.user)
     except DomainError as exc:
-        if request.htmx:  # type: ignore[attr-defined]
+        if request.htmx:
             return HttpResponse(str(exc), status=409)
         messages.error(request, str(exc))
     else:
-        if request.htmx:  # type: ignore[attr-defined]
+        if request.htmx:
             return render(request, "base/api_keys.html#key-table", _api_keys_context(request))
         messages.success(request, f"Key {api_key.name} (mc_{api_key.prefix}…) revoked.")
     return redirect("project:api_keys", project_slug=project.slug)
 
 
-def _members_context(request: HttpRequest, **extra: object) -> dict:
-    project = request.project  # type: ignore[attr-defined]
+def _members_context(request: ProjectRequest, **extra: object) -> dict:
+    project = request.project
     return {
         "memberships": list(selectors.memberships_for_project(project)),
         "roles": Role.choices,
@@ -228,14 +229,14 @@ def _members_context(request: HttpRequest, **extra: object) -> dict:
 
 @require_GET
 @project_view(role=Role.ADMIN)
-def members(request: HttpRequest) -> HttpResponse:
+def members(request: ProjectRequest) -> HttpResponse:
     return render(request, "base/members.html", _members_context(request, form={}))
 
 
 @require_POST
 @project_view(role=Role.ADMIN)
-def members_add(request: HttpRequest) -> HttpResponse:
-    project = request.project  # type: ignore[attr-defined]
+def members_add(request: ProjectRequest) -> HttpResponse:
+    project = request.project
     form = {"username": request.POST.get("username", "").strip(), "role": request.POST.get("role")}
     user = get_user_model().objects.filter(username=form["username"]).first()
     try:
@@ -253,15 +254,15 @@ def members_add(request: HttpRequest) -> HttpResponse:
     return redirect("project:members", project_slug=project.slug)
 
 
-def _member_or_404(request: HttpRequest, user_id: int) -> Membership:
-    project = request.project  # type: ignore[attr-defined]
+def _member_or_404(request: ProjectRequest, user_id: int) -> Membership:
+    project = request.project
     return get_object_or_404(selectors.memberships_for_project(project), user_id=user_id)
 
 
 @require_POST
 @project_view(role=Role.ADMIN)
-def members_set_role(request: HttpRequest, user_id: int) -> HttpResponse:
-    project = request.project  # type: ignore[attr-defined]
+def members_set_role(request: ProjectRequest, user_id: int) -> HttpResponse:
+    project = request.project
     membership = _member_or_404(request, user_id)
     role = request.POST.get("role", "")
     try:
@@ -279,8 +280,8 @@ def members_set_role(request: HttpRequest, user_id: int) -> HttpResponse:
 
 @require_POST
 @project_view(role=Role.ADMIN)
-def members_remove(request: HttpRequest, user_id: int) -> HttpResponse:
-    project = request.project  # type: ignore[attr-defined]
+def members_remove(request: ProjectRequest, user_id: int) -> HttpResponse:
+    project = request.project
     membership = _member_or_404(request, user_id)
     try:
         services.membership_remove(project=project, user=membership.user, actor=request.user)

@@ -51,16 +51,16 @@ def load() -> None:
     from django.db import connection, transaction
     from django.utils import timezone
 
-    from base import services as site_services
     from base.models import AuditEvent, Project
     from incidents.models import Incident, IncidentGroup
+    from metaclaw_site.projects import project_create
     from skills.library.models import Origin, RevisionStatus, Skill, SkillRevision
     from skills.versions.models import PolicyVersion, Release, ReleaseKind, VersionStatus
 
     rng = random.Random(7)
     now = timezone.now()
     Project.objects.filter(slug=SLUG).delete()
-    project = site_services.project_create(name="Bench dashboard", slug=SLUG)
+    project = project_create(name="Bench dashboard", slug=SLUG)
     started = time.perf_counter()
     kinds = ["tool_error", "wrong_answer", "timeout", "user_complaint"]
     severities = ["low", "medium", "high", "critical"]

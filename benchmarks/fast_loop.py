@@ -221,11 +221,12 @@ def main() -> int:
 
     from base import services
     from incidents.models import IncidentGroup
+    from metaclaw_site.projects import project_create
     from skills.library.models import SkillRevision
 
     run = secrets.token_hex(3)
-    project = services.project_create(name=f"Fast-loop bench {run}", slug=f"bench-{run}")
-    warm_project = services.project_create(name=f"Warm-up {run}", slug=f"warm-{run}")
+    project = project_create(name=f"Fast-loop bench {run}", slug=f"bench-{run}")
+    warm_project = project_create(name=f"Warm-up {run}", slug=f"warm-{run}")
     key = services.api_key_create(project=project, name="bench", scopes=["ingest"]).secret
     warm_key = services.api_key_create(project=warm_project, name="warm", scopes=["ingest"]).secret
 

@@ -36,8 +36,9 @@ def setup_project(env: dict[str, str]) -> str:
     django_setup(env)
     from base import services
     from base.models import Project
+    from metaclaw_site.projects import project_create
 
-    project = Project.objects.filter(slug="bench").first() or services.project_create(
+    project = Project.objects.filter(slug="bench").first() or project_create(
         name="Bench", slug="bench"
     )
     return services.api_key_create(project=project, name="bench", scopes=["ingest"]).secret

@@ -185,11 +185,12 @@ def setup_project(env: dict[str, str]) -> str:
     django_setup(env)
     from base import services
     from base.models import Project
+    from metaclaw_site.projects import project_create
     from skills.library.models import RevisionStatus, Skill, SkillRevision
     from skills.versions.models import PolicyVersion, VersionStatus
     from skills.versions.services import policy_version_create_candidate, policy_version_promote
 
-    project = Project.objects.filter(slug=PROJECT_SLUG).first() or services.project_create(
+    project = Project.objects.filter(slug=PROJECT_SLUG).first() or project_create(
         name="Runtime bench", slug=PROJECT_SLUG
     )
     active = PolicyVersion.objects.get(project=project, status=VersionStatus.ACTIVE)

@@ -5,7 +5,7 @@
 1. Stores ``--count`` varied trajectories (some exact duplicates, secrets, failures, corrected
    answers, over-long histories) in a throwaway project in PostgreSQL (database
    ``metaclaw_bench_slow`` unless ``DATABASE_URL`` says otherwise; migrated first), then times
-   ``training.services.dataset_build`` over them: trajectories/s, with the cleaning report.
+   ``training.datasets.services.dataset_build`` over them: trajectories/s, with the cleaning report.
 2. Trains ``--steps`` LoRA steps on the local backend (``benchmarks/slow_loop_train.py``, in a
    fresh process) and reports tokens/s and peak memory.
 """
@@ -26,9 +26,9 @@ ensure_database(ENV)
 django_setup(ENV)
 
 from base.models import Project  # noqa: E402
-from base.services import project_create  # noqa: E402
+from incidents.ingest import trajectories_ingest  # noqa: E402
 from incidents.schemas import TrajectoryIn  # noqa: E402
-from incidents.services import trajectories_ingest  # noqa: E402
+from metaclaw_site.projects import project_create  # noqa: E402
 from skills.versions.models import Release  # noqa: E402
 
 NOUNS = (
@@ -99,7 +99,8 @@ def _payloads(count: int, seed: int = 11) -> list[TrajectoryIn]:
 
 
 def measure_dataset_build(count: int) -> dict:
-    from training import services
+    from training.datasets import services as datasets_services
+    from training.policy import services as policy_services
 
     project = project_create(name=f"slow-loop bench {uuid.uuid4().hex[:8]}")
     try:
@@ -108,10 +109,12 @@ def measure_dataset_build(count: int) -> dict:
         for start in range(0, len(payloads), 1000):
             trajectories_ingest(project=project, items=payloads[start : start + 1000])
         ingest_seconds = time.perf_counter() - started
-        services.idle_policy_update(project=project, max_tokens_per_run=10_000_000)
-        services.dataset_build(project=project, chunk_size=50)  # warm: embedder load, caches
+        policy_services.idle_policy_update(project=project, max_tokens_per_run=10_000_000)
+        datasets_services.dataset_build(
+            project=project, chunk_size=50
+        )  # warm: embedder load, caches
         started = time.perf_counter()
-        dataset = services.dataset_build(project=project)
+        dataset = datasets_services.dataset_build(project=project)
         seconds = time.perf_counter() - started
         report = dataset.report
         return {

@@ -34,20 +34,20 @@ def main() -> None:
 
     from django.db import connection
 
-    from base import services
-    from incidents import services as incident_services
+    from incidents import ingest as incident_ingest
     from incidents import signals
     from incidents.schemas import IncidentIn
+    from metaclaw_site.projects import project_create
     from skills.library.embeddings import get_embedder
     from skills.synthesis.services import group_synthesize
 
     signals.groups_await_synthesis.receivers.clear()  # no worker here: this process synthesises
     get_embedder()
-    project = services.project_create(name="Synthesis cost", slug=f"cost-{secrets.token_hex(3)}")
+    project = project_create(name="Synthesis cost", slug=f"cost-{secrets.token_hex(3)}")
     group_ids = []
     for group in range(args.groups):
         for n in range(2):
-            (result,) = incident_services.incidents_ingest(
+            (result,) = incident_ingest.incidents_ingest(
                 project=project, items=[IncidentIn(**_payload(group, n))]
             )
         group_ids.append(result.group_id)

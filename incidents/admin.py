@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from .models import Incident, IncidentGroup, Trajectory
+from incidents.models import Incident, IncidentGroup, Trajectory
 
 
 @admin.register(IncidentGroup)

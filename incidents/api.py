@@ -7,18 +7,19 @@ from typing import Any
 from uuid import UUID
 
 from django.conf import settings
-from django.http import HttpRequest
+from django.db.models import QuerySet
 from ninja import Query, Router, Schema, Status
 from pydantic import ValidationError as PydanticValidationError
 
 from base.api_shapes import pydantic_errors
 from base.auth import admin_auth, ingest_auth, read_auth
-from base.models import ApiKey, Project
+from base.errors import DomainError
+from base.models import Project
 from base.pagination import paginate
-from base.services import DomainError
-
-from . import selectors, services
-from .schemas import (
+from base.permissions import api_key_label
+from base.requests import ApiRequest
+from incidents import ingest, selectors, services
+from incidents.schemas import (
     BatchIn,
     BatchOut,
     GroupOut,
@@ -34,28 +35,20 @@ from .schemas import (
 router = Router(tags=["incidents"])
 
 
-def _actor_label(request: HttpRequest) -> str:
-    return actor_label(request.api_key)  # type: ignore[attr-defined]
-
-
-def actor_label(api_key: ApiKey) -> str:
-    return f"api-key:{api_key.prefix}"
-
-
 # --- Answers shared by both doors: these views, and incidents.fast_lane on the ASGI fast lane
 
 
 def incident_answer(*, project: Project, payload: IncidentIn, actor: str) -> tuple[int, dict]:
     """Store one incident: the status and body of ``POST /incidents``."""
-    (result,) = services.incidents_ingest(project=project, items=[payload], actor_label=actor)
+    (result,) = ingest.incidents_ingest(project=project, items=[payload], actor_label=actor)
     return _status_of(result), _result_fields(result)
 
 
-def _status_of(result: services.IngestResult) -> int:
+def _status_of(result: ingest.IngestResult) -> int:
     return 200 if result.duplicate else 202
 
 
-def _result_fields(result: services.IngestResult) -> dict:
+def _result_fields(result: ingest.IngestResult) -> dict:
     return {
         "id": result.incident_id,
         "client_id": result.client_id,
@@ -71,7 +64,7 @@ def incident_batch_answer(*, project: Project, items: list[Any], actor: str) -> 
     _check_batch_size(items)
     valid, invalid = _validate_items(items, IncidentIn)
     stored = (
-        services.incidents_ingest(
+        ingest.incidents_ingest(
             project=project, items=[item for _, item in valid], actor_label=actor
         )
         if valid
@@ -90,7 +83,7 @@ def trajectory_batch_answer(*, project: Project, items: list[Any]) -> dict:
     _check_batch_size(items)
     valid, invalid = _validate_items(items, TrajectoryIn)
     stored = (
-        services.trajectories_ingest(project=project, items=[item for _, item in valid])
+        ingest.trajectories_ingest(project=project, items=[item for _, item in valid])
         if valid
         else []
     )
@@ -113,11 +106,13 @@ def trajectory_batch_answer(*, project: Project, items: list[Any]) -> dict:
     response={200: IncidentAccepted, 202: IncidentAccepted},
     summary="Report one incident",
 )
-def post_incident(request: HttpRequest, payload: IncidentIn):
+def post_incident(request: ApiRequest, payload: IncidentIn):
     """Store one incident and group it. 202 when stored now; 200 with the stored incident when
     this client id was seen before (nothing is stored twice)."""
     return Status(
-        *incident_answer(project=request.project, payload=payload, actor=_actor_label(request))
+        *incident_answer(
+            project=request.project, payload=payload, actor=api_key_label(request.api_key)
+        )
     )
 
 
@@ -146,13 +141,13 @@ def _check_batch_size(items: list[Any]) -> None:
     response={207: BatchOut},
     summary="Report up to 1,000 incidents; per-item results",
 )
-def post_incident_batch(request: HttpRequest, payload: BatchIn):
+def post_incident_batch(request: ApiRequest, payload: BatchIn):
     """Each item is validated and stored on its own: good items are stored even when others
     fail. Per-item status: 202 stored, 200 duplicate client id, 422 invalid (with errors)."""
     return Status(
         207,
         incident_batch_answer(
-            project=request.project, items=payload.items, actor=_actor_label(request)
+            project=request.project, items=payload.items, actor=api_key_label(request.api_key)
         ),
     )
 
@@ -164,7 +159,7 @@ def post_incident_batch(request: HttpRequest, payload: BatchIn):
     tags=["trajectories"],
     summary="Report ordinary turns for the slow loop; per-item results",
 )
-def post_trajectory_batch(request: HttpRequest, payload: BatchIn):
+def post_trajectory_batch(request: ApiRequest, payload: BatchIn):
     return Status(207, trajectory_batch_answer(project=request.project, items=payload.items))
 
 
@@ -208,14 +203,18 @@ class GroupFilter(Schema):
     limit: int = 50
 
 
-def _limit(value: int) -> int:
-    if not 1 <= value <= 200:
+def _page(qs: QuerySet, *, time_field: str, filters: IncidentFilter | GroupFilter) -> dict:
+    """The page of ``qs`` that ``filters`` asks for (its cursor, a limit of 1 to 200)."""
+    if not 1 <= filters.limit <= 200:
         raise DomainError("limit must be between 1 and 200.", field="limit")
-    return value
+    items, next_cursor = paginate(
+        qs, time_field=time_field, cursor=filters.cursor, limit=filters.limit
+    )
+    return {"items": items, "next_cursor": next_cursor}
 
 
 @router.get("/incidents", auth=read_auth, response=IncidentPage, summary="List incidents")
-def list_incidents(request: HttpRequest, filters: Query[IncidentFilter]):
+def list_incidents(request: ApiRequest, filters: Query[IncidentFilter]):
     qs = selectors.incidents_for_project(
         request.project,
         status=filters.status,
@@ -225,19 +224,16 @@ def list_incidents(request: HttpRequest, filters: Query[IncidentFilter]):
         since=filters.since,
         until=filters.until,
     )
-    items, next_cursor = paginate(
-        qs, time_field="occurred_at", cursor=filters.cursor, limit=_limit(filters.limit)
-    )
-    return {"items": items, "next_cursor": next_cursor}
+    return _page(qs, time_field="occurred_at", filters=filters)
 
 
 @router.get("/incidents/{incident_id}", auth=read_auth, response=IncidentOut)
-def get_incident(request: HttpRequest, incident_id: UUID):
+def get_incident(request: ApiRequest, incident_id: UUID):
     return selectors.incident_for_project(request.project, incident_id)
 
 
 @router.get("/groups", auth=read_auth, response=GroupPage, summary="List incident groups")
-def list_groups(request: HttpRequest, filters: Query[GroupFilter]):
+def list_groups(request: ApiRequest, filters: Query[GroupFilter]):
     qs = selectors.groups_for_project(
         request.project,
         status=filters.status,
@@ -247,20 +243,17 @@ def list_groups(request: HttpRequest, filters: Query[GroupFilter]):
         since=filters.since,
         until=filters.until,
     )
-    items, next_cursor = paginate(
-        qs, time_field="last_seen", cursor=filters.cursor, limit=_limit(filters.limit)
-    )
-    return {"items": items, "next_cursor": next_cursor}
+    return _page(qs, time_field="last_seen", filters=filters)
 
 
 @router.get("/groups/{group_id}", auth=read_auth, response=GroupOut)
-def get_group(request: HttpRequest, group_id: int):
+def get_group(request: ApiRequest, group_id: int):
     return selectors.group_for_project(request.project, group_id)
 
 
 @router.post("/groups/{group_id}/status", auth=admin_auth, response=GroupOut)
-def set_group_status(request: HttpRequest, group_id: int, payload: GroupStatusIn):
+def set_group_status(request: ApiRequest, group_id: int, payload: GroupStatusIn):
     group = selectors.group_for_project(request.project, group_id)
     return services.group_set_status(
-        group=group, status=payload.status, actor=None, actor_label=_actor_label(request)
+        group=group, status=payload.status, actor=None, actor_label=api_key_label(request.api_key)
     )

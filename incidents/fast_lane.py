@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from base.errors import DomainError
 from base.fast_lane import (
     FastResponse,
     Route,
@@ -19,10 +20,9 @@ from base.fast_lane import (
     api_domain_error,
     in_worker_thread,
 )
-from base.services import DomainError
-
-from .api import actor_label, incident_answer, incident_batch_answer, trajectory_batch_answer
-from .schemas import BatchIn, BatchOut, IncidentAccepted, IncidentIn
+from base.permissions import api_key_label
+from incidents.api import incident_answer, incident_batch_answer, trajectory_batch_answer
+from incidents.schemas import BatchIn, BatchOut, IncidentAccepted, IncidentIn
 
 INGEST = ("ingest",)
 
@@ -44,7 +44,7 @@ async def post_incident(*, headers: dict[str, str], query: str, body: bytes) -> 
         return admitted
     api_key, payload = admitted
     status, answer = await in_worker_thread(incident_answer)(
-        project=api_key.project, payload=payload, actor=actor_label(api_key)
+        project=api_key.project, payload=payload, actor=api_key_label(api_key)
     )
     return api_answer(status, _out(IncidentAccepted, answer))
 
@@ -58,7 +58,7 @@ async def post_incident_batch(*, headers: dict[str, str], query: str, body: byte
         incident_batch_answer,
         project=api_key.project,
         items=payload.items,
-        actor=actor_label(api_key),
+        actor=api_key_label(api_key),
     )
 
 

@@ -9,10 +9,9 @@ from django.db.models import Count, QuerySet
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
+from base.errors import NotFound
 from base.models import Project
-from base.services import NotFound
-
-from .models import Incident, IncidentGroup, Trajectory
+from incidents.models import Incident, IncidentGroup, Trajectory
 
 
 def incidents_for_project(

@@ -4,24 +4,24 @@ from __future__ import annotations
 
 from django.contrib import messages
 from django.core.paginator import Paginator
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
 from base.decorators import project_view
+from base.errors import DomainError
 from base.models import Role
-from base.services import DomainError
-
-from . import selectors, services
-from .models import GroupStatus, IncidentKind
+from base.requests import ProjectRequest
+from incidents import selectors, services
+from incidents.models import GroupStatus, IncidentKind
 
 PAGE_SIZE = 50
 
 
 @require_GET
 @project_view()
-def group_list(request: HttpRequest) -> HttpResponse:
-    project = request.project  # type: ignore[attr-defined]
+def group_list(request: ProjectRequest) -> HttpResponse:
+    project = request.project
     status = request.GET.get("status", "") or None
     kind = request.GET.get("kind", "") or None
     agent = request.GET.get("agent", "") or None
@@ -44,15 +44,15 @@ def group_list(request: HttpRequest) -> HttpResponse:
         "agents": selectors.agents_for_project(project),
     }
     template = "incidents/group_list.html"
-    if request.htmx:  # type: ignore[attr-defined]
+    if request.htmx:
         template += "#group-table"
     return render(request, template, context)
 
 
 @require_GET
 @project_view()
-def group_detail(request: HttpRequest, group_id: int) -> HttpResponse:
-    project = request.project  # type: ignore[attr-defined]
+def group_detail(request: ProjectRequest, group_id: int) -> HttpResponse:
+    project = request.project
     group = selectors.group_for_project(project, group_id)
     incidents = list(
         selectors.incidents_for_project(project, group_id=group.id).order_by("-occurred_at")[:20]
@@ -70,8 +70,8 @@ def group_detail(request: HttpRequest, group_id: int) -> HttpResponse:
 
 @require_POST
 @project_view(role=Role.REVIEWER)
-def group_status(request: HttpRequest, group_id: int) -> HttpResponse:
-    project = request.project  # type: ignore[attr-defined]
+def group_status(request: ProjectRequest, group_id: int) -> HttpResponse:
+    project = request.project
     group = selectors.group_for_project(project, group_id)
     try:
         services.group_set_status(

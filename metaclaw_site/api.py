@@ -13,7 +13,7 @@ from ninja.parser import Parser
 
 from base.api_shapes import domain_error_answer, invalid_body, parse_json, validation_errors
 from base.auth import RateLimited, ScopeDenied
-from base.services import DomainError
+from base.errors import DomainError
 
 
 class FastJsonParser(Parser):
@@ -112,7 +112,7 @@ def _mount_routers() -> None:
     from skills.skillmd.api import router as skillmd_router
     from skills.synthesis.api import router as synthesis_router
     from skills.versions.api import router as versions_router
-    from training.api import router as training_router
+    from training.runs.api import router as training_router
 
     # In this order: it is the order of the operations in the OpenAPI document.
     for router in (

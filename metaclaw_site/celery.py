@@ -14,7 +14,7 @@ app = Celery("metaclaw")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 # Capabilities that keep their tasks beside them, inside an app.
-app.autodiscover_tasks(["skills.synthesis", "skills.approvals"])
+app.autodiscover_tasks(["skills.synthesis", "skills.approvals", "training.runs"])
 
 # Celery's Django fixup closes every database connection before and after every task unless
 # this is set: each fast-loop task then paid for a new PostgreSQL connection (a backend fork and
@@ -53,7 +53,7 @@ def _load_before_the_pool_forks(**kwargs) -> None:
     (about 1 s here) in its first task, a fast-loop proposal among them."""
     from django.urls import get_resolver
 
-    import skills.approvals.services
+    import skills.approvals.notifications
     import skills.synthesis.services  # noqa: F401
     from skills.library.embeddings import get_embedder
     from skills.synthesis import llm

@@ -10,4 +10,3 @@ class SkillsConfig(AppConfig):
         import skills.approvals.receivers  # noqa: F401
         import skills.runtime.receivers  # noqa: F401
         import skills.synthesis.receivers  # noqa: F401
-        import skills.versions.receivers  # noqa: F401

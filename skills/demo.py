@@ -11,8 +11,8 @@ from datetime import timedelta
 from django.utils import timezone
 
 from base.models import Project
+from incidents.ingest import incidents_ingest
 from incidents.schemas import IncidentIn
-from incidents.services import incidents_ingest
 
 
 def _tool_call(name: str, arguments: str, call_id: str) -> dict:
@@ -248,7 +248,7 @@ def demo_proposals_load(project: Project) -> int:
     from incidents import services as incident_services
     from incidents.models import IncidentGroup, SynthesisStatus
     from skills.library.models import Author, Origin, SkillRevision
-    from skills.library.services import skill_revision_propose
+    from skills.library.services import RevisionDraft, skill_revision_propose
     from skills.synthesis import llm
 
     if llm.is_configured():
@@ -267,17 +267,16 @@ def demo_proposals_load(project: Project) -> int:
         claimed = incident_services.group_synthesis_claim(group_id=group.pk)
         content = dict(content)
         diagnosis = content.pop("diagnosis")
-        skill_revision_propose(
-            project=project,
+        draft = RevisionDraft(
             author=Author.HUMAN,
             origin=Origin.DEMO_FIXTURE,
             source_groups=[group],
             source_incidents=list(group.incidents.order_by("-occurred_at")[:3]),
             diagnosis=f"{diagnosis}\n\n(Demo fixture: written in advance, not by a live LLM.)",
             prompt_version="demo-fixture",
-            actor_label="demo",
             **content,
         )
+        skill_revision_propose(project=project, draft=draft, actor_label="demo")
         if claimed:
             incident_services.group_synthesis_finish(
                 group_id=group.pk, status=SynthesisStatus.PROPOSED

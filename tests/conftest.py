@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import re
+import sys
+from pathlib import Path
+
 import pytest
 
 from tests import factories
@@ -25,6 +29,46 @@ def _clear_local_caches():
     cache.clear()
     api_key_cache_clear()
     yield
+
+
+ROOT = Path(__file__).resolve().parent.parent
+# A statement that writes one of the incidents app's tables.
+_INCIDENTS_WRITE = re.compile(
+    r'^\s*(?:INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+"?(incidents_\w+)', re.IGNORECASE
+)
+_OWNERS = (str(ROOT / "incidents") + "/", str(ROOT / "tests") + "/")
+
+
+def _writer_of(frame) -> str | None:
+    """The file of the innermost frame of ours (the project's code or the tests)."""
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if filename.startswith(str(ROOT) + "/") and "/.venv/" not in filename:
+            return filename
+        frame = frame.f_back
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _only_incidents_services_write_its_tables():
+    """ARCHITECTURE.md's rule, checked on every test: incidents, groups and trajectories are
+    written only by the incidents app's own code (its services and ingestion); other apps ask
+    it. Tests may set up rows directly."""
+    from django.db import connection
+
+    violations: list[str] = []
+
+    def guard(execute, sql, params, many, context):
+        match = _INCIDENTS_WRITE.match(sql)
+        if match:
+            writer = _writer_of(sys._getframe(1))
+            if writer is not None and not writer.startswith(_OWNERS):
+                violations.append(f"{writer} wrote {match.group(1)}: {sql[:120]}")
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(guard):
+        yield
+    assert not violations, "\n".join(violations)
 
 
 @pytest.fixture

@@ -10,15 +10,14 @@ from django.contrib.auth import get_user_model
 
 from base import services
 from base.models import Project
+from metaclaw_site.projects import project_create
 
 _seq = itertools.count(1)
 
 
 def make_project(name: str | None = None, **fields: Any) -> Project:
     n = next(_seq)
-    project = services.project_create(
-        name=name or f"Project {n}", slug=f"{(name or 'project')}-{n}"
-    )
+    project = project_create(name=name or f"Project {n}", slug=f"{(name or 'project')}-{n}")
     if fields:
         Project.objects.filter(pk=project.pk).update(**fields)
         project.refresh_from_db()

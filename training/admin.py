@@ -3,7 +3,9 @@ training pages and API), so the admin shows runs and snapshots read-only."""
 
 from django.contrib import admin
 
-from .models import DatasetSnapshot, IdleWindowPolicy, TrainingRun
+from training.datasets.models import DatasetSnapshot
+from training.policy.models import IdleWindowPolicy
+from training.runs.models import TrainingRun
 
 
 @admin.register(IdleWindowPolicy)

@@ -10,8 +10,8 @@ from datetime import timedelta
 from django.utils import timezone
 
 from base.models import Project
+from incidents.ingest import trajectories_ingest
 from incidents.schemas import TrajectoryIn
-from incidents.services import trajectories_ingest
 from skills.versions.models import PolicyVersion, VersionStatus
 
 SYSTEM = "You are Clawdesk, the support assistant of Acme Cloud. Answer briefly, in steps."

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views
+from training.runs import views
 
 app_name = "training"
 

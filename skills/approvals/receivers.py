@@ -9,7 +9,7 @@ import logging
 from django.dispatch import receiver
 
 from skills import signals as skill_signals
-from skills.approvals.services import approval_decision_notify, approval_notify
+from skills.approvals.notifications import approval_decision_notify, approval_notify
 
 logger = logging.getLogger(__name__)
 # These run after commit (the services send the signals from on_commit). A failure here must

@@ -1,5 +1,5 @@
 """Approval notifications and Slack clicks, delivered by Celery: thin wrappers around
-``skills.approvals.services`` and ``skills.approvals.notify``.
+``skills.approvals.notifications``, ``skills.approvals.slack`` and ``skills.approvals.delivery``.
 
 Each task keeps the name it had before the approvals moved into this package, so messages that
 an older process queued still find it."""
@@ -11,8 +11,7 @@ import logging
 from celery import shared_task
 from django.conf import settings
 
-from skills.approvals import notify
-from skills.approvals import services as approvals
+from skills.approvals import delivery, notifications, slack
 
 logger = logging.getLogger(__name__)
 
@@ -34,16 +33,18 @@ def _notify_backoff(retries: int) -> int:
 def send_notification(self, notification_id: int) -> None:
     """Deliver one Notification. Retries with exponential backoff; the final failure is
     recorded on the row (status FAILED, last_error) and in the audit log."""
-    notification = approvals.notification_claim(notification_id=notification_id)
+    notification = notifications.notification_claim(notification_id=notification_id)
     if notification is None:
         return
     try:
-        notify.deliver(notification)
-    except notify.DeliveryError as exc:
-        final = isinstance(exc, notify.PermanentDeliveryError) or (
+        delivery.deliver(notification)
+    except delivery.DeliveryError as exc:
+        final = isinstance(exc, delivery.PermanentDeliveryError) or (
             self.request.retries >= self.max_retries
         )
-        approvals.notification_fail(notification_id=notification_id, error=str(exc), final=final)
+        notifications.notification_fail(
+            notification_id=notification_id, error=str(exc), final=final
+        )
         if final:
             logger.warning("Notification %s failed for good: %s", notification_id, exc)
             return
@@ -52,13 +53,13 @@ def send_notification(self, notification_id: int) -> None:
             retry.sig.apply(throw=True)
             return
         raise retry from exc
-    approvals.notification_mark_sent(notification_id=notification_id)
+    notifications.notification_mark_sent(notification_id=notification_id)
 
 
 @shared_task(name="skills.tasks.sweep_pending_notifications", acks_late=True, ignore_result=True)
 def sweep_pending_notifications() -> int:
     """Enqueue notifications whose task message was lost (the broker was down at commit)."""
-    ids = approvals.notifications_pending(
+    ids = notifications.notifications_pending(
         older_than_seconds=settings.METACLAW["OUTBOX_SWEEP_AFTER_SECONDS"] * 4
     )
     for notification_id in ids:
@@ -71,14 +72,14 @@ def process_slack_interaction(interaction_id: int) -> None:
     """The work behind a Slack button click, after the endpoint has acknowledged it. The
     claim inside ``slack_interaction_handle`` makes a redelivered message a no-op."""
     try:
-        reply = approvals.slack_interaction_handle(interaction_id=interaction_id)
+        reply = slack.slack_interaction_handle(interaction_id=interaction_id)
     except Exception as exc:
-        approvals.slack_interaction_fail(interaction_id=interaction_id, error=repr(exc))
+        slack.slack_interaction_fail(interaction_id=interaction_id, error=repr(exc))
         raise
     if reply is not None and reply.response_url:
         try:
-            notify.slack_respond(reply.response_url, reply.body)
-        except notify.DeliveryError as exc:
+            delivery.slack_respond(reply.response_url, reply.body)
+        except delivery.DeliveryError as exc:
             logger.warning("Slack reply for interaction %s failed: %s", interaction_id, exc)
 
 
@@ -86,7 +87,7 @@ def process_slack_interaction(interaction_id: int) -> None:
 def sweep_slack_interactions() -> int:
     """Finish Slack clicks left behind: enqueue RECEIVED ones whose task message was lost, and
     mark FAILED the ones a dead worker held or that are too old to answer."""
-    ids = approvals.slack_interactions_stuck(
+    ids = slack.slack_interactions_stuck(
         older_than_seconds=settings.METACLAW["OUTBOX_SWEEP_AFTER_SECONDS"] * 4
     )
     for interaction_id in ids:

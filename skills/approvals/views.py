@@ -1,6 +1,6 @@
 """Pages for approvals where reviewers are: the one-click link, Slack's interactivity endpoint
 and identity linking, and the project's integration settings. Thin:
-``skills.approvals.services`` holds the rules."""
+``skills.approvals`` (links, notifications, slack) holds the rules."""
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods, require_POST
 
 from base.decorators import project_view
+from base.errors import DomainError
 from base.models import Membership, Role
-from base.services import DomainError
-from skills.approvals import services as approvals
+from base.requests import ProjectRequest
+from skills.approvals import links, notifications, selectors, slack
 from skills.approvals.models import ApprovalAction
 from skills.library.models import SkillRevision
 
@@ -34,7 +35,7 @@ ACTION_LABELS = {
 }
 
 
-def _refused(request: HttpRequest, exc: approvals.LinkRefused) -> HttpResponse:
+def _refused(request: HttpRequest, exc: links.LinkRefused) -> HttpResponse:
     login_url = None
     if exc.code in {"login_required", "wrong_user"}:
         login_url = f"{reverse('login')}?next={request.path}"
@@ -46,7 +47,7 @@ def _refused(request: HttpRequest, exc: approvals.LinkRefused) -> HttpResponse:
     )
 
 
-def _confirm_context(resolved: approvals.ResolvedLink) -> dict:
+def _confirm_context(resolved: links.ResolvedLink) -> dict:
     obj = resolved.obj
     label, style = ACTION_LABELS[ApprovalAction(resolved.request.action)]
     context = {
@@ -58,9 +59,9 @@ def _confirm_context(resolved: approvals.ResolvedLink) -> dict:
         "needs_reason": resolved.request.action == ApprovalAction.REJECT_REVISION,
     }
     if isinstance(obj, SkillRevision):
-        context.update(revision=obj, evidence=approvals.revision_evidence(obj))
+        context.update(revision=obj, evidence=links.revision_evidence(obj))
     else:
-        context.update(version=obj, diff=approvals.version_diff(obj))
+        context.update(version=obj, diff=links.version_diff(obj))
     return context
 
 
@@ -69,8 +70,8 @@ def link(request: HttpRequest, token: str) -> HttpResponse:
     """GET shows what the link would do (mail and chat scanners prefetch GETs, so a GET never
     acts); POST acts through the same service as the dashboard."""
     try:
-        resolved = approvals.approval_link_resolve(token=token, user=request.user)
-    except approvals.LinkRefused as exc:
+        resolved = links.approval_link_resolve(token=token, user=request.user)
+    except links.LinkRefused as exc:
         if exc.code == "login_required" and request.method == "GET":
             return redirect_to_login(request.get_full_path())
         return _refused(request, exc)
@@ -79,14 +80,14 @@ def link(request: HttpRequest, token: str) -> HttpResponse:
         return render(request, template, _confirm_context(resolved))
     reason = request.POST.get("reason", "")
     try:
-        used = approvals.approval_link_act(token=token, user=request.user, reason=reason)
-    except approvals.LinkRefused as exc:
+        used = links.approval_link_act(token=token, user=request.user, reason=reason)
+    except links.LinkRefused as exc:
         return _refused(request, exc)
     except DomainError as exc:
         if exc.field:  # a missing reason: the form again, the link still unused
             context = _confirm_context(resolved) | {"error": str(exc), "reason": reason}
             return render(request, template, context, status=422)
-        return _refused(request, approvals.LinkRefused(str(exc), code=exc.code, status=409))
+        return _refused(request, links.LinkRefused(str(exc), code=exc.code, status=409))
     obj = resolved.obj
     obj.refresh_from_db()
     return render(
@@ -108,7 +109,7 @@ def slack_interactions(request: HttpRequest) -> HttpResponse:
     raw_body = request.body
     form = QueryDict(raw_body, encoding="utf-8")
     raw_payload = form.get("payload", "")
-    verified_secret = approvals.slack_signature_secret(
+    verified_secret = slack.slack_signature_secret(
         raw_payload=raw_payload,
         body=raw_body,
         timestamp=request.headers.get("X-Slack-Request-Timestamp"),
@@ -120,13 +121,13 @@ def slack_interactions(request: HttpRequest) -> HttpResponse:
         payload = json.loads(raw_payload)
         if not isinstance(payload, dict):
             raise ValueError("payload is not an object")
-        project, secret = approvals.slack_signing_secret_for(payload)
+        project, secret = slack.slack_signing_secret_for(payload)
     except (ValueError, RecursionError):
         return JsonResponse({"detail": "Expected a form field 'payload' with JSON."}, status=400)
     if not hmac.compare_digest(secret.encode(), verified_secret.encode()):
         # Signed with another project's secret than the one the payload names.
         return JsonResponse({"detail": "Invalid or stale Slack signature."}, status=401)
-    _, created = approvals.slack_interaction_record(
+    _, created = slack.slack_interaction_record(
         project=project, raw_payload=raw_payload, payload=payload
     )
     if not created:
@@ -137,42 +138,41 @@ def slack_interactions(request: HttpRequest) -> HttpResponse:
     return HttpResponse(status=200)
 
 
+def _slack_link_refused(request: HttpRequest, exc: DomainError, *, status: int) -> HttpResponse:
+    return render(
+        request,
+        "skills/approvals/refused.html",
+        {"message": str(exc), "code": exc.code},
+        status=status,
+    )
+
+
 @require_http_methods(["GET", "POST"])
 @login_required
 def slack_link(request: HttpRequest, signed: str) -> HttpResponse:
     """Link the Slack user a signed URL names to the logged-in member (like ``/sentry link``)."""
     try:
-        project, slack_user_id = approvals.slack_link_resolve(signed=signed)
+        project, slack_user_id = slack.slack_link_resolve(signed=signed)
     except DomainError as exc:
-        return render(
-            request,
-            "skills/approvals/refused.html",
-            {"message": str(exc), "code": exc.code},
-            status=400,
-        )
+        return _slack_link_refused(request, exc, status=400)
     membership = Membership.objects.filter(project=project, user=request.user).first()
     context = {"project": project, "slack_user_id": slack_user_id, "membership": membership}
     if request.method == "POST":
         try:
-            approvals.membership_link_slack(
+            slack.membership_link_slack(
                 project=project, user=request.user, slack_user_id=slack_user_id
             )
         except DomainError as exc:
-            return render(
-                request,
-                "skills/approvals/refused.html",
-                {"message": str(exc), "code": exc.code},
-                status=403,
-            )
+            return _slack_link_refused(request, exc, status=403)
         context["linked"] = True
     return render(request, "skills/approvals/slack_link.html", context)
 
 
-def _integrations_context(request: HttpRequest) -> dict:
-    project = request.project  # type: ignore[attr-defined]
+def _integrations_context(request: ProjectRequest) -> dict:
+    project = request.project
     return {
         "project": project,
-        "deliveries": approvals.notifications_for_project(project)[:20],
+        "deliveries": selectors.notifications_for_project(project)[:20],
         "linked_members": Membership.objects.filter(project=project)
         .exclude(slack_user_id="")
         .select_related("user"),
@@ -182,8 +182,8 @@ def _integrations_context(request: HttpRequest) -> dict:
 
 @require_http_methods(["GET", "POST"])
 @project_view(Role.ADMIN)
-def integrations(request: HttpRequest) -> HttpResponse:
-    project = request.project  # type: ignore[attr-defined]
+def integrations(request: ProjectRequest) -> HttpResponse:
+    project = request.project
     template = "skills/approvals/integrations.html"
     if request.method == "GET":
         if request.headers.get("HX-Request") and request.GET.get("part") == "deliveries":
@@ -191,7 +191,7 @@ def integrations(request: HttpRequest) -> HttpResponse:
         return render(request, template, _integrations_context(request))
     post = request.POST
     try:
-        approvals.project_integrations_update(
+        notifications.project_integrations_update(
             project=project,
             actor=request.user,
             slack_webhook_url=post.get("slack_webhook_url", ""),
@@ -211,10 +211,10 @@ def integrations(request: HttpRequest) -> HttpResponse:
 
 @require_POST
 @project_view(Role.ADMIN)
-def integrations_test(request: HttpRequest) -> HttpResponse:
-    project = request.project  # type: ignore[attr-defined]
+def integrations_test(request: ProjectRequest) -> HttpResponse:
+    project = request.project
     try:
-        sent = approvals.integrations_send_test(project=project, actor=request.user)
+        sent = notifications.integrations_send_test(project=project, actor=request.user)
     except DomainError as exc:
         messages.error(request, str(exc))
     else:

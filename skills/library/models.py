@@ -100,12 +100,18 @@ class SkillRevision(models.Model):
         max_length=16, choices=RevisionStatus.choices, default=RevisionStatus.PROPOSED
     )
     status_changed_at = models.DateTimeField(null=True, blank=True)
+    # With ``require_second_approver``: the first approval, kept until the second arrives. The
+    # labels name any actor (a person, an API key, a Slack user); the user fields only people.
     first_approved_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+    first_approved_by_label = models.CharField(max_length=200, blank=True, default="")
+    first_approved_at = models.DateTimeField(null=True, blank=True)
+    # Who approved, rejected or superseded it (with ``status_changed_at``: when).
     decided_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+    decided_by_label = models.CharField(max_length=200, blank=True, default="")
     decision_reason = models.TextField(blank=True, default="")
     # Set when a policy version containing this revision was rolled back: the fast loop must not
     # propose the same text again unchanged.

@@ -5,16 +5,15 @@ here). Decisions on a revision are the versions' services."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from django.db import connection, transaction
 from django.utils import timezone
 
+from base.errors import DomainError
 from base.models import Project
-from base.services import (
-    DomainError,
-    audit_record,
-)
+from base.services import audit_record
 from incidents.models import Incident, IncidentGroup
 from skills import signals
 from skills.library.models import Author, Category, RevisionStatus, Skill, SkillRevision
@@ -106,74 +105,91 @@ def _next_revision_number(skill: Skill) -> int:
     return (highest or 0) + 1
 
 
+@dataclass(frozen=True, kw_only=True)
+class RevisionDraft:
+    """What a proposed revision says and where it came from: everything but the project and
+    who proposes it. The fast loop, a reviewer's edit, SKILL.md imports and the demo each fill
+    one in."""
+
+    slug: str
+    name: str
+    description: str
+    instructions: str
+    origin: str
+    category: str = Category.GENERAL
+    examples: list | None = None
+    author: str = Author.LLM
+    parent: SkillRevision | None = None
+    source_groups: list[IncidentGroup] | None = None
+    source_incidents: list[Incident] | None = None
+    diagnosis: str = ""
+    redactions: list | None = None
+    # The LLM's part, when it wrote the draft.
+    llm_model: str = ""
+    prompt_version: str = ""
+    tokens_in: int = 0
+    tokens_out: int = 0
+    embedding: list[float] | None = None
+
+
 # No savepoint when nested (the fast loop calls this inside its own transaction): a failure
 # here fails the caller's transaction too, which every caller lets propagate anyway.
 @transaction.atomic(savepoint=False)
 def skill_revision_propose(
-    *,
-    project: Project,
-    slug: str,
-    name: str,
-    description: str,
-    instructions: str,
-    category: str = Category.GENERAL,
-    examples: list | None = None,
-    author: str = Author.LLM,
-    origin: str,
-    created_by=None,
-    parent: SkillRevision | None = None,
-    source_groups: list[IncidentGroup] | None = None,
-    source_incidents: list[Incident] | None = None,
-    diagnosis: str = "",
-    redactions: list | None = None,
-    llm_model: str = "",
-    prompt_version: str = "",
-    tokens_in: int = 0,
-    tokens_out: int = 0,
-    embedding: list[float] | None = None,
-    actor_label: str = "",
+    *, project: Project, draft: RevisionDraft, created_by: Any = None, actor_label: str = ""
 ) -> SkillRevision:
-    """Create a new PROPOSED revision of the skill ``slug`` (creating the skill if new).
+    """Create a new PROPOSED revision of the skill ``draft.slug`` (creating the skill if new).
 
     Revisions are immutable: editing, revising after a regression, and importing all come
     through here and make a new row. Announces ``revision_proposed`` after commit."""
     skill_content_validate(
-        slug=slug, name=name, description=description, instructions=instructions, category=category
+        slug=draft.slug,
+        name=draft.name,
+        description=draft.description,
+        instructions=draft.instructions,
+        category=draft.category,
     )
-    skill, created = _skill_lock(project=project, slug=slug, category=category)
+    skill, created = _skill_lock(project=project, slug=draft.slug, category=draft.category)
     number = 1 if created else _next_revision_number(skill)
     revision = SkillRevision.objects.create(
         skill=skill,
         number=number,
-        parent=parent,
-        name=name.strip(),
-        description=description.strip(),
-        instructions=instructions.strip(),
-        examples=examples or [],
-        category=category,
-        author=author,
-        origin=origin,
+        parent=draft.parent,
+        name=draft.name.strip(),
+        description=draft.description.strip(),
+        instructions=draft.instructions.strip(),
+        examples=draft.examples or [],
+        category=draft.category,
+        author=draft.author,
+        origin=draft.origin,
         created_by=created_by if getattr(created_by, "is_authenticated", False) else None,
-        diagnosis=diagnosis,
-        redactions=redactions or [],
-        llm_model=llm_model,
-        prompt_version=prompt_version,
-        tokens_in=tokens_in,
-        tokens_out=tokens_out,
-        embedding=embedding,
+        diagnosis=draft.diagnosis,
+        redactions=draft.redactions or [],
+        llm_model=draft.llm_model,
+        prompt_version=draft.prompt_version,
+        tokens_in=draft.tokens_in,
+        tokens_out=draft.tokens_out,
+        embedding=draft.embedding,
         status=RevisionStatus.PROPOSED,
         status_changed_at=timezone.now(),
     )
     # A new revision has no links yet: one plain insert each (``add`` reads and signals first).
-    _link_sources(SkillRevision.source_groups, revision, [g.pk for g in source_groups or []])
-    _link_sources(SkillRevision.source_incidents, revision, [i.pk for i in source_incidents or []])
+    _link_sources(SkillRevision.source_groups, revision, [g.pk for g in draft.source_groups or []])
+    _link_sources(
+        SkillRevision.source_incidents, revision, [i.pk for i in draft.source_incidents or []]
+    )
     audit_record(
         action="skill_revision.propose",
         project=project,
         actor=created_by,
         actor_label=actor_label,
         obj=revision,
-        after={"slug": slug, "number": number, "author": author, "origin": origin},
+        after={
+            "slug": draft.slug,
+            "number": number,
+            "author": draft.author,
+            "origin": draft.origin,
+        },
     )
     transaction.on_commit(
         lambda: signals.revision_proposed.send(sender=SkillRevision, revision=revision), robust=True

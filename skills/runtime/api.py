@@ -15,6 +15,7 @@ from ninja.security import HttpBearer
 from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
+from base.errors import NotFound
 from base.fast_lane import (
     FastResponse,
     api_admit,
@@ -22,9 +23,9 @@ from base.fast_lane import (
     api_invalid,
     in_worker_thread,
 )
-from base.services import NotFound
+from base.requests import ApiRequest, attach_api_key
 from incidents.schemas import ErrorIn, KindLiteral, SeverityLiteral
-from skills.runtime import services as runtime
+from skills.runtime import admission, feedback, policy, retrieval
 
 
 class RuntimeAuth(HttpBearer):
@@ -32,10 +33,9 @@ class RuntimeAuth(HttpBearer):
     seconds so polling agents do not cost a database query each."""
 
     def authenticate(self, request: HttpRequest, token: str) -> Any:
-        api_key = runtime.runtime_authenticate(token)
+        api_key = admission.runtime_authenticate(token)
         if api_key is not None:
-            request.api_key = api_key  # type: ignore[attr-defined]
-            request.project = api_key.project  # type: ignore[attr-defined]
+            attach_api_key(request, api_key)
         return api_key
 
 
@@ -54,9 +54,9 @@ class RetrieveIn(Schema):
 
     query: str | None = Field(default=None, max_length=50_000)
     messages: list[dict[str, Any]] | None = Field(default=None, max_length=500)
-    k: int = Field(default=runtime.DEFAULT_TOP_K, ge=1, le=50)
-    min_score: float = Field(default=runtime.DEFAULT_MIN_SCORE, ge=-1.0, le=1.0)
-    token_budget: int = Field(default=runtime.DEFAULT_TOKEN_BUDGET, ge=1, le=200_000)
+    k: int = Field(default=retrieval.DEFAULT_TOP_K, ge=1, le=50)
+    min_score: float = Field(default=retrieval.DEFAULT_MIN_SCORE, ge=-1.0, le=1.0)
+    token_budget: int = Field(default=retrieval.DEFAULT_TOKEN_BUDGET, ge=1, le=200_000)
     version: int | None = Field(default=None, ge=1, le=2_147_483_647)
 
     @model_validator(mode="after")
@@ -127,7 +127,7 @@ def _etag_matches(header: str, etag: str) -> bool:
 
 
 def policy_answer(
-    snapshot: runtime.PolicySnapshot, if_none_match: str
+    snapshot: policy.PolicySnapshot, if_none_match: str
 ) -> tuple[int, list[tuple[str, str]], bytes]:
     """Status, headers and body of ``GET /runtime/policy`` (both doors)."""
     headers = [
@@ -140,10 +140,10 @@ def policy_answer(
     return 200, [("content-type", "application/json"), *headers], snapshot.body
 
 
-def retrieve_answer(snapshot: runtime.PolicySnapshot, payload: RetrieveIn) -> bytes:
+def retrieve_answer(snapshot: policy.PolicySnapshot, payload: RetrieveIn) -> bytes:
     """The body of ``POST /runtime/skills/retrieve`` (both doors)."""
-    query = (payload.query or "").strip() or runtime.query_from_messages(payload.messages or [])
-    found = runtime.skills_retrieve(
+    query = (payload.query or "").strip() or retrieval.query_from_messages(payload.messages or [])
+    found = retrieval.skills_retrieve(
         snapshot=snapshot,
         query=query,
         k=payload.k,
@@ -173,19 +173,19 @@ def _django(status: int, headers: list[tuple[str, str]], body: bytes) -> HttpRes
 
 
 @router.get("/runtime/policy", summary="The active policy version (or ?version=N)")
-def runtime_policy(request: HttpRequest, filters: Query[PolicyQuery]) -> HttpResponse:
+def runtime_policy(request: ApiRequest, filters: Query[PolicyQuery]) -> HttpResponse:
     """The policy the key's project runs with: version number, skills with their text, adapter
     reference and base model. ``If-None-Match`` with the last ``ETag`` answers 304."""
-    snapshot = runtime.policy_snapshot(project_id=request.project.pk, version=filters.version)
+    snapshot = policy.policy_snapshot(project_id=request.project.pk, version=filters.version)
     return _django(*policy_answer(snapshot, request.headers.get("If-None-Match", "")))
 
 
 @router.post("/runtime/skills/retrieve", response=RetrieveOut, summary="Skills relevant to a task")
-def runtime_skills_retrieve(request: HttpRequest, payload: RetrieveIn) -> HttpResponse:
+def runtime_skills_retrieve(request: ApiRequest, payload: RetrieveIn) -> HttpResponse:
     """The top-k approved skills of the active (or given) version for the task, best first,
     each with its score, above ``min_score`` and within ``token_budget`` together. With
     ``messages``, the query is the user's latest request, without framework boilerplate."""
-    snapshot = runtime.policy_snapshot(project_id=request.project.pk, version=payload.version)
+    snapshot = policy.policy_snapshot(project_id=request.project.pk, version=payload.version)
     return _django(
         200,
         [("content-type", "application/json"), ("x-metaclaw-policy-version", str(snapshot.number))],
@@ -199,11 +199,11 @@ def runtime_skills_retrieve(request: HttpRequest, payload: RetrieveIn) -> HttpRe
 
 
 async def _fast_snapshot(project_id: int, version: int | None) -> Any:
-    snapshot = runtime.policy_snapshot_cached(project_id=project_id, version=version)
+    snapshot = policy.policy_snapshot_cached(project_id=project_id, version=version)
     if snapshot is not None:
         return snapshot
     try:
-        return await in_worker_thread(runtime.policy_snapshot)(
+        return await in_worker_thread(policy.policy_snapshot)(
             project_id=project_id, version=version
         )
     except NotFound as exc:
@@ -247,10 +247,10 @@ async def fast_retrieve(*, headers: dict[str, str], query: str, body: bytes) -> 
 
 
 @router.post("/runtime/feedback", response=FeedbackOut, summary="How a session ended")
-def runtime_feedback(request: HttpRequest, payload: FeedbackIn) -> runtime.FeedbackResult:
+def runtime_feedback(request: ApiRequest, payload: FeedbackIn) -> feedback.FeedbackResult:
     """Set the outcome and reward of a session's recorded turns; a failure also becomes an
     incident of the fast loop (idempotent per session unless ``failure.id`` is given)."""
-    return runtime.session_feedback_record(
+    return feedback.session_feedback_record(
         project=request.project,
         session_id=payload.session_id,
         outcome=payload.outcome,

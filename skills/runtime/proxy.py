@@ -40,6 +40,7 @@ from django.views.decorators.http import require_POST
 
 from base import fast_lane as site_fast_lane
 from base.auth import RateLimited, ScopeDenied
+from base.errors import NotFound
 from base.fast_lane import (
     AsgiApp,
     Door,
@@ -48,9 +49,9 @@ from base.fast_lane import (
     authenticate,
     in_worker_thread,
 )
-from base.services import NotFound
+from skills.runtime import admission, policy, recording, retrieval
 from skills.runtime import api as api_runtime
-from skills.runtime import services as runtime
+from skills.runtime import upstream as runtime_upstream
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ async def proxy_handle(*, headers: dict[str, str], query: str, body: bytes) -> F
                 "A valid MetaClaw API key is required (Authorization: Bearer <key>).",
                 "invalid_api_key",
             )
-        runtime.runtime_admit(api_key)
+        admission.runtime_admit(api_key)
     except ScopeDenied as exc:
         return _error(403, str(exc), "forbidden")
     except RateLimited as exc:
@@ -164,10 +165,10 @@ async def proxy_handle(*, headers: dict[str, str], query: str, body: bytes) -> F
         return _error(
             422, "The policy version must be a positive integer.", "invalid", param="version"
         )
-    snapshot = runtime.policy_snapshot_cached(project_id=project.pk, version=pinned)
+    snapshot = policy.policy_snapshot_cached(project_id=project.pk, version=pinned)
     if snapshot is None:
         try:
-            snapshot = await in_worker_thread(runtime.policy_snapshot)(
+            snapshot = await in_worker_thread(policy.policy_snapshot)(
                 project_id=project.pk, version=pinned
             )
         except NotFound as exc:
@@ -187,21 +188,21 @@ async def proxy_handle(*, headers: dict[str, str], query: str, body: bytes) -> F
             param="messages",
         )
     messages: list[Any] = payload["messages"]
-    retrieved = runtime.skills_retrieve(
-        snapshot=snapshot, query=runtime.query_from_messages(messages)
+    retrieved = retrieval.skills_retrieve(
+        snapshot=snapshot, query=retrieval.query_from_messages(messages)
     )
     if retrieved:
-        payload["messages"] = runtime.messages_with_skills(
-            messages, runtime.skills_section(retrieved, version=version)
+        payload["messages"] = retrieval.messages_with_skills(
+            messages, retrieval.skills_section(retrieved, version=version)
         )
     requested_model = str(payload.get("model") or "")
-    upstream = runtime.upstream_for(project)
-    payload["model"] = runtime.upstream_model(
+    upstream = runtime_upstream.upstream_for(project)
+    payload["model"] = runtime_upstream.upstream_model(
         requested=requested_model, snapshot=snapshot, model_map=upstream.model_map
     )
     stream = bool(payload.get("stream"))
 
-    turn = runtime.Turn(
+    turn = recording.Turn(
         project_id=project.pk,
         session_id=headers.get("x-session-id", ""),
         turn_type="side" if headers.get("x-turn-type", "").lower() == "side" else "main",
@@ -291,10 +292,10 @@ async def proxy_handle(*, headers: dict[str, str], query: str, body: bytes) -> F
 
 
 async def _relay(
-    response: httpx.Response, turn: runtime.Turn, started: float
+    response: httpx.Response, turn: recording.Turn, started: float
 ) -> AsyncIterator[bytes]:
     # Runs on the first chunk request, before the client can have seen the end of the stream.
-    runtime.recorder.hold()
+    recording.recorder.hold()
     chunks: list[bytes] = []
     try:
         async for chunk in response.aiter_raw():
@@ -308,10 +309,10 @@ async def _relay(
         _record(turn, started, held=True)
 
 
-def _record(turn: runtime.Turn, started: float, *, held: bool = False) -> None:
+def _record(turn: recording.Turn, started: float, *, held: bool = False) -> None:
     turn.latency_ms = (time.perf_counter() - started) * 1000.0
     turn.occurred_at = timezone.now()
-    runtime.recorder.submit(turn, held=held)
+    recording.recorder.submit(turn, held=held)
 
 
 # --- Door 1: the Django view --------------------------------------------------------------

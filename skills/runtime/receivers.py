@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.dispatch import receiver
 
 from skills import signals as skill_signals
-from skills.runtime.services import policy_cache_invalidate
+from skills.runtime.policy import policy_cache_invalidate
 
 
 @receiver(skill_signals.active_version_changed)

@@ -11,17 +11,15 @@ from django.http import HttpRequest, HttpResponse
 from ninja import Router, Schema, Status
 
 from base.auth import admin_auth
-from base.services import DomainError
+from base.errors import DomainError
+from base.permissions import api_key_label
+from base.requests import ApiRequest
 from skills.skillmd import services as skillmd
 
 # Operation ids as before this module moved into skills.skillmd (see metaclaw_site.api).
 OPENAPI_OPERATION_PREFIX = "skills_api_library"
 
 router = Router(tags=["skill library"], auth=admin_auth)
-
-
-def _actor_label(request: HttpRequest) -> str:
-    return f"api-key:{request.api_key.prefix}"  # type: ignore[attr-defined]
 
 
 class ImportedSkillOut(Schema):
@@ -80,13 +78,13 @@ def _files_from_request(request: HttpRequest) -> dict[str, str]:
     response={200: ImportOut, 201: ImportOut},
     summary="Import SKILL.md files (a zip, or JSON) as proposed revisions",
 )
-def import_library(request: HttpRequest):
+def import_library(request: ApiRequest):
     """All or nothing: an invalid file answers 422 naming it and imports nothing. Skills whose
     standing revision already has the same content are reported as unchanged."""
     results = skillmd.library_import(
-        project=request.project,  # type: ignore[attr-defined]
+        project=request.project,
         files=_files_from_request(request),
-        actor_label=_actor_label(request),
+        actor_label=api_key_label(request.api_key),
     )
     created = sum(r.outcome == "created" for r in results)
     body = ImportOut(
@@ -98,8 +96,8 @@ def import_library(request: HttpRequest):
 
 
 @router.get("/skills/export", summary="Export the skill library as a zip of SKILL.md folders")
-def export_library(request: HttpRequest, include_pending: bool = True) -> HttpResponse:
-    project = request.project  # type: ignore[attr-defined]
+def export_library(request: ApiRequest, include_pending: bool = True) -> HttpResponse:
+    project = request.project
     files = skillmd.library_export(project, include_pending=include_pending)
     response = HttpResponse(skillmd.zip_bytes(files), content_type="application/zip")
     response["Content-Disposition"] = f'attachment; filename="{project.slug}-skills.zip"'

@@ -22,10 +22,16 @@ from typing import Any
 import yaml
 from django.db import transaction
 
+from base.errors import DomainError
 from base.models import Project
-from base.services import DomainError, audit_record
+from base.services import audit_record
 from skills.library.models import Author, Category, Origin, RevisionStatus, SkillRevision
-from skills.library.services import SLUG_RE, skill_content_validate, skill_revision_propose
+from skills.library.services import (
+    SLUG_RE,
+    RevisionDraft,
+    skill_content_validate,
+    skill_revision_propose,
+)
 from skills.versions.models import PolicyVersion, VersionStatus
 
 FILE_NAME = "SKILL.md"
@@ -301,16 +307,18 @@ def library_import(
             continue
         revision = skill_revision_propose(
             project=project,
-            slug=doc.slug,
-            name=doc.name,
-            description=doc.description,
-            instructions=doc.instructions,
-            category=doc.category,
-            examples=doc.examples,
-            author=Author.HUMAN,
-            origin=Origin.IMPORT,
+            draft=RevisionDraft(
+                slug=doc.slug,
+                name=doc.name,
+                description=doc.description,
+                instructions=doc.instructions,
+                category=doc.category,
+                examples=doc.examples,
+                author=Author.HUMAN,
+                origin=Origin.IMPORT,
+                parent=current,
+            ),
             created_by=actor,
-            parent=current,
             actor_label=actor_label,
         )
         results.append(

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from django.http import HttpRequest
 from ninja import Router, Schema, Status
 
 from base.auth import admin_auth
+from base.permissions import api_key_label
+from base.requests import ApiRequest
 from incidents import selectors as incident_selectors
 from skills.synthesis import services as synthesis
 
@@ -14,10 +15,6 @@ from skills.synthesis import services as synthesis
 OPENAPI_OPERATION_PREFIX = "skills_api_library"
 
 router = Router(tags=["skill library"], auth=admin_auth)
-
-
-def _actor_label(request: HttpRequest) -> str:
-    return f"api-key:{request.api_key.prefix}"  # type: ignore[attr-defined]
 
 
 class RetryOut(Schema):
@@ -30,10 +27,10 @@ class RetryOut(Schema):
     response={202: RetryOut},
     summary="Ask the fast loop to try a failed (or no-skill) group again",
 )
-def retry_synthesis(request: HttpRequest, group_id: int):
-    group = incident_selectors.group_for_project(request.project, group_id)  # type: ignore[attr-defined]
+def retry_synthesis(request: ApiRequest, group_id: int):
+    group = incident_selectors.group_for_project(request.project, group_id)
     group = synthesis.group_synthesis_retry(
-        group=group, actor=None, actor_label=_actor_label(request)
+        group=group, actor=None, actor_label=api_key_label(request.api_key)
     )
     group.refresh_from_db(fields=["synthesis_status"])
     return Status(202, RetryOut(group_id=group.pk, synthesis_status=group.synthesis_status))

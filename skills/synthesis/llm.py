@@ -127,7 +127,10 @@ def _client(cfg: LlmConfig) -> openai.OpenAI:
                 base_url=cfg.base_url,
                 api_key=cfg.api_key,
                 timeout=cfg.timeout,
-                # Retries are ours (below): one policy, visible in logs and tests.
+                # Retries are ours (below), not the SDK's: the SDK sleeps through any
+                # Retry-After up to two minutes inside the worker, holding one of the few fast
+                # worker slots while other groups queue; ours hands a wait over 20 s to the
+                # Celery task, whose countdown honours it without holding a worker.
                 max_retries=0,
             )
             _clients[key] = client

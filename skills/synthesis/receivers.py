@@ -8,7 +8,7 @@ from django.dispatch import receiver
 from base.models import Project
 from base.queue import enqueue
 from incidents import signals as incident_signals
-from skills.synthesis.services import skill_regressions_detect
+from skills.synthesis.regressions import skill_regressions_detect
 
 
 @receiver(incident_signals.groups_await_synthesis)

@@ -6,14 +6,16 @@ key itself (``api-key:<prefix>``), whose permission the ``admin`` scope has chec
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from django.http import HttpRequest
 from ninja import Field, Query, Router, Schema, Status
 
 from base.auth import admin_auth
 from base.pagination import paginate
+from base.permissions import api_key_label
+from base.requests import ApiRequest
 from skills.library.models import Category, Origin, RevisionStatus, SkillRevision
 from skills.versions import selectors, services
 from skills.versions.models import PolicyVersion, VersionStatus
@@ -24,10 +26,6 @@ from skills.versions.models import PolicyVersion, VersionStatus
 OPENAPI_OPERATION_PREFIX = "skills_api"
 
 router = Router(tags=["reviews and versions"], auth=admin_auth)
-
-
-def _actor_label(request: HttpRequest) -> str:
-    return f"api-key:{request.api_key.prefix}"  # type: ignore[attr-defined]
 
 
 class RevisionOut(Schema):
@@ -128,24 +126,24 @@ class VersionDetailOut(VersionOut):
         return obj.revision_list
 
 
-def _revision(request: HttpRequest, revision_id: int) -> SkillRevision:
-    return selectors.revision_for_project(request.project, revision_id)  # type: ignore[attr-defined]
+def _revision(request: ApiRequest, revision_id: int) -> SkillRevision:
+    return selectors.revision_for_project(request.project, revision_id)
 
 
-def _version(request: HttpRequest, number: int) -> PolicyVersion:
-    return selectors.version_for_project(request.project, number)  # type: ignore[attr-defined]
+def _version(request: ApiRequest, number: int) -> PolicyVersion:
+    return selectors.version_for_project(request.project, number)
 
 
-def _version_detail(request: HttpRequest, number: int) -> PolicyVersion:
+def _version_detail(request: ApiRequest, number: int) -> PolicyVersion:
     version = _version(request, number)
     version.revision_list = selectors.version_revisions(version)  # type: ignore[attr-defined]
     return version
 
 
 @router.get("/skills/revisions", response=RevisionPage)
-def list_revisions(request: HttpRequest, filters: Query[RevisionFilter]) -> dict:
+def list_revisions(request: ApiRequest, filters: Query[RevisionFilter]) -> dict:
     qs = selectors.revisions_for_project(
-        request.project,  # type: ignore[attr-defined]
+        request.project,
         status=filters.status,
         skill=filters.skill,
         category=filters.category,
@@ -158,37 +156,37 @@ def list_revisions(request: HttpRequest, filters: Query[RevisionFilter]) -> dict
 
 
 @router.get("/skills/revisions/{revision_id}", response=RevisionOut)
-def get_revision(request: HttpRequest, revision_id: int) -> SkillRevision:
+def get_revision(request: ApiRequest, revision_id: int) -> SkillRevision:
     return _revision(request, revision_id)
 
 
 @router.post("/skills/revisions/{revision_id}/approve", response=RevisionOut)
 def approve_revision(
-    request: HttpRequest, revision_id: int, payload: DecisionIn | None = None
+    request: ApiRequest, revision_id: int, payload: DecisionIn | None = None
 ) -> SkillRevision:
     return services.skill_revision_approve(
         revision=_revision(request, revision_id),
         actor=None,
-        actor_label=_actor_label(request),
+        actor_label=api_key_label(request.api_key),
         reason=payload.reason if payload else "",
     )
 
 
 @router.post("/skills/revisions/{revision_id}/reject", response=RevisionOut)
-def reject_revision(request: HttpRequest, revision_id: int, payload: ReasonIn) -> SkillRevision:
+def reject_revision(request: ApiRequest, revision_id: int, payload: ReasonIn) -> SkillRevision:
     return services.skill_revision_reject(
         revision=_revision(request, revision_id),
         actor=None,
-        actor_label=_actor_label(request),
+        actor_label=api_key_label(request.api_key),
         reason=payload.reason,
     )
 
 
 @router.post("/skills/revisions/{revision_id}/edit", response={201: RevisionOut})
-def edit_revision(request: HttpRequest, revision_id: int, payload: EditIn) -> Status:
+def edit_revision(request: ApiRequest, revision_id: int, payload: EditIn) -> Status:
     """A new proposed revision with the edited text (the edited one is superseded); with
     ``approve: true`` it is approved at once."""
-    label = _actor_label(request)
+    label = api_key_label(request.api_key)
     new_revision = services.skill_revision_edit(
         revision=_revision(request, revision_id),
         actor=None,
@@ -207,56 +205,53 @@ def edit_revision(request: HttpRequest, revision_id: int, payload: EditIn) -> St
 
 
 @router.get("/versions", response=list[VersionOut])
-def list_versions(request: HttpRequest, status: VersionStatus | None = None) -> list:
-    return list(selectors.versions_for_project(request.project, status=status)[:200])  # type: ignore[attr-defined]
+def list_versions(request: ApiRequest, status: VersionStatus | None = None) -> list:
+    return list(selectors.versions_for_project(request.project, status=status)[:200])
 
 
 @router.get("/versions/{number}", response=VersionDetailOut)
-def get_version(request: HttpRequest, number: int) -> PolicyVersion:
+def get_version(request: ApiRequest, number: int) -> PolicyVersion:
     return _version_detail(request, number)
 
 
 @router.get("/versions/{from_number}/diff/{to_number}")
-def diff_versions(request: HttpRequest, from_number: int, to_number: int) -> dict:
+def diff_versions(request: ApiRequest, from_number: int, to_number: int) -> dict:
     """Skills added, removed and changed (with a word-level diff), adapter and base model."""
-    return selectors.versions_diff(
-        request.project,  # type: ignore[attr-defined]
-        from_number,
-        to_number,
-    ).as_dict()
+    return selectors.versions_diff(request.project, from_number, to_number).as_dict()
+
+
+def _version_decided(
+    request: ApiRequest, number: int, decide: Callable[..., PolicyVersion], reason: str
+) -> PolicyVersion:
+    """Decide on version ``number`` with ``decide`` (a ``policy_version_*`` service, called
+    with ``version=``) as the request's key; answer the version as it is afterwards."""
+    decide(
+        version=_version(request, number),
+        actor=None,
+        actor_label=api_key_label(request.api_key),
+        reason=reason,
+    )
+    return _version_detail(request, number)
 
 
 @router.post("/versions/{number}/promote", response=VersionDetailOut)
 def promote_version(
-    request: HttpRequest, number: int, payload: DecisionIn | None = None
+    request: ApiRequest, number: int, payload: DecisionIn | None = None
 ) -> PolicyVersion:
-    services.policy_version_promote(
-        version=_version(request, number),
-        actor=None,
-        actor_label=_actor_label(request),
-        reason=payload.reason if payload else "",
-    )
-    return _version_detail(request, number)
+    reason = payload.reason if payload else ""
+    return _version_decided(request, number, services.policy_version_promote, reason)
 
 
 @router.post("/versions/{number}/reject", response=VersionDetailOut)
-def reject_version(request: HttpRequest, number: int, payload: ReasonIn) -> PolicyVersion:
-    services.policy_version_reject(
-        version=_version(request, number),
-        actor=None,
-        actor_label=_actor_label(request),
-        reason=payload.reason,
-    )
-    return _version_detail(request, number)
+def reject_version(request: ApiRequest, number: int, payload: ReasonIn) -> PolicyVersion:
+    return _version_decided(request, number, services.policy_version_reject, payload.reason)
 
 
 @router.post("/versions/{number}/rollback", response=VersionDetailOut)
-def rollback_to_version(request: HttpRequest, number: int, payload: ReasonIn) -> PolicyVersion:
+def rollback_to_version(request: ApiRequest, number: int, payload: ReasonIn) -> PolicyVersion:
     """Make the retired version ``number`` active again."""
-    services.policy_version_rollback(
-        to_version=_version(request, number),
-        actor=None,
-        actor_label=_actor_label(request),
-        reason=payload.reason,
-    )
-    return _version_detail(request, number)
+
+    def rollback(*, version: PolicyVersion, **decision: Any) -> PolicyVersion:
+        return services.policy_version_rollback(to_version=version, **decision)
+
+    return _version_decided(request, number, rollback, payload.reason)

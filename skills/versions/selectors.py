@@ -25,8 +25,8 @@ from django.db.models import (
 )
 from django.db.models.functions import Coalesce
 
+from base.errors import NotFound
 from base.models import Project
-from base.services import NotFound
 from incidents.models import SEVERITY_RANK, Incident, IncidentGroup
 from skills.library.models import RevisionStatus, Skill, SkillRevision
 from skills.versions import diff as diffs

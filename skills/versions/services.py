@@ -11,17 +11,13 @@ from django.db import transaction
 from django.db.models import Max
 from django.utils import timezone
 
-from base.models import AuditEvent, Project, Role
-from base.services import (
-    Conflict,
-    DomainError,
-    NotFound,
-    PermissionDenied,
-    audit_record,
-)
+from base import permissions
+from base.errors import Conflict, DomainError, NotFound
+from base.models import Project, Role
+from base.services import audit_record
 from skills import signals
 from skills.library.models import Author, Origin, RevisionStatus, SkillRevision
-from skills.library.services import skill_revision_propose
+from skills.library.services import RevisionDraft, skill_revision_propose
 from skills.versions.models import PolicyVersion, Release, ReleaseKind, VersionStatus
 
 
@@ -55,29 +51,6 @@ def policy_version_create_initial(*, project: Project) -> PolicyVersion:
 FIRST_APPROVAL_ACTION = "skill_revision.approve_first"
 
 
-def _actor_user(actor: Any) -> Any:
-    return actor if getattr(actor, "is_authenticated", False) else None
-
-
-def _actor_label(actor: Any, actor_label: str) -> str:
-    if actor_label:
-        return actor_label
-    user = _actor_user(actor)
-    return user.get_username() if user is not None else "system"
-
-
-def _require_role(actor: Any, project: Project, role: str) -> None:
-    """A User must hold ``role`` in ``project``; ``None`` is a machine actor whose permission
-    the caller (API key scope, signed link) has checked already."""
-    if actor is None:
-        return
-    from base.selectors import membership_for
-
-    membership = membership_for(user=actor, project=project)
-    if membership is None or not membership.has_role(role):
-        raise PermissionDenied(f"This needs the {role} role in {project.name}.")
-
-
 def _lock_project(project_id: int) -> Project:
     return Project.objects.select_for_update().get(pk=project_id)
 
@@ -87,27 +60,11 @@ def _when(value: Any) -> str:
 
 
 def _revision_decided_message(revision: SkillRevision) -> str:
-    """The "already approved by X at T" message, read from the audit log (which also knows
-    machine actors)."""
-    event = (
-        AuditEvent.objects.filter(
-            object_type="skills.skillrevision",
-            object_id=str(revision.pk),
-            action__in=[
-                "skill_revision.approve",
-                "skill_revision.reject",
-                "skill_revision.edit",
-                "skill_revision.supersede",
-            ],
-        )
-        .order_by("-created_at", "-id")
-        .first()
-    )
-    who = event.actor_label if event else "someone"
-    when = event.created_at if event else revision.status_changed_at
+    """The "already approved by X at T" message."""
+    who = revision.decided_by_label or "someone"
     return (
         f"{revision.skill.slug} r{revision.number} was already {revision.status} by {who} "
-        f"at {_when(when)}."
+        f"at {_when(revision.status_changed_at)}."
     )
 
 
@@ -201,7 +158,7 @@ def _activate(
         kind=kind,
         from_version=old,
         to_version=new,
-        actor=_actor_user(actor),
+        actor=permissions.actor_user(actor),
         actor_label=label,
         reason=reason,
         created_at=now,
@@ -228,26 +185,20 @@ def skill_revision_approve(
     active set with this skill's previous revision replaced); with ``require_second_approver``
     the first approval is only recorded and the revision stays PROPOSED."""
     project = _lock_project(revision.skill.project_id)
-    _require_role(actor, project, Role.REVIEWER)
+    permissions.require_role(actor, project, Role.REVIEWER)
     revision = SkillRevision.objects.select_for_update().select_related("skill").get(pk=revision.pk)
-    label = _actor_label(actor, actor_label)
+    label = permissions.actor_label(actor, actor_label)
     if revision.status != RevisionStatus.PROPOSED:
         raise Conflict(_revision_decided_message(revision))
     now = timezone.now()
     if project.require_second_approver:
-        first = (
-            AuditEvent.objects.filter(
-                action=FIRST_APPROVAL_ACTION,
-                object_type="skills.skillrevision",
-                object_id=str(revision.pk),
+        if not revision.first_approved_by_label:
+            revision.first_approved_by = permissions.actor_user(actor)
+            revision.first_approved_by_label = label
+            revision.first_approved_at = now
+            revision.save(
+                update_fields=["first_approved_by", "first_approved_by_label", "first_approved_at"]
             )
-            .order_by("-id")
-            .first()
-        )
-        if first is None:
-            if _actor_user(actor) is not None:
-                revision.first_approved_by = actor
-                revision.save(update_fields=["first_approved_by"])
             audit_record(
                 action=FIRST_APPROVAL_ACTION,
                 project=project,
@@ -258,7 +209,7 @@ def skill_revision_approve(
                 message=reason,
             )
             return revision
-        if first.actor_label == label:
+        if revision.first_approved_by_label == label:
             raise Conflict(
                 f"{label} gave the first approval; this project needs a second, different reviewer."
             )
@@ -270,12 +221,13 @@ def skill_revision_approve(
         .exclude(pk=revision.pk)
     )
     for old_revision in superseded:
-        _set_status(old_revision, RevisionStatus.SUPERSEDED, now)
+        _set_status(old_revision, RevisionStatus.SUPERSEDED, now, decided_by_label=label)
     _set_status(
         revision,
         RevisionStatus.APPROVED,
         now,
-        decided_by=_actor_user(actor),
+        decided_by=permissions.actor_user(actor),
+        decided_by_label=label,
         decision_reason=reason,
     )
     version = PolicyVersion(
@@ -285,7 +237,7 @@ def skill_revision_approve(
         adapter_ref=active.adapter_ref,
         base_model=active.base_model,
         changelog=f"Approved {revision.skill.slug} r{revision.number}: {revision.name}",
-        created_by=_actor_user(actor),
+        created_by=permissions.actor_user(actor),
         created_at=now,
     )
     _activate(
@@ -324,16 +276,17 @@ def skill_revision_reject(
     """Reject a PROPOSED revision; a reason is required."""
     reason = _reason_required(reason)
     project = _lock_project(revision.skill.project_id)
-    _require_role(actor, project, Role.REVIEWER)
+    permissions.require_role(actor, project, Role.REVIEWER)
     revision = SkillRevision.objects.select_for_update().select_related("skill").get(pk=revision.pk)
     if revision.status != RevisionStatus.PROPOSED:
         raise Conflict(_revision_decided_message(revision))
-    label = _actor_label(actor, actor_label)
+    label = permissions.actor_label(actor, actor_label)
     _set_status(
         revision,
         RevisionStatus.REJECTED,
         timezone.now(),
-        decided_by=_actor_user(actor),
+        decided_by=permissions.actor_user(actor),
+        decided_by_label=label,
         decision_reason=reason,
     )
     audit_record(
@@ -365,30 +318,38 @@ def skill_revision_edit(
     """A reviewer's edit of a PROPOSED revision: a new PROPOSED revision (author human, parent
     the edited one, same evidence); the edited one becomes SUPERSEDED. Returns the new one."""
     project = _lock_project(revision.skill.project_id)
-    _require_role(actor, project, Role.REVIEWER)
+    permissions.require_role(actor, project, Role.REVIEWER)
     revision = SkillRevision.objects.select_for_update().select_related("skill").get(pk=revision.pk)
     if revision.status != RevisionStatus.PROPOSED:
         raise Conflict(_revision_decided_message(revision))
-    label = _actor_label(actor, actor_label)
+    label = permissions.actor_label(actor, actor_label)
     new_revision = skill_revision_propose(
         project=project,
-        slug=revision.skill.slug,
-        name=name,
-        description=description,
-        instructions=instructions,
-        category=category,
-        examples=revision.examples if examples is None else examples,
-        author=Author.HUMAN,
-        origin=Origin.HUMAN,
+        draft=RevisionDraft(
+            slug=revision.skill.slug,
+            name=name,
+            description=description,
+            instructions=instructions,
+            category=category,
+            examples=revision.examples if examples is None else examples,
+            author=Author.HUMAN,
+            origin=Origin.HUMAN,
+            parent=revision,
+            source_groups=list(revision.source_groups.all()),
+            source_incidents=list(revision.source_incidents.all()),
+            diagnosis=revision.diagnosis,
+            redactions=revision.redactions,
+        ),
         created_by=actor,
-        parent=revision,
-        source_groups=list(revision.source_groups.all()),
-        source_incidents=list(revision.source_incidents.all()),
-        diagnosis=revision.diagnosis,
-        redactions=revision.redactions,
         actor_label=label,
     )
-    _set_status(revision, RevisionStatus.SUPERSEDED, timezone.now(), decided_by=_actor_user(actor))
+    _set_status(
+        revision,
+        RevisionStatus.SUPERSEDED,
+        timezone.now(),
+        decided_by=permissions.actor_user(actor),
+        decided_by_label=label,
+    )
     audit_record(
         action="skill_revision.edit",
         project=project,
@@ -416,7 +377,7 @@ def policy_version_create_candidate(
     """A CANDIDATE version (e.g. the slow loop's new adapter) with the active version's skill
     revisions, or the given ones. It waits for an admin to promote or reject it."""
     project = _lock_project(project.pk)
-    _require_role(actor, project, Role.ADMIN)
+    permissions.require_role(actor, project, Role.ADMIN)
     active = _active_version(project)
     if revisions is None:
         chosen = list(active.revisions.all())
@@ -426,7 +387,7 @@ def policy_version_create_candidate(
             raise DomainError("Every revision must belong to this project.", field="revisions")
         if len({r.skill_id for r in chosen}) != len(chosen):
             raise DomainError("At most one revision per skill.", field="revisions")
-    label = _actor_label(actor, actor_label)
+    label = permissions.actor_label(actor, actor_label)
     version = PolicyVersion.objects.create(
         project=project,
         number=_next_version_number(project),
@@ -434,7 +395,7 @@ def policy_version_create_candidate(
         adapter_ref=adapter_ref or "",
         base_model=base_model or "",
         changelog=changelog or "",
-        created_by=_actor_user(actor),
+        created_by=permissions.actor_user(actor),
         status=VersionStatus.CANDIDATE,
         status_changed_at=timezone.now(),
     )
@@ -473,7 +434,7 @@ def policy_version_promote(
 ) -> PolicyVersion:
     """CANDIDATE → ACTIVE; the active one is retired."""
     project, version = _lock_version(version)
-    _require_role(actor, project, Role.ADMIN)
+    permissions.require_role(actor, project, Role.ADMIN)
     if version.status != VersionStatus.CANDIDATE:
         raise Conflict(_version_decided_message(version))
     active = _active_version(project)
@@ -495,7 +456,7 @@ def policy_version_promote(
         new=version,
         kind=ReleaseKind.PROMOTION,
         actor=actor,
-        label=_actor_label(actor, actor_label),
+        label=permissions.actor_label(actor, actor_label),
         reason=(reason or "").strip(),
         now=timezone.now(),
     )
@@ -509,7 +470,7 @@ def policy_version_reject(
     """CANDIDATE → REJECTED; a reason is required."""
     reason = _reason_required(reason)
     project, version = _lock_version(version)
-    _require_role(actor, project, Role.ADMIN)
+    permissions.require_role(actor, project, Role.ADMIN)
     if version.status != VersionStatus.CANDIDATE:
         raise Conflict(_version_decided_message(version))
     _set_status(version, VersionStatus.REJECTED, timezone.now())
@@ -517,7 +478,7 @@ def policy_version_reject(
         action="policy_version.reject",
         project=project,
         actor=actor,
-        actor_label=_actor_label(actor, actor_label),
+        actor_label=permissions.actor_label(actor, actor_label),
         obj=version,
         before={"status": VersionStatus.CANDIDATE},
         after={"status": VersionStatus.REJECTED},
@@ -535,7 +496,7 @@ def policy_version_rollback(
     their data leaves training and the fast loop does not propose them again unchanged."""
     reason = _reason_required(reason)
     project, to_version = _lock_version(to_version)
-    _require_role(actor, project, Role.ADMIN)
+    permissions.require_role(actor, project, Role.ADMIN)
     if to_version.status != VersionStatus.RETIRED:
         raise Conflict(
             f"Only a retired version can be rolled back to. {_version_decided_message(to_version)}"
@@ -551,7 +512,7 @@ def policy_version_rollback(
         new=to_version,
         kind=ReleaseKind.ROLLBACK,
         actor=actor,
-        label=_actor_label(actor, actor_label),
+        label=permissions.actor_label(actor, actor_label),
         reason=reason,
         now=now,
         rolled_back=True,
@@ -561,7 +522,7 @@ def policy_version_rollback(
             action="skill_revision.rolled_back",
             project=project,
             actor=actor,
-            actor_label=_actor_label(actor, actor_label),
+            actor_label=permissions.actor_label(actor, actor_label),
             obj=current,
             after={"revisions": dropped_numbers},
             message=reason,

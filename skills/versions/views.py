@@ -11,14 +11,15 @@ from typing import Any
 
 from django.contrib import messages
 from django.core.paginator import Paginator
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from base.decorators import project_view
+from base.errors import Conflict, DomainError, NotFound, PermissionDenied
 from base.models import Role
-from base.services import Conflict, DomainError, NotFound, PermissionDenied
+from base.requests import ProjectRequest
 from incidents.selectors import agents_for_project
 from skills.library.models import Category, Origin
 from skills.versions import selectors, services
@@ -30,11 +31,11 @@ QUEUE_LIMIT = 50
 VERSIONS_PAGE_SIZE = 50
 
 
-def _can(request: HttpRequest, role: str) -> bool:
-    return request.membership.has_role(role)  # type: ignore[attr-defined]
+def _can(request: ProjectRequest, role: str) -> bool:
+    return request.membership.has_role(role)
 
 
-def _queue_filters(request: HttpRequest) -> dict[str, str]:
+def _queue_filters(request: ProjectRequest) -> dict[str, str]:
     return {name: request.GET.get(name, "").strip() for name in QUEUE_FILTERS}
 
 
@@ -52,9 +53,9 @@ def _error_status(exc: DomainError) -> int:
 
 
 def _review_context(
-    request: HttpRequest, *, revision_id: Any = None, queue: bool = True, **extra: Any
+    request: ProjectRequest, *, revision_id: Any = None, queue: bool = True, **extra: Any
 ) -> dict[str, Any]:
-    project = request.project  # type: ignore[attr-defined]
+    project = request.project
     filters = _queue_filters(request)
     context: dict[str, Any] = {
         "filters": filters,
@@ -90,18 +91,18 @@ def _review_context(
 
 @require_GET
 @project_view()
-def review_queue(request: HttpRequest) -> HttpResponse:
+def review_queue(request: ProjectRequest) -> HttpResponse:
     context = _review_context(request)
-    if request.htmx:  # type: ignore[attr-defined]
+    if request.htmx:
         return render(request, "skills/review.html#queue", context)
     return render(request, "skills/review.html", context)
 
 
 @require_GET
 @project_view()
-def revision_detail(request: HttpRequest, revision_id: int) -> HttpResponse:
+def revision_detail(request: ProjectRequest, revision_id: int) -> HttpResponse:
     """The proposal beside the queue; an htmx request gets the detail panel only."""
-    partial = bool(request.htmx) and request.htmx.target == "detail"  # type: ignore[attr-defined]
+    partial = bool(request.htmx) and request.htmx.target == "detail"
     try:
         context = _review_context(request, revision_id=revision_id, queue=not partial)
     except NotFound as exc:
@@ -112,12 +113,12 @@ def revision_detail(request: HttpRequest, revision_id: int) -> HttpResponse:
 
 
 def _decision_response(
-    request: HttpRequest, revision_id: int, *, error: DomainError | None = None, **extra: Any
+    request: ProjectRequest, revision_id: int, *, error: DomainError | None = None, **extra: Any
 ) -> HttpResponse:
     """After a decision: htmx gets the re-rendered detail panel (and the queue refreshes);
     a plain form POST is redirected to the proposal page (POST/redirect/GET)."""
     status = _error_status(error) if error else 200
-    if request.htmx:  # type: ignore[attr-defined]
+    if request.htmx:
         try:
             context = _review_context(request, revision_id=revision_id, queue=False, **extra)
         except NotFound as exc:
@@ -133,20 +134,20 @@ def _decision_response(
             context["error"] = str(error)
             return render(request, "skills/review.html", context, status=422)
         messages.error(request, str(error))
-    project = request.project  # type: ignore[attr-defined]
+    project = request.project
     return redirect("skills:revision_detail", project_slug=project.slug, revision_id=revision_id)
 
 
-def _revision_or_404(request: HttpRequest, revision_id: int):
+def _revision_or_404(request: ProjectRequest, revision_id: int):
     try:
-        return selectors.revision_for_project(request.project, revision_id)  # type: ignore[attr-defined]
+        return selectors.revision_for_project(request.project, revision_id)
     except NotFound as exc:
         raise Http404(str(exc)) from exc
 
 
 @require_POST
 @project_view(role=Role.REVIEWER)
-def revision_approve(request: HttpRequest, revision_id: int) -> HttpResponse:
+def revision_approve(request: ProjectRequest, revision_id: int) -> HttpResponse:
     revision = _revision_or_404(request, revision_id)
     try:
         revision = services.skill_revision_approve(
@@ -163,7 +164,7 @@ def revision_approve(request: HttpRequest, revision_id: int) -> HttpResponse:
 
 @require_POST
 @project_view(role=Role.REVIEWER)
-def revision_reject(request: HttpRequest, revision_id: int) -> HttpResponse:
+def revision_reject(request: ProjectRequest, revision_id: int) -> HttpResponse:
     revision = _revision_or_404(request, revision_id)
     reason = request.POST.get("reason", "")
     try:
@@ -176,7 +177,7 @@ def revision_reject(request: HttpRequest, revision_id: int) -> HttpResponse:
 
 @require_POST
 @project_view(role=Role.REVIEWER)
-def revision_edit(request: HttpRequest, revision_id: int) -> HttpResponse:
+def revision_edit(request: ProjectRequest, revision_id: int) -> HttpResponse:
     """Save the edited text as a new proposal; with ``approve`` set, approve it at once
     (edit-then-approve). Both happen in the services; the redirect goes to the new revision."""
     revision = _revision_or_404(request, revision_id)
@@ -199,11 +200,11 @@ def revision_edit(request: HttpRequest, revision_id: int) -> HttpResponse:
         messages.success(request, f"Edited and approved as r{new_revision.number}.")
     else:
         messages.success(request, f"Saved as r{new_revision.number}, waiting for review.")
-    project = request.project  # type: ignore[attr-defined]
+    project = request.project
     url = reverse(
         "skills:revision_detail", kwargs={"project_slug": project.slug, "revision_id": target}
     )
-    if request.htmx:  # type: ignore[attr-defined]
+    if request.htmx:
         response = _decision_response(request, target)
         response["HX-Push-Url"] = url
         return response
@@ -213,17 +214,17 @@ def revision_edit(request: HttpRequest, revision_id: int) -> HttpResponse:
 # --- Policy versions ---------------------------------------------------------------------------
 
 
-def _version_or_404(request: HttpRequest, number: int) -> PolicyVersion:
+def _version_or_404(request: ProjectRequest, number: int) -> PolicyVersion:
     try:
-        return selectors.version_for_project(request.project, number)  # type: ignore[attr-defined]
+        return selectors.version_for_project(request.project, number)
     except NotFound as exc:
         raise Http404(str(exc)) from exc
 
 
 @require_GET
 @project_view()
-def version_list(request: HttpRequest) -> HttpResponse:
-    project = request.project  # type: ignore[attr-defined]
+def version_list(request: ProjectRequest) -> HttpResponse:
+    project = request.project
     page = Paginator(selectors.versions_for_project(project), VERSIONS_PAGE_SIZE).get_page(
         request.GET.get("page")
     )
@@ -245,7 +246,7 @@ def version_list(request: HttpRequest) -> HttpResponse:
 
 @require_GET
 @project_view()
-def version_detail(request: HttpRequest, number: int) -> HttpResponse:
+def version_detail(request: ProjectRequest, number: int) -> HttpResponse:
     version = _version_or_404(request, number)
     return render(
         request,
@@ -254,7 +255,7 @@ def version_detail(request: HttpRequest, number: int) -> HttpResponse:
             "version": version,
             "revisions": selectors.version_revisions(version),
             "releases": selectors.version_releases(version),
-            "active": selectors.active_version(request.project),  # type: ignore[attr-defined]
+            "active": selectors.active_version(request.project),
             "can_admin": _can(request, Role.ADMIN),
         },
     )
@@ -262,8 +263,8 @@ def version_detail(request: HttpRequest, number: int) -> HttpResponse:
 
 @require_GET
 @project_view()
-def version_diff(request: HttpRequest) -> HttpResponse:
-    project = request.project  # type: ignore[attr-defined]
+def version_diff(request: ProjectRequest) -> HttpResponse:
+    project = request.project
     active = selectors.active_version(project)
     try:
         to_number = int(request.GET.get("to") or (active.number if active else 1))
@@ -280,13 +281,13 @@ def version_diff(request: HttpRequest) -> HttpResponse:
         ),
     }
     template = "skills/version_diff.html"
-    if request.htmx:  # type: ignore[attr-defined]
+    if request.htmx:
         template += "#diff"
     return render(request, template, context)
 
 
-def _confirm_context(request: HttpRequest, version: PolicyVersion, action: str) -> dict:
-    project = request.project  # type: ignore[attr-defined]
+def _confirm_context(request: ProjectRequest, version: PolicyVersion, action: str) -> dict:
+    project = request.project
     active = selectors.active_version(project)
     result = None
     if active is not None and active.pk != version.pk:
@@ -294,10 +295,10 @@ def _confirm_context(request: HttpRequest, version: PolicyVersion, action: str) 
     return {"version": version, "active": active, "diff": result, "action": action}
 
 
-def _version_action(request: HttpRequest, number: int, action: str, call) -> HttpResponse:
+def _version_action(request: ProjectRequest, number: int, action: str, call) -> HttpResponse:
     """GET: a confirmation naming exactly what changes. POST: act through the service."""
     version = _version_or_404(request, number)
-    project = request.project  # type: ignore[attr-defined]
+    project = request.project
     if request.method == "GET":
         context = _confirm_context(request, version, action)
         return render(request, "skills/version_confirm.html", context)
@@ -322,13 +323,13 @@ def _version_action(request: HttpRequest, number: int, action: str, call) -> Htt
 
 @require_http_methods(["GET", "POST"])
 @project_view(role=Role.ADMIN)
-def version_promote(request: HttpRequest, number: int) -> HttpResponse:
+def version_promote(request: ProjectRequest, number: int) -> HttpResponse:
     return _version_action(request, number, "promote", services.policy_version_promote)
 
 
 @require_http_methods(["GET", "POST"])
 @project_view(role=Role.ADMIN)
-def version_rollback(request: HttpRequest, number: int) -> HttpResponse:
+def version_rollback(request: ProjectRequest, number: int) -> HttpResponse:
     def rollback(*, version: PolicyVersion, actor: Any, reason: str) -> PolicyVersion:
         return services.policy_version_rollback(to_version=version, actor=actor, reason=reason)
 
@@ -337,7 +338,7 @@ def version_rollback(request: HttpRequest, number: int) -> HttpResponse:
 
 @require_http_methods(["GET", "POST"])
 @project_view(role=Role.ADMIN)
-def version_reject(request: HttpRequest, number: int) -> HttpResponse:
+def version_reject(request: ProjectRequest, number: int) -> HttpResponse:
     return _version_action(request, number, "reject", services.policy_version_reject)
 
 
@@ -346,13 +347,13 @@ def version_reject(request: HttpRequest, number: int) -> HttpResponse:
 
 @require_GET
 @project_view()
-def skill_library(request: HttpRequest) -> HttpResponse:
-    project = request.project  # type: ignore[attr-defined]
+def skill_library(request: ProjectRequest) -> HttpResponse:
+    project = request.project
     q = request.GET.get("q", "").strip()
     page = Paginator(selectors.skills_library(project, q=q or None), LIBRARY_PAGE_SIZE).get_page(
         request.GET.get("page")
     )
     template = "skills/library.html"
-    if request.htmx:  # type: ignore[attr-defined]
+    if request.htmx:
         template += "#library"
     return render(request, template, {"page": page, "skills": list(page.object_list), "q": q})

@@ -10,6 +10,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from base import services
+from base.errors import Conflict
 from base.models import ApiKey, AuditEvent, Membership, Project
 from incidents.models import Incident, IncidentGroup
 from tests import factories
@@ -219,9 +220,9 @@ def test_the_last_admin_can_be_neither_demoted_nor_removed(project):
     admin = factories.make_member(project, "admin")
     events = AuditEvent.objects.count()
 
-    with pytest.raises(services.Conflict):
+    with pytest.raises(Conflict):
         services.membership_set(project=project, user=admin, role="viewer")
-    with pytest.raises(services.Conflict):
+    with pytest.raises(Conflict):
         services.membership_remove(project=project, user=admin)
 
     assert Membership.objects.get(project=project, user=admin).role == "admin"

@@ -32,13 +32,15 @@ def _group(client, project, error_type: str, events: int) -> IncidentGroup:
 def _propose(project, slug: str, name: str, groups=()) -> SkillRevision:
     return library_services.skill_revision_propose(
         project=project,
-        slug=slug,
-        name=name,
-        description=f"When {name.lower()} matters.",
-        instructions=f"Always {name.lower()} before answering; never guess.",
-        origin=Origin.HUMAN,
-        author="human",
-        source_groups=list(groups),
+        draft=library_services.RevisionDraft(
+            slug=slug,
+            name=name,
+            description=f"When {name.lower()} matters.",
+            instructions=f"Always {name.lower()} before answering; never guess.",
+            origin=Origin.HUMAN,
+            author="human",
+            source_groups=list(groups),
+        ),
     )
 
 

@@ -21,10 +21,11 @@ from django.test import Client
 from incidents import signals
 from incidents.models import GroupStatus, Incident, IncidentGroup, SynthesisStatus
 from base import services
+from metaclaw_site.projects import project_create
 from tests import factories
 
 call_command("migrate", verbosity=0)
-project = services.project_create(name="Embedded")
+project = project_create(name="Embedded")
 key = services.api_key_create(project=project, name="k", scopes=["ingest"]).secret
 client = Client()
 announced = []

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from incidents.services import _is_instant
+from incidents.ingest_sql import _is_instant
 
 NOW = datetime(2026, 11, 25, 22, 8, 17, 123456, tzinfo=UTC)
 

@@ -20,7 +20,9 @@ def propose(project, slug="iso-dates", **overrides) -> SkillRevision:
         "origin": Origin.DEMO_FIXTURE,
     }
     fields.update(overrides)
-    return library_services.skill_revision_propose(project=project, slug=slug, **fields)
+    return library_services.skill_revision_propose(
+        project=project, draft=library_services.RevisionDraft(slug=slug, **fields)
+    )
 
 
 def test_list_revisions_filters_by_status_and_stays_in_the_keys_project(

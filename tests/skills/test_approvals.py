@@ -9,13 +9,14 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
+from base.errors import PermissionDenied
 from base.models import Project
-from base.services import PermissionDenied, membership_set
+from base.services import membership_set
 from incidents.models import Incident
-from skills.approvals import services as approvals
+from skills.approvals import links as approvals
 from skills.approvals.models import ApprovalAction, ApprovalRequest
 from skills.library.models import Origin, RevisionStatus, SkillRevision
-from skills.library.services import skill_revision_propose
+from skills.library.services import RevisionDraft, skill_revision_propose
 from skills.versions.models import PolicyVersion, Release, VersionStatus
 from skills.versions.services import (
     policy_version_create_candidate,
@@ -32,12 +33,14 @@ INSTRUCTIONS = "Convert relative dates like 'last week' to ISO 8601 before calli
 def propose(project: Project, slug: str = "date-args", **extra) -> SkillRevision:
     return skill_revision_propose(
         project=project,
-        slug=slug,
-        name="Normalise date arguments",
-        description="When a tool takes a date argument.",
-        instructions=INSTRUCTIONS,
-        origin=Origin.LIVE_LLM,
-        **extra,
+        draft=RevisionDraft(
+            slug=slug,
+            name="Normalise date arguments",
+            description="When a tool takes a date argument.",
+            instructions=INSTRUCTIONS,
+            origin=Origin.LIVE_LLM,
+            **extra,
+        ),
     )
 
 

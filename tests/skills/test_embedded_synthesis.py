@@ -20,10 +20,11 @@ django.setup()
 from django.core.management import call_command
 from django.db import connection
 
-from incidents import services as incident_services
+from incidents import ingest as incident_ingest
 from incidents.models import IncidentGroup
 from incidents.schemas import IncidentIn
 from base import services
+from metaclaw_site.projects import project_create
 from skills.synthesis.models import LlmUsage
 from skills.library.models import SkillRevision
 from skills.synthesis.services import group_synthesize
@@ -31,13 +32,13 @@ from tests import factories
 from tests.fakes.openai_server import OpenAIServer, Reply
 
 call_command("migrate", verbosity=0)
-project = services.project_create(name="Embedded")
+project = project_create(name="Embedded")
 
 
 def ingest(client_id, message, tool="search_orders"):
     payload = factories.incident_payload(client_id)
     payload["error"] = {"type": "ToolArgumentError", "message": message, "tool": tool}
-    (result,) = incident_services.incidents_ingest(project=project, items=[IncidentIn(**payload)])
+    (result,) = incident_ingest.incidents_ingest(project=project, items=[IncidentIn(**payload)])
     return result.group_id
 
 

@@ -20,7 +20,7 @@ from skills.approvals.models import (
     SlackInteraction,
 )
 from skills.library.models import Origin, RevisionStatus, SkillRevision
-from skills.library.services import skill_revision_propose
+from skills.library.services import RevisionDraft, skill_revision_propose
 from skills.versions.models import PolicyVersion, VersionStatus
 from skills.versions.services import (
     policy_version_create_candidate,
@@ -66,11 +66,13 @@ def propose(project: Project, capture, slug: str = "date-args") -> SkillRevision
     with capture(execute=True):
         return skill_revision_propose(
             project=project,
-            slug=slug,
-            name="Normalise date arguments",
-            description="When a tool takes a date argument.",
-            instructions="Convert relative dates to ISO 8601 before calling search_orders.",
-            origin=Origin.LIVE_LLM,
+            draft=RevisionDraft(
+                slug=slug,
+                name="Normalise date arguments",
+                description="When a tool takes a date argument.",
+                instructions="Convert relative dates to ISO 8601 before calling search_orders.",
+                origin=Origin.LIVE_LLM,
+            ),
         )
 
 
@@ -638,19 +640,19 @@ def test_send_a_test_message_reaches_every_configured_channel(
     ],
 )
 def test_private_and_loopback_addresses_are_refused_unless_allowed(settings, url):
-    from skills.approvals import notify
+    from skills.approvals import delivery
 
     settings.METACLAW_ALLOW_PRIVATE_WEBHOOKS = False
-    assert notify.url_refusal(url) is not None
+    assert delivery.url_refusal(url) is not None
     settings.METACLAW_ALLOW_PRIVATE_WEBHOOKS = True
-    assert notify.url_refusal(url) is None
+    assert delivery.url_refusal(url) is None
 
 
 def test_a_public_address_is_allowed(settings):
-    from skills.approvals import notify
+    from skills.approvals import delivery
 
     settings.METACLAW_ALLOW_PRIVATE_WEBHOOKS = False
-    assert notify.url_refusal("https://93.184.216.34/hook") is None
+    assert delivery.url_refusal("https://93.184.216.34/hook") is None
 
 
 def test_integration_settings_refuse_a_loopback_or_metadata_webhook_url(

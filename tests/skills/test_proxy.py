@@ -20,8 +20,10 @@ from django.test import AsyncClient
 from base import counters
 from incidents.models import Trajectory
 from skills.library.models import Author, Origin
-from skills.library.services import skill_revision_propose
-from skills.runtime import services as runtime
+from skills.library.services import RevisionDraft, skill_revision_propose
+from skills.runtime import admission, recording, retrieval
+from skills.runtime import policy as runtime_policy
+from skills.runtime import upstream as runtime_upstream
 from skills.versions.models import PolicyVersion, VersionStatus
 from skills.versions.services import (
     policy_version_create_candidate,
@@ -78,12 +80,12 @@ def upstream():
 
 @pytest.fixture(autouse=True)
 def _fresh_runtime_caches():
-    runtime.policy_cache_clear()
-    runtime.runtime_key_cache_clear()
+    runtime_policy.policy_cache_clear()
+    admission.runtime_key_cache_clear()
     yield
-    runtime.recordings_wait(5)
-    runtime.policy_cache_clear()
-    runtime.runtime_key_cache_clear()
+    recording.recordings_wait(5)
+    runtime_policy.policy_cache_clear()
+    admission.runtime_key_cache_clear()
 
 
 @pytest.fixture
@@ -105,12 +107,14 @@ def approve(project, skill):
     slug, name, description, instructions = skill
     revision = skill_revision_propose(
         project=project,
-        slug=slug,
-        name=name,
-        description=description,
-        instructions=instructions,
-        author=Author.HUMAN,
-        origin=Origin.HUMAN,
+        draft=RevisionDraft(
+            slug=slug,
+            name=name,
+            description=description,
+            instructions=instructions,
+            author=Author.HUMAN,
+            origin=Origin.HUMAN,
+        ),
     )
     skill_revision_approve(revision=revision, actor=None, actor_label="test")
     return revision
@@ -143,8 +147,8 @@ def test_relevant_skills_are_appended_to_the_agents_system_message(client, upstr
     sent = upstream.chat_requests()[-1]
     system = system_text(sent)
     assert system.startswith("You are the support bot of Example Shop.\n\n")
-    assert runtime.SKILLS_BEGIN in system and system.rstrip().endswith(runtime.SKILLS_END)
-    section = system.split(runtime.SKILLS_BEGIN, 1)[1]
+    assert retrieval.SKILLS_BEGIN in system and system.rstrip().endswith(retrieval.SKILLS_END)
+    section = system.split(retrieval.SKILLS_BEGIN, 1)[1]
     assert "## Active skills" in section
     assert "### Check refund eligibility" in section
     assert REFUNDS[3] in section
@@ -162,7 +166,7 @@ def test_a_system_message_is_created_when_the_agent_sends_none(client, upstream,
     sent = upstream.chat_requests()[-1].body["messages"]
     assert len(sent) == 2
     assert sent[0]["role"] == "system"
-    assert sent[0]["content"].startswith(runtime.SKILLS_BEGIN)
+    assert sent[0]["content"].startswith(retrieval.SKILLS_BEGIN)
     assert "### Search orders with ISO dates" in sent[0]["content"]
     assert sent[1] == {"role": "user", "content": DATE_QUESTION}
 
@@ -307,7 +311,7 @@ def test_each_turn_is_recorded_as_a_trajectory_off_the_response_path(
     )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "ok"
 
-    assert runtime.recordings_wait(10)
+    assert recording.recordings_wait(10)
     turns = list(Trajectory.objects.filter(project=project).order_by("occurred_at"))
     assert len(turns) == 2
     side, main = turns
@@ -339,7 +343,7 @@ def test_the_proxy_hands_pooled_database_connections_back_after_each_use(
         client.chat.completions.create(
             model="gpt-test", messages=[{"role": "user", "content": REFUND_QUESTION}]
         )
-    assert runtime.recordings_wait(10)
+    assert recording.recordings_wait(10)
     time.sleep(0.2)  # the recorder returns its connection right after the batch it wrote
 
     stats = pool.get_stats()
@@ -399,7 +403,7 @@ def test_a_version_with_an_adapter_sends_the_adapters_model(client, upstream, pr
 def test_the_projects_model_map_renames_the_requested_model(client, upstream, project):
     project.upstream_model_map = {"gpt-test": "real-model-b", "*": "fallback"}
     project.save(update_fields=["upstream_model_map"])
-    runtime.runtime_key_cache_clear()
+    admission.runtime_key_cache_clear()
 
     client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "x"}])
     client.chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}])
@@ -427,13 +431,13 @@ def test_an_unreachable_upstream_answers_502_and_is_recorded(client, project):
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
     project.upstream_base_url = dead
     project.save(update_fields=["upstream_base_url"])
-    runtime.runtime_key_cache_clear()
+    admission.runtime_key_cache_clear()
 
     with pytest.raises(openai.InternalServerError) as exc:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
 
     assert exc.value.status_code == 502
-    assert runtime.recordings_wait(10)
+    assert recording.recordings_wait(10)
     assert Trajectory.objects.get(project=project).status_code == 502
 
 
@@ -458,7 +462,7 @@ def test_invalid_json_is_a_400_naming_the_problem(proxy_url, key):
 def test_proxied_requests_count_as_project_traffic(client, project):
     for _ in range(3):
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
-    runtime.sync_now()
+    runtime_policy.sync_now()
 
     assert counters.traffic_per_minute(project_id=project.pk, minutes=1)[-1] == 3
 
@@ -476,7 +480,7 @@ def test_the_django_view_serves_the_same_proxy(upstream, key, skills):
     assert response["X-MetaClaw-Policy-Version"] == "3"
     assert response.json()["choices"][0]["message"]["content"] == "ok"
     assert "Check refund eligibility" in system_text(upstream.chat_requests()[-1])
-    assert runtime.recordings_wait(10)
+    assert recording.recordings_wait(10)
     assert Trajectory.objects.filter(session_id="django-door").exists()
     assert PolicyVersion.objects.filter(status=VersionStatus.ACTIVE).count() >= 1
 
@@ -611,7 +615,7 @@ def test_a_projects_own_upstream_never_gets_the_global_key(settings):
     settings.UPSTREAM = {"BASE_URL": "https://global.example/v1/", "API_KEY": "global-secret"}
 
     def upstream(url, key=""):
-        return runtime.upstream_for(
+        return runtime_upstream.upstream_for(
             Project(upstream_base_url=url, upstream_api_key=key, upstream_model_map={})
         )
 
@@ -627,16 +631,16 @@ def test_skills_go_in_a_new_system_message_when_the_existing_content_is_odd():
     section = "<!-- metaclaw:active-skills -->x<!-- /metaclaw:active-skills -->"
     for odd in (123, {"text": "hi"}, True):
         messages = [{"role": "system", "content": odd}, {"role": "user", "content": "hi"}]
-        out = runtime.messages_with_skills(messages, section)
+        out = retrieval.messages_with_skills(messages, section)
         assert out[0] == {"role": "system", "content": section}
         assert out[1:] == messages
-    assert runtime.messages_with_skills([{"role": "system", "content": None}], section) == [
+    assert retrieval.messages_with_skills([{"role": "system", "content": None}], section) == [
         {"role": "system", "content": section}
     ]
 
 
 def _turn(project, body, *, stream):
-    return runtime.Turn(
+    return recording.Turn(
         project_id=project.pk,
         session_id="odd-upstream",
         turn_type="main",
@@ -669,7 +673,7 @@ def test_malformed_upstream_answers_are_recorded_without_losing_other_turns(proj
         _turn(project, b'data: {"choices": [{"delta": {"content": "fine"}}]}\n', stream=True),
     ]
 
-    assert runtime.proxy_turns_record(turns=odd) == len(odd)
+    assert recording.proxy_turns_record(turns=odd) == len(odd)
 
     responses = list(
         Trajectory.objects.filter(session_id="odd-upstream")
@@ -678,6 +682,6 @@ def test_malformed_upstream_answers_are_recorded_without_losing_other_turns(proj
     )
     assert len(responses) == len(odd)
     assert {"role": "assistant", "content": "fine"} in responses
-    parsed, _, _ = runtime._parse_response(odd[2])
+    parsed, _, _ = recording._parse_response(odd[2])
     assert parsed["content"] == "ok"
     assert parsed["tool_calls"][0]["function"] == {"name": "", "arguments": "{}"}

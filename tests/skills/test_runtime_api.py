@@ -7,12 +7,12 @@ import time
 import pytest
 
 from base import counters
+from incidents.ingest import trajectories_ingest
 from incidents.models import Incident, Outcome, Trajectory
 from incidents.schemas import TrajectoryIn
-from incidents.services import trajectories_ingest
 from skills.library.models import Author, Origin
-from skills.library.services import skill_revision_propose
-from skills.runtime import services as runtime
+from skills.library.services import RevisionDraft, skill_revision_propose
+from skills.runtime import admission, feedback, policy, retrieval
 from skills.versions.models import PolicyVersion, VersionStatus
 from skills.versions.services import skill_revision_approve
 from tests import factories
@@ -43,23 +43,25 @@ PYTHON = (
 
 @pytest.fixture(autouse=True)
 def _fresh_runtime_caches():
-    runtime.policy_cache_clear()
-    runtime.runtime_key_cache_clear()
+    policy.policy_cache_clear()
+    admission.runtime_key_cache_clear()
     yield
-    runtime.policy_cache_clear()
-    runtime.runtime_key_cache_clear()
+    policy.policy_cache_clear()
+    admission.runtime_key_cache_clear()
 
 
 def approve(project, skill, django_capture_on_commit_callbacks):
     slug, name, description, instructions = skill
     revision = skill_revision_propose(
         project=project,
-        slug=slug,
-        name=name,
-        description=description,
-        instructions=instructions,
-        author=Author.HUMAN,
-        origin=Origin.HUMAN,
+        draft=RevisionDraft(
+            slug=slug,
+            name=name,
+            description=description,
+            instructions=instructions,
+            author=Author.HUMAN,
+            origin=Origin.HUMAN,
+        ),
     )
     with django_capture_on_commit_callbacks(execute=True):
         skill_revision_approve(revision=revision, actor=None, actor_label="test")
@@ -142,10 +144,10 @@ def test_a_change_made_by_another_process_is_seen_after_one_sync(
     # but this process's signal receivers never run.
     PolicyVersion.objects.filter(project=project, number=4).update(status=VersionStatus.RETIRED)
     PolicyVersion.objects.filter(project=project, number=3).update(status=VersionStatus.ACTIVE)
-    counters.redis_client().incr(runtime.GENERATION_KEY.format(project_id=project.pk))
+    counters.redis_client().incr(policy.GENERATION_KEY.format(project_id=project.pk))
 
     stale = api.get("/api/v1/runtime/policy", key=runtime_key).json()["version"]
-    runtime.sync_now()
+    policy.sync_now()
     fresh = api.get("/api/v1/runtime/policy", key=runtime_key).json()["version"]
 
     assert stale == 4  # served from memory until the syncer (every 0.25 s) notices
@@ -186,7 +188,7 @@ def test_policy_needs_a_runtime_key(api, project, ingest_key):
 def test_runtime_requests_are_counted_as_project_traffic(api, project, runtime_key):
     for _ in range(3):
         api.get("/api/v1/runtime/policy", key=runtime_key)
-    runtime.sync_now()
+    policy.sync_now()
 
     assert counters.traffic_per_minute(project_id=project.pk, minutes=1)[-1] == 3
 
@@ -221,7 +223,7 @@ def test_retrieve_ranks_the_relevant_skill_first_with_its_score(api, runtime_key
     assert body["skills"][0]["instructions"] == REFUNDS[3]
     scores = [s["score"] for s in body["skills"]]
     assert scores == sorted(scores, reverse=True)
-    assert all(score >= runtime.DEFAULT_MIN_SCORE for score in scores)
+    assert all(score >= retrieval.DEFAULT_MIN_SCORE for score in scores)
 
 
 def test_retrieve_takes_the_latest_user_request_not_framework_boilerplate(
@@ -392,7 +394,7 @@ def test_a_long_session_id_still_becomes_an_incident(api, project, runtime_key):
     assert response.status_code == 200
     incident = Incident.objects.get()
     assert incident.session_id == session_id
-    assert incident.client_id == runtime.session_incident_id(session_id)
+    assert incident.client_id == feedback.session_incident_id(session_id)
     assert len(incident.client_id) <= 200
 
 
@@ -440,8 +442,8 @@ def test_retrieval_cleans_pathological_messages_in_linear_time(api, runtime_key,
 
     for text in ("<system>" * 25_000, "\n" * 200_000, " \n" * 100_000, "<context x>" * 20_000):
         started = time.perf_counter()
-        runtime.query_from_messages([{"role": "user", "content": text}] * 20)
-        runtime.clean_request_text(text)
+        retrieval.query_from_messages([{"role": "user", "content": text}] * 20)
+        retrieval.clean_request_text(text)
         assert time.perf_counter() - started < 0.5, text[:20]
 
     response = api.post(
@@ -459,4 +461,4 @@ def test_wrapper_blocks_are_still_removed_case_insensitively():
         "<env>x</env> <system>never closed"
     )
 
-    assert runtime.clean_request_text(text) == "I want a refund <system>never closed"
+    assert retrieval.clean_request_text(text) == "I want a refund <system>never closed"

@@ -5,8 +5,8 @@ import threading
 import pytest
 from django.db import connection
 
+from base.errors import Conflict, DomainError, PermissionDenied
 from base.models import AuditEvent
-from base.services import Conflict, DomainError, PermissionDenied
 from skills import signals
 from skills.library import services as library_services
 from skills.library.models import Origin, RevisionStatus, SkillRevision
@@ -25,7 +25,9 @@ def propose(project, slug="iso-dates", **overrides) -> SkillRevision:
         "origin": Origin.DEMO_FIXTURE,
     }
     fields.update(overrides)
-    return library_services.skill_revision_propose(project=project, slug=slug, **fields)
+    return library_services.skill_revision_propose(
+        project=project, draft=library_services.RevisionDraft(slug=slug, **fields)
+    )
 
 
 def snapshot(project) -> dict:

@@ -9,11 +9,12 @@ import json
 import pytest
 from django.utils import timezone
 
+from base.errors import PermissionDenied
 from base.models import AuditEvent
 from incidents.models import GroupStatus, IncidentGroup, IncidentStatus, SynthesisStatus
 from skills.library.models import Origin, RevisionStatus, SkillRevision
-from skills.library.services import skill_revision_propose
-from skills.synthesis import llm
+from skills.library.services import RevisionDraft, skill_revision_propose
+from skills.synthesis import llm, similar
 from skills.synthesis import services as synthesis
 from skills.synthesis.models import LlmUsage
 from skills.versions.models import PolicyVersion, VersionStatus
@@ -543,7 +544,7 @@ def test_retry_service_refuses_a_viewer(project):
     IncidentGroup.objects.filter(pk=group.pk).update(synthesis_status=SynthesisStatus.FAILED)
     viewer = factories.make_member(project, role="viewer")
 
-    with pytest.raises(synthesis.PermissionDenied):
+    with pytest.raises(PermissionDenied):
         synthesis.group_synthesis_retry(group=group, actor=viewer)
     group.refresh_from_db()
     assert group.synthesis_status == SynthesisStatus.FAILED
@@ -553,8 +554,8 @@ def test_retry_service_refuses_a_viewer(project):
 
 
 def _waiting_group(project) -> IncidentGroup:
+    from incidents.ingest import incidents_ingest
     from incidents.schemas import IncidentIn
-    from incidents.services import incidents_ingest
 
     (result,) = incidents_ingest(
         project=project, items=[IncidentIn.model_validate(factories.incident_payload())]
@@ -565,13 +566,10 @@ def _waiting_group(project) -> IncidentGroup:
 def _approved(project, **content) -> SkillRevision:
     from skills.versions.services import skill_revision_approve
 
-    revision = skill_revision_propose(
-        project=project,
-        origin=Origin.HUMAN,
-        author="human",
-        category="common_mistakes",
-        **content,
+    draft = RevisionDraft(
+        origin=Origin.HUMAN, author="human", category="common_mistakes", **content
     )
+    revision = skill_revision_propose(project=project, draft=draft)
     return skill_revision_approve(revision=revision, actor=None, actor_label="test")
 
 
@@ -734,13 +732,13 @@ def test_a_running_group_claimed_before_the_stamp_existed_is_released_by_its_req
 def _release_during_propose(monkeypatch, group):
     """A sweep puts the group back to WAITING while the worker synthesises (after its claim,
     before it writes the proposal)."""
-    real = synthesis._similar_skills
+    real = similar.similar_skills
 
     def racing(*args, **kwargs):
         IncidentGroup.objects.filter(pk=group.pk).update(synthesis_status=SynthesisStatus.WAITING)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(synthesis, "_similar_skills", racing)
+    monkeypatch.setattr(similar, "similar_skills", racing)
 
 
 def test_a_proposal_is_rolled_back_when_the_group_was_released_meanwhile(

@@ -33,10 +33,12 @@ def propose(project, slug="iso-dates", incidents=(), **overrides) -> SkillRevisi
     fields.update(overrides)
     return library_services.skill_revision_propose(
         project=project,
-        slug=slug,
-        source_incidents=list(incidents),
-        source_groups=list({i.group for i in incidents}),
-        **fields,
+        draft=library_services.RevisionDraft(
+            slug=slug,
+            source_incidents=list(incidents),
+            source_groups=list({i.group for i in incidents}),
+            **fields,
+        ),
     )
 
 

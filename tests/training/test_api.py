@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from base.errors import PermissionDenied
 from base.models import AuditEvent
 from tests import factories
-from training import services
-from training.models import RunStatus, TrainingRun
+from training.policy import services as policy_services
+from training.runs import services as run_services
+from training.runs.models import RunStatus, TrainingRun
 
 pytestmark = pytest.mark.django_db
 
@@ -15,7 +17,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture(autouse=True)
 def no_enqueue(monkeypatch):
     queued: list[int] = []
-    monkeypatch.setattr("training.tasks.training_run_execute.delay", queued.append)
+    monkeypatch.setattr("training.runs.tasks.training_run_execute.delay", queued.append)
     return queued
 
 
@@ -65,8 +67,8 @@ def test_pause_resume_and_cancel_through_the_api(api, project, admin_key):
 
 
 def test_list_and_get_runs_are_scoped_to_the_keys_project(api, project, other_project, admin_key):
-    mine = services.training_run_create(project=project)
-    theirs = services.training_run_create(project=other_project)
+    mine = run_services.training_run_create(project=project)
+    theirs = run_services.training_run_create(project=other_project)
 
     listed = api.get("/api/v1/training/runs", key=admin_key)
     own = api.get(f"/api/v1/training/runs/{mine.pk}", key=admin_key)
@@ -95,7 +97,7 @@ def test_a_bad_status_filter_is_a_422_naming_the_field(api, admin_key):
 
 
 def test_status_says_whether_the_project_is_idle_and_ready(api, project, admin_key):
-    services.idle_policy_update(project=project, mode="traffic", traffic_threshold_rpm=1000)
+    policy_services.idle_policy_update(project=project, mode="traffic", traffic_threshold_rpm=1000)
 
     body = api.get("/api/v1/training/status", key=admin_key).json()
 
@@ -106,10 +108,10 @@ def test_status_says_whether_the_project_is_idle_and_ready(api, project, admin_k
 
 def test_a_viewer_cannot_cancel_a_run_and_nothing_changes(project):
     viewer = factories.make_member(project, "viewer")
-    run = services.training_run_create(project=project)
+    run = run_services.training_run_create(project=project)
 
-    with pytest.raises(services.PermissionDenied):
-        services.training_run_cancel(run=run, actor=viewer)
+    with pytest.raises(PermissionDenied):
+        run_services.training_run_cancel(run=run, actor=viewer)
 
     run.refresh_from_db()
     assert run.status == RunStatus.QUEUED

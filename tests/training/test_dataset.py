@@ -8,15 +8,17 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from incidents.ingest import incidents_ingest, trajectories_ingest
 from incidents.models import Incident
 from incidents.schemas import IncidentIn, TrajectoryIn
-from incidents.services import incidents_ingest, trajectories_ingest
 from skills.library import services as library_services
 from skills.versions import services as version_services
 from tests import factories
-from training import services
+from training.datasets import services as datasets_services
+from training.datasets.models import DatasetSnapshot
 from training.demo import demo_trajectories_load
-from training.models import DatasetSnapshot
+from training.policy import services as policy_services
+from training.runs import services as run_services
 
 pytestmark = pytest.mark.django_db
 
@@ -70,7 +72,7 @@ def _answers(dataset: DatasetSnapshot) -> list[str]:
 def test_cleaning_drops_duplicates_and_unusable_turns_redacts_secrets_and_cuts_long_ones(
     project,
 ):
-    services.idle_policy_update(project=project, max_sample_tokens=120)
+    policy_services.idle_policy_update(project=project, max_sample_tokens=120)
     long_history = [
         {"role": "user" if i % 2 == 0 else "assistant", "content": f"earlier turn {i} " * 20}
         for i in range(6)
@@ -98,7 +100,7 @@ def test_cleaning_drops_duplicates_and_unusable_turns_redacts_secrets_and_cuts_l
         turn("Hello?", None),
     )
 
-    dataset = services.dataset_build(project=project)
+    dataset = datasets_services.dataset_build(project=project)
 
     report = dataset.report
     assert report["considered"] == 10
@@ -130,12 +132,14 @@ def test_cleaning_drops_duplicates_and_unusable_turns_redacts_secrets_and_cuts_l
 def _approve(project, slug: str):
     revision = library_services.skill_revision_propose(
         project=project,
-        slug=slug,
-        name=slug.replace("-", " ").title(),
-        description=f"When {slug} comes up.",
-        instructions="Do the right thing.",
-        origin="human",
-        author="human",
+        draft=library_services.RevisionDraft(
+            slug=slug,
+            name=slug.replace("-", " ").title(),
+            description=f"When {slug} comes up.",
+            instructions="Do the right thing.",
+            origin="human",
+            author="human",
+        ),
     )
     version_services.skill_revision_approve(revision=revision, actor=None, actor_label="test")
     return project.policy_versions.get(status="active")
@@ -161,17 +165,17 @@ def test_data_from_an_older_skill_generation_or_a_rolled_back_version_is_not_use
         turn("Under the adapter: where is order 5?", "Order 5 arrives Friday.", version=4),
     )
 
-    dataset = services.dataset_build(project=project)
+    dataset = datasets_services.dataset_build(project=project)
 
     assert dataset.generation_version == 2
     assert dataset.report["dropped"] == {"rolled_back_version": 1, "stale_generation": 2}
     assert sorted(_answers(dataset)) == ["Order 3 shipped Monday.", "Order 5 arrives Friday."]
-    readiness = services.project_training_readiness(project=project)
+    readiness = run_services.project_training_readiness(project=project)
     assert readiness.new_samples == 2
 
 
 def test_the_split_is_by_session_and_the_snapshot_is_reproducible(project):
-    services.idle_policy_update(project=project, eval_fraction=0.3)
+    policy_services.idle_policy_update(project=project, eval_fraction=0.3)
     items = [
         turn(
             f"Tell me about {WORDS[s * 3 + t]}",
@@ -183,8 +187,8 @@ def test_the_split_is_by_session_and_the_snapshot_is_reproducible(project):
     ]
     ingest(project, *items)
 
-    first = services.dataset_build(project=project)
-    second = services.dataset_build(project=project)
+    first = datasets_services.dataset_build(project=project)
+    second = datasets_services.dataset_build(project=project)
 
     by_session: dict[str, set[str]] = {}
     for sample in first.samples:
@@ -196,7 +200,7 @@ def test_the_split_is_by_session_and_the_snapshot_is_reproducible(project):
 
 
 def test_rl_datasets_keep_rewarded_answers_grouped_by_prompt(project):
-    services.idle_policy_update(project=project, objective="rl")
+    policy_services.idle_policy_update(project=project, objective="rl")
     ingest(
         project,
         turn("Where is my parcel?", "Tracking says Friday.", reward=1.0, session="a"),
@@ -205,7 +209,7 @@ def test_rl_datasets_keep_rewarded_answers_grouped_by_prompt(project):
         turn("Anything else?", "Maybe.", reward=None, outcome="unknown", session="d"),
     )
 
-    dataset = services.dataset_build(project=project)
+    dataset = datasets_services.dataset_build(project=project)
 
     rows = {s["messages"][-1]["content"]: s for s in dataset.samples}
     assert set(rows) == {"Tracking says Friday.", "No idea.", "Plans cancel under Billing."}
@@ -216,7 +220,7 @@ def test_rl_datasets_keep_rewarded_answers_grouped_by_prompt(project):
 
 
 def test_the_token_budget_keeps_the_newest_samples(project):
-    services.idle_policy_update(project=project, max_tokens_per_run=60)
+    policy_services.idle_policy_update(project=project, max_tokens_per_run=60)
     ingest(
         project,
         *[
@@ -225,7 +229,7 @@ def test_the_token_budget_keeps_the_newest_samples(project):
         ],
     )
 
-    dataset = services.dataset_build(project=project)
+    dataset = datasets_services.dataset_build(project=project)
 
     assert dataset.report["tokens"] <= 60
     assert dataset.report["dropped"]["over_token_budget"] >= 1
@@ -236,7 +240,7 @@ def test_demo_data_loads_once_and_gives_the_cleaning_report_content(project):
     created = demo_trajectories_load(project, count=200)
     again = demo_trajectories_load(project, count=200)
 
-    dataset = services.dataset_build(project=project)
+    dataset = datasets_services.dataset_build(project=project)
 
     assert created == 210 and again == 0
     dropped = dataset.report["dropped"]
@@ -283,7 +287,7 @@ def report_incidents(project, *items: IncidentIn) -> None:
 
 
 def test_rl_datasets_take_incidents_as_negative_samples_cleaned_like_trajectories(project):
-    services.idle_policy_update(project=project, objective="rl")
+    policy_services.idle_policy_update(project=project, objective="rl")
     ingest(project, turn("Where is my parcel?", "Tracking says Friday.", session="a"))
     report_incidents(
         project,
@@ -301,7 +305,7 @@ def test_rl_datasets_take_incidents_as_negative_samples_cleaned_like_trajectorie
     report_incidents(project, ignored)
     Incident.objects.filter(project=project, client_id=ignored.id).update(status="ignored")
 
-    dataset = services.dataset_build(project=project)
+    dataset = datasets_services.dataset_build(project=project)
 
     rows = {s["messages"][-1]["content"]: s for s in dataset.samples}
     assert set(rows) == {
@@ -312,7 +316,9 @@ def test_rl_datasets_take_incidents_as_negative_samples_cleaned_like_trajectorie
         "Exports are gone.",
     }
     wrong = rows["I cannot know that."]
-    assert wrong["kind"] == "incident" and wrong["reward"] == services.INCIDENT_DEFAULT_REWARD
+    assert (
+        wrong["kind"] == "incident" and wrong["reward"] == datasets_services.INCIDENT_DEFAULT_REWARD
+    )
     assert wrong["trajectory_id"] is None and wrong["incident_id"]
     # The failure and the good answer to the same prompt share the RL baseline.
     assert wrong["group"] == rows["Tracking says Friday."]["group"] is not None
@@ -339,7 +345,7 @@ def test_sft_datasets_use_an_incident_only_with_a_corrected_answer(project):
         failure("Refund me", "No.", corrected="Refunds are under Billing > Payments."),
     )
 
-    dataset = services.dataset_build(project=project)
+    dataset = datasets_services.dataset_build(project=project)
 
     assert sorted(_answers(dataset)) == [
         "Billing > Invoices.",
@@ -348,7 +354,7 @@ def test_sft_datasets_use_an_incident_only_with_a_corrected_answer(project):
     assert dataset.report["dropped"] == {"incident_not_corrected": 1}
     assert dataset.report["kinds"] == {"corrected": 1, "sft": 1}
     assert dataset.report["incidents"] == 1
-    assert services.project_training_readiness(project=project).new_samples == 2
+    assert run_services.project_training_readiness(project=project).new_samples == 2
 
 
 def test_incidents_from_an_older_skill_generation_or_a_rolled_back_version_are_not_used(project):
@@ -367,9 +373,9 @@ def test_incidents_from_an_older_skill_generation_or_a_rolled_back_version_are_n
         ],
     )
 
-    dataset = services.dataset_build(project=project)
+    dataset = datasets_services.dataset_build(project=project)
 
     assert dataset.report["dropped"] == {"rolled_back_version": 1, "stale_generation": 2}
     assert _answers(dataset) == ["Order 3 ships Monday."]
     assert dataset.report["incidents_considered"] == 4
-    assert services.project_training_readiness(project=project).new_samples == 1
+    assert run_services.project_training_readiness(project=project).new_samples == 1

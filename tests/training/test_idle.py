@@ -8,13 +8,16 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from base import counters
-from base.services import DomainError
+from base.errors import DomainError
 from incidents.models import Trajectory
 from tests import factories
-from training import services
 from training.demo import demo_trajectories_load
-from training.models import IdleWindowPolicy, PauseReason, RunStatus, TrainingRun
-from training.tasks import check_idle_windows
+from training.policy import services as policy_services
+from training.policy.models import IdleWindowPolicy
+from training.runs import execute as runs_execute
+from training.runs import services as run_services
+from training.runs.models import PauseReason, RunStatus, TrainingRun
+from training.runs.tasks import check_idle_windows
 
 pytestmark = pytest.mark.django_db
 
@@ -50,7 +53,7 @@ def _policy(project, **fields) -> IdleWindowPolicy:
         "weekly_windows": "mon-fri 01:00-05:00",
     }
     defaults.update(fields)
-    return services.idle_policy_update(project=project, **defaults)
+    return policy_services.idle_policy_update(project=project, **defaults)
 
 
 def _traffic(project, at: datetime, per_minute: list[int]) -> None:
@@ -64,7 +67,7 @@ def _traffic(project, at: datetime, per_minute: list[int]) -> None:
 def test_weekly_window_in_the_projects_time_zone_makes_it_idle(project):
     _policy(project)
 
-    status = services.project_idle_status(project=project, now=WED_0230_BERLIN)
+    status = policy_services.project_idle_status(project=project, now=WED_0230_BERLIN)
 
     assert status.idle is True
     assert status.in_window is True
@@ -76,7 +79,7 @@ def test_weekly_window_in_the_projects_time_zone_makes_it_idle(project):
 def test_outside_the_window_it_is_busy_and_says_when_the_next_one_opens(project):
     _policy(project)
 
-    status = services.project_idle_status(project=project, now=WED_1200_BERLIN)
+    status = policy_services.project_idle_status(project=project, now=WED_1200_BERLIN)
 
     assert status.idle is False
     assert status.next_window_at == datetime(2026, 11, 26, 0, 0, tzinfo=UTC)  # Thu 01:00 CET
@@ -86,7 +89,7 @@ def test_outside_the_window_it_is_busy_and_says_when_the_next_one_opens(project)
 def test_the_weekend_is_outside_a_weekday_window_and_the_next_opens_monday(project):
     _policy(project)
 
-    status = services.project_idle_status(project=project, now=SAT_0230_BERLIN)
+    status = policy_services.project_idle_status(project=project, now=SAT_0230_BERLIN)
 
     assert status.idle is False
     assert status.next_window_at == datetime(2026, 11, 30, 0, 0, tzinfo=UTC)
@@ -95,7 +98,7 @@ def test_the_weekend_is_outside_a_weekday_window_and_the_next_opens_monday(proje
 def test_a_window_past_midnight_spans_into_the_next_day(project):
     _policy(project, weekly_windows="tue 23:00-03:00")
 
-    status = services.project_idle_status(project=project, now=WED_0230_BERLIN)
+    status = policy_services.project_idle_status(project=project, now=WED_0230_BERLIN)
 
     assert status.idle is True
 
@@ -103,13 +106,13 @@ def test_a_window_past_midnight_spans_into_the_next_day(project):
 def test_icalendar_events_mark_quiet_windows_including_recurring_ones(project):
     _policy(project, weekly_windows="", ical_text=ICAL)
 
-    during_freeze = services.project_idle_status(
+    during_freeze = policy_services.project_idle_status(
         project=project, now=datetime(2026, 11, 25, 14, 0, tzinfo=UTC)
     )
-    sunday = services.project_idle_status(
+    sunday = policy_services.project_idle_status(
         project=project, now=datetime(2026, 11, 29, 9, 0, tzinfo=UTC)
     )
-    monday = services.project_idle_status(
+    monday = policy_services.project_idle_status(
         project=project, now=datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
     )
 
@@ -124,11 +127,11 @@ def test_quiet_traffic_for_n_minutes_is_idle_and_a_burst_is_not(project):
     now = WED_1200_BERLIN + timedelta(seconds=30)
     _traffic(project, now, [4, 3, 0, 1, 2, 0, 0, 4, 1, 0, 2])
 
-    quiet = services.project_idle_status(project=project, now=now)
+    quiet = policy_services.project_idle_status(project=project, now=now)
     _traffic(project, now - timedelta(minutes=6), [5])
-    busy = services.project_idle_status(project=project, now=now)
+    busy = policy_services.project_idle_status(project=project, now=now)
     # Eleven minutes later the burst has left the window.
-    later = services.project_idle_status(project=project, now=now + timedelta(minutes=11))
+    later = policy_services.project_idle_status(project=project, now=now + timedelta(minutes=11))
 
     assert quiet.idle is True and quiet.traffic_quiet is True
     assert len(quiet.traffic) == 11
@@ -141,9 +144,9 @@ def test_both_mode_needs_the_window_and_quiet_traffic(project):
     _policy(project, mode="both", traffic_threshold_rpm=3, traffic_idle_minutes=5)
     _traffic(project, WED_0230_BERLIN, [0, 0, 10])
 
-    assert services.project_idle_status(project=project, now=WED_0230_BERLIN).idle is False
+    assert policy_services.project_idle_status(project=project, now=WED_0230_BERLIN).idle is False
     assert (
-        services.project_idle_status(
+        policy_services.project_idle_status(
             project=project, now=WED_0230_BERLIN + timedelta(minutes=10)
         ).idle
         is True
@@ -154,14 +157,14 @@ def test_counters_are_per_project(project, other_project):
     _policy(project, mode="traffic", traffic_threshold_rpm=1, traffic_idle_minutes=5)
     _traffic(other_project, WED_1200_BERLIN, [50])
 
-    assert services.project_idle_status(project=project, now=WED_1200_BERLIN).idle is True
+    assert policy_services.project_idle_status(project=project, now=WED_1200_BERLIN).idle is True
 
 
 def test_bad_window_text_is_refused_naming_the_field_and_changes_nothing(project):
     _policy(project)
 
     with pytest.raises(DomainError) as exc:
-        services.idle_policy_update(project=project, weekly_windows="someday 25:00-26:00")
+        policy_services.idle_policy_update(project=project, weekly_windows="someday 25:00-26:00")
 
     assert exc.value.field == "weekly_windows"
     assert IdleWindowPolicy.objects.get(project=project).weekly_windows == [
@@ -173,7 +176,7 @@ def test_a_viewer_may_not_change_the_policy(project):
     viewer = factories.make_member(project, "viewer")
 
     with pytest.raises(DomainError):
-        services.idle_policy_update(project=project, actor=viewer, mode="traffic")
+        policy_services.idle_policy_update(project=project, actor=viewer, mode="traffic")
 
     assert not IdleWindowPolicy.objects.filter(project=project).exists()
 
@@ -188,17 +191,17 @@ def test_readiness_counts_new_usable_samples_and_the_daily_budget(project):
         .count()
     )
 
-    readiness = services.project_training_readiness(project=project)
+    readiness = run_services.project_training_readiness(project=project)
 
     assert readiness.new_samples == usable + corrected
     assert readiness.ready is (usable + corrected >= 100)
-    services.idle_policy_update(project=project, min_new_samples=10)
+    policy_services.idle_policy_update(project=project, min_new_samples=10)
     TrainingRun.objects.create(
         project=project, backend="local", base_model="m", status=RunStatus.FAILED
     )
-    assert services.project_training_readiness(project=project).ready is False
-    services.idle_policy_update(project=project, max_runs_per_day=2)
-    assert services.project_training_readiness(project=project).ready is True
+    assert run_services.project_training_readiness(project=project).ready is False
+    policy_services.idle_policy_update(project=project, max_runs_per_day=2)
+    assert run_services.project_training_readiness(project=project).ready is True
 
 
 def test_the_beat_task_starts_a_run_when_idle_and_ready_and_not_otherwise(
@@ -208,7 +211,7 @@ def test_the_beat_task_starts_a_run_when_idle_and_ready_and_not_otherwise(
     demo_trajectories_load(project, count=60)
     executed: list[int] = []
     monkeypatch.setattr(
-        "training.tasks.training_run_execute.delay", lambda run_id: executed.append(run_id)
+        "training.runs.tasks.training_run_execute.delay", lambda run_id: executed.append(run_id)
     )
 
     with django_capture_on_commit_callbacks(execute=True):
@@ -225,9 +228,10 @@ def test_the_beat_task_starts_a_run_when_idle_and_ready_and_not_otherwise(
 def test_the_beat_task_leaves_a_project_alone_while_it_is_busy(project, monkeypatch):
     _policy(project, mode="calendar", min_new_samples=1)
     demo_trajectories_load(project, count=30)
-    monkeypatch.setattr(services, "_now", lambda: WED_1200_BERLIN)
+    for module in (policy_services, run_services, runs_execute):
+        monkeypatch.setattr(module, "_now", lambda: WED_1200_BERLIN)
 
-    assert services.training_schedule_tick(project=project, now=WED_1200_BERLIN) is None
+    assert runs_execute.training_schedule_tick(project=project, now=WED_1200_BERLIN) is None
     assert not TrainingRun.objects.filter(project=project).exists()
 
 
@@ -235,7 +239,7 @@ def test_the_beat_task_resumes_a_run_paused_by_the_window_but_not_one_paused_by_
     project, django_capture_on_commit_callbacks, monkeypatch
 ):
     _policy(project, mode="traffic", traffic_threshold_rpm=1000)
-    monkeypatch.setattr("training.tasks.training_run_execute.delay", lambda run_id: None)
+    monkeypatch.setattr("training.runs.tasks.training_run_execute.delay", lambda run_id: None)
     run = TrainingRun.objects.create(
         project=project,
         backend="local",
@@ -244,10 +248,10 @@ def test_the_beat_task_resumes_a_run_paused_by_the_window_but_not_one_paused_by_
         pause_reason=PauseReason.REQUESTED,
     )
 
-    assert services.training_schedule_tick(project=project) is None
+    assert runs_execute.training_schedule_tick(project=project) is None
     TrainingRun.objects.filter(pk=run.pk).update(pause_reason=PauseReason.NOT_IDLE)
     with django_capture_on_commit_callbacks(execute=True):
-        resumed = services.training_schedule_tick(project=project)
+        resumed = runs_execute.training_schedule_tick(project=project)
 
     assert resumed.pk == run.pk
     run.refresh_from_db()
@@ -276,7 +280,7 @@ def test_a_run_without_heartbeat_is_marked_stale_and_resumable(project):
         heartbeat_at=now - timedelta(minutes=3),
     )
 
-    marked = services.training_runs_mark_stale(now=now)
+    marked = run_services.training_runs_mark_stale(now=now)
 
     assert marked == [stale.pk]
     stale.refresh_from_db()

@@ -235,7 +235,7 @@ def test_the_saved_adapter_reloads_and_answers_in_the_trained_style(
 
 @pytest.fixture(scope="module")
 def server(backend: LocalBackend, trained: TrainResult) -> Iterator[object]:
-    from training.serving import make_server
+    from training.backends.serving import make_server
 
     srv = make_server(
         TINY_RANDOM_SMOLLM2,

@@ -9,14 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from base.errors import Conflict, PermissionDenied
 from base.models import AuditEvent
-from base.services import Conflict, PermissionDenied
 from skills.versions.models import PolicyVersion, VersionStatus
 from tests import factories
 from tests.fakes.tinker_server import FakeTinkerServer
-from training import services
 from training.demo import demo_trajectories_load
-from training.models import PauseReason, RunStatus, TrainingRun, Trigger
+from training.policy import services as policy_services
+from training.runs import execute as runs_execute
+from training.runs import services as run_services
+from training.runs.models import PauseReason, RunStatus, TrainingRun, Trigger
 
 pytestmark = pytest.mark.django_db
 
@@ -29,14 +31,14 @@ OUTSIDE = datetime(2026, 11, 25, 5, 0, tzinfo=UTC)
 def _training_dir(settings, tmp_path, monkeypatch):
     settings.METACLAW_TRAINING_DIR = str(tmp_path / "training")
     # Greedy answers of a random model are noise; a few tokens show the side-by-side just as well.
-    monkeypatch.setattr(services, "SAMPLE_MAX_TOKENS", 6)
+    monkeypatch.setattr(runs_execute, "SAMPLE_MAX_TOKENS", 6)
 
 
 @pytest.fixture
 def no_enqueue(monkeypatch):
     """Runs are executed by the test itself (so it can hand in a clock)."""
     queued: list[int] = []
-    monkeypatch.setattr("training.tasks.training_run_execute.delay", queued.append)
+    monkeypatch.setattr("training.runs.tasks.training_run_execute.delay", queued.append)
     return queued
 
 
@@ -56,7 +58,7 @@ def _local_policy(project, **overrides):
         "weekly_windows": "mon-fri 01:00-05:00",
     }
     fields.update(overrides)
-    return services.idle_policy_update(project=project, **fields)
+    return policy_services.idle_policy_update(project=project, **fields)
 
 
 def _state_changes(run: TrainingRun) -> list[str]:
@@ -78,13 +80,15 @@ def test_a_local_lora_run_pauses_when_the_window_closes_resumes_and_offers_a_can
     _local_policy(project, total_steps=4)
     demo_trajectories_load(project, count=60)
     with django_capture_on_commit_callbacks(execute=True):
-        run = services.training_run_create(project=project, trigger=Trigger.SCHEDULE)
+        run = run_services.training_run_create(project=project, trigger=Trigger.SCHEDULE)
 
     def clock() -> datetime:
         # The window closes after the second step.
         return INSIDE if TrainingRun.objects.get(pk=run.pk).step < 2 else OUTSIDE
 
-    paused = services.training_run_execute(run_id=run.pk, clock=clock, idle_check_every_seconds=0)
+    paused = runs_execute.training_run_execute(
+        run_id=run.pk, clock=clock, idle_check_every_seconds=0
+    )
 
     assert paused.status == RunStatus.PAUSED
     assert paused.pause_reason == PauseReason.NOT_IDLE
@@ -94,10 +98,12 @@ def test_a_local_lora_run_pauses_when_the_window_closes_resumes_and_offers_a_can
 
     # The next window: the beat task resumes it, the worker continues from step 2.
     with django_capture_on_commit_callbacks(execute=True):
-        resumed = services.training_schedule_tick(project=project, now=INSIDE + timedelta(days=1))
+        resumed = runs_execute.training_schedule_tick(
+            project=project, now=INSIDE + timedelta(days=1)
+        )
     assert resumed.pk == run.pk and resumed.status == RunStatus.QUEUED
     assert no_enqueue == [run.pk, run.pk]
-    done = services.training_run_execute(run_id=run.pk, clock=lambda: INSIDE)
+    done = runs_execute.training_run_execute(run_id=run.pk, clock=lambda: INSIDE)
 
     assert done.status == RunStatus.SUCCEEDED, done.log + done.error
     assert done.step == done.total_steps == 4
@@ -138,10 +144,10 @@ def test_a_run_that_does_not_improve_is_flagged_and_offers_no_candidate(project,
     pytest.importorskip("peft")
     _local_policy(project, learning_rate=1e-12, total_steps=1)
     demo_trajectories_load(project, count=40)
-    run = services.training_run_create(project=project)
+    run = run_services.training_run_create(project=project)
     versions_before = PolicyVersion.objects.filter(project=project).count()
 
-    done = services.training_run_execute(run_id=run.pk)
+    done = runs_execute.training_run_execute(run_id=run.pk)
 
     assert done.status == RunStatus.SUCCEEDED
     assert done.improved is False and done.flagged_no_improvement is True
@@ -158,23 +164,23 @@ def test_pause_resume_and_cancel_follow_the_allowed_states(
 ):
     admin = factories.make_member(project, "admin")
     with django_capture_on_commit_callbacks(execute=True):
-        run = services.training_run_create(project=project, actor=admin)
+        run = run_services.training_run_create(project=project, actor=admin)
 
-    paused = services.training_run_request_pause(run=run, actor=admin)
+    paused = run_services.training_run_request_pause(run=run, actor=admin)
     assert paused.status == RunStatus.PAUSED and paused.pause_reason == PauseReason.REQUESTED
     with pytest.raises(Conflict):
-        services.training_run_request_pause(run=run, actor=admin)
+        run_services.training_run_request_pause(run=run, actor=admin)
     with django_capture_on_commit_callbacks(execute=True):
-        resumed = services.training_run_resume(run=run, actor=admin)
+        resumed = run_services.training_run_resume(run=run, actor=admin)
     assert resumed.status == RunStatus.QUEUED
     with pytest.raises(Conflict):
-        services.training_run_resume(run=run, actor=admin)
-    cancelled = services.training_run_cancel(run=run, actor=admin)
+        run_services.training_run_resume(run=run, actor=admin)
+    cancelled = run_services.training_run_cancel(run=run, actor=admin)
     assert cancelled.status == RunStatus.CANCELLED and cancelled.finished_at is not None
 
     with pytest.raises(Conflict):
-        services.training_run_cancel(run=run, actor=admin)
-    assert services.training_run_execute(run_id=run.pk) is None  # nothing to claim
+        run_services.training_run_cancel(run=run, actor=admin)
+    assert runs_execute.training_run_execute(run_id=run.pk) is None  # nothing to claim
     run.refresh_from_db()
     assert run.status == RunStatus.CANCELLED
     assert no_enqueue == [run.pk, run.pk]
@@ -183,20 +189,20 @@ def test_pause_resume_and_cancel_follow_the_allowed_states(
 def test_only_one_run_at_a_time_and_only_admins_start_runs(project, no_enqueue):
     reviewer = factories.make_member(project, "reviewer")
     with pytest.raises(PermissionDenied):
-        services.training_run_create(project=project, actor=reviewer)
-    services.training_run_create(project=project)
+        run_services.training_run_create(project=project, actor=reviewer)
+    run_services.training_run_create(project=project)
 
     with pytest.raises(Conflict):
-        services.training_run_create(project=project)
+        run_services.training_run_create(project=project)
 
     assert TrainingRun.objects.filter(project=project).count() == 1
 
 
 def test_a_run_with_too_little_clean_data_fails_and_says_why(project, no_enqueue):
     _local_policy(project)
-    run = services.training_run_create(project=project)
+    run = run_services.training_run_create(project=project)
 
-    done = services.training_run_execute(run_id=run.pk)
+    done = runs_execute.training_run_execute(run_id=run.pk)
 
     assert done.status == RunStatus.FAILED
     assert "Not enough clean data" in done.error
@@ -212,7 +218,7 @@ def tinker():
 
 
 def _tinker_policy(project, server: FakeTinkerServer):
-    return services.idle_policy_update(
+    return policy_services.idle_policy_update(
         project=project,
         backend="tinker",
         base_model="fake/tiny-model",
@@ -237,7 +243,7 @@ def test_train_now_runs_on_tinker_through_the_task_and_offers_a_tinker_adapter(
     demo_trajectories_load(project, count=30)
 
     with django_capture_on_commit_callbacks(execute=True):
-        run = services.training_run_create(project=project, actor=admin)
+        run = run_services.training_run_create(project=project, actor=admin)
 
     done = TrainingRun.objects.get(pk=run.pk)
     assert done.trigger == Trigger.MANUAL and done.requested_by == admin
@@ -255,19 +261,19 @@ def test_cancel_during_training_stops_the_worker_after_the_current_step(
     project, tinker, no_enqueue, monkeypatch
 ):
     _tinker_policy(project, tinker)
-    services.idle_policy_update(project=project, total_steps=50)
+    policy_services.idle_policy_update(project=project, total_steps=50)
     demo_trajectories_load(project, count=30)
-    run = services.training_run_create(project=project)
-    original = services.training_run_record_step
+    run = run_services.training_run_create(project=project)
+    original = run_services.training_run_record_step
 
     def record_and_cancel(*, run_id, report):
         alive = original(run_id=run_id, report=report)
         if report.step == 2:
-            services.training_run_cancel(run=TrainingRun.objects.get(pk=run_id), actor=None)
+            run_services.training_run_cancel(run=TrainingRun.objects.get(pk=run_id), actor=None)
         return alive
 
-    monkeypatch.setattr(services, "training_run_record_step", record_and_cancel)
-    services.training_run_execute(run_id=run.pk)
+    monkeypatch.setattr(run_services, "training_run_record_step", record_and_cancel)
+    runs_execute.training_run_execute(run_id=run.pk)
 
     run.refresh_from_db()
     assert run.status == RunStatus.CANCELLED
@@ -280,9 +286,9 @@ def test_a_tinker_error_answer_fails_the_run_with_the_reason(project, tinker, no
     _tinker_policy(project, tinker)
     demo_trajectories_load(project, count=30)
     tinker.fail_next("create_model", status=403, message="project is read-only")
-    run = services.training_run_create(project=project)
+    run = run_services.training_run_create(project=project)
 
-    done = services.training_run_execute(run_id=run.pk)
+    done = runs_execute.training_run_execute(run_id=run.pk)
 
     assert done.status == RunStatus.FAILED
     assert "read-only" in done.error or "403" in done.error

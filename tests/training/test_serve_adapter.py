@@ -11,11 +11,12 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
+from base import services as base_services
+from base.errors import DomainError, PermissionDenied
 from base.models import AuditEvent, Project
-from base.services import DomainError, PermissionDenied
 from skills.versions import services as skill_services
 from tests import factories
-from training import services, serving
+from training.backends import serving
 
 pytestmark = pytest.mark.django_db
 
@@ -39,7 +40,7 @@ def _upstream_events(project) -> list[tuple[dict, dict]]:
 
 
 def test_setting_the_upstream_writes_it_and_an_audit_event(project):
-    services.project_upstream_set(
+    base_services.project_upstream_set(
         project=project, base_url="http://127.0.0.1:8100/v1/", actor_label="serve_adapter"
     )
 
@@ -49,14 +50,14 @@ def test_setting_the_upstream_writes_it_and_an_audit_event(project):
         ({"upstream_base_url": ""}, {"upstream_base_url": "http://127.0.0.1:8100/v1"})
     ]
     # The same URL again changes nothing and records nothing.
-    services.project_upstream_set(project=project, base_url="http://127.0.0.1:8100/v1")
+    base_services.project_upstream_set(project=project, base_url="http://127.0.0.1:8100/v1")
     assert len(_upstream_events(project)) == 1
 
 
 @pytest.mark.parametrize("bad", ["not a url", "ftp://127.0.0.1/v1"])
 def test_setting_the_upstream_refuses_a_bad_url_and_changes_nothing(project, bad):
     with pytest.raises(DomainError):
-        services.project_upstream_set(project=project, base_url=bad)
+        base_services.project_upstream_set(project=project, base_url=bad)
 
     assert Project.objects.get(pk=project.pk).upstream_base_url == ""
     assert _upstream_events(project) == []
@@ -66,7 +67,9 @@ def test_setting_the_upstream_needs_an_admin(project):
     viewer = factories.make_member(project, role="viewer")
 
     with pytest.raises(PermissionDenied):
-        services.project_upstream_set(project=project, base_url="http://x.test/v1", actor=viewer)
+        base_services.project_upstream_set(
+            project=project, base_url="http://x.test/v1", actor=viewer
+        )
 
     assert Project.objects.get(pk=project.pk).upstream_base_url == ""
 
@@ -144,9 +147,9 @@ def test_serve_adapter_serves_the_active_adapter_and_points_the_proxy_at_it(
         seen.setdefault("upstream", kwargs["base_url"])
         return result
 
-    services_upstream_set = services.project_upstream_set
+    services_upstream_set = base_services.project_upstream_set
     monkeypatch.setattr(serving, "make_server", make_server)
-    monkeypatch.setattr(services, "project_upstream_set", upstream_while_serving)
+    monkeypatch.setattr(base_services, "project_upstream_set", upstream_while_serving)
     out = StringIO()
 
     call_command("serve_adapter", project.slug, "--port", "0", "--set-upstream", stdout=out)

@@ -6,15 +6,18 @@ import pytest
 from django.utils import timezone
 
 from tests import factories
-from training import services
-from training.models import DatasetSnapshot, IdleWindowPolicy, RunStatus, TrainingRun
+from training.datasets.models import DatasetSnapshot
+from training.policy import services as policy_services
+from training.policy.models import IdleWindowPolicy
+from training.runs import services as run_services
+from training.runs.models import RunStatus, TrainingRun
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture(autouse=True)
 def no_enqueue(monkeypatch):
-    monkeypatch.setattr("training.tasks.training_run_execute.delay", lambda run_id: None)
+    monkeypatch.setattr("training.runs.tasks.training_run_execute.delay", lambda run_id: None)
 
 
 def login(client, project, role: str):
@@ -28,7 +31,7 @@ def _url(project, suffix: str = "") -> str:
 
 
 def _finished_run(project) -> TrainingRun:
-    run = services.training_run_create(project=project)
+    run = run_services.training_run_create(project=project)
     TrainingRun.objects.filter(pk=run.pk).update(
         status=RunStatus.SUCCEEDED,
         step=3,
@@ -51,7 +54,7 @@ def _finished_run(project) -> TrainingRun:
 
 def test_the_training_page_shows_idle_status_readiness_and_runs(client, project):
     login(client, project, "viewer")
-    services.idle_policy_update(
+    policy_services.idle_policy_update(
         project=project, mode="calendar", weekly_windows="mon-fri 01:00-05:00"
     )
     run = _finished_run(project)
@@ -68,7 +71,7 @@ def test_the_training_page_shows_idle_status_readiness_and_runs(client, project)
 
 def test_the_runs_table_polls_while_a_run_is_active_and_htmx_gets_the_partial(client, project):
     login(client, project, "viewer")
-    services.training_run_create(project=project)
+    run_services.training_run_create(project=project)
 
     full = client.get(_url(project)).content.decode()
     partial = client.get(_url(project), HTTP_HX_REQUEST="true").content.decode()
@@ -121,7 +124,7 @@ def test_the_run_page_counts_the_incidents_in_its_dataset(client, project):
 
 def test_another_projects_run_is_not_found(client, project, other_project):
     login(client, project, "admin")
-    theirs = services.training_run_create(project=other_project)
+    theirs = run_services.training_run_create(project=other_project)
 
     assert client.get(_url(project, f"runs/{theirs.pk}/")).status_code == 404
     assert client.post(_url(project, f"runs/{theirs.pk}/cancel/")).status_code == 404

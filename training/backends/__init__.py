@@ -3,6 +3,9 @@
 ``get_backend("local", cache_dir=...)`` or ``get_backend("tinker", base_url=..., api_key=...,
 timeout=..., tokenizer=...)``. Backends are built inside the worker process that uses them
 (never at import time), so SDK clients are created after Celery forks.
+
+Backends take plain data in and give plain data back: they import no app (an import-linter
+contract), only Django's settings for the defaults of ``get_backend``.
 """
 
 from __future__ import annotations
@@ -10,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .base import BackendError, TrainingBackend
+from training.backends.base import BackendError, TrainingBackend
 
 
 def _local(**config: Any) -> TrainingBackend:
-    from .local import LocalBackend
+    from training.backends.local import LocalBackend
 
     allowed = {"cache_dir", "device", "num_threads"}
     return LocalBackend(**{k: v for k, v in config.items() if k in allowed})
@@ -23,7 +26,7 @@ def _local(**config: Any) -> TrainingBackend:
 def _tinker(**config: Any) -> TrainingBackend:
     from django.conf import settings
 
-    from .tinker import TinkerBackend
+    from training.backends.tinker import TinkerBackend
 
     allowed = {"base_url", "api_key", "timeout", "tokenizer"}
     options = {k: v for k, v in config.items() if k in allowed}

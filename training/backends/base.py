@@ -1,6 +1,6 @@
 """The one interface every training backend implements.
 
-The slow loop (``training/services.py``) builds a list of ``ChatSample`` from a cleaned
+The slow loop (``training.runs.execute``) builds a list of ``ChatSample`` from a cleaned
 ``DatasetSnapshot`` and hands it to a backend together with a ``TrainConfig``. Backends know
 nothing about Django: they take plain data in and give plain data back, so they can be tested
 and benchmarked on their own.

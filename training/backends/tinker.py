@@ -1,5 +1,9 @@
 """The Tinker training backend: LoRA fine-tuning on Thinking Machines' hosted service.
 
+One backend, one module (past 500 lines on purpose): the session, tokenization, both
+objectives, checkpoints and sampling all go through the same bounded-wait wrapper around the SDK
+and read best top to bottom.
+
 Only this module imports the ``tinker`` SDK. Each public call opens its own
 ``ServiceClient`` session and finishes it before returning, so a backend object holds no
 connection and may be built in one process and used in a forked Celery worker.

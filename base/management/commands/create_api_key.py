@@ -3,6 +3,7 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError
 
 from base import services
+from base.errors import DomainError
 from base.models import ApiKeyScope, Project
 
 
@@ -25,6 +26,6 @@ class Command(BaseCommand):
             issued = services.api_key_create(
                 project=project_obj, name=name, scopes=scopes or ["ingest", "runtime"]
             )
-        except services.DomainError as exc:
+        except DomainError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(issued.secret)

@@ -16,6 +16,7 @@ from django.db import transaction
 
 from base import services
 from base.models import ApiKey, Project, Role
+from metaclaw_site.projects import project_create
 from skills.demo import demo_incidents_load, demo_proposals_load
 from training.demo import demo_trajectories_load
 
@@ -31,7 +32,7 @@ class Command(BaseCommand):
         path = settings.VAR_DIR / "demo-credentials.json"
         saved = json.loads(path.read_text()) if path.exists() else {}
         with transaction.atomic():
-            project = Project.objects.filter(slug="demo").first() or services.project_create(
+            project = Project.objects.filter(slug="demo").first() or project_create(
                 name="Demo agents", slug="demo"
             )
             user_model = get_user_model()

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
+from base.errors import DomainError
 from base.models import Project
-from base.services import DomainError
 from skills.skillmd import services as skillmd
 
 

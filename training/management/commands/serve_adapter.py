@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
+from base import services as base_services
+from base.errors import DomainError
 from base.models import Project
-from base.services import DomainError
-from training import selectors, services, serving
+from training.backends import serving
+from training.policy import services
+from training.runs import selectors
 
 
 class Command(BaseCommand):
@@ -64,7 +67,7 @@ class Command(BaseCommand):
         previous = target.upstream_base_url
         try:
             if set_upstream:
-                services.project_upstream_set(
+                base_services.project_upstream_set(
                     project=target, base_url=server.url, actor_label="serve_adapter"
                 )
                 self.stdout.write(
@@ -82,7 +85,7 @@ class Command(BaseCommand):
         # Only undo our own change: someone may have pointed the proxy elsewhere meanwhile.
         project.refresh_from_db(fields=["upstream_base_url"])
         if project.upstream_base_url == url:
-            services.project_upstream_set(
+            base_services.project_upstream_set(
                 project=project, base_url=previous, actor_label="serve_adapter"
             )
             shown = previous or "the site-wide upstream"

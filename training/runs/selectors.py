@@ -6,11 +6,11 @@ from pathlib import Path
 
 from django.db.models import Prefetch, QuerySet
 
+from base.errors import DomainError, NotFound
 from base.models import Project
-from base.services import DomainError, NotFound
 from skills.versions.models import PolicyVersion, VersionStatus
-
-from .models import ACTIVE_RUN_STATUSES, DatasetSnapshot, RunStatus, TrainingRun
+from training.datasets.models import DatasetSnapshot
+from training.runs.models import ACTIVE_RUN_STATUSES, RunStatus, TrainingRun
 
 # The samples of a snapshot can be megabytes: pages and the API show its report only.
 _LIGHT_DATASET = DatasetSnapshot.objects.defer("samples", "trajectory_ids", "incident_ids")

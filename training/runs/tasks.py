@@ -1,7 +1,9 @@
-"""Slow-loop Celery tasks: thin wrappers around ``training.services``.
+"""Slow-loop Celery tasks: thin wrappers around the runs' and the policy's services.
 
 ``training_run_execute`` is routed to the "slow" queue (``CELERY_TASK_ROUTES``: names starting
-``training.tasks.training_run_``), so a long run never delays the fast loop.
+``training.tasks.training_run_``), so a long run never delays the fast loop. Each task keeps the
+name it had before the slow loop moved into packages, so messages that an older process queued
+(and the beat schedule) still find it.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from django.utils import timezone
 
-from . import services
-from .models import IdleWindowPolicy
+from training.policy import services as policy_services
+from training.policy.models import IdleWindowPolicy
+from training.runs import execute as runs_execute
+from training.runs import services as run_services
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +32,7 @@ CALENDAR_REFRESH = timedelta(hours=1)
 
 
 @shared_task(
+    name="training.tasks.training_run_execute",
     acks_late=True,
     ignore_result=True,
     soft_time_limit=RUN_SOFT_TIME_LIMIT,
@@ -38,18 +43,18 @@ def training_run_execute(run_id: int) -> None:
     clients are created here, inside the worker process."""
     deadline = time.monotonic() + max(60, RUN_SOFT_TIME_LIMIT - RUN_PAUSE_MARGIN)
     try:
-        services.training_run_execute(run_id=run_id, deadline=deadline)
+        runs_execute.training_run_execute(run_id=run_id, deadline=deadline)
     except SoftTimeLimitExceeded:
-        services.training_run_fail(
+        run_services.training_run_fail(
             run_id=run_id, error="The worker's time limit ran out before the run could pause."
         )
 
 
-@shared_task(acks_late=True, ignore_result=True)
+@shared_task(name="training.tasks.check_idle_windows", acks_late=True, ignore_result=True)
 def check_idle_windows() -> int:
     """Every minute (beat): mark stale runs, refresh calendar feeds hourly, and let each project
     with automatic training resume or start a run when it is idle and ready."""
-    services.training_runs_mark_stale()
+    run_services.training_runs_mark_stale()
     started = 0
     now = timezone.now()
     policies = IdleWindowPolicy.objects.filter(auto_train=True).select_related("project")
@@ -57,9 +62,9 @@ def check_idle_windows() -> int:
         if policy.ical_url and (
             policy.ical_fetched_at is None or now - policy.ical_fetched_at > CALENDAR_REFRESH
         ):
-            services.idle_policy_calendar_refresh(policy=policy)
+            policy_services.idle_policy_calendar_refresh(policy=policy)
         try:
-            if services.training_schedule_tick(project=policy.project, now=now) is not None:
+            if runs_execute.training_schedule_tick(project=policy.project, now=now) is not None:
                 started += 1
         except Exception:  # noqa: BLE001 - one project's trouble must not stop the others
             logger.exception("Idle check failed for project %s.", policy.project_id)

@@ -7,8 +7,8 @@ import json
 
 from django import forms
 
-from . import idle
-from .models import Backend, IdleMode, IdleWindowPolicy, Objective
+from training.policy import windows
+from training.policy.models import Backend, IdleMode, IdleWindowPolicy, Objective
 
 
 class IdlePolicyForm(forms.Form):
@@ -52,7 +52,7 @@ class IdlePolicyForm(forms.Form):
     @classmethod
     def for_policy(cls, policy: IdleWindowPolicy) -> IdlePolicyForm:
         initial = {name: getattr(policy, name) for name in cls.base_fields}
-        initial["weekly_windows"] = idle.format_weekly_windows(policy.weekly_windows or [])
+        initial["weekly_windows"] = windows.format_weekly_windows(policy.weekly_windows or [])
         initial["backend_options"] = json.dumps(policy.backend_options or {})
         return cls(initial=initial)
 

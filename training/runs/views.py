@@ -6,36 +6,38 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import messages
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from base.decorators import project_view
+from base.errors import DomainError, NotFound
 from base.models import Role
-from base.services import DomainError, NotFound
-
-from . import selectors, services
-from .forms import IdlePolicyForm
-from .models import FINAL_RUN_STATUSES, PauseReason, RunStatus
+from base.requests import ProjectRequest
+from training.policy import services as policy_services
+from training.policy.forms import IdlePolicyForm
+from training.runs import selectors
+from training.runs import services as run_services
+from training.runs.models import FINAL_RUN_STATUSES, PauseReason, RunStatus
 
 RECENT_RUNS = 20
 POLL_SECONDS = 2
 
 
-def _is_admin(request: HttpRequest) -> bool:
-    return request.membership.has_role(Role.ADMIN)  # type: ignore[attr-defined]
+def _is_admin(request: ProjectRequest) -> bool:
+    return request.membership.has_role(Role.ADMIN)
 
 
-def _home_context(request: HttpRequest) -> dict[str, Any]:
-    project = request.project  # type: ignore[attr-defined]
+def _home_context(request: ProjectRequest) -> dict[str, Any]:
+    project = request.project
     runs = list(selectors.runs_for_project(project)[:RECENT_RUNS])
-    policy = services.idle_policy_get(project)
+    policy = policy_services.idle_policy_get(project)
     return {
         "runs": runs,
         "polling": any(run.is_active for run in runs),
         "poll_seconds": POLL_SECONDS,
-        "idle_status": services.project_idle_status(project=project, policy=policy),
-        "readiness": services.project_training_readiness(project=project, policy=policy),
+        "idle_status": policy_services.project_idle_status(project=project, policy=policy),
+        "readiness": run_services.project_training_readiness(project=project, policy=policy),
         "policy": policy,
         "can_act": _is_admin(request),
     }
@@ -43,9 +45,9 @@ def _home_context(request: HttpRequest) -> dict[str, Any]:
 
 @require_GET
 @project_view()
-def training_home(request: HttpRequest) -> HttpResponse:
+def training_home(request: ProjectRequest) -> HttpResponse:
     template = "training/home.html"
-    if request.htmx:  # type: ignore[attr-defined]
+    if request.htmx:
         template += "#runs"
     return render(request, template, _home_context(request))
 
@@ -88,8 +90,8 @@ def loss_chart(metrics: list[dict], width: int = 640, height: int = 180) -> dict
     }
 
 
-def _run_context(request: HttpRequest, run_id: int) -> dict[str, Any]:
-    project = request.project  # type: ignore[attr-defined]
+def _run_context(request: ProjectRequest, run_id: int) -> dict[str, Any]:
+    project = request.project
     try:
         run = selectors.run_for_project(project, run_id)
     except NotFound as exc:
@@ -115,41 +117,41 @@ def _run_context(request: HttpRequest, run_id: int) -> dict[str, Any]:
 
 @require_GET
 @project_view()
-def run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
+def run_detail(request: ProjectRequest, run_id: int) -> HttpResponse:
     template = "training/run_detail.html"
-    if request.htmx:  # type: ignore[attr-defined]
+    if request.htmx:
         template += "#live"
     return render(request, template, _run_context(request, run_id))
 
 
 @require_POST
 @project_view(role=Role.ADMIN)
-def run_create(request: HttpRequest) -> HttpResponse:
-    project = request.project  # type: ignore[attr-defined]
+def run_create(request: ProjectRequest) -> HttpResponse:
+    project = request.project
     try:
-        run = services.training_run_create(project=project, actor=request.user)
+        run = run_services.training_run_create(project=project, actor=request.user)
     except DomainError as exc:
         messages.error(request, str(exc))
-        if request.htmx:  # type: ignore[attr-defined]
+        if request.htmx:
             return render(request, "training/home.html#runs", _home_context(request), status=409)
         return redirect("training:home", project_slug=project.slug)
     messages.success(request, f"Training run #{run.pk} queued.")
-    if request.htmx:  # type: ignore[attr-defined]
+    if request.htmx:
         return render(request, "training/home.html#runs", _home_context(request))
     return redirect("training:run_detail", project_slug=project.slug, run_id=run.pk)
 
 
 _ACTIONS = {
-    "pause": services.training_run_request_pause,
-    "resume": services.training_run_resume,
-    "cancel": services.training_run_cancel,
+    "pause": run_services.training_run_request_pause,
+    "resume": run_services.training_run_resume,
+    "cancel": run_services.training_run_cancel,
 }
 
 
 @require_POST
 @project_view(role=Role.ADMIN)
-def run_action(request: HttpRequest, run_id: int, action: str) -> HttpResponse:
-    project = request.project  # type: ignore[attr-defined]
+def run_action(request: ProjectRequest, run_id: int, action: str) -> HttpResponse:
+    project = request.project
     service = _ACTIONS.get(action)
     if service is None:
         raise Http404("No such action.")
@@ -164,7 +166,7 @@ def run_action(request: HttpRequest, run_id: int, action: str) -> HttpResponse:
     except DomainError as exc:
         messages.error(request, str(exc))
         status = 409
-    if request.htmx:  # type: ignore[attr-defined]
+    if request.htmx:
         return render(
             request, "training/run_detail.html#live", _run_context(request, run_id), status=status
         )
@@ -173,15 +175,15 @@ def run_action(request: HttpRequest, run_id: int, action: str) -> HttpResponse:
 
 @require_http_methods(["GET", "POST"])
 @project_view(role=Role.ADMIN)
-def training_settings(request: HttpRequest) -> HttpResponse:
-    project = request.project  # type: ignore[attr-defined]
-    policy = services.idle_policy_get(project)
+def training_settings(request: ProjectRequest) -> HttpResponse:
+    project = request.project
+    policy = policy_services.idle_policy_get(project)
     status = 200
     if request.method == "POST":
         form = IdlePolicyForm(request.POST)
         if form.is_valid():
             try:
-                services.idle_policy_update(
+                policy_services.idle_policy_update(
                     project=project, actor=request.user, **form.cleaned_data
                 )
             except DomainError as exc:
@@ -195,6 +197,6 @@ def training_settings(request: HttpRequest) -> HttpResponse:
     context = {
         "form": form,
         "policy": policy,
-        "idle_status": services.project_idle_status(project=project, policy=policy),
+        "idle_status": policy_services.project_idle_status(project=project, policy=policy),
     }
     return render(request, "training/settings.html", context, status=status)

@@ -5,7 +5,8 @@
 an OpenAI-compatible endpoint. It runs the model through transformers + PEFT, one request at a
 time: on a CPU a second concurrent generation only halves the speed of both.
 
-    python -m training.serving --base-model smollm2-135m --adapter var/runs/7/adapter --port 8100
+    python -m training.backends.serving --base-model smollm2-135m \
+        --adapter var/runs/7/adapter --port 8100
 """
 
 from __future__ import annotations

@@ -1,0 +1,481 @@
+"""What a run trains on: which policy versions' data may train the current one (support/query
+separation), and the dataset snapshot, built, cleaned and frozen when a run starts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from django.db.models import Q
+from django.utils import timezone
+
+from base.models import Project
+from base.redaction import Redactor
+from skills.versions.models import PolicyVersion, VersionStatus
+from training.datasets.models import DatasetSnapshot
+from training.policy.models import IdleWindowPolicy, Objective
+from training.policy.services import idle_policy_get
+
+logger = logging.getLogger(__name__)
+
+# Near duplicates: cosine similarity of the embedded prompt + answer at or above this.
+NEAR_DUPLICATE_THRESHOLD = 0.95
+
+
+def _now() -> datetime:
+    return timezone.now()
+
+
+# --- Data hygiene: which versions' data may train the current policy ------------------------
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The policy version that introduced the active skill set, and the version numbers whose
+    trajectories count as gathered under it."""
+
+    version: int | None
+    allowed: frozenset[int]
+    rolled_back: frozenset[int]
+    accept_unversioned: bool
+
+
+def policy_generation(project: Project) -> Generation:
+    versions = list(
+        PolicyVersion.objects.filter(project=project).values(
+            "id", "number", "parent_id", "status", "rolled_back_at"
+        )
+    )
+    links = PolicyVersion.revisions.through.objects.filter(
+        policyversion__project=project
+    ).values_list("policyversion_id", "skillrevision_id")
+    revsets: dict[int, set[int]] = {v["id"]: set() for v in versions}
+    for version_id, revision_id in links:
+        revsets[version_id].add(revision_id)
+    rolled_back = frozenset(v["number"] for v in versions if v["rolled_back_at"] is not None)
+    active = next((v for v in versions if v["status"] == VersionStatus.ACTIVE), None)
+    if active is None:
+        return Generation(None, frozenset(), rolled_back, True)
+    by_id = {v["id"]: v for v in versions}
+    skills = revsets[active["id"]]
+    first = active
+    # Walk back while the skill set stays the same (adapter-only changes keep the generation).
+    while first["parent_id"] in by_id and revsets[first["parent_id"]] == skills:
+        first = by_id[first["parent_id"]]
+    allowed = frozenset(
+        v["number"]
+        for v in versions
+        if v["number"] >= first["number"]
+        and revsets[v["id"]] == skills
+        and v["rolled_back_at"] is None
+    )
+    # Before any skill change there is nothing a version number could separate.
+    accept_unversioned = first["number"] == 1
+    return Generation(first["number"], allowed, rolled_back, accept_unversioned)
+
+
+def version_filter(generation: Generation) -> Q:
+    q = Q(policy_version__in=generation.allowed)
+    if generation.accept_unversioned:
+        q |= Q(policy_version__isnull=True)
+    return q
+
+
+def signal_filter(objective: str) -> Q:
+    q = Q(reward__gt=0) | Q(outcome="success") | ~Q(corrected_answer="")
+    if objective == Objective.RL:
+        q |= Q(reward__isnull=False)
+    return q
+
+
+# --- Dataset building and cleaning ----------------------------------------------------------
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return ""
+
+
+def conversation_from(
+    messages: Any, response: Any, corrected_answer: str
+) -> list[dict[str, str]] | None:
+    """A text-only chat (system/user/assistant) ending in the assistant answer to learn, or
+    None. Tool calls and tool results are left out: the chat templates of small models do not
+    render them. A corrected answer replaces the agent's own."""
+    chat: list[dict[str, str]] = []
+    raw = list(messages or [])
+    if isinstance(response, dict):
+        message = response
+        if "choices" in response:
+            choices = response.get("choices") or [{}]
+            message = (choices[0] or {}).get("message") or {}
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            raw.append(message)
+    for message in raw:
+        if not isinstance(message, dict):
+            continue
+        role = message.get("role")
+        text = _text_of(message.get("content")).strip()
+        if role in {"system", "user", "assistant"} and text:
+            chat.append({"role": role, "content": text})
+    if corrected_answer.strip():
+        while chat and chat[-1]["role"] == "assistant":
+            chat.pop()
+        chat.append({"role": "assistant", "content": corrected_answer.strip()})
+    while chat and chat[-1]["role"] != "assistant":
+        chat.pop()
+    if not chat or not any(m["role"] == "user" for m in chat[:-1]):
+        return None
+    return chat
+
+
+def estimate_tokens(chat: list[dict[str, str]]) -> int:
+    """Roughly four characters a token plus the template's few per message; the backends cut
+    at their real tokenizer's count, this only has to be close and fast."""
+    return sum(len(m["content"]) // 4 + 4 for m in chat)
+
+
+def cut_to_fit(chat: list[dict[str, str]], limit: int) -> list[dict[str, str]] | None:
+    """Drop the oldest turns (keeping the system message and the last exchange) until the chat
+    fits ``limit`` tokens; None when even the last exchange does not fit."""
+    if estimate_tokens(chat) <= limit:
+        return chat
+    system = [chat[0]] if chat[0]["role"] == "system" else []
+    rest = chat[len(system) :]
+    while len(rest) > 2 and estimate_tokens(system + rest) > limit:
+        rest = rest[1:]
+        while len(rest) > 2 and rest[0]["role"] != "user":
+            rest = rest[1:]
+    if rest[0]["role"] != "user" or estimate_tokens(system + rest) > limit:
+        return None
+    return system + rest
+
+
+def _split_of(project_id: int, session: str, eval_fraction: float) -> str:
+    digest = hashlib.sha256(f"{project_id}:{session}".encode()).digest()
+    return "eval" if int.from_bytes(digest[:4], "big") / 2**32 < eval_fraction else "train"
+
+
+def _near_duplicates(texts: list[str], threshold: float) -> list[bool]:
+    """For each text, whether an earlier text is at least ``threshold`` similar."""
+    from skills.library.embeddings import get_embedder
+
+    if len(texts) < 2:
+        return [False] * len(texts)
+    vectors = get_embedder().embed(texts)
+    flags = [False] * len(texts)
+    block = 1024
+    for start in range(0, len(texts), block):
+        stop = min(start + block, len(texts))
+        sims = vectors[start:stop] @ vectors[:stop].T
+        # Only compare with earlier rows.
+        mask = np.tril(np.ones((stop - start, stop), dtype=bool), k=start - 1)
+        hits = np.any((sims >= threshold) & mask, axis=1)
+        for offset, hit in enumerate(hits):
+            flags[start + offset] = bool(hit)
+    return flags
+
+
+@dataclass
+class _Candidate:
+    trajectory_id: str | None
+    session: str
+    kind: str
+    chat: list[dict[str, str]]
+    reward: float | None
+    tokens: int
+    received_at: datetime
+    occurred_at: datetime | None = None
+    incident_id: str | None = None
+
+
+# An incident is a failure: without a reward of its own it counts as this for the RL objective.
+INCIDENT_DEFAULT_REWARD = -1.0
+
+
+def dataset_build(
+    *,
+    project: Project,
+    policy: IdleWindowPolicy | None = None,
+    now: datetime | None = None,
+    chunk_size: int = 2000,
+) -> DatasetSnapshot:
+    """Snapshot and clean the project's usable trajectories and incidents into a new
+    ``DatasetSnapshot``.
+
+    Drops, in this order and counted in ``report["dropped"]``: data from rolled-back versions,
+    data from an older skill generation (support/query separation), conversations with no
+    answer to learn, answers with no positive signal (SFT), over-long samples that cannot be
+    cut, exact and near duplicates, and the oldest samples beyond the token budget. Secrets and
+    personal data are redacted. The split into train/eval is by session.
+
+    Incidents are failures and pass the same cleaning. An incident whose ``metadata`` holds a
+    person's ``"corrected_answer"`` (a non-empty string) is a ``corrected`` sample for either
+    objective (reward 1.0: the corrected answer is the one to imitate). Otherwise it is used
+    only by the RL objective, as an ``incident`` sample with a negative reward (its own
+    ``reward`` when set, else ``INCIDENT_DEFAULT_REWARD``); SFT skips it, counted as
+    ``incident_not_corrected``. Ignored incidents (a person said they are no failure) are left
+    out. An incident without a session is split with the rest of its incident group, so one
+    failure's repeats never sit on both sides of the split. Readiness counts incidents by the
+    same rule."""
+    from incidents.models import Incident, IncidentStatus, Trajectory
+
+    now = now or _now()
+    policy = policy or idle_policy_get(project)
+    generation = policy_generation(project)
+    objective = policy.objective
+    dropped: Counter[str] = Counter()
+    redactor = Redactor()
+    cut = 0
+    considered = 0
+    incidents_considered = 0
+    candidates: list[_Candidate] = []
+
+    def admit(messages: Any, response: Any, corrected: str) -> list[dict[str, str]] | str:
+        """The cut and redacted chat, or the reason it is dropped."""
+        nonlocal cut
+        chat = conversation_from(messages, response, corrected)
+        if chat is None:
+            return "no_answer_to_learn"
+        fitted = cut_to_fit(chat, policy.max_sample_tokens)
+        if fitted is None:
+            return "too_long"
+        if fitted is not chat:
+            cut += 1
+        return [{"role": m["role"], "content": redactor.text(m["content"])} for m in fitted]
+
+    rows = (
+        Trajectory.objects.filter(project=project, received_at__lte=now)
+        .order_by("occurred_at", "received_at", "id")
+        .values_list(
+            "id",
+            "session_id",
+            "policy_version",
+            "messages",
+            "response",
+            "reward",
+            "outcome",
+            "corrected_answer",
+            "received_at",
+            "occurred_at",
+        )
+    )
+    for row in rows.iterator(chunk_size=chunk_size):
+        tid, session, version, messages, response, reward, outcome, corrected, received, at = row
+        considered += 1
+        stale = _stale_reason(version, generation)
+        if stale:
+            dropped[stale] += 1
+            continue
+        if corrected:
+            kind = "corrected"
+        elif (reward is not None and reward > 0) or outcome == "success":
+            kind = "sft"
+        elif objective == Objective.RL and reward is not None:
+            kind = "rl"
+        else:
+            dropped["no_positive_signal"] += 1
+            continue
+        chat = admit(messages, response, corrected)
+        if isinstance(chat, str):
+            dropped[chat] += 1
+            continue
+        candidates.append(
+            _Candidate(
+                trajectory_id=str(tid),
+                session=session or f"trajectory:{tid}",
+                kind=kind,
+                chat=chat,
+                reward=(1.0 if kind == "corrected" and reward is None else reward),
+                tokens=estimate_tokens(chat),
+                received_at=received,
+                occurred_at=at,
+            )
+        )
+
+    incident_rows = (
+        Incident.objects.filter(project=project, received_at__lte=now)
+        .order_by("occurred_at", "received_at", "id")
+        .values_list(
+            "id",
+            "session_id",
+            "group_id",
+            "policy_version",
+            "messages",
+            "reward",
+            "status",
+            "metadata",
+            "received_at",
+            "occurred_at",
+        )
+    )
+    for row in incident_rows.iterator(chunk_size=chunk_size):
+        iid, session, group_id, version, messages, reward, status, metadata, received, at = row
+        incidents_considered += 1
+        if status == IncidentStatus.IGNORED:
+            dropped["ignored_incident"] += 1
+            continue
+        stale = _stale_reason(version, generation)
+        if stale:
+            dropped[stale] += 1
+            continue
+        corrected = (metadata or {}).get("corrected_answer") if isinstance(metadata, dict) else ""
+        corrected = corrected.strip() if isinstance(corrected, str) else ""
+        if corrected:
+            kind, sample_reward = "corrected", 1.0
+        elif objective == Objective.RL:
+            kind = "incident"
+            sample_reward = reward if reward is not None else INCIDENT_DEFAULT_REWARD
+        else:
+            dropped["incident_not_corrected"] += 1
+            continue
+        chat = admit(messages, None, corrected)
+        if isinstance(chat, str):
+            dropped[chat] += 1
+            continue
+        candidates.append(
+            _Candidate(
+                trajectory_id=None,
+                incident_id=str(iid),
+                session=session or f"incident-group:{group_id}",
+                kind=kind,
+                chat=chat,
+                reward=sample_reward,
+                tokens=estimate_tokens(chat),
+                received_at=received,
+                occurred_at=at,
+            )
+        )
+    # One timeline, so the token budget below keeps the newest of both.
+    candidates.sort(key=lambda c: (c.occurred_at or c.received_at, c.received_at))
+
+    # Exact duplicates: the same conversation (after redaction) counts once.
+    seen: set[str] = set()
+    unique: list[_Candidate] = []
+    for c in candidates:
+        key = hashlib.sha256(json.dumps(c.chat, sort_keys=True).encode()).hexdigest()
+        if key in seen:
+            dropped["exact_duplicate"] += 1
+            continue
+        seen.add(key)
+        unique.append(c)
+    # Near duplicates: the last question and its answer, embedded.
+    texts = [_dedup_text(c.chat) for c in unique]
+    near = _near_duplicates(texts, NEAR_DUPLICATE_THRESHOLD)
+    kept = [c for c, is_dup in zip(unique, near, strict=True) if not is_dup]
+    dropped["near_duplicate"] += sum(near)
+
+    # Token budget: the newest data wins.
+    budget = policy.max_tokens_per_run
+    total = 0
+    within: list[_Candidate] = []
+    for c in reversed(kept):
+        if budget and total + c.tokens > budget:
+            dropped["over_token_budget"] += 1
+            continue
+        total += c.tokens
+        within.append(c)
+    within.reverse()
+
+    samples = _split_and_group(project.pk, within, policy.eval_fraction)
+    content_hash = hashlib.sha256(
+        json.dumps(
+            [
+                [s["trajectory_id"] or s["incident_id"], s["split"], s["messages"], s["reward"]]
+                for s in samples
+            ],
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
+    train = [s for s in samples if s["split"] == "train"]
+    evaluation = [s for s in samples if s["split"] == "eval"]
+    kinds = Counter(s["kind"] for s in samples)
+    incident_ids = [s["incident_id"] for s in samples if s["incident_id"]]
+    report = {
+        "considered": considered,
+        "incidents_considered": incidents_considered,
+        "incidents": len(incident_ids),
+        "kept": len(samples),
+        "train": len(train),
+        "eval": len(evaluation),
+        "sessions": len({s["session"] for s in samples}),
+        "tokens": total,
+        "dropped": {k: v for k, v in sorted(dropped.items()) if v},
+        "cut_to_fit": cut,
+        "redactions": redactor.report(),
+        "kinds": dict(sorted(kinds.items())),
+        "generation_version": generation.version,
+        "objective": objective,
+        "near_duplicate_threshold": NEAR_DUPLICATE_THRESHOLD,
+    }
+    return DatasetSnapshot.objects.create(
+        project=project,
+        objective=objective,
+        trajectory_ids=[s["trajectory_id"] for s in samples if s["trajectory_id"]],
+        incident_ids=incident_ids,
+        samples=samples,
+        content_hash=content_hash,
+        report=report,
+        generation_version=generation.version,
+        cutoff_at=now,
+        train_count=len(train),
+        eval_count=len(evaluation),
+    )
+
+
+def _stale_reason(version: int | None, generation: Generation) -> str:
+    """Why data gathered under ``version`` may not train the current generation ("" if it may)."""
+    if version is not None and version in generation.rolled_back:
+        return "rolled_back_version"
+    if version is None and not generation.accept_unversioned:
+        return "stale_generation"
+    if version is not None and version not in generation.allowed:
+        return "stale_generation"
+    return ""
+
+
+def _dedup_text(chat: list[dict[str, str]]) -> str:
+    question = next((m["content"] for m in reversed(chat[:-1]) if m["role"] == "user"), "")
+    return f"{question[:500]}\n{chat[-1]['content'][:500]}"
+
+
+def _split_and_group(
+    project_id: int, kept: list[_Candidate], eval_fraction: float
+) -> list[dict[str, Any]]:
+    sessions = sorted({c.session for c in kept})
+    split = {s: _split_of(project_id, s, eval_fraction) for s in sessions}
+    # Both sides need at least one session when there are two.
+    if len(sessions) >= 2:
+        if all(v == "train" for v in split.values()):
+            split[sessions[0]] = "eval"
+        elif all(v == "eval" for v in split.values()):
+            split[sessions[0]] = "train"
+    # RL baseline: samples answering the same prompt form a group (when there are several).
+    prompt_keys = [
+        hashlib.sha256(json.dumps(c.chat[:-1], sort_keys=True).encode()).hexdigest()[:16]
+        for c in kept
+    ]
+    sizes = Counter(prompt_keys)
+    return [
+        {
+            "trajectory_id": c.trajectory_id,
+            "incident_id": c.incident_id,
+            "session": c.session,
+            "split": split[c.session],
+            "kind": c.kind,
+            "messages": c.chat,
+            "reward": c.reward,
+            "group": key if sizes[key] > 1 else None,
+            "tokens": c.tokens,
+        }
+        for c, key in zip(kept, prompt_keys, strict=True)
+    ]

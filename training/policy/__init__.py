@@ -1,0 +1,6 @@
+"""The training policy of a project: when it may train (weekly windows in its time zone, an
+iCalendar feed, quiet traffic counted in Redis, or both), whether it starts runs on its own, and
+with which backend, objective, model and budgets; and whether it is idle right now.
+
+The bottom of ``training`` above the backends: it imports ``base`` only.
+"""
