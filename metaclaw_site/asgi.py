@@ -8,11 +8,17 @@ django_application = get_asgi_application()
 
 # The agent-facing hot paths (the proxy, the runtime API, ingestion) skip Django's middleware
 # stack (see base.fast_lane); the composition root hands it the apps' routes.
+from django.conf import settings  # noqa: E402
+
 from base.fast_lane import fast_lane  # noqa: E402
 from incidents.fast_lane import ROUTES as INGESTION_ROUTES  # noqa: E402
 from skills.runtime.proxy import ROUTES as SKILLS_ROUTES  # noqa: E402
 
-application = fast_lane(django_application, {**SKILLS_ROUTES, **INGESTION_ROUTES})
+application = (
+    fast_lane(django_application, {**SKILLS_ROUTES, **INGESTION_ROUTES})
+    if settings.METACLAW_FAST_LANE
+    else django_application
+)
 
 # Import the URL configuration now, at boot, rather than inside the first request.
 from django.urls import get_resolver  # noqa: E402

@@ -72,7 +72,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "base.middleware.StaticFilesMiddleware",  # WhiteNoise, on the async path too
     "base.middleware.ApiBodyLimitMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -292,6 +292,9 @@ SLACK_SIGNING_SECRET = os.environ.get("SLACK_SIGNING_SECRET", "")
 # Outgoing webhooks to loopback or private addresses are refused (a project admin must not be
 # able to make the worker call internal services). Turn on for chat tools on a private network.
 METACLAW_ALLOW_PRIVATE_WEBHOOKS = env_bool("METACLAW_ALLOW_PRIVATE_WEBHOOKS", False)
+# The ASGI fast lane (base.fast_lane) serves the agents' hot routes without Django's middleware
+# stack; off, Django serves them too (benchmarks/ingest.py and runtime.py --door both compare).
+METACLAW_FAST_LANE = env_bool("METACLAW_FAST_LANE", True)
 
 LOGGING = {
     "version": 1,
