@@ -7,6 +7,11 @@ gunicorn with ``--server sync|gthread``) on PostgreSQL + Redis (a database of it
 incidents/s and p50/p99 latency for the single and the batch endpoint.
 
     python benchmarks/ingest.py [--server uvicorn] [--workers N] [--clients 16] [--duration 10]
+                                [--door fast|django|both]
+
+``--door`` picks what serves the routes under uvicorn: the ASGI fast lane (the default, as in
+production), Django's own async stack (``METACLAW_FAST_LANE=0``), or both one after the other on
+the same database, for an A/B of what the fast lane still buys.
 
 Targets on a 2-core machine: single ≥ 500 incidents/s with p99 ≤ 50 ms at 16 clients;
 batch ≥ 5,000 incidents/s.
@@ -77,6 +82,7 @@ def main() -> None:
         "httptools), gunicorn sync workers (requests spread evenly over the processes), or "
         "gunicorn gthread (keep-alive connections stick to one process)",
     )  # fmt: skip
+    parser.add_argument("--door", choices=["fast", "django", "both"], default="fast")
     args = parser.parse_args()
     if args.workers is None:
         args.workers = (os.cpu_count() or 2) if args.server == "uvicorn" else 4
@@ -84,23 +90,32 @@ def main() -> None:
     env = bench_env("metaclaw_bench", redis_db=9)
     ensure_database(env, fresh=True)
     key = setup_project(env)
-    port = free_port()
     run_id = uuid.uuid4().hex[:8]
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    if args.server == "uvicorn":
-        command = [
-            sys.executable, "-m", "uvicorn", "metaclaw_site.asgi:application", "--host", "127.0.0.1",
-            "--port", str(port), "--workers", str(args.workers), "--no-access-log",
-            "--log-level", "warning", "--loop", "uvloop", "--http", "httptools",
-        ]  # fmt: skip
-    else:
-        command = [
-            sys.executable, "-m", "gunicorn", "metaclaw_site.wsgi:application",
-            "--bind", f"127.0.0.1:{port}", "--workers", str(args.workers),
-            "--worker-class", args.server, "--log-level", "warning", "--preload",
-        ] + (["--threads", "4", "--keep-alive", "30"] if args.server == "gthread" else [])  # fmt: skip
+    doors = ["fast", "django"] if args.door == "both" else [args.door]
+    for door in doors:
+        port = free_port()
+        if args.server == "uvicorn":
+            command = [
+                sys.executable, "-m", "uvicorn", "metaclaw_site.asgi:application", "--host", "127.0.0.1",
+                "--port", str(port), "--workers", str(args.workers), "--no-access-log",
+                "--log-level", "warning", "--loop", "uvloop", "--http", "httptools",
+            ]  # fmt: skip
+        else:
+            command = [
+                sys.executable, "-m", "gunicorn", "metaclaw_site.wsgi:application",
+                "--bind", f"127.0.0.1:{port}", "--workers", str(args.workers),
+                "--worker-class", args.server, "--log-level", "warning", "--preload",
+            ] + (["--threads", "4", "--keep-alive", "30"] if args.server == "gthread" else [])  # fmt: skip
+        # The door is read at boot (metaclaw_site/asgi.py); the WSGI servers have only Django's.
+        env["METACLAW_FAST_LANE"] = "1" if door == "fast" else "0"
+        _measure(args, command, env, port, headers, f"{run_id}-{door}", label=f"{door} door")
+
+
+def _measure(args, command, env, port, headers, run_id, *, label: str) -> None:
     print(
-        f"server: {args.server}, {args.workers} workers; PostgreSQL + Redis; {os.cpu_count()} cores"
+        f"server: {args.server}, {args.workers} workers, {label}; PostgreSQL + Redis; "
+        f"{os.cpu_count()} cores"
     )
     with Server(command, env, port):
 

@@ -13,6 +13,9 @@ not the bottleneck). Prints:
 
     python benchmarks/runtime.py [--workers 2] [--requests 2000] [--duration 10] [--litellm]
 
+``--door both`` runs it all twice, on the ASGI fast lane and on Django's own async stack
+(``METACLAW_FAST_LANE=0``): the A/B of what the fast lane still buys.
+
 With ``--litellm``, LiteLLM's proxy (``litellm[proxy]`` in its own virtual environment: the
 ``LITELLM_VENV`` variable, or ``.litellm-venv`` / ``../litellm-venv``) is started against the same
 upstream, measured in the same harness, and the ratio printed.
@@ -388,6 +391,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--litellm", action="store_true")
+    parser.add_argument(
+        "--door", choices=["fast", "django", "both"], default="fast",
+        help="what serves the routes: the ASGI fast lane (production's default), Django's own "
+        "async stack (METACLAW_FAST_LANE=0), or both one after the other (an A/B)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     env = bench_env("metaclaw_rt_bench", redis_db=5)
@@ -400,21 +408,29 @@ def main() -> None:
     upstream.start()
     env["UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{up_port}/v1"
     env["UPSTREAM_API_KEY"] = "up"
-    port = free_port()
-    command = [
-        sys.executable, "-m", "uvicorn", "metaclaw_site.asgi:application",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers),
-        "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning",
-        "--lifespan", "off",
-    ]  # fmt: skip
-    print(
-        f"server: uvicorn {args.workers} workers (uvloop, httptools); PostgreSQL + Redis; "
-        f"{os.cpu_count()} cores shared by server, upstream and client; {SKILLS} skills"
-    )
+    doors = ["fast", "django"] if args.door == "both" else [args.door]
     try:
-        with Server(command, env, port):
-            rps, _ = measure_proxy("MetaClaw proxy", port, key, up_port, args)
-            measure_api(port, key, args)
+        for door in doors:
+            port = free_port()
+            command = [
+                sys.executable, "-m", "uvicorn", "metaclaw_site.asgi:application",
+                "--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers),
+                "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+                "--log-level", "warning", "--lifespan", "off",
+            ]  # fmt: skip
+            env["METACLAW_FAST_LANE"] = "1" if door == "fast" else "0"
+            print(
+                f"server: uvicorn {args.workers} workers (uvloop, httptools), {door} door; "
+                f"PostgreSQL + Redis; {os.cpu_count()} cores shared by server, upstream and "
+                f"client; {SKILLS} skills"
+            )
+            with Server(command, env, port):
+                door_rps, _ = measure_proxy(
+                    f"MetaClaw proxy ({door} door)", port, key, up_port, args
+                )
+                measure_api(port, key, args)
+            if door == doors[0]:
+                rps = door_rps
         if args.litellm:
             venv = litellm_venv()
             if venv is None:
