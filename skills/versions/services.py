@@ -177,6 +177,54 @@ def _activate(
     return release
 
 
+def _lock_proposed(
+    revision: SkillRevision, actor: Any, actor_label: str
+) -> tuple[Project, SkillRevision, str]:
+    """The start of every decision on a revision: lock the project, then the revision (the lock
+    order above), check the reviewer's role and that the revision is still PROPOSED. Returns the
+    locked project and revision and how the audit log names the actor."""
+    project = _lock_project(revision.skill.project_id)
+    permissions.require_role(actor, project, Role.REVIEWER)
+    revision = SkillRevision.objects.select_for_update().select_related("skill").get(pk=revision.pk)
+    if revision.status != RevisionStatus.PROPOSED:
+        raise Conflict(_revision_decided_message(revision))
+    return project, revision, permissions.actor_label(actor, actor_label)
+
+
+def _revision_close(
+    revision: SkillRevision,
+    status: str,
+    *,
+    project: Project,
+    actor: Any,
+    label: str,
+    audit: dict[str, Any],
+    reason: str = "",
+) -> None:
+    """A decision's end: the revision's new status and who gave it, the audit event (``audit``:
+    its action and extra ``after`` fields) and the announcement after commit."""
+    fields: dict[str, Any] = {"decision_reason": reason} if reason else {}
+    _set_status(
+        revision,
+        status,
+        timezone.now(),
+        decided_by=permissions.actor_user(actor),
+        decided_by_label=label,
+        **fields,
+    )
+    audit_record(
+        action=audit["action"],
+        project=project,
+        actor=actor,
+        actor_label=label,
+        obj=revision,
+        before={"status": RevisionStatus.PROPOSED},
+        after={"status": status, **audit.get("after", {})},
+        message=reason,
+    )
+    _announce_decided(revision, RevisionStatus(status).value, label)
+
+
 @transaction.atomic
 def skill_revision_approve(
     *, revision: SkillRevision, actor: Any, actor_label: str = "", reason: str = ""
@@ -184,12 +232,7 @@ def skill_revision_approve(
     """Approve a PROPOSED revision. It goes live at once in a new active policy version (the
     active set with this skill's previous revision replaced); with ``require_second_approver``
     the first approval is only recorded and the revision stays PROPOSED."""
-    project = _lock_project(revision.skill.project_id)
-    permissions.require_role(actor, project, Role.REVIEWER)
-    revision = SkillRevision.objects.select_for_update().select_related("skill").get(pk=revision.pk)
-    label = permissions.actor_label(actor, actor_label)
-    if revision.status != RevisionStatus.PROPOSED:
-        raise Conflict(_revision_decided_message(revision))
+    project, revision, label = _lock_proposed(revision, actor, actor_label)
     now = timezone.now()
     if project.require_second_approver:
         if not revision.first_approved_by_label:
@@ -275,31 +318,16 @@ def skill_revision_reject(
 ) -> SkillRevision:
     """Reject a PROPOSED revision; a reason is required."""
     reason = _reason_required(reason)
-    project = _lock_project(revision.skill.project_id)
-    permissions.require_role(actor, project, Role.REVIEWER)
-    revision = SkillRevision.objects.select_for_update().select_related("skill").get(pk=revision.pk)
-    if revision.status != RevisionStatus.PROPOSED:
-        raise Conflict(_revision_decided_message(revision))
-    label = permissions.actor_label(actor, actor_label)
-    _set_status(
+    project, revision, label = _lock_proposed(revision, actor, actor_label)
+    _revision_close(
         revision,
         RevisionStatus.REJECTED,
-        timezone.now(),
-        decided_by=permissions.actor_user(actor),
-        decided_by_label=label,
-        decision_reason=reason,
-    )
-    audit_record(
-        action="skill_revision.reject",
         project=project,
         actor=actor,
-        actor_label=label,
-        obj=revision,
-        before={"status": RevisionStatus.PROPOSED},
-        after={"status": RevisionStatus.REJECTED},
-        message=reason,
+        label=label,
+        audit={"action": "skill_revision.reject"},
+        reason=reason,
     )
-    _announce_decided(revision, "rejected", label)
     return revision
 
 
@@ -317,12 +345,7 @@ def skill_revision_edit(
 ) -> SkillRevision:
     """A reviewer's edit of a PROPOSED revision: a new PROPOSED revision (author human, parent
     the edited one, same evidence); the edited one becomes SUPERSEDED. Returns the new one."""
-    project = _lock_project(revision.skill.project_id)
-    permissions.require_role(actor, project, Role.REVIEWER)
-    revision = SkillRevision.objects.select_for_update().select_related("skill").get(pk=revision.pk)
-    if revision.status != RevisionStatus.PROPOSED:
-        raise Conflict(_revision_decided_message(revision))
-    label = permissions.actor_label(actor, actor_label)
+    project, revision, label = _lock_proposed(revision, actor, actor_label)
     new_revision = skill_revision_propose(
         project=project,
         draft=RevisionDraft(
@@ -343,23 +366,14 @@ def skill_revision_edit(
         created_by=actor,
         actor_label=label,
     )
-    _set_status(
+    _revision_close(
         revision,
         RevisionStatus.SUPERSEDED,
-        timezone.now(),
-        decided_by=permissions.actor_user(actor),
-        decided_by_label=label,
-    )
-    audit_record(
-        action="skill_revision.edit",
         project=project,
         actor=actor,
-        actor_label=label,
-        obj=revision,
-        before={"status": RevisionStatus.PROPOSED},
-        after={"status": RevisionStatus.SUPERSEDED, "replaced_by": new_revision.number},
+        label=label,
+        audit={"action": "skill_revision.edit", "after": {"replaced_by": new_revision.number}},
     )
-    _announce_decided(revision, "superseded", label)
     return new_revision
 
 
