@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from django.db.models import Count, QuerySet
 from django.db.models.functions import TruncDate
@@ -12,6 +12,25 @@ from django.utils import timezone
 from base.errors import NotFound
 from base.models import Project
 from incidents.models import Incident, IncidentGroup, Trajectory
+
+_Row = TypeVar("_Row", Incident, IncidentGroup)
+
+
+def _narrowed(
+    qs: QuerySet[_Row],
+    equal_to: dict[str, Any],
+    time_field: str,
+    since: datetime | None,
+    until: datetime | None,
+) -> QuerySet[_Row]:
+    """``qs`` narrowed to the fields in ``equal_to`` that were given (an empty filter matches
+    everything, as it does in the query string) and to ``since <= time_field < until``."""
+    conditions = {field: value for field, value in equal_to.items() if value}
+    if since:
+        conditions[f"{time_field}__gte"] = since
+    if until:
+        conditions[f"{time_field}__lt"] = until
+    return qs.filter(**conditions)
 
 
 def incidents_for_project(
@@ -24,20 +43,10 @@ def incidents_for_project(
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> QuerySet[Incident]:
-    qs = Incident.objects.filter(project=project)
-    if status:
-        qs = qs.filter(status=status)
-    if kind:
-        qs = qs.filter(kind=kind)
-    if agent:
-        qs = qs.filter(agent_name=agent)
-    if group_id:
-        qs = qs.filter(group_id=group_id)
-    if since:
-        qs = qs.filter(occurred_at__gte=since)
-    if until:
-        qs = qs.filter(occurred_at__lt=until)
-    return qs
+    equal_to = {"status": status, "kind": kind, "agent_name": agent, "group_id": group_id}
+    return _narrowed(
+        Incident.objects.filter(project=project), equal_to, "occurred_at", since, until
+    )
 
 
 def groups_for_project(
@@ -50,20 +59,15 @@ def groups_for_project(
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> QuerySet[IncidentGroup]:
-    qs = IncidentGroup.objects.filter(project=project)
-    if status:
-        qs = qs.filter(status=status)
-    if kind:
-        qs = qs.filter(kind=kind)
-    if agent:
-        qs = qs.filter(agent_name=agent)
-    if synthesis_status:
-        qs = qs.filter(synthesis_status=synthesis_status)
-    if since:
-        qs = qs.filter(last_seen__gte=since)
-    if until:
-        qs = qs.filter(last_seen__lt=until)
-    return qs
+    equal_to = {
+        "status": status,
+        "kind": kind,
+        "agent_name": agent,
+        "synthesis_status": synthesis_status,
+    }
+    return _narrowed(
+        IncidentGroup.objects.filter(project=project), equal_to, "last_seen", since, until
+    )
 
 
 def incident_for_project(project: Project, incident_id: Any) -> Incident:

@@ -11,6 +11,9 @@ from django.contrib.auth import get_user_model
 from base import services
 from base.models import Project
 from metaclaw_site.projects import project_create
+from skills.library.models import Author, Origin, SkillRevision
+from skills.library.services import RevisionDraft, skill_revision_propose
+from skills.versions.services import skill_revision_edit
 
 _seq = itertools.count(1)
 
@@ -74,6 +77,62 @@ def incident_payload(client_id: str | None = None, **overrides: Any) -> dict[str
     }
     payload.update(overrides)
     return payload
+
+
+# A skill written in advance (a demo fixture), for tests of what happens to a revision.
+ISO_DATES_DRAFT: dict[str, Any] = {
+    "name": "Use ISO dates",
+    "description": "When a tool wants a date.",
+    "instructions": "Always pass dates as YYYY-MM-DD.",
+    "origin": Origin.DEMO_FIXTURE,
+}
+# A skill as the live LLM proposes it, for tests of what reviewers are shown and sent.
+LLM_DATE_ARGS_DRAFT: dict[str, Any] = {
+    "name": "Normalise date arguments",
+    "description": "When a tool takes a date argument.",
+    "instructions": (
+        "Convert relative dates like 'last week' to ISO 8601 before calling search_orders."
+    ),
+    "origin": Origin.LIVE_LLM,
+}
+
+
+def make_revision(project: Project, slug: str = "iso-dates", **draft: Any) -> SkillRevision:
+    """A proposed revision of skill ``slug``; ``draft`` overrides fields of ``ISO_DATES_DRAFT``."""
+    fields = {**ISO_DATES_DRAFT, **draft}
+    return skill_revision_propose(project=project, draft=RevisionDraft(slug=slug, **fields))
+
+
+def make_llm_revision(project: Project, slug: str = "date-args", **draft: Any) -> SkillRevision:
+    """A proposed revision of skill ``slug``; ``draft`` overrides fields of
+    ``LLM_DATE_ARGS_DRAFT``."""
+    return make_revision(project, slug, **{**LLM_DATE_ARGS_DRAFT, **draft})
+
+
+def make_human_revision(project: Project, skill: tuple[str, str, str, str]) -> SkillRevision:
+    """A proposed revision a person wrote; ``skill`` is (slug, name, description, instructions)."""
+    slug, name, description, instructions = skill
+    return make_revision(
+        project,
+        slug,
+        name=name,
+        description=description,
+        instructions=instructions,
+        author=Author.HUMAN,
+        origin=Origin.HUMAN,
+    )
+
+
+def supersede_by_edit(revision: SkillRevision, actor: Any) -> SkillRevision:
+    """Edit ``revision`` as a reviewer does, which supersedes it; the new proposal."""
+    return skill_revision_edit(
+        revision=revision,
+        actor=actor,
+        name="Normalise dates",
+        description="When a tool takes a date.",
+        instructions="Use ISO 8601.",
+        category="general",
+    )
 
 
 class ApiClient:

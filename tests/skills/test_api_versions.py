@@ -3,8 +3,7 @@ from __future__ import annotations
 import pytest
 
 from base.models import AuditEvent
-from skills.library import services as library_services
-from skills.library.models import Origin, RevisionStatus, SkillRevision
+from skills.library.models import RevisionStatus, SkillRevision
 from skills.versions import services as version_services
 from skills.versions.models import PolicyVersion, Release
 from tests import factories
@@ -12,26 +11,13 @@ from tests import factories
 pytestmark = pytest.mark.django_db
 
 
-def propose(project, slug="iso-dates", **overrides) -> SkillRevision:
-    fields = {
-        "name": "Use ISO dates",
-        "description": "When a tool wants a date.",
-        "instructions": "Always pass dates as YYYY-MM-DD.",
-        "origin": Origin.DEMO_FIXTURE,
-    }
-    fields.update(overrides)
-    return library_services.skill_revision_propose(
-        project=project, draft=library_services.RevisionDraft(slug=slug, **fields)
-    )
-
-
 def test_list_revisions_filters_by_status_and_stays_in_the_keys_project(
     api, project, other_project, admin_key
 ):
-    mine = propose(project)
-    rejected = propose(project, slug="other")
+    mine = factories.make_revision(project)
+    rejected = factories.make_revision(project, slug="other")
     version_services.skill_revision_reject(revision=rejected, actor=None, reason="no")
-    propose(other_project)
+    factories.make_revision(other_project)
 
     response = api.get("/api/v1/skills/revisions", key=admin_key, status="proposed")
 
@@ -41,7 +27,7 @@ def test_list_revisions_filters_by_status_and_stays_in_the_keys_project(
 
 
 def test_an_ingest_key_may_not_decide(api, project, ingest_key):
-    revision = propose(project)
+    revision = factories.make_revision(project)
 
     response = api.post(f"/api/v1/skills/revisions/{revision.pk}/approve", {}, key=ingest_key)
 
@@ -56,7 +42,7 @@ def test_no_key_answers_401(api, project):
 def test_approve_through_the_api_activates_a_new_version_attributed_to_the_key(
     api, project, admin_key
 ):
-    revision = propose(project)
+    revision = factories.make_revision(project)
 
     response = api.post(
         f"/api/v1/skills/revisions/{revision.pk}/approve", {"reason": "CI eval passed"},
@@ -75,7 +61,7 @@ def test_approve_through_the_api_activates_a_new_version_attributed_to_the_key(
 
 
 def test_approving_twice_answers_409_saying_who_acted_first(api, project, admin_key):
-    revision = propose(project)
+    revision = factories.make_revision(project)
     api.post(f"/api/v1/skills/revisions/{revision.pk}/approve", {}, key=admin_key)
 
     response = api.post(f"/api/v1/skills/revisions/{revision.pk}/approve", {}, key=admin_key)
@@ -87,7 +73,7 @@ def test_approving_twice_answers_409_saying_who_acted_first(api, project, admin_
 
 
 def test_reject_without_a_reason_answers_422_naming_the_field(api, project, admin_key):
-    revision = propose(project)
+    revision = factories.make_revision(project)
 
     response = api.post(
         f"/api/v1/skills/revisions/{revision.pk}/reject", {"reason": " "}, key=admin_key
@@ -99,7 +85,7 @@ def test_reject_without_a_reason_answers_422_naming_the_field(api, project, admi
 
 
 def test_a_revision_of_another_project_is_not_found(api, project, other_project, admin_key):
-    foreign = propose(other_project)
+    foreign = factories.make_revision(other_project)
 
     response = api.post(f"/api/v1/skills/revisions/{foreign.pk}/approve", {}, key=admin_key)
 
@@ -108,7 +94,7 @@ def test_a_revision_of_another_project_is_not_found(api, project, other_project,
 
 
 def test_edit_and_approve_in_one_call(api, project, admin_key):
-    revision = propose(project)
+    revision = factories.make_revision(project)
 
     response = api.post(
         f"/api/v1/skills/revisions/{revision.pk}/edit",
@@ -131,7 +117,7 @@ def test_edit_and_approve_in_one_call(api, project, admin_key):
 
 
 def test_edit_with_a_bad_category_answers_422_naming_it(api, project, admin_key):
-    revision = propose(project)
+    revision = factories.make_revision(project)
 
     response = api.post(
         f"/api/v1/skills/revisions/{revision.pk}/edit",
@@ -144,9 +130,11 @@ def test_edit_with_a_bad_category_answers_422_naming_it(api, project, admin_key)
 
 
 def test_versions_list_detail_and_diff(api, project, admin_key):
-    first = propose(project)
+    first = factories.make_revision(project)
     version_services.skill_revision_approve(revision=first, actor=None)
-    second = propose(project, instructions="Always pass dates as ISO 8601 YYYY-MM-DD.")
+    second = factories.make_revision(
+        project, instructions="Always pass dates as ISO 8601 YYYY-MM-DD."
+    )
     version_services.skill_revision_approve(revision=second, actor=None)
 
     listing = api.get("/api/v1/versions", key=admin_key).json()
@@ -189,7 +177,7 @@ def test_promote_reject_and_roll_back_through_the_api(api, project, admin_key):
 
 
 def test_rollback_without_a_reason_answers_422(api, project, admin_key):
-    version_services.skill_revision_approve(revision=propose(project), actor=None)
+    version_services.skill_revision_approve(revision=factories.make_revision(project), actor=None)
 
     response = api.post("/api/v1/versions/1/rollback", {}, key=admin_key)
 
@@ -203,7 +191,9 @@ def test_unknown_version_answers_404(api, project, admin_key):
 
 
 def test_version_of_another_project_is_not_visible(api, project, other_project, admin_key):
-    version_services.skill_revision_approve(revision=propose(other_project), actor=None)
+    version_services.skill_revision_approve(
+        revision=factories.make_revision(other_project), actor=None
+    )
 
     assert api.get("/api/v1/versions/2", key=admin_key).status_code == 404
     assert factories.make_key  # keys are per project: the admin key is the first project's

@@ -15,33 +15,15 @@ from base.services import membership_set
 from incidents.models import Incident
 from skills.approvals import links as approvals
 from skills.approvals.models import ApprovalAction, ApprovalRequest
-from skills.library.models import Origin, RevisionStatus, SkillRevision
-from skills.library.services import RevisionDraft, skill_revision_propose
+from skills.library.models import RevisionStatus, SkillRevision
 from skills.versions.models import PolicyVersion, Release, VersionStatus
 from skills.versions.services import (
     policy_version_create_candidate,
     policy_version_reject,
-    skill_revision_edit,
 )
 from tests import factories
 
 pytestmark = pytest.mark.django_db
-
-INSTRUCTIONS = "Convert relative dates like 'last week' to ISO 8601 before calling search_orders."
-
-
-def propose(project: Project, slug: str = "date-args", **extra) -> SkillRevision:
-    return skill_revision_propose(
-        project=project,
-        draft=RevisionDraft(
-            slug=slug,
-            name="Normalise date arguments",
-            description="When a tool takes a date argument.",
-            instructions=INSTRUCTIONS,
-            origin=Origin.LIVE_LLM,
-            **extra,
-        ),
-    )
 
 
 def make_link(action: str, addressee=None, **target) -> tuple[ApprovalRequest, str]:
@@ -56,7 +38,7 @@ def reviewer(project):
 
 @pytest.fixture
 def revision(project):
-    return propose(project)
+    return factories.make_llm_revision(project)
 
 
 def active_version(project: Project) -> PolicyVersion:
@@ -71,6 +53,14 @@ def assert_nothing_decided(revision: SkillRevision, request: ApprovalRequest) ->
     assert not Release.objects.filter(kind="approval").exists()
 
 
+def assert_refused_and_unused(response, reason: str, request: ApprovalRequest) -> None:
+    """The link answered 409 saying ``reason``, and is still unused."""
+    assert response.status_code == 409
+    assert reason in response.content.decode()
+    request.refresh_from_db()
+    assert request.used_at is None
+
+
 # --- Showing and acting -------------------------------------------------------------------
 
 
@@ -78,7 +68,7 @@ def test_get_shows_the_skill_text_and_evidence_count_and_never_acts(
     client, api, project, ingest_key, reviewer
 ):
     api.post("/api/v1/incidents", factories.incident_payload("ev-1"), key=ingest_key)
-    revision = propose(project, source_incidents=list(Incident.objects.all()))
+    revision = factories.make_llm_revision(project, source_incidents=list(Incident.objects.all()))
     request, url = make_link(ApprovalAction.APPROVE_REVISION, reviewer, revision=revision)
 
     first = client.get(url)
@@ -143,10 +133,7 @@ def test_another_reviewers_link_after_the_decision_says_already_approved_by_whom
 
     response = client.post(otto_url, {"reason": "too late"})
 
-    assert response.status_code == 409
-    assert "was already approved by rita at" in response.content.decode()
-    otto_request.refresh_from_db()
-    assert otto_request.used_at is None
+    assert_refused_and_unused(response, "was already approved by rita at", otto_request)
     revision.refresh_from_db()
     assert revision.status == RevisionStatus.APPROVED and revision.decision_reason == ""
 
@@ -199,24 +186,13 @@ def test_a_link_for_a_revision_that_was_edited_since_is_refused(
     client, project, reviewer, revision
 ):
     request, url = make_link(ApprovalAction.APPROVE_REVISION, reviewer, revision=revision)
-    editor = factories.make_member(project, "reviewer", "eddie")
-    skill_revision_edit(
-        revision=revision,
-        actor=editor,
-        name="Normalise dates",
-        description="When a tool takes a date.",
-        instructions="Use ISO 8601.",
-        category="general",
-    )
+    factories.supersede_by_edit(revision, factories.make_member(project, "reviewer", "eddie"))
 
     response = client.post(url)
 
-    assert response.status_code == 409
-    assert "was already superseded by eddie" in response.content.decode()
+    assert_refused_and_unused(response, "was already superseded by eddie", request)
     revision.refresh_from_db()
     assert revision.status == RevisionStatus.SUPERSEDED
-    request.refresh_from_db()
-    assert request.used_at is None
 
 
 def test_a_promote_link_for_a_version_no_longer_a_candidate_is_refused(client, project):
@@ -229,12 +205,9 @@ def test_a_promote_link_for_a_version_no_longer_a_candidate_is_refused(client, p
 
     response = client.post(url)
 
-    assert response.status_code == 409
-    assert f"v{version.number} is rejected" in response.content.decode()
+    assert_refused_and_unused(response, f"v{version.number} is rejected", request)
     version.refresh_from_db()
     assert version.status == VersionStatus.REJECTED
-    request.refresh_from_db()
-    assert request.used_at is None
 
 
 def test_a_link_whose_addressee_lost_the_role_is_refused(client, project, reviewer, revision):
@@ -364,7 +337,7 @@ def test_with_a_second_approver_required_two_links_of_two_reviewers_are_needed(
     client, project, reviewer
 ):
     Project.objects.filter(pk=project.pk).update(require_second_approver=True)
-    revision = propose(Project.objects.get(pk=project.pk))
+    revision = factories.make_llm_revision(Project.objects.get(pk=project.pk))
     other = factories.make_member(project, "reviewer", "otto")
     first, first_url = make_link(ApprovalAction.APPROVE_REVISION, reviewer, revision=revision)
     _, second_url = make_link(ApprovalAction.APPROVE_REVISION, other, revision=revision)
@@ -389,7 +362,7 @@ def test_with_a_second_approver_required_two_links_of_two_reviewers_are_needed(
 def test_two_simultaneous_uses_of_one_link_act_once():
     project = factories.make_project()
     reviewer = factories.make_member(project, "reviewer")
-    revision = propose(project)
+    revision = factories.make_llm_revision(project)
     _, url = make_link(ApprovalAction.APPROVE_REVISION, reviewer, revision=revision)
     token = url.removeprefix("/a/")
     barrier = threading.Barrier(2)

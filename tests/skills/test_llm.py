@@ -9,28 +9,14 @@ import time
 import pytest
 
 from skills.synthesis import llm
-from tests.fakes.openai_server import OpenAIServer, Reply
+from tests.fakes.openai_server import Reply
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
 MESSAGES = [{"role": "user", "content": 'Answer {"ok": true}'}]
 
 
-@pytest.fixture
-def server(settings, monkeypatch):
-    monkeypatch.setattr(llm, "BACKOFF_BASE_SECONDS", 0.01)
-    llm._no_structured_output.clear()
-    with OpenAIServer(model="loopback") as fake:
-        settings.LLM = {
-            "BASE_URL": fake.base_url,
-            "API_KEY": "k",
-            "MODEL": "loopback",
-            "TIMEOUT_SECONDS": 2,
-        }
-        yield fake
-
-
-def test_a_valid_answer_returns_the_object_usage_and_model(server):
-    server.enqueue(
+def test_a_valid_answer_returns_the_object_usage_and_model(llm_server):
+    llm_server.enqueue(
         Reply(content='{"ok": true}', usage={"prompt_tokens": 12, "completion_tokens": 3})
     )
 
@@ -38,17 +24,17 @@ def test_a_valid_answer_returns_the_object_usage_and_model(server):
 
     assert result.parsed == {"ok": True}
     assert result.usage == llm.Usage(12, 3)
-    assert result.model == "loopback"
-    (request,) = server.chat_requests()
+    assert result.model == "loopback-model"
+    (request,) = llm_server.chat_requests()
     assert request.body["response_format"]["json_schema"]["name"] == "check"
     assert request.body["response_format"]["json_schema"]["schema"] == SCHEMA
-    assert {k.lower(): v for k, v in request.headers.items()}["authorization"] == "Bearer k"
+    assert {k.lower(): v for k, v in request.headers.items()}["authorization"] == "Bearer test-key"
 
 
-def test_the_sdk_client_does_no_retries_of_its_own(server):
-    server.enqueue(Reply(content='{"ok": true}'))
+def test_the_sdk_client_does_no_retries_of_its_own(llm_server):
+    llm_server.enqueue(Reply(content='{"ok": true}'))
     llm.complete_json(MESSAGES, SCHEMA)
-    (client,) = [c for key, c in llm._clients.items() if key[1] == server.base_url]
+    (client,) = [c for key, c in llm._clients.items() if key[1] == llm_server.base_url]
     assert client.max_retries == 0
 
 
@@ -77,8 +63,8 @@ def test_the_tolerant_parser_gives_none_when_there_is_no_object(content):
     assert llm.parse_json_object(content) is None
 
 
-def test_an_answer_without_json_raises_invalid_output_with_the_content_and_usage(server):
-    server.enqueue(
+def test_an_answer_without_json_raises_invalid_output_with_the_content_and_usage(llm_server):
+    llm_server.enqueue(
         Reply(
             content="I cannot help with that.", usage={"prompt_tokens": 5, "completion_tokens": 6}
         )
@@ -91,26 +77,30 @@ def test_an_answer_without_json_raises_invalid_output_with_the_content_and_usage
     assert caught.value.usage == llm.Usage(5, 6)
 
 
-def test_malformed_bytes_from_the_server_are_invalid_output_not_a_crash(server):
-    server.enqueue(Reply(raw=b"{this is not json", headers={"Content-Type": "application/json"}))
+def test_malformed_bytes_from_the_server_are_invalid_output_not_a_crash(llm_server):
+    llm_server.enqueue(
+        Reply(raw=b"{this is not json", headers={"Content-Type": "application/json"})
+    )
 
     with pytest.raises(llm.LlmError):
         llm.complete_json(MESSAGES, SCHEMA)
 
 
-def test_a_429_waits_for_retry_after_then_succeeds(server):
-    server.enqueue(Reply(status=429, headers={"Retry-After": "1"}), Reply(content='{"ok": true}'))
+def test_a_429_waits_for_retry_after_then_succeeds(llm_server):
+    llm_server.enqueue(
+        Reply(status=429, headers={"Retry-After": "1"}), Reply(content='{"ok": true}')
+    )
 
     started = time.monotonic()
     result = llm.complete_json(MESSAGES, SCHEMA)
 
     assert result.parsed == {"ok": True}
     assert time.monotonic() - started >= 0.9
-    assert len(server.chat_requests()) == 2
+    assert len(llm_server.chat_requests()) == 2
 
 
-def test_a_retry_after_too_long_to_wait_in_the_worker_is_handed_to_the_task(server):
-    server.enqueue(Reply(status=429, headers={"Retry-After": "120"}))
+def test_a_retry_after_too_long_to_wait_in_the_worker_is_handed_to_the_task(llm_server):
+    llm_server.enqueue(Reply(status=429, headers={"Retry-After": "120"}))
 
     started = time.monotonic()
     with pytest.raises(llm.LlmTransientError) as caught:
@@ -118,26 +108,26 @@ def test_a_retry_after_too_long_to_wait_in_the_worker_is_handed_to_the_task(serv
 
     assert caught.value.retry_after == 120
     assert time.monotonic() - started < 5
-    assert len(server.chat_requests()) == 1
+    assert len(llm_server.chat_requests()) == 1
 
 
-def test_5xx_errors_are_retried_with_backoff_then_reported_as_transient(server):
-    server.default = Reply(status=502)
+def test_5xx_errors_are_retried_with_backoff_then_reported_as_transient(llm_server):
+    llm_server.default = Reply(status=502)
 
     with pytest.raises(llm.LlmTransientError, match="server error \\(502\\)"):
         llm.complete_json(MESSAGES, SCHEMA)
 
-    assert len(server.chat_requests()) == llm.MAX_ATTEMPTS
+    assert len(llm_server.chat_requests()) == llm.MAX_ATTEMPTS
 
 
-def test_a_slow_answer_past_the_timeout_is_transient(server, settings, monkeypatch):
+def test_a_slow_answer_past_the_timeout_is_transient(llm_server, settings, monkeypatch):
     settings.LLM = {**settings.LLM, "TIMEOUT_SECONDS": 0.3}
     monkeypatch.setattr(llm, "MAX_ATTEMPTS", 2)
-    server.default = Reply(content='{"ok": true}', delay=1.0)
+    llm_server.default = Reply(content='{"ok": true}', delay=1.0)
 
     with pytest.raises(llm.LlmTransientError, match="timed out"):
         llm.complete_json(MESSAGES, SCHEMA)
-    assert len(server.chat_requests()) == 2
+    assert len(llm_server.chat_requests()) == 2
 
 
 def test_a_connection_refused_is_transient(settings):
@@ -155,16 +145,16 @@ def test_a_connection_refused_is_transient(settings):
         llm.complete_json(MESSAGES, SCHEMA)
 
 
-def test_a_bad_key_is_a_permanent_error_without_retries(server):
-    server.default = Reply(status=401)
+def test_a_bad_key_is_a_permanent_error_without_retries(llm_server):
+    llm_server.default = Reply(status=401)
 
     with pytest.raises(llm.LlmPermanentError, match="401"):
         llm.complete_json(MESSAGES, SCHEMA)
-    assert len(server.chat_requests()) == 1
+    assert len(llm_server.chat_requests()) == 1
 
 
-def test_an_endpoint_refusing_structured_output_is_asked_in_plain_mode_from_then_on(server):
-    server.enqueue(
+def test_an_endpoint_refusing_structured_output_is_asked_in_plain_mode_from_then_on(llm_server):
+    llm_server.enqueue(
         Reply(status=400, body={"error": {"message": "Unknown parameter: response_format"}}),
         Reply(content='```json\n{"ok": true}\n```'),
         Reply(content='{"ok": false}'),
@@ -173,6 +163,6 @@ def test_an_endpoint_refusing_structured_output_is_asked_in_plain_mode_from_then
     assert llm.complete_json(MESSAGES, SCHEMA).parsed == {"ok": True}
     assert llm.complete_json(MESSAGES, SCHEMA).parsed == {"ok": False}
 
-    bodies = [r.body for r in server.chat_requests()]
+    bodies = [r.body for r in llm_server.chat_requests()]
     assert ["response_format" in b for b in bodies] == [True, False, False]
     assert json.dumps(bodies[1]["messages"]) == json.dumps(MESSAGES)

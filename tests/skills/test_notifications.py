@@ -19,13 +19,11 @@ from skills.approvals.models import (
     NotificationStatus,
     SlackInteraction,
 )
-from skills.library.models import Origin, RevisionStatus, SkillRevision
-from skills.library.services import RevisionDraft, skill_revision_propose
+from skills.library.models import RevisionStatus, SkillRevision
 from skills.versions.models import PolicyVersion, VersionStatus
 from skills.versions.services import (
     policy_version_create_candidate,
     skill_revision_approve,
-    skill_revision_edit,
 )
 from tests import factories
 from tests.fakes.slack_server import SlackFake, slack_signed_headers
@@ -62,23 +60,49 @@ def rita(project):
     return user
 
 
-def propose(project: Project, capture, slug: str = "date-args") -> SkillRevision:
+def propose(project: Project, capture) -> SkillRevision:
+    """Propose a revision and deliver the notifications its commit enqueues."""
     with capture(execute=True):
-        return skill_revision_propose(
-            project=project,
-            draft=RevisionDraft(
-                slug=slug,
-                name="Normalise date arguments",
-                description="When a tool takes a date argument.",
-                instructions="Convert relative dates to ISO 8601 before calling search_orders.",
-                origin=Origin.LIVE_LLM,
-            ),
-        )
+        return factories.make_llm_revision(project)
 
 
 def buttons(message: dict) -> dict[str, dict]:
     actions = next(b for b in message["blocks"] if b["type"] == "actions")
     return {b["text"]["text"]: b for b in actions["elements"]}
+
+
+def propose_on_slack(
+    slack: SlackFake, project: Project, capture, label: str = "Approve"
+) -> tuple[SkillRevision, dict]:
+    """Propose a revision; it, and the button ``label`` of the message Slack was sent about it."""
+    revision = propose(project, capture)
+    return revision, buttons(slack.of("webhook")[0].json)[label]
+
+
+def assert_still_proposed(revision: SkillRevision) -> None:
+    revision.refresh_from_db()
+    assert revision.status == RevisionStatus.PROPOSED
+
+
+def propose_to_failing_slack(
+    slack: SlackFake, project: Project, capture, *, status: int, times: int
+) -> Notification:
+    """Propose a revision while Slack's webhook answers ``status`` the next ``times`` times; the
+    Slack notification, as delivery left it."""
+    slack.fail_next("webhook", status=status, times=times)
+    propose(project, capture)
+    return Notification.objects.get(channel="slack")
+
+
+def configure_slack_and_webhook(project: Project, slack: SlackFake, **fields) -> Project:
+    """``project`` sending to both loopback receivers: Slack's webhook and the signed webhook."""
+    return configure(
+        project,
+        slack_webhook_url=slack.webhook_url,
+        webhook_url=slack.hook_url,
+        webhook_secret="whsec-test",
+        **fields,
+    )
 
 
 def click(
@@ -180,12 +204,11 @@ def test_without_a_signing_secret_the_slack_buttons_are_signed_links_that_work(
 def test_slack_failures_are_retried_and_a_final_failure_is_recorded_on_the_notification(
     django_capture_on_commit_callbacks, slack, slack_project
 ):
-    slack.fail_next("webhook", status=500, times=10)
-
-    revision = propose(slack_project, django_capture_on_commit_callbacks)
+    notification = propose_to_failing_slack(
+        slack, slack_project, django_capture_on_commit_callbacks, status=500, times=10
+    )
 
     assert len(slack.of("webhook")) == 5
-    notification = Notification.objects.get(revision=revision, channel="slack")
     assert notification.status == NotificationStatus.FAILED
     assert notification.attempts == 5
     assert "answered 500" in notification.last_error
@@ -199,11 +222,10 @@ def test_slack_failures_are_retried_and_a_final_failure_is_recorded_on_the_notif
 def test_a_transient_slack_failure_is_retried_until_it_is_delivered(
     django_capture_on_commit_callbacks, slack, slack_project
 ):
-    slack.fail_next("webhook", status=503, times=2)
+    notification = propose_to_failing_slack(
+        slack, slack_project, django_capture_on_commit_callbacks, status=503, times=2
+    )
 
-    propose(slack_project, django_capture_on_commit_callbacks)
-
-    notification = Notification.objects.get(channel="slack")
     assert notification.status == NotificationStatus.SENT
     assert notification.attempts == 3
     assert notification.last_error == ""
@@ -242,11 +264,10 @@ def test_a_notification_whose_worker_died_while_sending_is_sent_again_by_the_swe
 def test_a_removed_slack_webhook_fails_at_once_without_retrying(
     django_capture_on_commit_callbacks, slack, slack_project
 ):
-    slack.fail_next("webhook", status=404, times=1)
+    notification = propose_to_failing_slack(
+        slack, slack_project, django_capture_on_commit_callbacks, status=404, times=1
+    )
 
-    propose(slack_project, django_capture_on_commit_callbacks)
-
-    notification = Notification.objects.get(channel="slack")
     assert notification.status == NotificationStatus.FAILED
     assert notification.attempts == 1
     assert "answered 404" in notification.last_error
@@ -321,8 +342,7 @@ def test_reviewers_get_personal_links_by_email_that_act_without_a_login(
 def test_a_signed_click_from_a_linked_reviewer_approves_and_updates_the_message(
     client, django_capture_on_commit_callbacks, slack, slack_project, rita
 ):
-    revision = propose(slack_project, django_capture_on_commit_callbacks)
-    approve = buttons(slack.of("webhook")[0].json)["Approve"]
+    revision, approve = propose_on_slack(slack, slack_project, django_capture_on_commit_callbacks)
 
     with django_capture_on_commit_callbacks(execute=True):
         response, _ = click(client, slack, approve)
@@ -343,8 +363,7 @@ def test_a_signed_click_from_a_linked_reviewer_approves_and_updates_the_message(
 def test_slack_retries_and_duplicate_deliveries_do_not_act_twice(
     client, django_capture_on_commit_callbacks, slack, slack_project, rita
 ):
-    revision = propose(slack_project, django_capture_on_commit_callbacks)
-    approve = buttons(slack.of("webhook")[0].json)["Approve"]
+    revision, approve = propose_on_slack(slack, slack_project, django_capture_on_commit_callbacks)
     with django_capture_on_commit_callbacks(execute=True):
         click(client, slack, approve)
     versions = PolicyVersion.objects.count()
@@ -374,8 +393,7 @@ def test_slack_retries_and_duplicate_deliveries_do_not_act_twice(
 def test_the_endpoint_acknowledges_before_the_work_is_done(
     client, django_capture_on_commit_callbacks, slack, slack_project, rita
 ):
-    revision = propose(slack_project, django_capture_on_commit_callbacks)
-    approve = buttons(slack.of("webhook")[0].json)["Approve"]
+    revision, approve = propose_on_slack(slack, slack_project, django_capture_on_commit_callbacks)
 
     started = time.monotonic()
     response, _ = click(client, slack, approve)  # the enqueue waits for commit, which never comes
@@ -383,15 +401,13 @@ def test_the_endpoint_acknowledges_before_the_work_is_done(
     assert response.status_code == 200 and response.content == b""
     assert time.monotonic() - started < 3
     assert SlackInteraction.objects.get().status == InteractionStatus.RECEIVED
-    revision.refresh_from_db()
-    assert revision.status == RevisionStatus.PROPOSED
+    assert_still_proposed(revision)
 
 
 def test_unsigned_wrongly_signed_and_stale_interactions_are_refused(
     client, django_capture_on_commit_callbacks, slack, slack_project, rita
 ):
-    revision = propose(slack_project, django_capture_on_commit_callbacks)
-    approve = buttons(slack.of("webhook")[0].json)["Approve"]
+    revision, approve = propose_on_slack(slack, slack_project, django_capture_on_commit_callbacks)
 
     with django_capture_on_commit_callbacks(execute=True):
         wrong, body = click(client, slack, approve, secret="someone-elses-secret")
@@ -402,8 +418,7 @@ def test_unsigned_wrongly_signed_and_stale_interactions_are_refused(
 
     assert wrong.status_code == stale.status_code == unsigned.status_code == 401
     assert not SlackInteraction.objects.exists()
-    revision.refresh_from_db()
-    assert revision.status == RevisionStatus.PROPOSED
+    assert_still_proposed(revision)
 
 
 def test_the_site_wide_signing_secret_is_used_when_the_project_has_none(
@@ -411,8 +426,7 @@ def test_the_site_wide_signing_secret_is_used_when_the_project_has_none(
 ):
     settings.SLACK_SIGNING_SECRET = "site-wide-secret"
     project = configure(project, slack_webhook_url=slack.webhook_url)
-    revision = propose(project, django_capture_on_commit_callbacks)
-    approve = buttons(slack.of("webhook")[0].json)["Approve"]
+    revision, approve = propose_on_slack(slack, project, django_capture_on_commit_callbacks)
     assert "value" in approve  # interactive, because a secret is configured site-wide
 
     with django_capture_on_commit_callbacks(execute=True):
@@ -427,8 +441,7 @@ def test_an_unlinked_slack_user_is_sent_a_link_to_connect_their_account(
     client, django_capture_on_commit_callbacks, slack, slack_project
 ):
     newbie = factories.make_member(slack_project, "reviewer", "nina")
-    revision = propose(slack_project, django_capture_on_commit_callbacks)
-    approve = buttons(slack.of("webhook")[0].json)["Approve"]
+    revision, approve = propose_on_slack(slack, slack_project, django_capture_on_commit_callbacks)
 
     with django_capture_on_commit_callbacks(execute=True):
         click(client, slack, approve, user="U0NINA")
@@ -436,8 +449,7 @@ def test_an_unlinked_slack_user_is_sent_a_link_to_connect_their_account(
     reply = slack.of("response")[-1].json
     assert reply["response_type"] == "ephemeral"
     link = urlsplit(re.search(r"http://\S+", reply["text"]).group(0)).path
-    revision.refresh_from_db()
-    assert revision.status == RevisionStatus.PROPOSED
+    assert_still_proposed(revision)
 
     client.force_login(newbie)
     assert "U0NINA" in client.get(link).content.decode()
@@ -464,31 +476,23 @@ def test_a_linked_member_without_the_role_cannot_decide_from_slack(
 ):
     viewer = factories.make_member(slack_project, "viewer", "vic")
     Membership.objects.filter(user=viewer).update(slack_user_id="U0VIC")
-    revision = propose(slack_project, django_capture_on_commit_callbacks)
-    approve = buttons(slack.of("webhook")[0].json)["Approve"]
+    revision, approve = propose_on_slack(slack, slack_project, django_capture_on_commit_callbacks)
 
     with django_capture_on_commit_callbacks(execute=True):
         click(client, slack, approve, user="U0VIC")
 
     assert "needs the reviewer role" in slack.of("response")[-1].json["text"]
     assert SlackInteraction.objects.get().status == InteractionStatus.REFUSED
-    revision.refresh_from_db()
-    assert revision.status == RevisionStatus.PROPOSED
+    assert_still_proposed(revision)
 
 
 def test_a_button_on_a_message_about_an_edited_revision_is_refused(
     client, django_capture_on_commit_callbacks, slack, slack_project, rita
 ):
-    revision = propose(slack_project, django_capture_on_commit_callbacks)
-    reject = buttons(slack.of("webhook")[0].json)["Reject"]
-    skill_revision_edit(
-        revision=revision,
-        actor=rita,
-        name="Normalise dates",
-        description="When a tool takes a date.",
-        instructions="Use ISO 8601.",
-        category="general",
+    revision, reject = propose_on_slack(
+        slack, slack_project, django_capture_on_commit_callbacks, "Reject"
     )
+    factories.supersede_by_edit(revision, rita)
 
     with django_capture_on_commit_callbacks(execute=True):
         click(client, slack, reject)
@@ -595,13 +599,7 @@ def test_invalid_integration_settings_name_the_field_and_change_nothing(client, 
 def test_send_a_test_message_reaches_every_configured_channel(
     client, django_capture_on_commit_callbacks, slack, project
 ):
-    project = configure(
-        project,
-        slack_webhook_url=slack.webhook_url,
-        webhook_url=slack.hook_url,
-        webhook_secret="whsec-test",
-        notify_emails="team@example.com",
-    )
+    project = configure_slack_and_webhook(project, slack, notify_emails="team@example.com")
     client.force_login(factories.make_member(project, "admin", "ada"))
 
     with django_capture_on_commit_callbacks(execute=True):
@@ -682,12 +680,7 @@ def test_a_send_to_a_private_address_is_refused_at_send_time_and_recorded(
     django_capture_on_commit_callbacks, settings, slack, project
 ):
     # Stored before the check existed, or a name that now resolves to a private address.
-    project = configure(
-        project,
-        slack_webhook_url=slack.webhook_url,
-        webhook_url=slack.hook_url,
-        webhook_secret="whsec-test",
-    )
+    project = configure_slack_and_webhook(project, slack)
     settings.METACLAW_ALLOW_PRIVATE_WEBHOOKS = False
 
     propose(project, django_capture_on_commit_callbacks)
@@ -749,16 +742,14 @@ def test_a_click_signed_with_another_secret_than_its_project_has_is_refused(
     client, django_capture_on_commit_callbacks, slack, slack_project, rita, settings
 ):
     settings.SLACK_SIGNING_SECRET = "site-wide-secret"
-    revision = propose(slack_project, django_capture_on_commit_callbacks)
-    approve = buttons(slack.of("webhook")[0].json)["Approve"]
+    revision, approve = propose_on_slack(slack, slack_project, django_capture_on_commit_callbacks)
 
     with django_capture_on_commit_callbacks(execute=True):
         response, _ = click(client, slack, approve, secret="site-wide-secret")
 
     assert response.status_code == 401
     assert not SlackInteraction.objects.exists()
-    revision.refresh_from_db()
-    assert revision.status == RevisionStatus.PROPOSED
+    assert_still_proposed(revision)
 
 
 def test_the_sweep_processes_a_click_whose_task_was_lost_and_fails_stuck_ones(
@@ -770,8 +761,7 @@ def test_the_sweep_processes_a_click_whose_task_was_lost_and_fails_stuck_ones(
 
     from skills.approvals.tasks import sweep_slack_interactions
 
-    revision = propose(slack_project, django_capture_on_commit_callbacks)
-    approve = buttons(slack.of("webhook")[0].json)["Approve"]
+    revision, approve = propose_on_slack(slack, slack_project, django_capture_on_commit_callbacks)
     response, _ = click(client, slack, approve)  # the enqueue never happens (no commit)
     assert response.status_code == 200
     lost = SlackInteraction.objects.get()

@@ -19,8 +19,6 @@ from django.test import AsyncClient
 
 from base import counters
 from incidents.models import Trajectory
-from skills.library.models import Author, Origin
-from skills.library.services import RevisionDraft, skill_revision_propose
 from skills.runtime import admission, recording, retrieval
 from skills.runtime import policy as runtime_policy
 from skills.runtime import upstream as runtime_upstream
@@ -79,13 +77,10 @@ def upstream():
 
 
 @pytest.fixture(autouse=True)
-def _fresh_runtime_caches():
-    runtime_policy.policy_cache_clear()
-    admission.runtime_key_cache_clear()
+def _recordings_finished(fresh_runtime_caches):
+    """Recordings still being written at the end of a test finish before the caches are reset."""
     yield
     recording.recordings_wait(5)
-    runtime_policy.policy_cache_clear()
-    admission.runtime_key_cache_clear()
 
 
 @pytest.fixture
@@ -104,18 +99,7 @@ def client(proxy_url, key):
 
 
 def approve(project, skill):
-    slug, name, description, instructions = skill
-    revision = skill_revision_propose(
-        project=project,
-        draft=RevisionDraft(
-            slug=slug,
-            name=name,
-            description=description,
-            instructions=instructions,
-            author=Author.HUMAN,
-            origin=Origin.HUMAN,
-        ),
-    )
+    revision = factories.make_human_revision(project, skill)
     skill_revision_approve(revision=revision, actor=None, actor_label="test")
     return revision
 

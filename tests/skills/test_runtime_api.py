@@ -10,14 +10,12 @@ from base import counters
 from incidents.ingest import trajectories_ingest
 from incidents.models import Incident, Outcome, Trajectory
 from incidents.schemas import TrajectoryIn
-from skills.library.models import Author, Origin
-from skills.library.services import RevisionDraft, skill_revision_propose
-from skills.runtime import admission, feedback, policy, retrieval
+from skills.runtime import feedback, policy, retrieval
 from skills.versions.models import PolicyVersion, VersionStatus
 from skills.versions.services import skill_revision_approve
 from tests import factories
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fresh_runtime_caches")]
 
 DATES = (
     "search-orders-dates",
@@ -41,28 +39,8 @@ PYTHON = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _fresh_runtime_caches():
-    policy.policy_cache_clear()
-    admission.runtime_key_cache_clear()
-    yield
-    policy.policy_cache_clear()
-    admission.runtime_key_cache_clear()
-
-
 def approve(project, skill, django_capture_on_commit_callbacks):
-    slug, name, description, instructions = skill
-    revision = skill_revision_propose(
-        project=project,
-        draft=RevisionDraft(
-            slug=slug,
-            name=name,
-            description=description,
-            instructions=instructions,
-            author=Author.HUMAN,
-            origin=Origin.HUMAN,
-        ),
-    )
+    revision = factories.make_human_revision(project, skill)
     with django_capture_on_commit_callbacks(execute=True):
         skill_revision_approve(revision=revision, actor=None, actor_label="test")
     return revision

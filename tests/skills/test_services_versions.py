@@ -8,26 +8,15 @@ from django.db import connection
 from base.errors import Conflict, DomainError, PermissionDenied
 from base.models import AuditEvent
 from skills import signals
-from skills.library import services as library_services
-from skills.library.models import Origin, RevisionStatus, SkillRevision
+from skills.library.models import RevisionStatus, SkillRevision
 from skills.versions import services as version_services
 from skills.versions.models import PolicyVersion, Release, ReleaseKind, VersionStatus
 from tests import factories
 
 pytestmark = pytest.mark.django_db
 
-
-def propose(project, slug="iso-dates", **overrides) -> SkillRevision:
-    fields = {
-        "name": "Use ISO dates",
-        "description": "When a tool wants a date.",
-        "instructions": "Always pass dates as YYYY-MM-DD.",
-        "origin": Origin.DEMO_FIXTURE,
-    }
-    fields.update(overrides)
-    return library_services.skill_revision_propose(
-        project=project, draft=library_services.RevisionDraft(slug=slug, **fields)
-    )
+# Every status a revision leaves "proposed" for: no decision applies to it any more.
+DECIDED_STATUSES = [RevisionStatus.APPROVED, RevisionStatus.REJECTED, RevisionStatus.SUPERSEDED]
 
 
 def snapshot(project) -> dict:
@@ -52,6 +41,26 @@ def active(project) -> PolicyVersion:
     return PolicyVersion.objects.get(project=project, status=VersionStatus.ACTIVE)
 
 
+def revision_in(project, status: str) -> SkillRevision:
+    """A revision already moved to ``status``, as a refused decision finds it."""
+    revision = factories.make_revision(project)
+    SkillRevision.objects.filter(pk=revision.pk).update(status=status)
+    return revision
+
+
+def make_candidate(project) -> PolicyVersion:
+    return version_services.policy_version_create_candidate(
+        project=project, adapter_ref="a", base_model="m", changelog="c"
+    )
+
+
+def version_in(project, status: str) -> PolicyVersion:
+    """A policy version already moved to ``status``, as a refused transition finds it."""
+    version = make_candidate(project)
+    PolicyVersion.objects.filter(pk=version.pk).update(status=status)
+    return version
+
+
 @pytest.fixture
 def reviewer(project):
     return factories.make_member(project, "reviewer")
@@ -66,7 +75,7 @@ def admin(project):
 
 
 def test_approving_a_proposal_publishes_a_new_active_version_with_it(project, reviewer):
-    revision = propose(project)
+    revision = factories.make_revision(project)
 
     version_services.skill_revision_approve(revision=revision, actor=reviewer, reason="looks right")
 
@@ -87,11 +96,13 @@ def test_approving_a_proposal_publishes_a_new_active_version_with_it(project, re
 def test_approving_a_new_revision_replaces_the_skills_previous_one_and_keeps_the_others(
     project, reviewer
 ):
-    first = propose(project)
-    other = propose(project, slug="be-polite", name="Be polite")
+    first = factories.make_revision(project)
+    other = factories.make_revision(project, slug="be-polite", name="Be polite")
     version_services.skill_revision_approve(revision=first, actor=reviewer)
     version_services.skill_revision_approve(revision=other, actor=reviewer)
-    second = propose(project, instructions="Always pass dates as ISO 8601 (YYYY-MM-DD).")
+    second = factories.make_revision(
+        project, instructions="Always pass dates as ISO 8601 (YYYY-MM-DD)."
+    )
 
     version_services.skill_revision_approve(revision=second, actor=reviewer)
 
@@ -101,14 +112,11 @@ def test_approving_a_new_revision_replaces_the_skills_previous_one_and_keeps_the
     assert active(project).number == 4
 
 
-@pytest.mark.parametrize(
-    "status", [RevisionStatus.APPROVED, RevisionStatus.REJECTED, RevisionStatus.SUPERSEDED]
-)
+@pytest.mark.parametrize("status", DECIDED_STATUSES)
 def test_approve_refuses_a_revision_that_is_not_proposed_and_changes_nothing(
     project, reviewer, status
 ):
-    revision = propose(project)
-    SkillRevision.objects.filter(pk=revision.pk).update(status=status)
+    revision = revision_in(project, status)
     before = snapshot(project)
 
     with pytest.raises(Conflict, match=f"already {status}"):
@@ -118,7 +126,7 @@ def test_approve_refuses_a_revision_that_is_not_proposed_and_changes_nothing(
 
 
 def test_second_approval_says_who_approved_first_and_when(project, reviewer):
-    revision = propose(project)
+    revision = factories.make_revision(project)
     version_services.skill_revision_approve(revision=revision, actor=reviewer)
     late = factories.make_member(project, "reviewer")
 
@@ -130,7 +138,7 @@ def test_second_approval_says_who_approved_first_and_when(project, reviewer):
 
 def test_a_viewer_cannot_approve_and_nothing_changes(project):
     viewer = factories.make_member(project, "viewer")
-    revision = propose(project)
+    revision = factories.make_revision(project)
     before = snapshot(project)
 
     with pytest.raises(PermissionDenied):
@@ -141,14 +149,14 @@ def test_a_viewer_cannot_approve_and_nothing_changes(project):
 
 def test_a_member_of_another_project_cannot_approve(project, other_project):
     outsider = factories.make_member(other_project, "admin")
-    revision = propose(project)
+    revision = factories.make_revision(project)
 
     with pytest.raises(PermissionDenied):
         version_services.skill_revision_approve(revision=revision, actor=outsider)
 
 
 def test_a_machine_actor_approves_under_its_label(project):
-    revision = propose(project)
+    revision = factories.make_revision(project)
 
     version_services.skill_revision_approve(
         revision=revision, actor=None, actor_label="api-key:ab12cd34"
@@ -161,7 +169,7 @@ def test_a_machine_actor_approves_under_its_label(project):
 def test_with_a_second_approver_required_the_first_approval_keeps_it_proposed(project, reviewer):
     project.require_second_approver = True
     project.save()
-    revision = propose(project)
+    revision = factories.make_revision(project)
 
     version_services.skill_revision_approve(revision=revision, actor=reviewer)
 
@@ -174,7 +182,7 @@ def test_with_a_second_approver_required_the_first_approval_keeps_it_proposed(pr
 def test_with_a_second_approver_required_the_same_person_cannot_approve_twice(project, reviewer):
     project.require_second_approver = True
     project.save()
-    revision = propose(project)
+    revision = factories.make_revision(project)
     version_services.skill_revision_approve(revision=revision, actor=reviewer)
     before = snapshot(project)
 
@@ -187,7 +195,7 @@ def test_with_a_second_approver_required_the_same_person_cannot_approve_twice(pr
 def test_with_a_second_approver_required_a_different_reviewer_makes_it_live(project, reviewer):
     project.require_second_approver = True
     project.save()
-    revision = propose(project)
+    revision = factories.make_revision(project)
     version_services.skill_revision_approve(revision=revision, actor=reviewer)
     second = factories.make_member(project, "reviewer")
 
@@ -213,7 +221,7 @@ def test_approval_announces_the_decision_and_the_new_active_version_after_commit
     signals.revision_decided.connect(on_decided)
     signals.active_version_changed.connect(on_active)
     try:
-        revision = propose(project)
+        revision = factories.make_revision(project)
         with django_capture_on_commit_callbacks(execute=True):
             version_services.skill_revision_approve(revision=revision, actor=reviewer)
     finally:
@@ -228,7 +236,7 @@ def test_approval_announces_the_decision_and_the_new_active_version_after_commit
 
 
 def test_rejecting_needs_a_reason_naming_the_field(project, reviewer):
-    revision = propose(project)
+    revision = factories.make_revision(project)
     before = snapshot(project)
 
     with pytest.raises(DomainError) as exc:
@@ -239,7 +247,7 @@ def test_rejecting_needs_a_reason_naming_the_field(project, reviewer):
 
 
 def test_rejecting_a_proposal_records_who_and_why(project, reviewer):
-    revision = propose(project)
+    revision = factories.make_revision(project)
 
     version_services.skill_revision_reject(revision=revision, actor=reviewer, reason="too vague")
 
@@ -250,12 +258,9 @@ def test_rejecting_a_proposal_records_who_and_why(project, reviewer):
     assert active(project).number == 1
 
 
-@pytest.mark.parametrize(
-    "status", [RevisionStatus.APPROVED, RevisionStatus.REJECTED, RevisionStatus.SUPERSEDED]
-)
+@pytest.mark.parametrize("status", DECIDED_STATUSES)
 def test_reject_refuses_a_revision_that_is_not_proposed(project, reviewer, status):
-    revision = propose(project)
-    SkillRevision.objects.filter(pk=revision.pk).update(status=status)
+    revision = revision_in(project, status)
     before = snapshot(project)
 
     with pytest.raises(Conflict):
@@ -265,7 +270,7 @@ def test_reject_refuses_a_revision_that_is_not_proposed(project, reviewer, statu
 
 
 def test_editing_makes_a_new_human_proposal_and_supersedes_the_edited_one(project, reviewer):
-    revision = propose(project)
+    revision = factories.make_revision(project)
 
     edited = version_services.skill_revision_edit(
         revision=revision,
@@ -284,12 +289,9 @@ def test_editing_makes_a_new_human_proposal_and_supersedes_the_edited_one(projec
     assert edited.created_by == reviewer
 
 
-@pytest.mark.parametrize(
-    "status", [RevisionStatus.APPROVED, RevisionStatus.REJECTED, RevisionStatus.SUPERSEDED]
-)
+@pytest.mark.parametrize("status", DECIDED_STATUSES)
 def test_edit_refuses_a_revision_that_is_not_proposed(project, reviewer, status):
-    revision = propose(project)
-    SkillRevision.objects.filter(pk=revision.pk).update(status=status)
+    revision = revision_in(project, status)
     before = snapshot(project)
 
     with pytest.raises(Conflict):
@@ -302,7 +304,7 @@ def test_edit_refuses_a_revision_that_is_not_proposed(project, reviewer, status)
 
 
 def test_edit_with_empty_instructions_names_the_field_and_changes_nothing(project, reviewer):
-    revision = propose(project)
+    revision = factories.make_revision(project)
     before = snapshot(project)
 
     with pytest.raises(DomainError) as exc:
@@ -319,7 +321,7 @@ def test_edit_with_empty_instructions_names_the_field_and_changes_nothing(projec
 
 
 def approved(project, reviewer, slug, **kw) -> SkillRevision:
-    revision = propose(project, slug=slug, **kw)
+    revision = factories.make_revision(project, slug=slug, **kw)
     version_services.skill_revision_approve(revision=revision, actor=reviewer)
     return revision
 
@@ -355,7 +357,9 @@ def test_promote_refuses_a_candidate_built_before_skills_were_approved(project, 
     candidate = version_services.policy_version_create_candidate(
         project=project, adapter_ref="tinker://run/1", base_model="m", changelog="c"
     )
-    version_services.skill_revision_approve(revision=propose(project), actor=reviewer)
+    version_services.skill_revision_approve(
+        revision=factories.make_revision(project), actor=reviewer
+    )
     before = snapshot(project)
 
     with pytest.raises(Conflict, match="would undo those changes"):
@@ -367,9 +371,7 @@ def test_promote_refuses_a_candidate_built_before_skills_were_approved(project, 
 
 
 def test_a_reviewer_cannot_promote(project, reviewer):
-    candidate = version_services.policy_version_create_candidate(
-        project=project, adapter_ref="a", base_model="m", changelog="c"
-    )
+    candidate = make_candidate(project)
     before = snapshot(project)
 
     with pytest.raises(PermissionDenied):
@@ -380,10 +382,7 @@ def test_a_reviewer_cannot_promote(project, reviewer):
 
 @pytest.mark.parametrize("status", [VersionStatus.RETIRED, VersionStatus.REJECTED])
 def test_promote_refuses_a_version_that_is_not_a_candidate(project, admin, status):
-    version = version_services.policy_version_create_candidate(
-        project=project, adapter_ref="a", base_model="m", changelog="c"
-    )
-    PolicyVersion.objects.filter(pk=version.pk).update(status=status)
+    version = version_in(project, status)
     before = snapshot(project)
 
     with pytest.raises(Conflict):
@@ -402,9 +401,7 @@ def test_promote_refuses_the_active_version_saying_it_is_active_already(project,
 
 
 def test_rejecting_a_candidate_needs_a_reason_and_keeps_the_active_one(project, admin):
-    candidate = version_services.policy_version_create_candidate(
-        project=project, adapter_ref="a", base_model="m", changelog="c"
-    )
+    candidate = make_candidate(project)
     with pytest.raises(DomainError) as exc:
         version_services.policy_version_reject(version=candidate, actor=admin, reason="")
     assert exc.value.field == "reason"
@@ -442,10 +439,7 @@ def test_rolling_back_reactivates_an_earlier_version_and_marks_what_was_dropped(
 
 @pytest.mark.parametrize("status", [VersionStatus.CANDIDATE, VersionStatus.REJECTED])
 def test_rollback_refuses_a_version_that_was_never_active(project, admin, status):
-    version = version_services.policy_version_create_candidate(
-        project=project, adapter_ref="a", base_model="m", changelog="c"
-    )
-    PolicyVersion.objects.filter(pk=version.pk).update(status=status)
+    version = version_in(project, status)
     before = snapshot(project)
 
     with pytest.raises(Conflict):
@@ -491,7 +485,7 @@ def test_approving_after_a_rollback_builds_on_the_rolled_back_to_version(project
     version_services.policy_version_rollback(
         to_version=PolicyVersion.objects.get(project=project, number=2), actor=admin, reason="r"
     )
-    c = propose(project, slug="c-skill")
+    c = factories.make_revision(project, slug="c-skill")
 
     version_services.skill_revision_approve(revision=c, actor=reviewer)
 
@@ -530,7 +524,10 @@ def test_two_approvals_at_once_give_consecutive_versions_and_one_active():
     project = factories.make_project()
     alice = factories.make_member(project, "reviewer")
     bob = factories.make_member(project, "reviewer")
-    first, second = propose(project, slug="one"), propose(project, slug="two")
+    first, second = (
+        factories.make_revision(project, slug="one"),
+        factories.make_revision(project, slug="two"),
+    )
 
     results = _race(
         [
@@ -551,7 +548,7 @@ def test_two_people_approving_the_same_revision_one_wins_the_other_gets_a_confli
     project = factories.make_project()
     alice = factories.make_member(project, "reviewer")
     bob = factories.make_member(project, "reviewer")
-    revision = propose(project)
+    revision = factories.make_revision(project)
 
     results = _race(
         [
@@ -570,9 +567,7 @@ def test_promote_racing_a_rollback_never_leaves_two_active_versions():
     project = factories.make_project()
     admin = factories.make_member(project, "admin")
     approved(project, admin, "one")  # v2 active, v1 retired
-    candidate = version_services.policy_version_create_candidate(
-        project=project, adapter_ref="a", base_model="m", changelog="c"
-    )
+    candidate = make_candidate(project)
     v1 = PolicyVersion.objects.get(project=project, number=1)
 
     results = _race(

@@ -10,7 +10,6 @@ from django.core.management import call_command
 
 from base.errors import DomainError
 from skills.library.models import Origin, RevisionStatus, SkillRevision
-from skills.library.services import RevisionDraft, skill_revision_propose
 from skills.skillmd import services as skillmd
 from skills.versions.services import skill_revision_approve
 from tests import factories
@@ -32,41 +31,35 @@ license: MIT
 
 
 def _library(project):
-    approved = skill_revision_propose(
-        project=project,
-        draft=RevisionDraft(
-            slug="iso-dates",
-            name="ISO dates for order search",
-            description="When calling search_orders with a date: the user's words: 'last week'.",
-            instructions="Convert relative dates to ISO 8601.\n\n- Never pass `last week`.\n",
-            category="common_mistakes",
-            examples=["'last week' → 2026-11-18", {"input": "yesterday", "since": "2026-11-24"}],
-            origin=Origin.LIVE_LLM,
-        ),
+    approved = factories.make_revision(
+        project,
+        "iso-dates",
+        name="ISO dates for order search",
+        description="When calling search_orders with a date: the user's words: 'last week'.",
+        instructions="Convert relative dates to ISO 8601.\n\n- Never pass `last week`.\n",
+        category="common_mistakes",
+        examples=["'last week' → 2026-11-18", {"input": "yesterday", "since": "2026-11-24"}],
+        origin=Origin.LIVE_LLM,
     )
     skill_revision_approve(revision=approved, actor=None, actor_label="test")
-    skill_revision_propose(
-        project=project,
-        draft=RevisionDraft(
-            slug="chart-units",
-            name="chart-units",
-            description="When plotting any chart for a user.",
-            instructions="Label both axes with units (e.g. *users, thousands*).",
-            category="data_analysis",
-            origin=Origin.HUMAN,
-            author="human",
-        ),
+    factories.make_revision(
+        project,
+        "chart-units",
+        name="chart-units",
+        description="When plotting any chart for a user.",
+        instructions="Label both axes with units (e.g. *users, thousands*).",
+        category="data_analysis",
+        origin=Origin.HUMAN,
+        author="human",
     )
-    rejected = skill_revision_propose(
-        project=project,
-        draft=RevisionDraft(
-            slug="bad-idea",
-            name="Bad",
-            description="Never.",
-            instructions="Nope.",
-            origin=Origin.HUMAN,
-            author="human",
-        ),
+    rejected = factories.make_revision(
+        project,
+        "bad-idea",
+        name="Bad",
+        description="Never.",
+        instructions="Nope.",
+        origin=Origin.HUMAN,
+        author="human",
     )
     SkillRevision.objects.filter(pk=rejected.pk).update(status=RevisionStatus.REJECTED)
 

@@ -19,9 +19,10 @@ from skills.synthesis import services as synthesis
 from skills.synthesis.models import LlmUsage
 from skills.versions.models import PolicyVersion, VersionStatus
 from tests import factories
-from tests.fakes.openai_server import OpenAIServer, Reply
+from tests.fakes.openai_server import Reply
 
-pytestmark = pytest.mark.django_db
+# Every test, with the loopback LLM (``llm_server``) or without, retries without waiting.
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fast_llm_retries")]
 
 
 def answer(
@@ -56,30 +57,21 @@ def answer(
 USAGE = {"prompt_tokens": 700, "completion_tokens": 120, "total_tokens": 820}
 
 
-@pytest.fixture
-def llm_server(settings):
-    with OpenAIServer(model="loopback-model") as server:
-        settings.LLM = {
-            "BASE_URL": server.base_url,
-            "API_KEY": "test-key",
-            "MODEL": "loopback-model",
-            "TIMEOUT_SECONDS": 2,
-        }
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def _fast_backoff(monkeypatch):
-    monkeypatch.setattr(llm, "BACKOFF_BASE_SECONDS", 0.01)
-    llm._no_structured_output.clear()
-
-
-def ingest(api, key, django_capture_on_commit_callbacks, *payloads):
+def ingest(api, key, django_capture_on_commit_callbacks, *payloads) -> IncidentGroup:
+    """Ingest ``payloads`` (else one default incident) over the API, running what the commits
+    enqueue (synthesis among it); the group of the last incident, as synthesis left it."""
     with django_capture_on_commit_callbacks(execute=True):
-        for payload in payloads:
+        for payload in payloads or [factories.incident_payload()]:
             response = api.post("/api/v1/incidents", payload, key=key)
             assert response.status_code in (200, 202), response.content
-    return response.json()
+    return IncidentGroup.objects.get(pk=response.json()["group_id"])
+
+
+def assert_failed_because(group: IncidentGroup, *reasons: str) -> None:
+    """Synthesis of ``group`` failed, and its recorded error names every one of ``reasons``."""
+    assert group.synthesis_status == SynthesisStatus.FAILED
+    for reason in reasons:
+        assert reason in group.synthesis_error
 
 
 def test_an_incident_becomes_a_proposed_skill_written_by_the_llm(
@@ -87,9 +79,8 @@ def test_an_incident_becomes_a_proposed_skill_written_by_the_llm(
 ):
     llm_server.enqueue(Reply(content=answer(), usage=USAGE))
 
-    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+    group = ingest(api, ingest_key, django_capture_on_commit_callbacks)
 
-    group = IncidentGroup.objects.get(pk=body["group_id"])
     assert group.synthesis_status == SynthesisStatus.PROPOSED
     assert group.incidents.get().status == IncidentStatus.PROPOSED
     revision = SkillRevision.objects.get()
@@ -143,9 +134,9 @@ def test_malformed_json_is_retried_once_with_the_error_then_proposed(
         Reply(content=answer(), usage=USAGE),
     )
 
-    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+    group = ingest(api, ingest_key, django_capture_on_commit_callbacks)
 
-    assert IncidentGroup.objects.get(pk=body["group_id"]).synthesis_status == "proposed"
+    assert group.synthesis_status == "proposed"
     first, second = llm_server.chat_requests()
     assert "invalid" in second.body["messages"][-1]["content"]
     revision = SkillRevision.objects.get()
@@ -159,11 +150,9 @@ def test_an_answer_invalid_twice_fails_the_group_with_the_reason(
     bad = answer(slug="Not A Slug!")
     llm_server.enqueue(Reply(content=bad), Reply(content=bad))
 
-    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+    group = ingest(api, ingest_key, django_capture_on_commit_callbacks)
 
-    group = IncidentGroup.objects.get(pk=body["group_id"])
-    assert group.synthesis_status == SynthesisStatus.FAILED
-    assert "invalid twice" in group.synthesis_error and "slug" in group.synthesis_error
+    assert_failed_because(group, "invalid twice", "slug")
     assert group.incidents.get().status == IncidentStatus.FAILED
     assert not SkillRevision.objects.exists()
     assert len(llm_server.chat_requests()) == 2
@@ -178,7 +167,7 @@ def test_an_unknown_category_or_empty_instructions_is_sent_back_for_correction(
     wrong["skill"]["instructions"] = "   "
     llm_server.enqueue(Reply(content=json.dumps(wrong)), Reply(content=answer()))
 
-    ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+    ingest(api, ingest_key, django_capture_on_commit_callbacks)
 
     assert SkillRevision.objects.get().category == "common_mistakes"
     assert "skill.instructions" in llm_server.chat_requests()[1].body["messages"][-1]["content"]
@@ -192,7 +181,7 @@ def test_an_endpoint_without_structured_output_is_read_by_the_tolerant_parser(
         Reply(content="Here you go:\n```json\n" + answer() + "\n```\nHope it helps."),
     )
 
-    ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+    ingest(api, ingest_key, django_capture_on_commit_callbacks)
 
     assert SkillRevision.objects.get().skill.slug == "iso-dates-for-order-search"
     first, second = llm_server.chat_requests()
@@ -208,9 +197,9 @@ def test_a_rate_limit_is_retried_after_the_servers_retry_after(
         Reply(content=answer()),
     )
 
-    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+    group = ingest(api, ingest_key, django_capture_on_commit_callbacks)
 
-    assert IncidentGroup.objects.get(pk=body["group_id"]).synthesis_status == "proposed"
+    assert group.synthesis_status == "proposed"
     assert len(llm_server.chat_requests()) == 3
 
 
@@ -219,11 +208,9 @@ def test_server_errors_that_never_stop_fail_the_group_with_the_reason(
 ):
     llm_server.default = Reply(status=500)
 
-    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+    group = ingest(api, ingest_key, django_capture_on_commit_callbacks)
 
-    group = IncidentGroup.objects.get(pk=body["group_id"])
-    assert group.synthesis_status == SynthesisStatus.FAILED
-    assert "server error (500)" in group.synthesis_error
+    assert_failed_because(group, "server error (500)")
     assert group.synthesis_attempts == synthesis.MAX_ATTEMPTS
     assert len(llm_server.chat_requests()) == synthesis.MAX_ATTEMPTS * llm.MAX_ATTEMPTS
     assert not SkillRevision.objects.exists()
@@ -237,11 +224,9 @@ def test_a_slow_answer_past_the_timeout_fails_the_group_as_a_timeout(
     monkeypatch.setattr(synthesis, "MAX_ATTEMPTS", 2)
     llm_server.default = Reply(content=answer(), delay=1.0)
 
-    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+    group = ingest(api, ingest_key, django_capture_on_commit_callbacks)
 
-    group = IncidentGroup.objects.get(pk=body["group_id"])
-    assert group.synthesis_status == SynthesisStatus.FAILED
-    assert "timed out" in group.synthesis_error
+    assert_failed_because(group, "timed out")
     assert len(llm_server.chat_requests()) == 2
 
 
@@ -250,11 +235,9 @@ def test_a_refused_request_fails_at_once_without_retrying(
 ):
     llm_server.default = Reply(status=401)
 
-    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+    group = ingest(api, ingest_key, django_capture_on_commit_callbacks)
 
-    group = IncidentGroup.objects.get(pk=body["group_id"])
-    assert group.synthesis_status == SynthesisStatus.FAILED
-    assert "refused the request (401)" in group.synthesis_error
+    assert_failed_because(group, "refused the request (401)")
     assert len(llm_server.chat_requests()) == 1
 
 
@@ -264,9 +247,8 @@ def test_more_incidents_in_a_group_with_a_pending_proposal_make_no_more_llm_call
     llm_server.enqueue(Reply(content=answer()))
     payloads = [factories.incident_payload(f"more-{i}") for i in range(5)]
 
-    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, *payloads)
+    group = ingest(api, ingest_key, django_capture_on_commit_callbacks, *payloads)
 
-    group = IncidentGroup.objects.get(pk=body["group_id"])
     assert group.event_count == 5
     assert group.synthesis_status == SynthesisStatus.PROPOSED
     assert len(llm_server.chat_requests()) == 1
@@ -286,9 +268,8 @@ def test_no_skill_answers_record_the_reason_on_the_group(
 ):
     llm_server.enqueue(Reply(content=answer("no_skill")))
 
-    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+    group = ingest(api, ingest_key, django_capture_on_commit_callbacks)
 
-    group = IncidentGroup.objects.get(pk=body["group_id"])
     assert group.synthesis_status == SynthesisStatus.NO_SKILL
     assert "warehouse was down" in group.synthesis_error
     assert group.incidents.get().status == IncidentStatus.NO_SKILL
@@ -303,9 +284,8 @@ def test_without_an_llm_the_group_needs_a_skill_with_a_draft_from_its_evidence(
         feedback={"text": "Mail me at bob@example.org", "score": 1}
     )
 
-    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, payload)
+    group = ingest(api, ingest_key, django_capture_on_commit_callbacks, payload)
 
-    group = IncidentGroup.objects.get(pk=body["group_id"])
     assert group.synthesis_status == SynthesisStatus.NEEDS_SKILL
     draft = SkillRevision.objects.get()
     assert draft.origin == Origin.EVIDENCE_DRAFT
@@ -326,9 +306,8 @@ def test_a_spent_daily_budget_holds_the_group_until_the_sweep_finds_budget_again
         project=project, day=timezone.localdate(), calls=3, tokens_in=900, tokens_out=100
     )
 
-    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+    group = ingest(api, ingest_key, django_capture_on_commit_callbacks)
 
-    group = IncidentGroup.objects.get(pk=body["group_id"])
     assert group.synthesis_status == SynthesisStatus.BUDGET
     assert llm_server.chat_requests() == []
 
@@ -358,7 +337,7 @@ def test_a_new_skill_too_close_to_an_existing_one_becomes_its_revision(
     )
     llm_server.enqueue(Reply(content=answer(slug="relative-dates-to-iso")))
 
-    ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+    ingest(api, ingest_key, django_capture_on_commit_callbacks)
 
     proposal = SkillRevision.objects.get(status=RevisionStatus.PROPOSED)
     assert proposal.skill_id == existing.skill_id
@@ -376,7 +355,7 @@ def test_revise_skill_naming_an_unknown_slug_is_sent_back(
         Reply(content=answer("revise_skill", slug="no-such-skill")), Reply(content=answer())
     )
 
-    ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+    ingest(api, ingest_key, django_capture_on_commit_callbacks)
 
     assert SkillRevision.objects.get().skill.slug == "iso-dates-for-order-search"
     assert "not an existing skill" in llm_server.chat_requests()[1].body["messages"][-1]["content"]
@@ -412,7 +391,7 @@ def test_a_rolled_back_text_is_not_proposed_again_unchanged(
         Reply(content=answer("revise_skill")),
     )
 
-    ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+    ingest(api, ingest_key, django_capture_on_commit_callbacks)
 
     proposal = SkillRevision.objects.get(status=RevisionStatus.PROPOSED)
     assert "ISO 8601" in proposal.instructions
@@ -456,7 +435,7 @@ def test_an_incident_despite_an_active_skill_regresses_the_group_and_asks_for_a_
     api, project, ingest_key, llm_server, django_capture_on_commit_callbacks
 ):
     llm_server.enqueue(Reply(content=answer()))
-    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
+    group = ingest(api, ingest_key, django_capture_on_commit_callbacks)
     revision = SkillRevision.objects.get()
     from skills.versions.services import skill_revision_approve
 
@@ -480,7 +459,7 @@ def test_an_incident_despite_an_active_skill_regresses_the_group_and_asks_for_a_
         factories.incident_payload("again", policy_version=active.number),
     )
 
-    group = IncidentGroup.objects.get(pk=body["group_id"])
+    group.refresh_from_db()
     assert group.status == GroupStatus.REGRESSED
     assert group.synthesis_status == SynthesisStatus.PROPOSED
     prompt = llm_server.chat_requests()[1].body["messages"][1]["content"]
@@ -504,15 +483,15 @@ def test_retry_puts_a_failed_group_back_in_the_queue(
     api, project, ingest_key, admin_key, llm_server, django_capture_on_commit_callbacks
 ):
     llm_server.enqueue(Reply(status=401))
-    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
-    assert IncidentGroup.objects.get(pk=body["group_id"]).synthesis_status == "failed"
+    group = ingest(api, ingest_key, django_capture_on_commit_callbacks)
+    assert group.synthesis_status == "failed"
     llm_server.enqueue(Reply(content=answer()))
 
     with django_capture_on_commit_callbacks(execute=True):
-        response = api.post(f"/api/v1/groups/{body['group_id']}/retry-synthesis", {}, key=admin_key)
+        response = api.post(f"/api/v1/groups/{group.pk}/retry-synthesis", {}, key=admin_key)
 
     assert response.status_code == 202, response.content
-    group = IncidentGroup.objects.get(pk=body["group_id"])
+    group.refresh_from_db()
     assert group.synthesis_status == SynthesisStatus.PROPOSED
     assert group.synthesis_error == ""
     assert AuditEvent.objects.filter(action="incident_group.synthesis_retry").count() == 1
@@ -583,10 +562,10 @@ def test_the_group_page_shows_the_proposal_its_diagnosis_and_the_redactions(
     payload = factories.incident_payload(
         messages=[{"role": "user", "content": "I'm jane.doe@example.com"}]
     )
-    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, payload)
+    group = ingest(api, ingest_key, django_capture_on_commit_callbacks, payload)
     client.force_login(factories.make_member(project, role="viewer"))
 
-    page = client.get(f"/p/{project.slug}/groups/{body['group_id']}/")
+    page = client.get(f"/p/{project.slug}/groups/{group.pk}/")
 
     assert page.status_code == 200
     html = page.content.decode()
@@ -601,8 +580,8 @@ def test_a_reviewer_retries_a_failed_group_from_its_page(
     client, api, project, ingest_key, llm_server, django_capture_on_commit_callbacks
 ):
     llm_server.enqueue(Reply(status=401))
-    body = ingest(api, ingest_key, django_capture_on_commit_callbacks, factories.incident_payload())
-    url = f"/p/{project.slug}/groups/{body['group_id']}/"
+    group = ingest(api, ingest_key, django_capture_on_commit_callbacks)
+    url = f"/p/{project.slug}/groups/{group.pk}/"
     client.force_login(factories.make_member(project, role="reviewer"))
     html = client.get(url).content.decode()
     assert "Synthesis failed" in html and "Retry synthesis" in html
@@ -612,7 +591,8 @@ def test_a_reviewer_retries_a_failed_group_from_its_page(
         response = client.post(url + "retry-synthesis/")
 
     assert response.status_code == 302 and response["Location"] == url
-    assert IncidentGroup.objects.get(pk=body["group_id"]).synthesis_status == "proposed"
+    group.refresh_from_db()
+    assert group.synthesis_status == "proposed"
 
 
 def test_a_viewer_cannot_retry_a_failed_group(client, project):

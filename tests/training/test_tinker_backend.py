@@ -84,6 +84,14 @@ def run_train(
     return result, reports
 
 
+def training_error(backend: TinkerBackend, config: TrainConfig | None = None) -> BackendError:
+    """The ``BackendError`` that training with ``backend`` raises (on ``make_config()`` unless
+    ``config`` is given)."""
+    with pytest.raises(BackendError) as caught:
+        run_train(backend, config if config is not None else make_config())
+    return caught.value
+
+
 def tensor(message: Any) -> np.ndarray:
     dtype = np.int64 if message.dtype == 2 else np.float32
     return np.frombuffer(message.dense, dtype=dtype)
@@ -254,53 +262,48 @@ def test_a_persistent_500_becomes_a_retryable_error_within_the_timeout(fake):
     fake.fail_next("forward_backward", status=500, times=1000)
     started = time.monotonic()
 
-    with pytest.raises(BackendError) as caught:
-        run_train(make_backend(fake, timeout=1.5), make_config())
+    error = training_error(make_backend(fake, timeout=1.5))
 
-    assert caught.value.retryable
-    assert "training step 1" in str(caught.value)
+    assert error.retryable
+    assert "training step 1" in str(error)
     assert time.monotonic() - started < 6
 
 
 def test_a_client_error_status_is_not_retryable(fake):
     fake.fail_next("create_model", status=403, message="project is read-only")
 
-    with pytest.raises(BackendError) as caught:
-        run_train(make_backend(fake), make_config())
+    error = training_error(make_backend(fake))
 
-    assert not caught.value.retryable
-    assert "403" in str(caught.value)
+    assert not error.retryable
+    assert "403" in str(error)
 
 
 def test_a_failed_future_in_the_users_fault_is_not_retryable(fake):
     fake.fail_future_next("forward_backward", error="target_tokens too long", category="user")
 
-    with pytest.raises(BackendError) as caught:
-        run_train(make_backend(fake), make_config())
+    error = training_error(make_backend(fake))
 
-    assert not caught.value.retryable
-    assert "target_tokens too long" in str(caught.value)
+    assert not error.retryable
+    assert "target_tokens too long" in str(error)
 
 
 def test_a_failed_future_in_the_services_fault_is_retryable(fake):
     fake.fail_future_next("optim_step", error="trainer lost", category="server")
 
-    with pytest.raises(BackendError) as caught:
-        run_train(make_backend(fake), make_config())
+    error = training_error(make_backend(fake))
 
-    assert caught.value.retryable
-    assert "trainer lost" in str(caught.value)
+    assert error.retryable
+    assert "trainer lost" in str(error)
 
 
 def test_resuming_from_sampler_weights_is_refused(fake):
     backend = make_backend(fake)
     result, _ = run_train(backend, make_config(total_steps=1))
 
-    with pytest.raises(BackendError) as caught:
-        run_train(backend, make_config(resume_from=result.adapter_ref, start_step=1))
+    error = training_error(backend, make_config(resume_from=result.adapter_ref, start_step=1))
 
-    assert not caught.value.retryable
-    assert "sampler weights" in str(caught.value)
+    assert not error.retryable
+    assert "sampler weights" in str(error)
 
 
 def test_a_refused_connection_becomes_a_retryable_error_quickly():
@@ -312,10 +315,9 @@ def test_a_refused_connection_becomes_a_retryable_error_quickly():
     )
     started = time.monotonic()
 
-    with pytest.raises(BackendError) as caught:
-        run_train(backend, make_config())
+    error = training_error(backend)
 
-    assert caught.value.retryable
+    assert error.retryable
     assert time.monotonic() - started < 5
 
 

@@ -37,6 +37,19 @@ class ChatSample:
     group: str | None = None
 
 
+def group_advantages(samples: Sequence[ChatSample], *, missing_reward: str) -> list[float]:
+    """The RL advantage of each sample: its reward minus the mean reward of its group (samples
+    without a group share one). Raises ``BackendError(missing_reward)`` when a sample has no
+    reward, so each backend words the refusal its own way."""
+    rewards: dict[str | None, list[float]] = {}
+    for sample in samples:
+        if sample.reward is None:
+            raise BackendError(missing_reward)
+        rewards.setdefault(sample.group, []).append(sample.reward)
+    baseline = {group: sum(values) / len(values) for group, values in rewards.items()}
+    return [float(s.reward) - baseline[s.group] for s in samples]  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     base_model: str

@@ -53,6 +53,7 @@ from training.backends.base import (
     StepReport,
     TrainConfig,
     TrainResult,
+    group_advantages,
 )
 
 if TYPE_CHECKING:
@@ -297,16 +298,6 @@ def encode_chat(
     return ids, mask
 
 
-def _advantages(samples: Sequence[ChatSample]) -> list[float]:
-    rewards: dict[str | None, list[float]] = {}
-    for sample in samples:
-        if sample.reward is None:
-            raise BackendError("the rl objective needs a reward on every sample")
-        rewards.setdefault(sample.group, []).append(sample.reward)
-    baseline = {group: sum(values) / len(values) for group, values in rewards.items()}
-    return [float(s.reward) - baseline[s.group] for s in samples]  # type: ignore[arg-type]
-
-
 def _encode_all(
     tokenizer: PreTrainedTokenizerBase,
     samples: Sequence[ChatSample],
@@ -314,7 +305,12 @@ def _encode_all(
     max_tokens: int,
     rl: bool,
 ) -> list[_Encoded]:
-    advantages = _advantages(samples) if rl else [0.0] * len(samples)
+    if rl:
+        advantages = group_advantages(
+            samples, missing_reward="the rl objective needs a reward on every sample"
+        )
+    else:
+        advantages = [0.0] * len(samples)
     encoded = []
     for sample, advantage in zip(samples, advantages, strict=True):
         ids, mask = encode_chat(tokenizer, sample.messages, max_tokens)
@@ -442,6 +438,7 @@ class LocalBackend:
 
     # -- train --
 
+    @_backend_errors()
     def train(
         self,
         *,
@@ -450,21 +447,9 @@ class LocalBackend:
         on_step: Callable[[StepReport], None],
         should_pause: Callable[[], bool],
     ) -> TrainResult:
-        with _backend_errors():
-            return self._train(
-                samples,
-                config,
-                _callback(on_step),
-                _callback(should_pause),
-            )
-
-    def _train(
-        self,
-        samples: Sequence[ChatSample],
-        config: TrainConfig,
-        on_step: Callable[[StepReport], None],
-        should_pause: Callable[[], bool],
-    ) -> TrainResult:
+        # The caller's own exceptions must reach it as they are, not as a BackendError.
+        on_step = _callback(on_step)
+        should_pause = _callback(should_pause)
         device = self._setup()
         import torch
 
@@ -627,14 +612,9 @@ class LocalBackend:
 
     # -- evaluate / sample --
 
+    @_backend_errors()
     def evaluate(
         self, *, samples: Sequence[ChatSample], config: TrainConfig, adapter_ref: str | None
-    ) -> dict[str, float]:
-        with _backend_errors():
-            return self._evaluate(samples, config, adapter_ref)
-
-    def _evaluate(
-        self, samples: Sequence[ChatSample], config: TrainConfig, adapter_ref: str | None
     ) -> dict[str, float]:
         device = self._setup()
         import torch
@@ -656,6 +636,7 @@ class LocalBackend:
                 count += int(mask.sum())
         return {"loss": total / max(count, 1), "tokens": float(count)}
 
+    @_backend_errors()
     def sample(
         self,
         *,
@@ -666,16 +647,6 @@ class LocalBackend:
     ) -> list[str]:
         if not prompts:
             return []
-        with _backend_errors():
-            return self._sample(prompts, config, adapter_ref, max_tokens)
-
-    def _sample(
-        self,
-        prompts: Sequence[list[dict[str, Any]]],
-        config: TrainConfig,
-        adapter_ref: str | None,
-        max_tokens: int,
-    ) -> list[str]:
         device = self._setup()
         model, tokenizer = load_model_and_tokenizer(
             config.base_model, adapter_dir=adapter_ref, cache_dir=self.cache_dir, device=device

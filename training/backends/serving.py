@@ -272,19 +272,8 @@ def make_server(
     return ModelServer((host, port), model=model, tokenizer=tokenizer, model_id=model_id)
 
 
-def serve(
-    base_model: str,
-    adapter_dir: str | Path | None,
-    host: str = "127.0.0.1",
-    port: int = 8100,
-    *,
-    model_id: str | None = None,
-    cache_dir: str | Path | None = None,
-) -> None:
-    """Serve until interrupted."""
-    server = make_server(
-        base_model, adapter_dir, host, port, model_id=model_id, cache_dir=cache_dir
-    )
+def serve(server: ModelServer) -> None:
+    """Serve until interrupted, then close the server."""
     logger.info("serving %s at %s", server.model_id, server.url)
     try:
         server.serve_forever()
@@ -308,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    serve(
+    server = make_server(
         args.base_model,
         args.adapter,
         args.host,
@@ -316,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
         model_id=args.model_id,
         cache_dir=args.cache_dir,
     )
+    serve(server)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from training.backends.base import (
     StepReport,
     TrainConfig,
     TrainResult,
+    group_advantages,
 )
 
 logger = logging.getLogger(__name__)
@@ -257,14 +258,7 @@ def _sampler_logprobs(messages: Sequence[Message], weights: list[float]) -> list
 
 
 def _group_advantages(samples: Sequence[ChatSample]) -> list[float]:
-    """reward - mean reward of the sample's group. Samples without a group share one group."""
-    totals: dict[str | None, list[float]] = {}
-    for sample in samples:
-        if sample.reward is None:
-            raise BackendError("Tinker: every RL sample needs a reward")
-        totals.setdefault(sample.group, []).append(sample.reward)
-    means = {group: sum(rewards) / len(rewards) for group, rewards in totals.items()}
-    return [float(s.reward) - means[s.group] for s in samples]  # type: ignore[arg-type]
+    return group_advantages(samples, missing_reward="Tinker: every RL sample needs a reward")
 
 
 def _rl_datum(

@@ -240,34 +240,40 @@ def dataset_build(
     incidents_considered = 0
     candidates: list[_Candidate] = []
 
-    def admit(messages: Any, response: Any, corrected: str) -> list[dict[str, str]] | str:
-        """The cut and redacted chat, or the reason it is dropped."""
+    def seen_by_snapshot(model: Any) -> Any:
+        """The project's rows received by the cutoff, oldest first: trajectories and incidents
+        share one timeline."""
+        return model.objects.filter(project=project, received_at__lte=now).order_by(
+            "occurred_at", "received_at", "id"
+        )
+
+    def keep(messages: Any, response: Any, corrected: str, **candidate: Any) -> None:
+        """Cut and redact the chat and keep it as a candidate, or count why it is dropped."""
         nonlocal cut
         chat = conversation_from(messages, response, corrected)
         if chat is None:
-            return "no_answer_to_learn"
+            dropped["no_answer_to_learn"] += 1
+            return
         fitted = cut_to_fit(chat, policy.max_sample_tokens)
         if fitted is None:
-            return "too_long"
+            dropped["too_long"] += 1
+            return
         if fitted is not chat:
             cut += 1
-        return [{"role": m["role"], "content": redactor.text(m["content"])} for m in fitted]
+        redacted = [{"role": m["role"], "content": redactor.text(m["content"])} for m in fitted]
+        candidates.append(_Candidate(chat=redacted, tokens=estimate_tokens(redacted), **candidate))
 
-    rows = (
-        Trajectory.objects.filter(project=project, received_at__lte=now)
-        .order_by("occurred_at", "received_at", "id")
-        .values_list(
-            "id",
-            "session_id",
-            "policy_version",
-            "messages",
-            "response",
-            "reward",
-            "outcome",
-            "corrected_answer",
-            "received_at",
-            "occurred_at",
-        )
+    rows = seen_by_snapshot(Trajectory).values_list(
+        "id",
+        "session_id",
+        "policy_version",
+        "messages",
+        "response",
+        "reward",
+        "outcome",
+        "corrected_answer",
+        "received_at",
+        "occurred_at",
     )
     for row in rows.iterator(chunk_size=chunk_size):
         tid, session, version, messages, response, reward, outcome, corrected, received, at = row
@@ -285,38 +291,29 @@ def dataset_build(
         else:
             dropped["no_positive_signal"] += 1
             continue
-        chat = admit(messages, response, corrected)
-        if isinstance(chat, str):
-            dropped[chat] += 1
-            continue
-        candidates.append(
-            _Candidate(
-                trajectory_id=str(tid),
-                session=session or f"trajectory:{tid}",
-                kind=kind,
-                chat=chat,
-                reward=(1.0 if kind == "corrected" and reward is None else reward),
-                tokens=estimate_tokens(chat),
-                received_at=received,
-                occurred_at=at,
-            )
+        keep(
+            messages,
+            response,
+            corrected,
+            trajectory_id=str(tid),
+            session=session or f"trajectory:{tid}",
+            kind=kind,
+            reward=(1.0 if kind == "corrected" and reward is None else reward),
+            received_at=received,
+            occurred_at=at,
         )
 
-    incident_rows = (
-        Incident.objects.filter(project=project, received_at__lte=now)
-        .order_by("occurred_at", "received_at", "id")
-        .values_list(
-            "id",
-            "session_id",
-            "group_id",
-            "policy_version",
-            "messages",
-            "reward",
-            "status",
-            "metadata",
-            "received_at",
-            "occurred_at",
-        )
+    incident_rows = seen_by_snapshot(Incident).values_list(
+        "id",
+        "session_id",
+        "group_id",
+        "policy_version",
+        "messages",
+        "reward",
+        "status",
+        "metadata",
+        "received_at",
+        "occurred_at",
     )
     for row in incident_rows.iterator(chunk_size=chunk_size):
         iid, session, group_id, version, messages, reward, status, metadata, received, at = row
@@ -338,22 +335,17 @@ def dataset_build(
         else:
             dropped["incident_not_corrected"] += 1
             continue
-        chat = admit(messages, None, corrected)
-        if isinstance(chat, str):
-            dropped[chat] += 1
-            continue
-        candidates.append(
-            _Candidate(
-                trajectory_id=None,
-                incident_id=str(iid),
-                session=session or f"incident-group:{group_id}",
-                kind=kind,
-                chat=chat,
-                reward=sample_reward,
-                tokens=estimate_tokens(chat),
-                received_at=received,
-                occurred_at=at,
-            )
+        keep(
+            messages,
+            None,
+            corrected,
+            trajectory_id=None,
+            incident_id=str(iid),
+            session=session or f"incident-group:{group_id}",
+            kind=kind,
+            reward=sample_reward,
+            received_at=received,
+            occurred_at=at,
         )
     # One timeline, so the token budget below keeps the newest of both.
     candidates.sort(key=lambda c: (c.occurred_at or c.received_at, c.received_at))
