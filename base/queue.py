@@ -13,6 +13,7 @@ again later.
 from __future__ import annotations
 
 import logging
+import threading
 
 from celery import current_app
 from django.db import transaction
@@ -20,13 +21,19 @@ from django.db import transaction
 logger = logging.getLogger(__name__)
 
 
+_discovery = threading.Lock()
+
+
 def _task(task_name: str):
     try:
         return current_app.tasks[task_name]
     except KeyError:
         # Outside a worker nothing has imported the apps' tasks modules yet: Celery's
-        # autodiscovery runs on this signal, which only a worker's boot sends by itself.
-        current_app.loader.import_default_modules()
+        # autodiscovery runs on this signal, which only a worker's boot sends by itself (the
+        # web processes send it at boot too). One thread at a time: Celery's autodiscovery
+        # returns at once, having found nothing, to a second thread that calls it meanwhile.
+        with _discovery:
+            current_app.loader.import_default_modules()
         return current_app.tasks[task_name]
 
 
