@@ -13,6 +13,20 @@ from base.models import Project
 from base.requests import SiteRequest
 
 
+class SyncAndAsyncMiddleware:
+    """A middleware Django may run either way: under ASGI the whole stack then stays on the event
+    loop (a sync-only one costs every request a hop to a thread and back). ``__call__`` returns
+    the next middleware's answer, a coroutine when ``get_response`` is one."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+
+
 class StaticFilesMiddleware(WhiteNoiseMiddleware):
     """WhiteNoise, usable on Django's async path too. WhiteNoise's own middleware is sync-only,
     so under ASGI Django would hop to a thread and back for it on every request; here a request
@@ -41,18 +55,10 @@ class StaticFilesMiddleware(WhiteNoiseMiddleware):
         return await self.get_response(request)
 
 
-class ApiBodyLimitMiddleware:
+class ApiBodyLimitMiddleware(SyncAndAsyncMiddleware):
     """Answer 413 with a JSON body before reading an over-large API request, and 400 for a
     query string PostgreSQL cannot take. Sync and async, so that under ASGI Django runs the
     whole stack on the event loop instead of a thread per request."""
-
-    sync_capable = True
-    async_capable = True
-
-    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
-        self.get_response = get_response
-        if iscoroutinefunction(get_response):
-            markcoroutinefunction(self)
 
     def __call__(self, request: HttpRequest) -> Any:
         if iscoroutinefunction(self):
@@ -114,18 +120,10 @@ def too_large_body(length: int, limit: int) -> dict:
     }
 
 
-class CurrentProjectMiddleware:
+class CurrentProjectMiddleware(SyncAndAsyncMiddleware):
     """Remember the project a signed-in person is looking at (the project switcher)."""
 
     SESSION_KEY = "current_project_slug"
-
-    sync_capable = True
-    async_capable = True
-
-    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
-        self.get_response = get_response
-        if iscoroutinefunction(get_response):
-            markcoroutinefunction(self)
 
     def __call__(self, request: HttpRequest) -> Any:
         self._remember(request)
