@@ -1,14 +1,18 @@
 """The ASGI fast lane: the agent-facing hot paths served without Django's middleware stack.
 
-Django runs sync middleware (and a sync view) on a thread per request, which costs more than
-everything the proxy, the runtime API or ingestion do for a request. ``fast_lane`` wraps the
-Django ASGI app: the requests of its route table go to their handler, everything else to Django.
-The composition root (``metaclaw_site/asgi.py``) builds the table from the apps' ``ROUTES``.
+Django's stack, even on its async path (every middleware here can run there), costs the proxy,
+the runtime API and ingestion two to six times what they cost on this lane
+(``benchmarks/runtime.py --door both``, ``benchmarks/ingest.py --door both``). ``fast_lane``
+wraps the Django ASGI app: the requests of its route table go to their handler, everything else
+to Django. The composition root (``metaclaw_site/asgi.py``) builds the table from the apps'
+``ROUTES``.
 
 A handler takes ``headers`` (lower-case names), ``query`` and ``body`` and answers a
 ``FastResponse``; it is served by the same services as the Django door. The router does what
-Django's stack would have done first (``ALLOWED_HOSTS``, the body limits, refusing a missing or
-unknown key before reading the body), in the shape of the route's ``Door``: the API's by default.
+Django's stack would have done first, with Django's own code where Django has it (the host check
+of ``HttpRequest.get_host``, ``SecurityMiddleware``'s HTTPS redirect and headers), then the body
+limits and the refusal of a missing or unknown key before reading the body, in the shape of the
+route's ``Door``: the API's by default.
 API handlers authenticate with ``api_admit``, read the body with ``api_body`` and answer with
 ``api_answer`` / ``api_error`` / ``api_invalid`` / ``api_domain_error``: the same status codes and
 bodies as the NinjaAPI's handlers in ``metaclaw_site/api.py``. Services run on a worker thread
@@ -17,6 +21,7 @@ bodies as the NinjaAPI's handlers in ``metaclaw_site/api.py``. Services run on a
 from __future__ import annotations
 
 import functools
+import io
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -24,8 +29,13 @@ from typing import Any, NamedTuple
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.core.exceptions import DisallowedHost
+from django.core.handlers.asgi import ASGIRequest
+from django.core.signals import setting_changed
 from django.db import close_old_connections
-from django.http.request import split_domain_port, validate_host
+from django.dispatch import receiver
+from django.http import HttpRequest, HttpResponse
+from django.middleware.security import SecurityMiddleware
 from pydantic import BaseModel, create_model
 from pydantic import ValidationError as PydanticValidationError
 
@@ -141,61 +151,62 @@ async def authenticate(headers: dict[str, str]) -> Any:
     return api_key
 
 
-def _host_allowed(scope: dict, headers: dict[str, str]) -> bool:
-    """Django's ``ALLOWED_HOSTS`` check (``HttpRequest.get_host``), which the fast lane skips."""
-    if settings.USE_X_FORWARDED_HOST and "x-forwarded-host" in headers:
-        host = headers["x-forwarded-host"]
-    elif "host" in headers:
-        host = headers["host"]
-    else:
-        server = scope.get("server") or ("", None)
-        host = f"{server[0]}:{server[1]}" if server[1] not in (None, 80, 443) else str(server[0])
-    allowed = settings.ALLOWED_HOSTS
-    if settings.DEBUG and not allowed:
-        allowed = [".localhost", "127.0.0.1", "[::1]"]
-    domain, _ = split_domain_port(host)
-    return bool(domain) and validate_host(domain, allowed)
+def _django_request(scope: dict) -> ASGIRequest:
+    """The request as Django's own checks see it (headers only: the body is not read)."""
+    return ASGIRequest(scope, io.BytesIO())
 
 
-def _is_secure(scope: dict, headers: dict[str, str]) -> bool:
-    """``HttpRequest.is_secure``: the ASGI scheme, or the proxy's header when
-    SECURE_PROXY_SSL_HEADER names one."""
-    proxy_header = settings.SECURE_PROXY_SSL_HEADER
-    if proxy_header:
-        name, value = proxy_header
-        name = name.removeprefix("HTTP_").replace("_", "-").lower()
-        if name in headers:
-            return headers[name].split(",", 1)[0].strip() == value
-    return scope.get("scheme") == "https"
+@functools.cache
+def _security() -> SecurityMiddleware:
+    """Django's SecurityMiddleware, made once: it reads its settings when it is made, so a
+    settings change (a test's) makes a new one (``_forget_security``)."""
+    return SecurityMiddleware(_never_called)
 
 
-def _security_headers(scope: dict, headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
-    """The headers SecurityMiddleware adds to every answer it lets through."""
-    out: list[tuple[bytes, bytes]] = []
-    if settings.SECURE_CONTENT_TYPE_NOSNIFF:
-        out.append((b"x-content-type-options", b"nosniff"))
-    if settings.SECURE_HSTS_SECONDS and _is_secure(scope, headers):
-        value = f"max-age={settings.SECURE_HSTS_SECONDS}"
-        if settings.SECURE_HSTS_INCLUDE_SUBDOMAINS:
-            value += "; includeSubDomains"
-        if settings.SECURE_HSTS_PRELOAD:
-            value += "; preload"
-        out.append((b"strict-transport-security", value.encode()))
-    return out
+def _never_called(request: HttpRequest) -> HttpResponse:
+    raise AssertionError("the fast lane calls SecurityMiddleware's hooks, never through it")
 
 
-async def _refuse_early(door: Door, scope: dict, headers: dict[str, str]) -> FastResponse | None:
+# What SecurityMiddleware adds to an answer depends on the settings and on whether the request
+# came over HTTPS only: computed by Django's code once for each.
+_security_headers_by_scheme: dict[bool, list[tuple[bytes, bytes]]] = {}
+
+
+def _security_headers(request: HttpRequest) -> list[tuple[bytes, bytes]]:
+    """The headers Django's SecurityMiddleware adds to every answer it lets through (HSTS,
+    nosniff, Referrer-Policy, Cross-Origin-Opener-Policy)."""
+    secure = request.is_secure()
+    headers = _security_headers_by_scheme.get(secure)
+    if headers is None:
+        added = _security().process_response(request, HttpResponse(content_type=""))
+        headers = [
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in added.items()
+            if name.lower() != "content-type"
+        ]
+        _security_headers_by_scheme[secure] = headers
+    return headers
+
+
+@receiver(setting_changed)
+def _forget_security(**kwargs: Any) -> None:
+    _security.cache_clear()
+    _security_headers_by_scheme.clear()
+
+
+async def _refuse_early(
+    door: Door, scope: dict, headers: dict[str, str], request: HttpRequest
+) -> FastResponse | None:
     """Refuse what can be refused from the headers alone, before reading any body: a host
     not in ALLOWED_HOSTS, a declared body over the limit, a missing or unknown key."""
     path = scope["path"]
-    if not _host_allowed(scope, headers):
+    try:
+        request.get_host()  # Django's ALLOWED_HOSTS check
+    except DisallowedHost:
         return door.refusal(400, "Invalid Host header.", "bad_request")
-    if settings.SECURE_SSL_REDIRECT and not _is_secure(scope, headers):
-        # What SecurityMiddleware answers on every other path.
-        host = settings.SECURE_SSL_HOST or headers.get("host", "")
-        query = scope.get("query_string", b"").decode("latin-1")
-        location = f"https://{host}{path}" + (f"?{query}" if query else "")
-        return FastResponse(301, [("location", location)], b"")
+    redirect = _security().process_request(request)  # SECURE_SSL_REDIRECT
+    if redirect is not None:
+        return FastResponse(redirect.status_code, [("location", redirect["Location"])], b"")
     declared = headers.get("content-length", "")
     if declared.strip().isdigit() and int(declared) > door.body_limit(path):
         return door.too_large(path, int(declared))
@@ -210,8 +221,9 @@ async def _serve(route: Route, scope: dict, receive: Callable, send: Callable) -
     parts: list[bytes] = []
     size = 0
     more = True
+    request = _django_request(scope)
     try:
-        result = await _refuse_early(door, scope, headers)
+        result = await _refuse_early(door, scope, headers, request)
     except Exception:  # noqa: BLE001 - a 500 that says where, never a dropped connection
         logger.exception("Runtime request %s failed.", scope["path"])
         result = door.internal_error()
@@ -238,7 +250,7 @@ async def _serve(route: Route, scope: dict, receive: Callable, send: Callable) -
             logger.exception("Runtime request %s failed.", scope["path"])
             result = door.internal_error()
     raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in result.headers]
-    raw_headers.extend(_security_headers(scope, headers))
+    raw_headers.extend(_security_headers(request))
     if result.stream is None:
         raw_headers.append((b"content-length", str(len(result.body)).encode()))
         await send({"type": "http.response.start", "status": result.status, "headers": raw_headers})

@@ -246,9 +246,24 @@ def test_the_fast_lane_applies_the_security_middlewares_rules(api, ingest_key, s
     status, headers, _, _ = fast(
         "/api/v1/incidents", payload, key=ingest_key, headers={"x-forwarded-proto": "https"}
     )
-    assert status == 202
+    django = api.client.post(
+        "/api/v1/incidents",
+        json.dumps(factories.incident_payload("tls-django")),
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {ingest_key}",
+        HTTP_X_FORWARDED_PROTO="https",
+    )
+    assert (status, django.status_code) == (202, 202)
     assert headers["x-content-type-options"] == "nosniff"
     assert headers["strict-transport-security"] == "max-age=3600"
+    # Every header Django's SecurityMiddleware adds, as Django's door adds it.
+    for name in (
+        "x-content-type-options",
+        "strict-transport-security",
+        "referrer-policy",
+        "cross-origin-opener-policy",
+    ):
+        assert headers[name] == django[name], name
 
 
 def test_a_body_over_djangos_upload_ceiling_is_refused_on_both_doors(api, ingest_key, settings):
