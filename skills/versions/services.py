@@ -1,7 +1,11 @@
 """Reviews and versions' writes: every decision that changes what agents run with. Approving
 or rejecting a revision, a reviewer's edit, candidate versions (from the slow loop), promotion,
 rejection and rollback, and a new project's first version. The dashboard, the API, approval
-links and Celery tasks all call these."""
+links and Celery tasks all call these.
+
+One module on purpose (a little past 500 lines): every decision takes the same locks in the same
+order (the project, then the version or revision) and ends the same way (status, audit event,
+announcement after commit); split, that lock order would live in several places."""
 
 from __future__ import annotations
 

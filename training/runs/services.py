@@ -3,7 +3,9 @@
 Run states: queued → preparing → training ⇄ paused → evaluating → succeeded | failed | cancelled.
 Each transition is its own function that locks the run (or claims it with a conditional update),
 checks the starting state and writes an audit event. Views, the API and Celery tasks only call
-these."""
+these. One module on purpose (a little past 500 lines): the transitions share one locking and
+logging helper, and read as the run's state machine top to bottom; the worker's side of a run
+is ``execute``."""
 
 from __future__ import annotations
 
