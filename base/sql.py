@@ -1,5 +1,6 @@
-"""Pieces of the few statements written out in SQL (where the ORM's compiling cost more CPU
-than PostgreSQL's run; each such place says so)."""
+"""Pieces of the few statements still written out in SQL; each such place says why the ORM will
+not do. The ingestion hot path's (``incidents.ingest_sql``) are measured against an ORM version
+of the same ingest by ``benchmarks/ingest_orm.py``."""
 
 from __future__ import annotations
 

@@ -197,3 +197,23 @@ async def run_load(
     await asyncio.gather(*(worker(n) for n in range(concurrency)))
     result.elapsed = time.perf_counter() - measure_from
     return result
+
+
+def backend_cpu_clock(connection) -> Callable[[], float]:
+    """A clock of the CPU seconds (user + system) that the PostgreSQL backend serving Django's
+    ``connection`` has used, read from ``/proc``: the server runs on this machine."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (backend,) = cursor.fetchone()
+
+    def clock() -> float:
+        with open(f"/proc/{backend}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    return clock
+
+
+def median_spread(values: list[float]) -> tuple[float, float, float]:
+    """``(median, min, max)`` of several runs' figures."""
+    return statistics.median(values), min(values), max(values)

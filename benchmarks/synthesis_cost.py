@@ -12,12 +12,11 @@ a process of its own (its CPU is not counted), with the same answers as ``fast_l
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
 import time
 from collections import Counter
 
-from _harness import bench_env, django_setup, ensure_database
+from _harness import backend_cpu_clock, bench_env, django_setup, ensure_database
 from fast_loop import _payload, start_llm
 
 
@@ -55,14 +54,7 @@ def main() -> None:
     for group_id in group_ids[:3]:  # warm-up: imports, the SDK's client, connections
         group_synthesize(group_id=group_id)
 
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_backend_pid()")
-        (backend,) = cursor.fetchone()
-
-    def backend_cpu() -> float:
-        fields = open(f"/proc/{backend}/stat").read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
+    backend_cpu = backend_cpu_clock(connection)
     pg_started, cpu_started, started = backend_cpu(), time.process_time(), time.perf_counter()
     outcomes = [group_synthesize(group_id=group_id) for group_id in group_ids[3:]]
     wall = time.perf_counter() - started
