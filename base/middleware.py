@@ -101,12 +101,19 @@ class ApiBodyLimitMiddleware(SyncAndAsyncMiddleware):
         return None
 
 
+SKILL_IMPORT_PATH_END = "/skills/import"
+
+
 def api_body_limit(path: str) -> int | None:
     """The largest request body accepted on ``path`` (None: not an API path). The ASGI fast
     lane applies the same limits."""
     conf = settings.METACLAW
     if path.startswith("/api/") and path.endswith("/batch"):
         return conf["BATCH_MAX_BODY_BYTES"]
+    if path.startswith("/api/") and path.endswith(SKILL_IMPORT_PATH_END):
+        # A skill library's zip (a whole repository: scripts, fonts, PDFs beside the SKILL.md
+        # files); the import reads it as a stream, past DATA_UPLOAD_MAX_MEMORY_SIZE.
+        return conf["SKILL_IMPORT_MAX_BYTES"]
     if path.startswith("/api/"):
         return conf["INGEST_MAX_BODY_BYTES"]
     return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.utils import timezone
 
@@ -26,6 +27,19 @@ class Project(models.Model):
     llm_daily_token_budget = models.PositiveIntegerField(
         default=0, help_text="Tokens in + out per day for skill synthesis; 0 = unlimited."
     )
+    # Grouping
+    group_merge_threshold = models.FloatField(
+        default=0.0,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="Cosine similarity at which a new group joins an open group of the same "
+        "failure mode; 0 = the site default.",
+    )
+    incidental_tools = models.TextField(
+        blank=True,
+        default="",
+        help_text="Tool names (one a line, * as a wildcard) that never decide a failure's group, "
+        "beside the built-in ones (hand-offs to a person, calculators, thinking).",
+    )
     # Integrations (secrets are write-only in the UI)
     slack_webhook_url = models.URLField(blank=True, default="")
     slack_signing_secret = models.CharField(max_length=200, blank=True, default="")
@@ -34,7 +48,8 @@ class Project(models.Model):
     notify_emails = models.TextField(blank=True, default="", help_text="One address a line.")
     # Runtime
     upstream_base_url = models.URLField(blank=True, default="")
-    upstream_api_key = models.CharField(max_length=500, blank=True, default="")
+    # Encrypted at rest (base.crypto); read it with base.selectors.project_upstream_api_key.
+    upstream_api_key = models.CharField(max_length=1000, blank=True, default="")
     upstream_model_map = models.JSONField(default=dict, blank=True)
 
     class Meta:
@@ -108,6 +123,15 @@ class ApiKey(models.Model):
 
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes
+
+    @property
+    def owner_id(self) -> int | None:
+        """The person the key acts for: whoever made it in the dashboard (``created_by``), so a
+        decision made with it counts as theirs (``base.permissions.person_id``). A key made by a
+        command (``create_api_key``) has none and counts as no one. The owner is the creator on
+        purpose: were it assignable, one admin could mint a key "owned" by a colleague and be
+        two reviewers alone."""
+        return self.created_by_id
 
 
 class AuditEvent(models.Model):

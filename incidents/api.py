@@ -22,13 +22,17 @@ from incidents import ingest, selectors, services
 from incidents.schemas import (
     BatchIn,
     BatchOut,
+    GroupFingerprintOut,
+    GroupMergeIn,
     GroupOut,
     GroupPage,
+    GroupSplitIn,
     GroupStatusIn,
     IncidentAccepted,
     IncidentIn,
     IncidentOut,
     IncidentPage,
+    RelatedGroupOut,
     TrajectoryIn,
 )
 
@@ -41,7 +45,20 @@ router = Router(tags=["incidents"])
 def incident_answer(*, project: Project, payload: IncidentIn, actor: str) -> tuple[int, dict]:
     """Store one incident: the status and body of ``POST /incidents``."""
     (result,) = ingest.incidents_ingest(project=project, items=[payload], actor_label=actor)
-    return _status_of(result), _result_fields(result)
+    return _status_of(result), {**_result_fields(result), "warnings": _warnings(payload)}
+
+
+def _warnings(item: IncidentIn | TrajectoryIn) -> list[dict]:
+    """What the client should know about how its input was stored: each unknown top-level
+    field kept in metadata (never dropped silently)."""
+    return [
+        {
+            "field": name,
+            "message": f"Not a known field: kept in metadata under '{name}'.",
+            "type": "moved_to_metadata",
+        }
+        for name in item.moved_to_metadata
+    ]
 
 
 def _status_of(result: ingest.IngestResult) -> int:
@@ -75,6 +92,7 @@ def incident_batch_answer(*, project: Project, items: list[Any], actor: str) -> 
         {"index": index, **_result_fields(result), "status": _status_of(result)}
         for (index, _), result in zip(valid, stored, strict=True)
     ]
+    _add_warnings(results, valid)
     return _batch_body(results, invalid)
 
 
@@ -97,7 +115,15 @@ def trajectory_batch_answer(*, project: Project, items: list[Any]) -> dict:
         }
         for (index, item), (trajectory_id, duplicate) in zip(valid, stored, strict=True)
     ]
+    _add_warnings(results, valid)
     return _batch_body(results, invalid)
+
+
+def _add_warnings(results: list[dict], valid: list[tuple[int, Any]]) -> None:
+    # Only on the items that have some: a clean 1,000-item batch answers as before.
+    for result, (_, item) in zip(results, valid, strict=True):
+        if item.moved_to_metadata:
+            result["warnings"] = _warnings(item)
 
 
 @router.post(
@@ -108,7 +134,8 @@ def trajectory_batch_answer(*, project: Project, items: list[Any]) -> dict:
 )
 def post_incident(request: ApiRequest, payload: IncidentIn):
     """Store one incident and group it. 202 when stored now; 200 with the stored incident when
-    this client id was seen before (nothing is stored twice)."""
+    this client id was seen before (nothing is stored twice). `warnings` names each field the
+    schema does not know, kept in metadata."""
     return Status(
         *incident_answer(
             project=request.project, payload=payload, actor=api_key_label(request.api_key)
@@ -257,3 +284,53 @@ def set_group_status(request: ApiRequest, group_id: int, payload: GroupStatusIn)
     return services.group_set_status(
         group=group, status=payload.status, actor=None, actor_label=api_key_label(request.api_key)
     )
+
+
+@router.post("/groups/{group_id}/merge", auth=admin_auth, response=GroupOut)
+def merge_groups(request: ApiRequest, group_id: int, payload: GroupMergeIn):
+    """Merge the named groups into this one (Sentry's merge): their incidents, the incidents
+    that arrive later with their fingerprints, and their proposals follow it. Audited."""
+    group = selectors.group_for_project(request.project, group_id)
+    return services.groups_merge(
+        project=request.project,
+        target_id=group.pk,
+        source_ids=payload.group_ids,
+        actor=None,
+        actor_label=api_key_label(request.api_key),
+    )
+
+
+@router.post("/groups/{group_id}/split", auth=admin_auth, response=list[GroupOut])
+def split_group(request: ApiRequest, group_id: int, payload: GroupSplitIn):
+    """Split incidents off by fingerprint (Sentry's unmerge); returns the groups split off."""
+    group = selectors.group_for_project(request.project, group_id)
+    return services.group_split(
+        project=request.project,
+        group_id=group.pk,
+        fingerprints=payload.fingerprints,
+        actor=None,
+        actor_label=api_key_label(request.api_key),
+    )
+
+
+@router.get("/groups/{group_id}/fingerprints", auth=read_auth, response=list[GroupFingerprintOut])
+def group_fingerprints(request: ApiRequest, group_id: int):
+    """The wordings grouped here: the group's own fingerprint and those merged into it."""
+    return selectors.group_fingerprints(selectors.group_for_project(request.project, group_id))
+
+
+@router.get("/groups/{group_id}/related", auth=read_auth, response=list[RelatedGroupOut])
+def related_groups(request: ApiRequest, group_id: int):
+    """Groups that look like the same problem in other words, each with why."""
+    group = selectors.group_for_project(request.project, group_id)
+    return [
+        {
+            "id": item.group.pk,
+            "title": item.group.title,
+            "kind": item.group.kind,
+            "tool_name": item.group.tool_name,
+            "event_count": item.group.event_count,
+            "reason": item.reason,
+        }
+        for item in selectors.related_groups(group)
+    ]

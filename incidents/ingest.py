@@ -18,7 +18,7 @@ from base.models import Project
 from base.sanitize import clean_json, clean_json_text, clean_text
 from base.services import audit_record
 from incidents import signals
-from incidents.fingerprint import fingerprint, tool_from_messages
+from incidents.fingerprint import decisive_tool, fingerprint, incidental_patterns
 from incidents.ingest_sql import (
     NewIncident,
     copy_rows,
@@ -59,19 +59,25 @@ _MESSAGES = TypeAdapter(list[ChatMessage])
 
 
 def _build_incident(project: Project, item: IncidentIn, now: datetime) -> NewIncident:
+    # Each message with the keys it was sent with, explicit nulls included (ChatMessage).
     messages_json, messages = clean_json_text(
-        _MESSAGES.dump_python(item.messages, exclude_none=True)
+        _MESSAGES.dump_python(item.messages, exclude_unset=True)
     )
     error_type = clean_text(item.error.type.strip())
     error_message = clean_text(item.error.message)
     tool = clean_text(
-        item.error.tool if item.error.tool is not None else tool_from_messages(messages)
+        item.error.tool
+        if item.error.tool is not None
+        else decisive_tool(messages, incidental_patterns(project.incidental_tools))
     )
     agent = clean_text(item.agent.name.strip())
-    fp, normalized = fingerprint(
-        agent=agent, kind=item.kind, error_type=error_type, message=error_message, tool=tool
-    )
     feedback = item.feedback
+    # A failure reported without an error message (a user's complaint, an evaluator's verdict)
+    # is grouped by what was said about it.
+    what_failed = error_message or (clean_text(feedback.text) if feedback else "")
+    fp, normalized = fingerprint(
+        agent=agent, kind=item.kind, error_type=error_type, message=what_failed, tool=tool
+    )
     return NewIncident(
         id=uuid.uuid4(),
         project_id=project.pk,
@@ -88,7 +94,11 @@ def _build_incident(project: Project, item: IncidentIn, now: datetime) -> NewInc
         tools=clean_json_text(item.tools)[0],
         feedback_text=clean_text(feedback.text) if feedback else "",
         feedback_score=feedback.score if feedback else None,
-        reward=feedback.reward if feedback else None,
+        # IncidentIn refuses a top-level reward that differs from feedback.reward.
+        reward=item.reward if item.reward is not None else feedback.reward if feedback else None,
+        task=clean_text(item.task),
+        outcome=clean_text(item.outcome),
+        expected_outcome=clean_text(item.expected_outcome),
         metadata=clean_json_text(item.metadata)[0],
         session_id=clean_text(item.session_id),
         fingerprint=fp,
@@ -219,7 +229,7 @@ def trajectories_ingest(
             agent_name=clean_text(item.agent.name) if item.agent else "",
             policy_version=item.policy_version,
             model=clean_text(item.model),
-            messages=clean_json([m.model_dump(exclude_none=True) for m in item.messages]),
+            messages=clean_json(_MESSAGES.dump_python(item.messages, exclude_unset=True)),
             tools=clean_json(item.tools),
             reward=item.reward,
             outcome=item.outcome,

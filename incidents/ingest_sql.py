@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,6 +67,9 @@ class NewIncident:
     received_at: datetime
     group_id: int | None = None
     status: str = IncidentStatus.NEW.value
+    task: str = ""
+    outcome: str = ""
+    expected_outcome: str = ""
 
 
 _SEVERITY_SQL = (
@@ -108,6 +112,20 @@ def _sqlite_value(value: Any) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=64)
+def _column_sql(
+    model: type[models.Model], columns: tuple[str, ...], vendor: str
+) -> tuple[str, list[str], str]:
+    """The column list, the JSON columns and the typed record definition of an insert, made
+    once per model and columns: building the column types cost a good part of a single
+    ingest's Python CPU (``benchmarks/ingest_orm.py``)."""
+    fields = {f.column: f for f in model._meta.concrete_fields}
+    quote = connection.ops.quote_name
+    json_columns = [c for c in columns if fields[c].get_internal_type() == "JSONField"]
+    types = ", ".join(f"{quote(c)} {fields[c].db_type(connection)}" for c in columns)
+    return ", ".join(quote(c) for c in columns), json_columns, types
+
+
 def _insert_rows(
     model: type[models.Model], rows: list[dict[str, Any]], *, order_by: str, tail: str
 ) -> list:
@@ -120,16 +138,13 @@ def _insert_rows(
     client-side binding then has one placeholder to find and one string to quote, where a
     multi-row VALUES list cost it more CPU than the rest of the ingest. SQLite gets that
     VALUES list, in chunks."""
-    fields = {f.column: f for f in model._meta.concrete_fields}
     columns = list(rows[0])
-    json_columns = [c for c in columns if fields[c].get_internal_type() == "JSONField"]
     table = model._meta.db_table
+    column_list, json_columns, types = _column_sql(model, tuple(columns), connection.vendor)
     quote = connection.ops.quote_name
-    column_list = ", ".join(quote(c) for c in columns)
     if connection.vendor == "postgresql":
         if json_columns:
             rows = [{**row, **{c: orjson.Fragment(row[c]) for c in json_columns}} for row in rows]
-        types = ", ".join(f"{quote(c)} {fields[c].db_type(connection)}" for c in columns)
         sql = (
             f"INSERT INTO {table} ({column_list}) SELECT {column_list} "
             f"FROM json_to_recordset(%s::json) AS r({types}) ORDER BY {quote(order_by)} {tail}"
@@ -186,7 +201,7 @@ def upsert_groups(project: Project, incidents: list[NewIncident], now: datetime)
                 "fingerprint": fp,
                 "fingerprint_version": FINGERPRINT_VERSION,
                 "title": incident_title(
-                    inc.error_type, inc.error_message, inc.kind, inc.agent_name
+                    inc.error_type, inc.error_message or inc.feedback_text, inc.kind, inc.agent_name
                 ),
                 "agent_name": inc.agent_name,
                 "kind": inc.kind,
@@ -208,6 +223,9 @@ def upsert_groups(project: Project, incidents: list[NewIncident], now: datetime)
             }
         )
     old = IncidentGroup._meta.db_table
+    # A group merged into another keeps its row as an alias: its status and fast-loop state no
+    # longer move; what arrives for it is counted on the group it was merged into.
+    live = f"{old}.merged_into_id IS NULL"
     returned = _insert_rows(
         IncidentGroup,
         rows,
@@ -222,20 +240,26 @@ def upsert_groups(project: Project, incidents: list[NewIncident], now: datetime)
             severity = CASE WHEN {_SEVERITY_SQL.format(col="EXCLUDED.severity")}
                 > {_SEVERITY_SQL.format(col=f"{old}.severity")}
                 THEN EXCLUDED.severity ELSE {old}.severity END,
-            regressed_at = CASE WHEN {old}.status = 'resolved'
+            regressed_at = CASE WHEN {old}.status = 'resolved' AND {live}
                 THEN EXCLUDED.created_at ELSE {old}.regressed_at END,
-            status_changed_at = CASE WHEN {old}.status = 'resolved'
+            status_changed_at = CASE WHEN {old}.status = 'resolved' AND {live}
                 THEN EXCLUDED.created_at ELSE {old}.status_changed_at END,
-            status = CASE WHEN {old}.status = 'resolved' THEN 'regressed' ELSE {old}.status END,
-            synthesis_requested_at = CASE WHEN {old}.synthesis_status = 'none'
+            status = CASE WHEN {old}.status = 'resolved' AND {live}
+                THEN 'regressed' ELSE {old}.status END,
+            synthesis_requested_at = CASE WHEN {old}.synthesis_status = 'none' AND {live}
                 THEN EXCLUDED.created_at ELSE {old}.synthesis_requested_at END,
-            synthesis_status = CASE WHEN {old}.synthesis_status = 'none'
+            synthesis_status = CASE WHEN {old}.synthesis_status = 'none' AND {live}
                 THEN 'waiting' ELSE {old}.synthesis_status END
-        RETURNING id, fingerprint, regressed_at, synthesis_requested_at, created_at
+        RETURNING id, fingerprint, regressed_at, synthesis_requested_at, created_at,
+            merged_into_id
         """,
     )
     result: dict[str, dict] = {}
-    for group_id, fp, regressed_at, requested_at, created_at in returned:
+    merged: dict[str, int] = {}
+    for group_id, fp, regressed_at, requested_at, created_at, merged_into in returned:
+        if merged_into is not None:
+            merged[fp] = merged_into
+            continue
         result[fp] = {
             "id": group_id,
             "regressed": _is_instant(regressed_at, now),
@@ -243,6 +267,48 @@ def upsert_groups(project: Project, incidents: list[NewIncident], now: datetime)
             "awaits_synthesis": _is_instant(requested_at, now),
             "count": aggregates[fp]["count"],
         }
+    if merged:
+        result.update(_count_on_merged_groups(merged, aggregates, now))
+    return result
+
+
+def _count_on_merged_groups(
+    merged: dict[str, int], aggregates: dict[str, dict[str, Any]], now: datetime
+) -> dict[str, dict]:
+    """Incidents that arrived with the fingerprint of a merged group go to the group it was
+    merged into, as in Sentry. Rare (only merged fingerprints take this path), so the ORM."""
+    result: dict[str, dict] = {}
+    roots = {
+        group.pk: group
+        for group in IncidentGroup.objects.select_for_update()
+        .filter(pk__in=sorted(set(merged.values())))
+        .order_by("pk")
+    }
+    for fp, root_id in sorted(merged.items()):
+        root, agg = roots[root_id], aggregates[fp]
+        root.event_count += agg["count"]
+        root.first_seen = min(root.first_seen, agg["first"])
+        root.last_seen = max(root.last_seen, agg["last"])
+        if SEVERITY_RANK[agg["severity"]] > SEVERITY_RANK[root.severity]:
+            root.severity = agg["severity"]
+        regressed = root.status == GroupStatus.RESOLVED
+        if regressed:
+            root.status = GroupStatus.REGRESSED
+            root.regressed_at = root.status_changed_at = now
+        awaits = root.synthesis_status == SynthesisStatus.NONE
+        if awaits:
+            root.synthesis_status = SynthesisStatus.WAITING
+            root.synthesis_requested_at = now
+        previous = result.get(fp)
+        result[fp] = {
+            "id": root.pk,
+            "regressed": regressed or bool(previous and previous["regressed"]),
+            "created": False,
+            "awaits_synthesis": awaits or bool(previous and previous["awaits_synthesis"]),
+            "count": agg["count"],
+        }
+    for root in roots.values():
+        root.save()
     return result
 
 

@@ -16,6 +16,11 @@ class IncidentKind(models.TextChoices):
     USER_COMPLAINT = "user_complaint", "User complaint"
     TIMEOUT = "timeout", "Timeout"
     GUARDRAIL = "guardrail", "Guardrail"
+    # Outcome-judged failures (benchmarks, evaluators, reviewers): the run ended in the wrong
+    # state, broke a rule of its policy, or stopped without finishing.
+    WRONG_STATE = "wrong_state", "Wrong final state"
+    POLICY_VIOLATION = "policy_violation", "Policy violation"
+    GAVE_UP = "gave_up", "Gave up"
     OTHER = "other", "Other"
 
 
@@ -82,6 +87,12 @@ class IncidentGroup(models.Model):
     events_at_synthesis = models.PositiveIntegerField(default=0)
     # Groups whose failures are the same problem in other words (linked by similarity).
     related_groups = models.ManyToManyField("self", blank=True, symmetrical=True)
+    # Merged, as in Sentry: this group's incidents moved to ``merged_into`` and the incidents
+    # that still arrive with its fingerprint go there too. The row stays as the alias.
+    merged_into = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="merged_groups"
+    )
+    merged_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -130,6 +141,11 @@ class Incident(models.Model):
     feedback_text = models.TextField(blank=True, default="")
     feedback_score = models.FloatField(null=True, blank=True)
     reward = models.FloatField(null=True, blank=True)
+    # What the agent was asked to do, how the run ended (a final state, an answer), and what
+    # should have happened when the reporter knows it (an evaluator's expected state).
+    task = models.TextField(blank=True, default="")
+    outcome = models.TextField(blank=True, default="")
+    expected_outcome = models.TextField(blank=True, default="")
     metadata = models.JSONField(default=dict, blank=True)
     session_id = models.CharField(max_length=200, blank=True, default="")
     fingerprint = models.CharField(max_length=64)

@@ -3,17 +3,178 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from uuid import UUID
 
 from ninja import Schema
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from base.sanitize import clean_json_text
+
+# IncidentKind's values (tests/incidents/test_intake_shapes.py checks that they agree).
 KindLiteral = Literal[
-    "tool_error", "wrong_answer", "user_complaint", "timeout", "guardrail", "other"
+    "tool_error",
+    "wrong_answer",
+    "user_complaint",
+    "timeout",
+    "guardrail",
+    "wrong_state",
+    "policy_violation",
+    "gave_up",
+    "other",
 ]
 SeverityLiteral = Literal["low", "medium", "high", "critical"]
 RoleLiteral = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+# What agents, evaluators and benchmarks call the kinds (compared lower-cased, with "-" and
+# spaces read as "_").
+KIND_ALIASES: dict[str, str] = {
+    "exception": "tool_error",
+    "tool_failure": "tool_error",
+    "tool_exception": "tool_error",
+    "incorrect": "wrong_answer",
+    "incorrect_answer": "wrong_answer",
+    "wrong_output": "wrong_answer",
+    "wrong_final_state": "wrong_state",
+    "final_state": "wrong_state",
+    "final_state_mismatch": "wrong_state",
+    "state_mismatch": "wrong_state",
+    "incorrect_state": "wrong_state",
+    "policy": "policy_violation",
+    "rule_violation": "policy_violation",
+    "policy_breach": "policy_violation",
+    "giving_up": "gave_up",
+    "give_up": "gave_up",
+    "abandoned": "gave_up",
+    "incomplete": "gave_up",
+    "unfinished": "gave_up",
+    "complaint": "user_complaint",
+    "timed_out": "timeout",
+    "deadline_exceeded": "timeout",
+    "content_filter": "guardrail",
+}
+
+# The levels of Python logging, syslog, Sentry and OpenTelemetry (whose numbered variants,
+# ERROR2 and the like, read as their level) on our four-step scale.
+SEVERITY_ALIASES: dict[str, str] = {
+    "trace": "low",
+    "debug": "low",
+    "info": "low",
+    "information": "low",
+    "informational": "low",
+    "notice": "low",
+    "log": "low",
+    "warn": "medium",
+    "warning": "medium",
+    "error": "high",
+    "err": "high",
+    "crit": "critical",
+    "fatal": "critical",
+    "alert": "critical",
+    "emerg": "critical",
+    "emergency": "critical",
+    "panic": "critical",
+}
+_OTEL_LEVELS = ("trace", "debug", "info", "warn", "error", "fatal")
+
+
+_KINDS = frozenset(get_args(KindLiteral))
+_SEVERITIES = frozenset(get_args(SeverityLiteral))
+
+
+def _kind(value: str) -> str:
+    key = value.strip().lower().replace("-", "_").replace(" ", "_")
+    return KIND_ALIASES.get(key, key)
+
+
+def _severity(value: str) -> str:
+    key = value.strip().lower()
+    if key[-1:] in ("2", "3", "4") and key[:-1] in _OTEL_LEVELS:
+        key = key[:-1]
+    return SEVERITY_ALIASES.get(key, key)
+
+
+def _aliases_text(aliases: dict[str, str]) -> str:
+    by_target: dict[str, list[str]] = {}
+    for alias, target in aliases.items():
+        by_target.setdefault(target, []).append(alias)
+    return "; ".join(f"{', '.join(names)} → {target}" for target, names in by_target.items())
+
+
+_KIND_DESCRIPTION = (
+    "What went wrong. Case-insensitive; '-' and spaces read as '_'. Also accepted: "
+    + _aliases_text(KIND_ALIASES)
+    + "."
+)
+_SEVERITY_DESCRIPTION = (
+    "low, medium, high or critical; the levels of Python logging, syslog, Sentry and "
+    "OpenTelemetry are accepted too (case-insensitive; OTel's numbered variants such as ERROR2 "
+    "read as their level): " + _aliases_text(SEVERITY_ALIASES) + "."
+)
+
+
+def _as_text(value: Any) -> Any:
+    """Text as sent; any other JSON value as its compact JSON text (keys in the order sent)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return clean_json_text(value)[0]
+
+
+_AS_TEXT = (
+    " Text is stored as sent; any other JSON value (an object, a list) as its compact JSON "
+    "text, keys in the order sent."
+)
+TextOrJson = Annotated[
+    str,
+    BeforeValidator(_as_text),
+    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "object"}, {"type": "array"}]}),
+]
+
+
+def _unknown_fields_to_metadata(
+    model: type[BaseModel], data: dict[str, Any], changes: dict[str, Any]
+) -> None:
+    """Add to ``changes`` the ``metadata`` of raw input ``data`` with the fields ``model``
+    does not name added under their own names, or raise a validation error naming each such
+    field that ``metadata`` already holds with another value. The fields stay in the input
+    too, where pydantic keeps them as the model's extras (``moved_to_metadata``)."""
+    known = model.__pydantic_fields__.keys()
+    if data.keys() <= known:  # the usual case, and the cheapest test of it
+        return
+    unknown = data.keys() - known
+    metadata = data.get("metadata", {})
+    if not isinstance(metadata, dict):
+        return  # validation names metadata
+    extra = {name: value for name, value in data.items() if name in unknown}  # as sent
+    conflicts = [
+        InitErrorDetails(
+            type=PydanticCustomError(
+                "metadata_conflict",
+                "Not a known field, and metadata already holds a different '{name}'.",
+                {"name": name},
+            ),
+            loc=(name,),
+            input=value,
+        )
+        for name, value in extra.items()
+        if name in metadata and metadata[name] != value
+    ]
+    if conflicts:
+        raise ValidationError.from_exception_data(model.__name__, conflicts)
+    changes["metadata"] = {**metadata, **extra}
 
 
 class StrictIn(BaseModel):
@@ -25,12 +186,17 @@ class StrictIn(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
 
 
+# A tool call's keys are kept as sent, as its message's are.
 class ToolCallFunction(StrictIn):
+    model_config = ConfigDict(allow_inf_nan=False, extra="allow")
+
     name: str = Field(max_length=200)
     arguments: str | dict[str, Any] = ""
 
 
 class ToolCall(StrictIn):
+    model_config = ConfigDict(allow_inf_nan=False, extra="allow")
+
     id: str = Field(default="", max_length=200)
     type: str = Field(default="function", max_length=32)
     function: ToolCallFunction
@@ -39,7 +205,10 @@ class ToolCall(StrictIn):
 class ChatMessage(StrictIn):
     """One message in OpenAI chat format. Other keys are kept as sent (``refusal``,
     ``reasoning_content``, provider extras): the stored turn is what the agent saw, and what the
-    slow loop trains on."""
+    slow loop trains on.
+
+    Stored with ``exclude_unset``: a key left out stays out, an explicit null stays null
+    (``"content": null`` beside tool calls), and so it is for tool calls and their keys."""
 
     model_config = ConfigDict(allow_inf_nan=False, extra="allow")
 
@@ -67,19 +236,80 @@ class FeedbackIn(StrictIn):
     reward: float | None = Field(default=None, ge=-1e6, le=1e6)
 
 
+def _error_schema(schema: dict[str, Any]) -> None:
+    # OpenAPI shows what IncidentIn reads as an error besides the object.
+    ref = schema.pop("allOf", [{}])[0].get("$ref") or schema.pop("$ref", None)
+    if ref is not None:
+        schema["anyOf"] = [{"$ref": ref}, {"type": "string"}, {"type": "null"}]
+
+
 class IncidentIn(StrictIn):
+    """One failure. Fields not named here are kept in `metadata` under their own names (the
+    answer's `warnings` lists them), unless `metadata` already holds that name with another
+    value: the incident is then refused with the field named."""
+
+    model_config = ConfigDict(allow_inf_nan=False, extra="allow")
+
     id: str = Field(min_length=1, max_length=200, description="Client id: the idempotency key.")
     agent: AgentIn
     policy_version: int | None = Field(default=None, ge=1, le=2_147_483_647)
-    kind: KindLiteral
-    severity: SeverityLiteral = "medium"
-    error: ErrorIn = Field(default_factory=ErrorIn)
+    kind: KindLiteral = Field(description=_KIND_DESCRIPTION)
+    severity: SeverityLiteral = Field(default="medium", description=_SEVERITY_DESCRIPTION)
+    error: ErrorIn = Field(
+        default_factory=ErrorIn,
+        description="An object, or a string: the error's message; null is no error.",
+        json_schema_extra=_error_schema,
+    )
     messages: list[ChatMessage] = Field(default_factory=list, max_length=500)
     tools: list[dict[str, Any]] = Field(default_factory=list, max_length=200)
     feedback: FeedbackIn | None = None
+    reward: float | None = Field(
+        default=None,
+        ge=-1e6,
+        le=1e6,
+        description="The run's reward; the same as feedback.reward (both given: they must agree).",
+    )
+    task: TextOrJson = Field(
+        default="", max_length=50_000, description="What the agent was asked to do." + _AS_TEXT
+    )
+    outcome: TextOrJson = Field(
+        default="",
+        max_length=100_000,
+        description="How the run ended: its final answer or state." + _AS_TEXT,
+    )
+    expected_outcome: TextOrJson = Field(
+        default="",
+        max_length=100_000,
+        description="What should have happened, when the reporter knows it." + _AS_TEXT,
+    )
     metadata: dict[str, Any] = Field(default_factory=dict)
     session_id: str = Field(default="", max_length=200)
     occurred_at: datetime | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def read_agents_shapes(cls, data: Any) -> Any:
+        """The shapes agents emit, read before validation: kind and severity by their other
+        names, an error as a string or null, unknown fields copied into metadata. One Python
+        call an item, the same work as validators per field would do in three or four."""
+        if not isinstance(data, dict):
+            return data
+        changes: dict[str, Any] = {}
+        # A name we do not know is left as sent, for the error to quote.
+        kind = data.get("kind")
+        if isinstance(kind, str) and kind not in _KINDS and _kind(kind) in _KINDS:
+            changes["kind"] = _kind(kind)
+        severity = data.get("severity")
+        if isinstance(severity, str) and severity not in _SEVERITIES:
+            if _severity(severity) in _SEVERITIES:
+                changes["severity"] = _severity(severity)
+        error = data.get("error")
+        if isinstance(error, str):
+            changes["error"] = {"message": error}
+        elif error is None and "error" in data:
+            changes["error"] = {}
+        _unknown_fields_to_metadata(cls, data, changes)
+        return {**data, **changes} if changes else data
 
     @field_validator("id")
     @classmethod
@@ -88,6 +318,27 @@ class IncidentIn(StrictIn):
             raise ValueError("must be printable text")
         return value
 
+    @field_validator("reward")
+    @classmethod
+    def reward_agrees_with_feedback(cls, value: float | None, info: ValidationInfo) -> Any:
+        feedback = info.data.get("feedback")
+        if value is not None and feedback is not None and feedback.reward not in (None, value):
+            raise ValueError(f"differs from feedback.reward ({feedback.reward})")
+        return value
+
+    @property
+    def moved_to_metadata(self) -> tuple[str, ...]:
+        """The unknown top-level fields kept in ``metadata``, in the order sent."""
+        return tuple(self.__pydantic_extra__ or ())
+
+
+class IngestWarning(BaseModel):
+    """Something the input said that was stored elsewhere than the client may expect."""
+
+    field: str
+    message: str
+    type: str
+
 
 class IncidentAccepted(Schema):
     id: UUID
@@ -95,6 +346,7 @@ class IncidentAccepted(Schema):
     group_id: int
     status: str
     duplicate: bool
+    warnings: list[IngestWarning] = Field(default_factory=list)
 
 
 class BatchIn(BaseModel):
@@ -110,6 +362,7 @@ class BatchItemResult(BaseModel):
     group_id: int | None = None
     duplicate: bool = False
     errors: list[dict[str, Any]] | None = None
+    warnings: list[IngestWarning] | None = None
 
 
 class BatchOut(BaseModel):
@@ -124,6 +377,10 @@ OutcomeLiteral = Literal["success", "failure", "unknown"]
 
 
 class TrajectoryIn(StrictIn):
+    """One turn. Fields not named here are kept in `metadata` as an incident's are."""
+
+    model_config = ConfigDict(allow_inf_nan=False, extra="allow")
+
     id: str | None = Field(default=None, min_length=1, max_length=200)
 
     @field_validator("id")
@@ -146,6 +403,18 @@ class TrajectoryIn(StrictIn):
     metadata: dict[str, Any] = Field(default_factory=dict)
     occurred_at: datetime | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def unknown_fields_to_metadata(cls, data: Any) -> Any:
+        changes: dict[str, Any] = {}
+        if isinstance(data, dict):
+            _unknown_fields_to_metadata(cls, data, changes)
+        return {**data, **changes} if changes else data
+
+    @property
+    def moved_to_metadata(self) -> tuple[str, ...]:
+        return tuple(self.__pydantic_extra__ or ())
+
 
 class GroupOut(Schema):
     id: int
@@ -162,6 +431,9 @@ class GroupOut(Schema):
     event_count: int
     first_seen: datetime
     last_seen: datetime
+    merged_into_id: int | None = Field(
+        default=None, description="Set when this group was merged into another: an alias."
+    )
 
 
 class IncidentOut(Schema):
@@ -182,6 +454,9 @@ class IncidentOut(Schema):
     feedback_text: str
     feedback_score: float | None
     reward: float | None
+    task: str
+    outcome: str
+    expected_outcome: str
     metadata: dict[str, Any]
     session_id: str
     occurred_at: datetime
@@ -202,3 +477,35 @@ class GroupPage(Page):
 
 class GroupStatusIn(Schema):
     status: Literal["unresolved", "resolved", "ignored"]
+
+
+class GroupMergeIn(Schema):
+    group_ids: list[int] = Field(
+        min_length=1, max_length=100, description="Groups to merge into this one."
+    )
+
+
+class GroupSplitIn(Schema):
+    fingerprints: list[str] = Field(
+        min_length=1,
+        max_length=100,
+        description="Fingerprints (of this group's incidents) to split off, each to a group "
+        "of its own; see GET /groups/{id}/fingerprints.",
+    )
+
+
+class GroupFingerprintOut(Schema):
+    fingerprint: str
+    normalized_message: str
+    incidents: int
+    own: bool
+    merged_group_id: int | None
+
+
+class RelatedGroupOut(Schema):
+    id: int
+    title: str
+    kind: str
+    tool_name: str
+    event_count: int
+    reason: str

@@ -12,6 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.db import connection, transaction
+from django.db.models import Count, Max, Min
 from django.utils import timezone
 
 from base.errors import Conflict, DomainError
@@ -232,3 +233,207 @@ def groups_relate(*, group_id: int, related_ids: Sequence[int]) -> None:
             + " ON CONFLICT DO NOTHING",
             [pk for pair in pairs for pk in pair],
         )
+
+
+# --- Merging and splitting groups (people, and the fast loop's similarity merge) -----------
+
+_SEVERITY_ORDER = ["low", "medium", "high", "critical"]
+
+
+def _locked_groups(project: Project, ids: Sequence[int]) -> dict[int, IncidentGroup]:
+    # In id order, as every merge and split takes them: two of them cannot deadlock.
+    rows = IncidentGroup.objects.select_for_update().filter(project=project, pk__in=ids)
+    return {group.pk: group for group in rows.order_by("pk")}
+
+
+@transaction.atomic
+def groups_merge(
+    *,
+    project: Project,
+    target_id: int,
+    source_ids: Sequence[int],
+    actor: Any,
+    actor_label: str = "",
+    reason: str = "",
+) -> IncidentGroup:
+    """Merge groups into ``target_id``, as Sentry does: their incidents move to the target, the
+    incidents that still arrive with their fingerprints go there too (each merged group stays
+    as an alias row), counts and first/last seen add up, and the proposals made for them follow
+    (``signals.groups_merged``). ``actor`` None is the fast loop's similarity merge, which
+    names its reason."""
+    sources_wanted = sorted({int(pk) for pk in source_ids} - {int(target_id)})
+    if not sources_wanted:
+        raise DomainError("Name at least one other group to merge.", field="group_ids")
+    groups = _locked_groups(project, [target_id, *sources_wanted])
+    missing = [pk for pk in [target_id, *sources_wanted] if pk not in groups]
+    if missing:
+        raise DomainError(f"Group {missing[0]} does not exist in this project.", field="group_ids")
+    target = groups[target_id]
+    if target.merged_into_id:
+        raise Conflict(
+            f"Group {target.pk} was merged into group {target.merged_into_id}: merge into that one."
+        )
+    sources = [groups[pk] for pk in sources_wanted]
+    for source in sources:
+        if source.merged_into_id:
+            raise Conflict(f"Group {source.pk} was merged into group {source.merged_into_id}.")
+    now = timezone.now()
+    before = {"event_count": target.event_count}
+    moved = Incident.objects.filter(group_id__in=sources_wanted).update(group=target)
+    # Groups merged into a source earlier now point at the target: aliases are one hop.
+    IncidentGroup.objects.filter(merged_into_id__in=sources_wanted).update(merged_into=target)
+    target.event_count += sum(source.event_count for source in sources)
+    target.first_seen = min([target.first_seen, *(s.first_seen for s in sources)])
+    target.last_seen = max([target.last_seen, *(s.last_seen for s in sources)])
+    target.severity = max(
+        [target.severity, *(s.severity for s in sources)], key=_SEVERITY_ORDER.index
+    )
+    fields = ["event_count", "first_seen", "last_seen", "severity"]
+    if target.synthesis_status in (
+        SynthesisStatus.NONE,
+        SynthesisStatus.NO_SKILL,
+        SynthesisStatus.FAILED,
+    ):
+        # More evidence: worth another look by the fast loop.
+        target.synthesis_status = SynthesisStatus.WAITING
+        target.synthesis_requested_at = now
+        target.synthesis_attempts = 0
+        fields += ["synthesis_status", "synthesis_requested_at", "synthesis_attempts"]
+    target.save(update_fields=fields)
+    related = IncidentGroup.related_groups.through
+    linked = set(
+        related.objects.filter(from_incidentgroup_id__in=sources_wanted).values_list(
+            "to_incidentgroup_id", flat=True
+        )
+    ) - {target.pk, *sources_wanted}
+    related.objects.filter(from_incidentgroup_id__in=sources_wanted).delete()
+    related.objects.filter(to_incidentgroup_id__in=sources_wanted).delete()
+    IncidentGroup.objects.filter(pk__in=sources_wanted).update(
+        merged_into=target,
+        merged_at=now,
+        event_count=0,
+        synthesis_status=SynthesisStatus.NONE,
+        synthesis_error="",
+    )
+    signals.groups_merged.send(sender=Project, project=project, target_id=target.pk,
+                               source_ids=sources_wanted)  # fmt: skip
+    audit_record(
+        action="incident_group.merged",
+        project=project,
+        actor=actor,
+        actor_label=actor_label,
+        obj=target,
+        before=before,
+        after={
+            "event_count": target.event_count,
+            "merged": [{"id": s.pk, "title": s.title, "events": s.event_count} for s in sources],
+            "incidents_moved": moved,
+        },
+        message=reason,
+    )
+    if target.synthesis_status == SynthesisStatus.WAITING and "synthesis_status" in fields:
+        transaction.on_commit(
+            lambda: signals.groups_await_synthesis.send(sender=None, group_ids=[target.pk])
+        )
+    if linked:
+        transaction.on_commit(lambda: groups_relate(group_id=target.pk, related_ids=sorted(linked)))
+    return target
+
+
+@transaction.atomic
+def group_split(
+    *,
+    project: Project,
+    group_id: int,
+    fingerprints: Sequence[str],
+    actor: Any,
+    actor_label: str = "",
+) -> list[IncidentGroup]:
+    """Split incidents off a group by fingerprint, as Sentry's unmerge does: each fingerprint's
+    incidents go to their own group (the alias row of a group merged earlier comes back, or a
+    new group is made), and so do the incidents that arrive with it later. The group's own
+    fingerprint stays. Returns the groups split off."""
+    wanted = sorted({str(fp) for fp in fingerprints})
+    if not wanted:
+        raise DomainError("Name at least one fingerprint to split off.", field="fingerprints")
+    group = _locked_groups(project, [group_id]).get(group_id)
+    if group is None:
+        raise DomainError(f"Group {group_id} does not exist in this project.", field="group_id")
+    if group.merged_into_id:
+        raise Conflict(f"Group {group.pk} was merged into group {group.merged_into_id}.")
+    if group.fingerprint in wanted:
+        raise DomainError(
+            "A group's own fingerprint stays with it; split off the others.", field="fingerprints"
+        )
+    present = set(
+        group.incidents.filter(fingerprint__in=wanted).values_list("fingerprint", flat=True)
+    )
+    aliases = {
+        alias.fingerprint: alias
+        for alias in IncidentGroup.objects.select_for_update().filter(
+            project=project, merged_into=group, fingerprint__in=wanted
+        )
+    }
+    unknown = [fp for fp in wanted if fp not in present and fp not in aliases]
+    if unknown:
+        raise DomainError(
+            f"No incident of group {group.pk} has fingerprint {unknown[0]}.", field="fingerprints"
+        )
+    now = timezone.now()
+    split_off: list[IncidentGroup] = []
+    for fp in wanted:
+        part = aliases.get(fp)
+        sample = group.incidents.filter(fingerprint=fp).order_by("occurred_at").first()
+        if part is None:
+            part = IncidentGroup.objects.create(
+                project=project,
+                fingerprint=fp,
+                fingerprint_version=group.fingerprint_version,
+                title=group.title,
+                agent_name=group.agent_name,
+                kind=sample.kind if sample else group.kind,
+                error_type=sample.error_type if sample else group.error_type,
+                tool_name=sample.tool_name if sample else group.tool_name,
+                normalized_message=group.normalized_message,
+                severity=group.severity,
+                first_seen=now,
+                last_seen=now,
+            )
+        group.incidents.filter(fingerprint=fp).update(group=part)
+        part.merged_into = None
+        part.merged_at = None
+        part.status = GroupStatus.UNRESOLVED
+        part.synthesis_status = SynthesisStatus.WAITING
+        part.synthesis_requested_at = now
+        part.synthesis_attempts = 0
+        _recount(part, now)
+        part.save()
+        split_off.append(part)
+    _recount(group, now)
+    group.save(update_fields=["event_count", "first_seen", "last_seen"])
+    audit_record(
+        action="incident_group.split",
+        project=project,
+        actor=actor,
+        actor_label=actor_label,
+        obj=group,
+        after={
+            "event_count": group.event_count,
+            "split_off": [
+                {"id": p.pk, "fingerprint": p.fingerprint, "events": p.event_count}
+                for p in split_off
+            ],  # fmt: skip
+        },
+    )
+    ids = [part.pk for part in split_off]
+    transaction.on_commit(lambda: signals.groups_await_synthesis.send(sender=None, group_ids=ids))
+    return split_off
+
+
+def _recount(group: IncidentGroup, now: Any) -> None:
+    stats = Incident.objects.filter(group=group).aggregate(
+        n=Count("pk"), first=Min("occurred_at"), last=Max("occurred_at")
+    )
+    group.event_count = stats["n"]
+    group.first_seen = stats["first"] or group.first_seen or now
+    group.last_seen = stats["last"] or group.last_seen or now

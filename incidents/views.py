@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlencode
+
+from django.conf import settings
 from django.contrib import messages
 from django.core.paginator import Paginator
 from django.http import HttpResponse
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
+from base import services as base_services
 from base.decorators import project_view
 from base.errors import DomainError
-from base.models import Role
+from base.models import Project, Role
 from base.requests import ProjectRequest
 from incidents import selectors, services
 from incidents.models import GroupStatus, IncidentKind
@@ -54,6 +59,12 @@ def group_list(request: ProjectRequest) -> HttpResponse:
 def group_detail(request: ProjectRequest, group_id: int) -> HttpResponse:
     project = request.project
     group = selectors.group_for_project(project, group_id)
+    if group.merged_into_id:
+        # A merged group lives on as an alias of the group it joined: show that one.
+        messages.info(request, f"Group {group.pk} was merged into this group.")
+        return redirect(
+            "incidents:group_detail", project_slug=project.slug, group_id=group.merged_into_id
+        )
     incidents = list(
         selectors.incidents_for_project(project, group_id=group.id).order_by("-occurred_at")[:20]
     )
@@ -62,8 +73,13 @@ def group_detail(request: ProjectRequest, group_id: int) -> HttpResponse:
         "incidents/group_detail.html",
         {
             "group": group,
-            "incidents": incidents,
+            # Redacted for the person looking: personal data stays masked unless an admin looks.
+            "incidents": selectors.incidents_for_display(
+                incidents, personal_data=not request.membership.has_role(Role.ADMIN)
+            ),
             "spark": selectors.daily_counts([group.id])[group.id],
+            "fingerprints": selectors.group_fingerprints(group),
+            "related": selectors.related_groups(group),
         },
     )
 
@@ -81,3 +97,96 @@ def group_status(request: ProjectRequest, group_id: int) -> HttpResponse:
     except DomainError as exc:
         messages.error(request, str(exc))
     return redirect("incidents:group_detail", project_slug=project.slug, group_id=group.id)
+
+
+def _group_ids(text: str) -> list[int]:
+    ids = [part.strip().lstrip("#") for part in text.replace(",", " ").split()]
+    if not ids or not all(part.isdigit() for part in ids):
+        raise DomainError(
+            "Give the numbers of the groups to merge, e.g. 12, 15.", field="group_ids"
+        )
+    return [int(part) for part in ids]
+
+
+@require_POST
+@project_view(role=Role.REVIEWER)
+def group_merge(request: ProjectRequest, group_id: int) -> HttpResponse:
+    """Merge the groups named in the form (checked boxes or typed numbers) into this one."""
+    project = request.project
+    group = selectors.group_for_project(project, group_id)
+    try:
+        chosen = request.POST.getlist("group_ids")
+        ids = _group_ids(" ".join(chosen))
+        services.groups_merge(
+            project=project, target_id=group.pk, source_ids=ids, actor=request.user
+        )
+        messages.success(request, f"Merged {len(ids)} group{'s' if len(ids) != 1 else ''} here.")
+    except DomainError as exc:
+        messages.error(request, str(exc))
+    return redirect("incidents:group_detail", project_slug=project.slug, group_id=group.id)
+
+
+@require_POST
+@project_view(role=Role.REVIEWER)
+def group_split(request: ProjectRequest, group_id: int) -> HttpResponse:
+    """Split the incidents of one fingerprint off this group."""
+    project = request.project
+    group = selectors.group_for_project(project, group_id)
+    try:
+        parts = services.group_split(
+            project=project,
+            group_id=group.pk,
+            fingerprints=request.POST.getlist("fingerprint"),
+            actor=request.user,
+        )
+        messages.success(request, "Split off: " + ", ".join(f"group {p.pk}" for p in parts) + ".")
+    except DomainError as exc:
+        messages.error(request, str(exc))
+    return redirect("incidents:group_detail", project_slug=project.slug, group_id=group.id)
+
+
+# --- Onboarding: from an empty project to the first proxied request and the first incident ----
+
+ONBOARDING_POLL_SECONDS = 3
+
+
+def _proxy_base_url() -> str:
+    """The base URL an agent's OpenAI client takes: the public address plus the proxy's path
+    without ``/chat/completions`` (the SDK adds it)."""
+    path = reverse("proxy_chat_completions").removesuffix("/chat/completions")
+    return settings.METACLAW_PUBLIC_URL.rstrip("/") + path
+
+
+def _onboarding_context(request: ProjectRequest) -> dict:
+    project: Project = request.project
+    public_url = settings.METACLAW_PUBLIC_URL.rstrip("/")
+    keys_url = reverse("project:api_keys", kwargs={"project_slug": project.slug})
+    return {
+        "onboarding": selectors.project_onboarding(project),
+        "poll_seconds": ONBOARDING_POLL_SECONDS,
+        "proxy_base_url": _proxy_base_url(),
+        "incidents_url": public_url + reverse("api:post_incident"),
+        "upstream_url": base_services.upstream_url_effective(project.upstream_base_url),
+        "upstream_is_site": not project.upstream_base_url,
+        "is_admin": request.membership.has_role(Role.ADMIN),
+        "create_key_url": keys_url
+        + "?"
+        + urlencode({"name": "agent", "scopes": ["runtime", "ingest"]}, doseq=True),
+    }
+
+
+@require_GET
+@project_view()
+def onboarding(request: ProjectRequest) -> HttpResponse:
+    """The getting-started panel. ``?part=panel`` (the home page loads it with htmx): the panel
+    while the project is new, else nothing; ``?part=status`` (polled every few seconds): the
+    waiting states alone. Without ``part``: the page, whatever the project's state."""
+    part = request.GET.get("part", "")
+    if part == "panel" and not selectors.project_is_new(request.project):
+        return HttpResponse("")
+    context = _onboarding_context(request)
+    if part == "status":
+        return render(request, "base/_onboarding.html#onboarding-status", context)
+    if part == "panel":
+        return render(request, "base/_onboarding.html", context)
+    return render(request, "base/onboarding.html", context)

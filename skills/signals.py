@@ -1,6 +1,8 @@
 """What the skills app announces. Sent after commit unless noted.
 
 - ``revision_proposed(revision)``: a new proposed revision awaits review (notifications).
+- ``revisions_imported(project_id, revision_ids, actor_label)``: a SKILL.md import proposed
+  these revisions; they are announced together (one digest), not one ``revision_proposed`` each.
 - ``revision_decided(revision, outcome, actor_label)``: approved / rejected / superseded.
 - ``version_candidate_created(version)``: a candidate policy version awaits promotion.
 - ``active_version_changed(project_id, version_id)``: promotion, approval or rollback made
@@ -10,6 +12,7 @@
 from django.dispatch import Signal
 
 revision_proposed = Signal()
+revisions_imported = Signal()
 revision_decided = Signal()
 version_candidate_created = Signal()
 active_version_changed = Signal()

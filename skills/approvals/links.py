@@ -358,7 +358,8 @@ def revision_evidence(revision: SkillRevision) -> dict[str, Any]:
         excerpt = first.error_message or first.feedback_text
     elif groups:
         excerpt = groups[0].title
-    excerpt, _ = redact_text(excerpt[:300])
+    # Sent to Slack, webhooks and e-mail: personal data masked as well as secrets.
+    excerpt, _ = redact_text(excerpt[:300], personal_data=True)
     return {
         "incidents": count,
         "groups": len(groups),

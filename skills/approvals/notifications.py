@@ -62,7 +62,19 @@ def _enqueue(notification_ids: list[int]) -> None:
     enqueue_on_commit("skills.tasks.send_notification", *[(nid,) for nid in notification_ids])
 
 
+SMTP_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+
+
+def mail_configured() -> bool:
+    """Whether e-mail can go anywhere: a backend other than SMTP (console, file, in-memory:
+    chosen on purpose), or SMTP with ``EMAIL_HOST`` set. Without one no e-mail notification is
+    written, so no worker tries, and retries, a mail server that is not there."""
+    return settings.EMAIL_BACKEND != SMTP_BACKEND or bool(settings.EMAIL_HOST)
+
+
 def _team_emails(project: Project) -> list[str]:
+    if not mail_configured():
+        return []
     return [line.strip() for line in project.notify_emails.splitlines() if line.strip()]
 
 
@@ -137,9 +149,11 @@ def approval_notify(
     role = REQUIRED_ROLE[_actions_for(obj)[0]]
     target = {"revision": obj} if isinstance(obj, SkillRevision) else {"version": obj}
     slack_url, team = _slack_webhook(project), _team_emails(project)
-    members = [
-        m for m in eligible_members(project, role) if m.user.email and m.user.email not in team
-    ]
+    members = (
+        [m for m in eligible_members(project, role) if m.user.email and m.user.email not in team]
+        if mail_configured()
+        else []
+    )
     if not (slack_url or project.webhook_url or team or members):
         return []  # nobody to tell: no summary to build (it costs queries on the fast loop)
     with transaction.atomic():
@@ -168,7 +182,8 @@ def _anyone_to_notify(obj: SkillRevision | PolicyVersion) -> bool:
     if row is None:
         return False
     slack_url, webhook_url, team, member = row
-    return bool(slack_url.strip() or webhook_url.strip() or team.strip() or member)
+    mail = mail_configured() and (team.strip() or member)
+    return bool(slack_url.strip() or webhook_url.strip() or mail)
 
 
 def _approval_notify_rows(
@@ -309,7 +324,10 @@ def integrations_send_test(*, project: Project, actor: Any) -> list[Notification
     for address in _team_emails(project):
         rows.append((NotificationChannel.EMAIL, address, {"to": [address]}))
     if not rows:
-        raise DomainError("Configure a Slack webhook, a webhook or an e-mail address first.")
+        raise DomainError(
+            "Configure a Slack webhook, a webhook or an e-mail address first"
+            + ("." if mail_configured() else " (and a mail server: EMAIL_HOST).")
+        )
     created = []
     for channel, recipient, body in rows:
         if channel == NotificationChannel.EMAIL:

@@ -9,6 +9,7 @@ import logging
 from django.dispatch import receiver
 
 from skills import signals as skill_signals
+from skills.approvals.digest import approval_import_notify
 from skills.approvals.notifications import approval_decision_notify, approval_notify
 
 logger = logging.getLogger(__name__)
@@ -22,6 +23,18 @@ def notify_reviewers_of_revision(sender, revision, **kwargs) -> None:
         approval_notify(revision=revision)
     except Exception:  # noqa: BLE001
         logger.exception("Could not notify reviewers of revision %s.", revision.pk)
+
+
+@receiver(skill_signals.revisions_imported)
+def notify_reviewers_of_import(
+    sender, project_id: int, revision_ids: list[int], actor_label: str = "", **kwargs
+) -> None:
+    try:
+        approval_import_notify(
+            project_id=project_id, revision_ids=revision_ids, actor_label=actor_label
+        )
+    except Exception:  # noqa: BLE001
+        logger.exception("Could not notify reviewers of %s imported revisions.", len(revision_ids))
 
 
 @receiver(skill_signals.version_candidate_created)

@@ -75,8 +75,14 @@ class SkillRevision(models.Model):
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children"
     )
     name = models.CharField(max_length=120)
-    description = models.CharField(max_length=500, help_text="When to use it, in one sentence.")
+    # The Agent Skills specification allows 1,024 characters (skill libraries in the wild use
+    # them); what the fast loop writes is shorter (``skills.library.services.LIMITS``).
+    description = models.CharField(max_length=1024, help_text="When to use it, in one sentence.")
     instructions = models.TextField(help_text="Markdown.")
+    # The SKILL.md as it was imported (kept by the revisions made from this one): exported
+    # unchanged while the content above still says what it says, so a library goes out byte for
+    # byte as it came in (folded descriptions, nested ``metadata``, keys MetaClaw does not use).
+    skill_md = models.TextField(blank=True, default="")
     examples = models.JSONField(default=list, blank=True)
     category = models.CharField(max_length=32, choices=Category.choices, default=Category.GENERAL)
     author = models.CharField(max_length=8, choices=Author.choices)
@@ -127,3 +133,26 @@ class SkillRevision(models.Model):
 
     def __str__(self) -> str:
         return f"{self.skill.slug} r{self.number}"
+
+
+class SkillFile(models.Model):
+    """A file bundled with a skill beside its SKILL.md (``scripts/``, ``references/``,
+    ``assets/``...), kept as bytes. Each revision holds its own rows: a new revision copies its
+    parent's files unless it brings its own, so every revision exports the folder it was."""
+
+    revision = models.ForeignKey(SkillRevision, on_delete=models.CASCADE, related_name="files")
+    # Relative to the skill's folder, "/"-separated, e.g. "scripts/extract.py".
+    path = models.CharField(max_length=255)
+    content = models.BinaryField()
+    size = models.PositiveIntegerField()
+    sha256 = models.CharField(max_length=64)
+    executable = models.BooleanField(default=False)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["revision", "path"], name="skill_file_unique_path"),
+        ]
+        ordering = ["path"]
+
+    def __str__(self) -> str:
+        return self.path

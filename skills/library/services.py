@@ -1,14 +1,16 @@
 """The skill library's writes: a skill's content checked, and a new proposed revision stored
-with its sources (the fast loop, a reviewer's edit and SKILL.md imports all propose through
-here). Decisions on a revision are the versions' services."""
+with its sources and its bundled files (the fast loop, a reviewer's edit and SKILL.md imports
+all propose through here). Decisions on a revision are the versions' services."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from django.db import connection, transaction
+from django.db.models import Max
 from django.utils import timezone
 
 from base.errors import DomainError
@@ -16,11 +18,25 @@ from base.models import Project
 from base.services import audit_record
 from incidents.models import Incident, IncidentGroup
 from skills import signals
-from skills.library.models import Author, Category, RevisionStatus, Skill, SkillRevision
+from skills.library.models import (
+    Author,
+    Category,
+    RevisionStatus,
+    Skill,
+    SkillFile,
+    SkillRevision,
+)
 
 # --- Revisions ----------------------------------------------------------------------------
 
+# The Agent Skills specification's name: 1-64 characters, lowercase letters, digits and single
+# hyphens, neither first nor last.
 SLUG_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
+# What any revision may hold. The description's 1,024 characters are the Agent Skills
+# specification's; it sets no limit on the body, and published skills run to 72,000 characters
+# (Anthropic's claude-api), so the instructions may be 100,000.
+CONTENT_LIMITS = {"name": 120, "description": 1024, "instructions": 100_000, "slug": 64}
+# What the fast loop asks its LLM for and clips its drafts to: short enough to inject.
 LIMITS = {"name": 120, "description": 500, "instructions": 20_000, "slug": 64}
 
 
@@ -28,7 +44,7 @@ def skill_content_validate(
     *, slug: str, name: str, description: str, instructions: str, category: str
 ) -> None:
     """Raise ``DomainError`` (with the field) for content no revision may hold."""
-    if not SLUG_RE.match(slug or "") or len(slug) > LIMITS["slug"]:
+    if not SLUG_RE.match(slug or "") or len(slug) > CONTENT_LIMITS["slug"]:
         raise DomainError(
             "The slug must be lowercase words joined by hyphens (a-z, 0-9), at most 64 characters.",
             field="slug",
@@ -40,9 +56,10 @@ def skill_content_validate(
     ):
         if not (value or "").strip():
             raise DomainError(f"The {field_name} must not be empty.", field=field_name)
-        if len(value) > LIMITS[field_name]:
+        if len(value) > CONTENT_LIMITS[field_name]:
             raise DomainError(
-                f"The {field_name} is longer than {LIMITS[field_name]} characters.",
+                f"The {field_name} is {len(value):,} characters long; the limit is "
+                f"{CONTENT_LIMITS[field_name]:,}.",
                 field=field_name,
             )
     if category not in Category.values:
@@ -52,57 +69,46 @@ def skill_content_validate(
 def _skill_lock(*, project: Project, slug: str, category: str) -> tuple[Skill, bool]:
     """The project's skill ``slug`` with ``category``, created if new, its row locked until the
     transaction ends so that two proposals for it cannot take the same revision number."""
-    if connection.vendor != "postgresql":
-        skill, created = Skill.objects.select_for_update().get_or_create(
-            project=project, slug=slug, defaults={"category": category}
-        )
-        if skill.category != category:
-            skill.category = category
-            skill.save(update_fields=["category"])
-        return skill, created
-    # One statement instead of a locking read, a savepoint and an insert: the upsert locks the
-    # row either way, and ``xmax = 0`` tells a row it inserted from one it updated.
-    table = Skill._meta.db_table
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO {table} (project_id, slug, category, created_at) "
-            "VALUES (%s, %s, %s, %s) ON CONFLICT (project_id, slug) "
-            "DO UPDATE SET category = EXCLUDED.category RETURNING id, created_at, xmax = 0",
-            [project.pk, slug, category, timezone.now()],
-        )
-        pk, created_at, created = cursor.fetchone()
-    skill = Skill(pk=pk, project=project, slug=slug, category=category, created_at=created_at)
-    skill._state.adding, skill._state.db = False, connection.alias
+    # A concurrent first proposal of the same slug: get_or_create's insert fails on the unique
+    # constraint, and it reads (and locks) the winner's row instead.
+    skill, created = Skill.objects.select_for_update().get_or_create(
+        project=project, slug=slug, defaults={"category": category}
+    )
+    if skill.category != category:
+        skill.category = category
+        skill.save(update_fields=["category"])
     return skill, created
 
 
 def _link_sources(descriptor: Any, revision: SkillRevision, target_ids: list[Any]) -> None:
-    if not target_ids:
-        return
-    through = descriptor.through._meta
-    source = descriptor.field.m2m_column_name()
-    target = descriptor.field.m2m_reverse_name()
-    # As the column stores them (SQLite keeps a UUID as its hex digits).
-    prep = descriptor.field.target_field.get_db_prep_value
-    targets = sorted({prep(pk, connection) for pk in target_ids})
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO {through.db_table} ({source}, {target}) VALUES "
-            + ", ".join(["(%s, %s)"] * len(targets))
-            + " ON CONFLICT DO NOTHING",
-            [value for pk in targets for value in (revision.pk, pk)],
-        )
+    through = descriptor.through
+    source = f"{descriptor.field.m2m_field_name()}_id"
+    target = f"{descriptor.field.m2m_reverse_field_name()}_id"
+    # In a stable order, so that concurrent inserts into the link table cannot deadlock.
+    through.objects.bulk_create(
+        [through(**{source: revision.pk, target: pk}) for pk in sorted(set(target_ids))],
+        ignore_conflicts=True,
+    )
 
 
 def _next_revision_number(skill: Skill) -> int:
     # A statement after the lock: it reads what the proposal that held the lock committed.
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT MAX(number) FROM {SkillRevision._meta.db_table} WHERE skill_id = %s",
-            [skill.pk],
-        )
-        (highest,) = cursor.fetchone()
+    highest = SkillRevision.objects.filter(skill=skill).aggregate(Max("number"))["number__max"]
     return (highest or 0) + 1
+
+
+@dataclass(frozen=True)
+class BundledFile:
+    """A file that travels with a skill beside its SKILL.md; ``path`` is relative to the
+    skill's folder ("scripts/extract.py")."""
+
+    path: str
+    content: bytes
+    executable: bool = False
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.content).hexdigest()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,18 +136,28 @@ class RevisionDraft:
     tokens_in: int = 0
     tokens_out: int = 0
     embedding: list[float] | None = None
+    # The SKILL.md it was imported from, and its bundled files. None: the parent's, so that a
+    # reviewer's edit or the fast loop's revision keeps the files and front matter it builds on.
+    skill_md: str | None = None
+    files: list[BundledFile] | None = None
 
 
 # No savepoint when nested (the fast loop calls this inside its own transaction): a failure
 # here fails the caller's transaction too, which every caller lets propagate anyway.
 @transaction.atomic(savepoint=False)
 def skill_revision_propose(
-    *, project: Project, draft: RevisionDraft, created_by: Any = None, actor_label: str = ""
+    *,
+    project: Project,
+    draft: RevisionDraft,
+    created_by: Any = None,
+    actor_label: str = "",
+    announce: bool = True,
 ) -> SkillRevision:
     """Create a new PROPOSED revision of the skill ``draft.slug`` (creating the skill if new).
 
     Revisions are immutable: editing, revising after a regression, and importing all come
-    through here and make a new row. Announces ``revision_proposed`` after commit."""
+    through here and make a new row. Announces ``revision_proposed`` after commit unless
+    ``announce`` is off (an import announces all its revisions at once instead)."""
     skill_content_validate(
         slug=draft.slug,
         name=draft.name,
@@ -149,6 +165,11 @@ def skill_revision_propose(
         instructions=draft.instructions,
         category=draft.category,
     )
+    parent = draft.parent
+    if draft.skill_md is not None:
+        skill_md = draft.skill_md
+    else:
+        skill_md = parent.skill_md if parent is not None else ""
     skill, created = _skill_lock(project=project, slug=draft.slug, category=draft.category)
     number = 1 if created else _next_revision_number(skill)
     revision = SkillRevision.objects.create(
@@ -159,6 +180,7 @@ def skill_revision_propose(
         description=draft.description.strip(),
         instructions=draft.instructions.strip(),
         examples=draft.examples or [],
+        skill_md=skill_md,
         category=draft.category,
         author=draft.author,
         origin=draft.origin,
@@ -178,6 +200,10 @@ def skill_revision_propose(
     _link_sources(
         SkillRevision.source_incidents, revision, [i.pk for i in draft.source_incidents or []]
     )
+    if draft.files is not None:
+        _files_store(revision, draft.files)
+    elif parent is not None:
+        _files_copy(parent, revision)
     audit_record(
         action="skill_revision.propose",
         project=project,
@@ -191,7 +217,58 @@ def skill_revision_propose(
             "origin": draft.origin,
         },
     )
-    transaction.on_commit(
-        lambda: signals.revision_proposed.send(sender=SkillRevision, revision=revision), robust=True
-    )
+    if announce:
+        transaction.on_commit(
+            lambda: signals.revision_proposed.send(sender=SkillRevision, revision=revision),
+            robust=True,
+        )
     return revision
+
+
+def _files_store(revision: SkillRevision, files: list[BundledFile]) -> None:
+    SkillFile.objects.bulk_create(
+        [
+            SkillFile(
+                revision=revision,
+                path=f.path,
+                content=f.content,
+                size=len(f.content),
+                sha256=f.sha256,
+                executable=f.executable,
+            )
+            for f in files
+        ],
+        batch_size=100,
+    )
+
+
+def _files_copy(parent: SkillRevision, revision: SkillRevision) -> None:
+    # In the database: the bytes never pass through this process.
+    table = SkillFile._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} (revision_id, path, content, size, sha256, executable) "
+            f"SELECT %s, path, content, size, sha256, executable FROM {table} "
+            "WHERE revision_id = %s",
+            [revision.pk, parent.pk],
+        )
+
+
+def revisions_follow_merged_groups(*, target_id: int, source_ids: list[int]) -> int:
+    """The revisions proposed for groups that were merged into ``target_id`` are shown on it
+    from now on (their links to the merged groups stay: the audit trail names them). Runs in
+    the merging transaction. Returns how many links were added."""
+    through = SkillRevision.source_groups.through
+    revision_ids = set(
+        through.objects.filter(incidentgroup_id__in=source_ids).values_list(
+            "skillrevision_id", flat=True
+        )
+    ) - set(
+        through.objects.filter(incidentgroup_id=target_id).values_list(
+            "skillrevision_id", flat=True
+        )
+    )
+    through.objects.bulk_create(
+        [through(skillrevision_id=pk, incidentgroup_id=target_id) for pk in sorted(revision_ids)]
+    )
+    return len(revision_ids)

@@ -1,148 +1,69 @@
-"""Import and export a whole skill library as folders of ``SKILL.md`` files.
+"""Import and export a whole skill library as folders of ``SKILL.md`` files with the files
+bundled beside them (``scripts/``, ``references/``, ``assets/``: the Agent Skills layout).
 
-The format of the published MetaClaw and of Agent Skills: ``skills/<slug>/SKILL.md`` with YAML
-front matter (``name``, ``description``, optional ``category``) and a Markdown body (the
-instructions). ``name`` is the slug (Agent Skills require it to match the folder); what else a
-revision holds travels under ``metadata`` (``title`` when it differs from the slug,
-``examples``), so exporting and importing again loses nothing. Front matter keys we do not
-store (``license``, ``allowed-tools``...) are reported on import.
+An import goes file by file: every file of the archive is reported (imported, kept, unchanged,
+refused with the reason, or ignored with the reason), a refused SKILL.md leaves the others
+importing, and ``all_or_nothing`` refuses the whole import instead when anything is refused. The
+reviewers hear of an import once, with the list of its proposals (``revisions_imported``).
 """
 
 from __future__ import annotations
 
-import io
-import lzma
-import re
-import zipfile
-import zlib
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
-import yaml
 from django.db import transaction
 
 from base.errors import DomainError
 from base.models import Project
 from base.services import audit_record
-from skills.library.models import Author, Category, Origin, RevisionStatus, SkillRevision
-from skills.library.services import (
-    SLUG_RE,
-    RevisionDraft,
-    skill_content_validate,
-    skill_revision_propose,
+from skills import signals
+from skills.library.models import Author, Origin, RevisionStatus, SkillFile, SkillRevision
+from skills.library.services import BundledFile, RevisionDraft, skill_revision_propose
+from skills.skillmd.archive import (
+    Entry,
+    folder_of,
+    path_refusal,
+    read_folder,
+    read_zip,
+    skill_root,
+    skill_roots,
+    write_folder,
+    zip_bytes,
+)
+from skills.skillmd.document import (
+    FILE_NAME,
+    KNOWN_KEYS,
+    SkillDocument,
+    document_for,
+    parse,
+    render,
+    revision_text,
 )
 from skills.versions.models import PolicyVersion, VersionStatus
 
-FILE_NAME = "SKILL.md"
-KNOWN_KEYS = {"name", "description", "category", "metadata"}
-MAX_FILES = 2000
-MAX_TOTAL_BYTES = 20 * 1024 * 1024
-_FRONT_MATTER = re.compile(r"\A---[ \t]*\n(.*?)\n---[ \t]*(?:\n|\Z)(.*)\Z", re.DOTALL)
+__all__ = [
+    "FILE_NAME",
+    "KNOWN_KEYS",
+    "Entry",
+    "SkillDocument",
+    "document_for",
+    "parse",
+    "read_folder",
+    "read_zip",
+    "render",
+    "revision_text",
+    "write_folder",
+    "zip_bytes",
+]
+
+MAX_SKILLS = 2000
+MAX_FILES_PER_SKILL = 1000
+MAX_PATH = 255  # SkillFile.path
 
 
-@dataclass
-class SkillDocument:
-    slug: str
-    name: str
-    description: str
-    instructions: str
-    category: str = Category.GENERAL
-    examples: list[Any] = field(default_factory=list)
-    ignored_keys: list[str] = field(default_factory=list)
-
-    @property
-    def path(self) -> str:
-        return f"skills/{self.slug}/{FILE_NAME}"
-
-    def same_content(self, revision: SkillRevision) -> bool:
-        return (
-            revision.name == self.name
-            and revision.description == self.description
-            and revision.instructions == self.instructions
-            and revision.category == self.category
-            and (revision.examples or []) == (self.examples or [])
-        )
-
-
-# --- One file -------------------------------------------------------------------------------
-
-
-def render(doc: SkillDocument) -> str:
-    """The SKILL.md text of one skill."""
-    front: dict[str, Any] = {
-        "name": doc.slug,
-        "description": doc.description,
-        "category": doc.category,
-    }
-    metadata: dict[str, Any] = {}
-    if doc.name != doc.slug:
-        metadata["title"] = doc.name
-    if doc.examples:
-        metadata["examples"] = doc.examples
-    if metadata:
-        front["metadata"] = metadata
-    head = yaml.safe_dump(front, sort_keys=False, allow_unicode=True, width=100_000).strip()
-    return f"---\n{head}\n---\n\n{doc.instructions.strip()}\n"
-
-
-def parse(text: str, *, folder: str = "", path: str = "") -> SkillDocument:
-    """Read one SKILL.md; ``DomainError`` (field = the path) says what is wrong."""
-    where = path or f"{folder or '?'}/{FILE_NAME}"
-    text = text.replace("\r\n", "\n").lstrip("\ufeff")
-    match = _FRONT_MATTER.match(text)
-    if match is None:
-        raise DomainError(f"{where}: no YAML front matter between '---' lines.", field=where)
-    try:
-        front = yaml.safe_load(match.group(1)) or {}
-    except yaml.YAMLError as exc:
-        raise DomainError(
-            f"{where}: the front matter is not valid YAML ({exc}).", field=where
-        ) from exc
-    if not isinstance(front, dict):
-        raise DomainError(f"{where}: the front matter must be a mapping.", field=where)
-    metadata = front.get("metadata") or {}
-    if not isinstance(metadata, dict):
-        raise DomainError(f"{where}: 'metadata' must be a mapping.", field=where)
-    name = str(front.get("name") or "").strip()
-    slug = _slug_for(name, folder)
-    if not slug:
-        raise DomainError(f"{where}: 'name' is missing.", field=where)
-    examples = metadata.get("examples") or []
-    doc = SkillDocument(
-        slug=slug,
-        name=str(metadata.get("title") or name or slug).strip(),
-        description=str(front.get("description") or "").strip(),
-        instructions=match.group(2).strip(),
-        category=str(front.get("category") or Category.GENERAL).strip(),
-        examples=examples if isinstance(examples, list) else [examples],
-        ignored_keys=sorted(
-            [str(k) for k in front if k not in KNOWN_KEYS]
-            + [f"metadata.{k}" for k in metadata if k not in ("title", "examples")]
-        ),
-    )
-    try:
-        skill_content_validate(
-            slug=doc.slug,
-            name=doc.name,
-            description=doc.description,
-            instructions=doc.instructions,
-            category=doc.category,
-        )
-    except DomainError as exc:
-        raise DomainError(f"{where}: {exc}", field=where) from exc
-    return doc
-
-
-def _slug_for(name: str, folder: str) -> str:
-    if SLUG_RE.match(name) and len(name) <= 64:
-        return name
-    if SLUG_RE.match(folder) and len(folder) <= 64:
-        return folder
-    return re.sub(r"[^a-z0-9]+", "-", (name or folder).lower()).strip("-")[:64].strip("-")
-
-
-# --- A library ------------------------------------------------------------------------------
+# --- Export ---------------------------------------------------------------------------------
 
 
 def library_revisions(project: Project, *, include_pending: bool = True) -> list[SkillRevision]:
@@ -171,167 +92,308 @@ def library_revisions(project: Project, *, include_pending: bool = True) -> list
     return sorted(chosen.values(), key=lambda r: r.skill.slug)
 
 
-def document_for(revision: SkillRevision) -> SkillDocument:
-    return SkillDocument(
-        slug=revision.skill.slug,
-        name=revision.name,
-        description=revision.description,
-        instructions=revision.instructions,
-        category=revision.category,
-        examples=list(revision.examples or []),
+class ExportedLibrary(dict[str, str | bytes]):
+    """``{"skills/<slug>/SKILL.md": text, "skills/<slug>/scripts/x.py": bytes, ...}``;
+    ``executable``: the paths to write as executable."""
+
+    executable: frozenset[str] = frozenset()
+
+
+def library_export(project: Project, *, include_pending: bool = True) -> ExportedLibrary:
+    """The project's library: each standing revision's SKILL.md and its bundled files."""
+    revisions = library_revisions(project, include_pending=include_pending)
+    files = ExportedLibrary()
+    folders = {}
+    for revision in revisions:
+        folder = f"skills/{revision.skill.slug}"
+        folders[revision.pk] = folder
+        files[f"{folder}/{FILE_NAME}"] = revision_text(revision)
+    executable = set()
+    bundled = SkillFile.objects.filter(revision__in=list(folders)).values_list(
+        "revision_id", "path", "content", "executable"
     )
-
-
-def library_export(project: Project, *, include_pending: bool = True) -> dict[str, str]:
-    """``{"skills/<slug>/SKILL.md": text}`` for the project's library."""
-    files = {}
-    for revision in library_revisions(project, include_pending=include_pending):
-        doc = document_for(revision)
-        files[doc.path] = render(doc)
+    for revision_id, path, content, is_executable in bundled.iterator(chunk_size=50):
+        target = f"{folders[revision_id]}/{path}"
+        files[target] = bytes(content)
+        if is_executable:
+            executable.add(target)
+    files.executable = frozenset(executable)
     return files
 
 
-def zip_bytes(files: dict[str, str]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(files):
-            info = zipfile.ZipInfo(path, date_time=(2026, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            archive.writestr(info, files[path])
-    return buffer.getvalue()
+# --- Import: the plan -----------------------------------------------------------------------
 
 
-# What reading a damaged or unusual archive raises besides BadZipFile: RuntimeError (an
-# encrypted entry), NotImplementedError (an unsupported compression method), zlib.error and
-# EOFError (corrupt or truncated deflate data), OSError / LZMAError (bzip2 / lzma data), and
-# ValueError (bad header fields).
-_ZIP_READ_ERRORS: tuple[type[BaseException], ...] = (
-    RuntimeError,
-    NotImplementedError,
-    zlib.error,
-    EOFError,
-    OSError,
-    lzma.LZMAError,
-    ValueError,
-)
+@dataclass
+class FileOutcome:
+    """What became of one file of an import."""
 
-
-def read_zip(data: bytes) -> dict[str, str]:
-    """The SKILL.md files in a zip archive (other files are ignored)."""
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, *_ZIP_READ_ERRORS) as exc:
-        raise DomainError("The upload is not a zip archive.", field="file") from exc
-    files: dict[str, str] = {}
-    total = 0
-    with archive:
-        for info in archive.infolist():
-            if info.is_dir() or PurePosixPath(info.filename).name != FILE_NAME:
-                continue
-            total += info.file_size
-            if len(files) >= MAX_FILES or total > MAX_TOTAL_BYTES:
-                raise DomainError("The archive is too large.", field="file")
-            try:
-                content = archive.read(info)
-            except (zipfile.BadZipFile, *_ZIP_READ_ERRORS) as exc:
-                # Corrupt data or CRC, an encrypted entry, an unsupported compression method.
-                raise DomainError(
-                    f"The archive entry {info.filename[:200]} cannot be read: "
-                    f"{type(exc).__name__}.",
-                    field="file",
-                ) from exc
-            files[info.filename] = content.decode("utf-8", "replace")
-    return files
-
-
-def read_folder(root: Path) -> dict[str, str]:
-    """Every SKILL.md under ``root`` (a library folder or a ``skills/`` folder)."""
-    return {
-        str(path.relative_to(root)): path.read_text(encoding="utf-8")
-        for path in sorted(root.rglob(FILE_NAME))
-    }
-
-
-def write_folder(root: Path, files: dict[str, str]) -> None:
-    for relative, text in files.items():
-        target = root / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text, encoding="utf-8")
+    path: str
+    # "created" / "unchanged" / "refused" for a SKILL.md; "kept" / "unchanged" / "refused" for
+    # a file beside one; "ignored" for a file of no skill.
+    outcome: str
+    skill: str = ""
+    reason: str = ""
+    size: int | None = None
 
 
 @dataclass
 class ImportedSkill:
     path: str
     slug: str
-    outcome: str  # "created" | "unchanged"
+    outcome: str  # "created" | "unchanged" | "refused"
     revision_id: int | None
     number: int | None
     ignored_keys: list[str]
+    reason: str = ""
+    files: int = 0
 
 
-def parse_files(files: dict[str, str]) -> list[tuple[str, SkillDocument]]:
-    if not files:
+@dataclass
+class ImportReport:
+    skills: list[ImportedSkill] = field(default_factory=list)
+    files: list[FileOutcome] = field(default_factory=list)
+
+    def count(self, outcome: str) -> int:
+        return sum(s.outcome == outcome for s in self.skills)
+
+    @property
+    def refusals(self) -> list[FileOutcome]:
+        return [f for f in self.files if f.outcome == "refused"]
+
+
+class ImportRefused(DomainError):
+    """``all_or_nothing`` and something was refused: nothing was imported. ``report`` says
+    what was refused and why, file by file."""
+
+    def __init__(self, report: ImportReport) -> None:
+        refused = report.refusals
+        reasons = "; ".join(f"{f.path}: {f.reason}" for f in refused[:20])
+        more = f" (and {len(refused) - 20} more)" if len(refused) > 20 else ""
+        super().__init__(
+            f"{len(refused)} file(s) refused, so nothing was imported (all or nothing): "
+            f"{reasons}{more}",
+            field=refused[0].path,
+        )
+        self.report = report
+
+
+@dataclass
+class _Planned:
+    path: str
+    doc: SkillDocument
+    files: list[BundledFile] = field(default_factory=list)
+
+
+def _read_skill_md(entry: Entry, folder: str) -> SkillDocument:
+    try:
+        text = (entry.content or b"").decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DomainError(f"{entry.path}: not UTF-8 text.", field=entry.path) from exc
+    if "\x00" in text:
+        raise DomainError(f"{entry.path}: contains a NUL character.", field=entry.path)
+    return parse(text, folder=folder, path=entry.path)
+
+
+def _plan(entries: list[Entry]) -> tuple[list[_Planned], dict[str, FileOutcome]]:
+    """Which skills an import holds and the files of each, and the outcome of every file that
+    is settled before anything is written (refused, ignored), by path."""
+    settled: dict[str, FileOutcome] = {}
+    readable = []
+    for entry in sorted(entries, key=lambda e: e.path):
+        if entry.ignored:
+            settled[entry.path] = FileOutcome(entry.path, "ignored", reason=entry.ignored)
+        elif entry.refusal:
+            settled[entry.path] = FileOutcome(entry.path, "refused", reason=entry.refusal)
+        else:
+            readable.append(entry)
+    skill_entries = [e for e in readable if PurePosixPath(e.path).name == FILE_NAME]
+    if not skill_entries:
         raise DomainError(f"No {FILE_NAME} files found.", field="files")
-    if len(files) > MAX_FILES:
-        raise DomainError(f"At most {MAX_FILES} skills per import.", field="files")
-    docs: list[tuple[str, SkillDocument]] = []
-    seen: dict[str, str] = {}
-    for path in sorted(files):
-        folder = PurePosixPath(path).parent.name
-        doc = parse(files[path], folder=folder, path=path)
-        if doc.slug in seen:
-            raise DomainError(
-                f"{path}: the skill '{doc.slug}' is also in {seen[doc.slug]}.", field=path
-            )
-        seen[doc.slug] = path
-        docs.append((path, doc))
-    return docs
-
-
-@transaction.atomic
-def library_import(
-    *, project: Project, files: dict[str, str], actor: Any = None, actor_label: str = ""
-) -> list[ImportedSkill]:
-    """Import SKILL.md files as PROPOSED revisions (origin ``import``), all or nothing. A skill
-    whose standing revision already has exactly this content is left alone (re-importing an
-    export is a no-op). ``actor`` None is a machine actor whose permission the caller checked."""
-    docs = parse_files(files)
-    standing = {r.skill.slug: r for r in library_revisions(project, include_pending=True)}
-    results: list[ImportedSkill] = []
-    for path, doc in docs:
-        current = standing.get(doc.slug)
-        if current is not None and doc.same_content(current):
-            results.append(
-                ImportedSkill(path, doc.slug, "unchanged", current.pk, current.number, [])
-            )
+    if len(skill_entries) > MAX_SKILLS:
+        raise DomainError(f"At most {MAX_SKILLS} skills per import.", field="files")
+    # folder -> its skill, None when refused (unread too: a symbolic link, too large)
+    roots: dict[str, _Planned | None] = {
+        folder_of(path): None
+        for path, outcome in settled.items()
+        if outcome.outcome == "refused" and PurePosixPath(path).name == FILE_NAME
+    }
+    slugs: dict[str, str] = {}
+    for entry in skill_entries:
+        folder = folder_of(entry.path)
+        try:
+            doc = _read_skill_md(entry, PurePosixPath(folder).name)
+            if doc.slug in slugs:
+                raise DomainError(f"the skill '{doc.slug}' is also in {slugs[doc.slug]}.")
+        except DomainError as exc:
+            reason = str(exc).removeprefix(f"{entry.path}: ")
+            settled[entry.path] = FileOutcome(entry.path, "refused", reason=reason)
+            roots[folder] = None
             continue
-        revision = skill_revision_propose(
-            project=project,
-            draft=RevisionDraft(
-                slug=doc.slug,
-                name=doc.name,
-                description=doc.description,
-                instructions=doc.instructions,
-                category=doc.category,
-                examples=doc.examples,
-                author=Author.HUMAN,
-                origin=Origin.IMPORT,
-                parent=current,
-            ),
-            created_by=actor,
-            actor_label=actor_label,
+        slugs[doc.slug] = entry.path
+        roots[folder] = _Planned(entry.path, doc)
+    folders = set(roots)
+    for entry in readable:
+        if PurePosixPath(entry.path).name == FILE_NAME:
+            continue  # planned or refused above
+        folder = skill_root(entry.path, folders)
+        planned = roots.get(folder) if folder is not None else None
+        relative = entry.path[len(folder) + 1 :] if folder else entry.path
+        refusal = ""
+        if planned is None:
+            refusal = "its skill's SKILL.md was refused"
+        elif len(relative) > MAX_PATH:
+            refusal = f"a path longer than {MAX_PATH} characters"
+        elif len(planned.files) >= MAX_FILES_PER_SKILL:
+            refusal = f"more than {MAX_FILES_PER_SKILL} files in one skill"
+        if refusal:
+            settled[entry.path] = FileOutcome(entry.path, "refused", reason=refusal)
+            continue
+        assert planned is not None and entry.content is not None
+        planned.files.append(BundledFile(relative, entry.content, entry.executable))
+    return [p for p in roots.values() if p is not None], settled
+
+
+# --- Import: the writes ---------------------------------------------------------------------
+
+
+def _standing_files(revisions: list[SkillRevision]) -> dict[int, set[tuple[str, str, bool]]]:
+    files: dict[int, set[tuple[str, str, bool]]] = {r.pk: set() for r in revisions}
+    rows = SkillFile.objects.filter(revision__in=revisions).values_list(
+        "revision_id", "path", "sha256", "executable"
+    )
+    for revision_id, path, sha256, executable in rows:
+        files[revision_id].add((path, sha256, executable))
+    return files
+
+
+def library_import(
+    *,
+    project: Project,
+    entries: list[Entry],
+    all_or_nothing: bool = False,
+    actor: Any = None,
+    actor_label: str = "",
+) -> ImportReport:
+    """Import SKILL.md files and the files beside them as PROPOSED revisions (origin
+    ``import``), file by file: what is refused is reported and the rest imported; with
+    ``all_or_nothing`` a refusal raises ``ImportRefused`` and nothing is written. A skill whose
+    standing revision would export exactly this folder is left alone (re-importing an export is
+    a no-op). ``actor`` None is a machine actor whose permission the caller checked."""
+    planned, settled = _plan(entries)
+    report = ImportReport()
+    if all_or_nothing and any(f.outcome == "refused" for f in settled.values()):
+        report.files = sorted(settled.values(), key=lambda f: f.path)
+        raise ImportRefused(report)
+    with transaction.atomic():
+        _write(project, planned, settled, report, actor=actor, actor_label=actor_label)
+    report.files = sorted(settled.values(), key=lambda f: f.path)
+    return report
+
+
+def _write(
+    project: Project,
+    planned: list[_Planned],
+    settled: dict[str, FileOutcome],
+    report: ImportReport,
+    *,
+    actor: Any,
+    actor_label: str,
+) -> None:
+    standing = {r.skill.slug: r for r in library_revisions(project, include_pending=True)}
+    standing_files = _standing_files(list(standing.values()))
+    created: list[int] = []
+    for item in sorted(planned, key=lambda p: p.path):
+        doc, current = item.doc, standing.get(item.doc.slug)
+        folder = item.path[: -len(FILE_NAME)]
+        files = {(f.path, f.sha256, f.executable) for f in item.files}
+        if (
+            current is not None
+            and revision_text(current) == doc.source
+            and standing_files[current.pk] == files
+        ):
+            outcome, revision = "unchanged", current
+        else:
+            outcome = "created"
+            revision = skill_revision_propose(
+                project=project,
+                draft=RevisionDraft(
+                    slug=doc.slug,
+                    name=doc.name,
+                    description=doc.description,
+                    instructions=doc.instructions,
+                    category=doc.category,
+                    examples=doc.examples,
+                    author=Author.HUMAN,
+                    origin=Origin.IMPORT,
+                    parent=current,
+                    skill_md=doc.source,
+                    files=item.files,
+                ),
+                created_by=actor,
+                actor_label=actor_label,
+                announce=False,
+            )
+            created.append(revision.pk)
+        report.skills.append(
+            ImportedSkill(
+                item.path,
+                doc.slug,
+                outcome,
+                revision.pk,
+                revision.number,
+                doc.ignored_keys if outcome == "created" else [],
+                files=len(item.files),
+            )
         )
-        results.append(
-            ImportedSkill(path, doc.slug, "created", revision.pk, revision.number, doc.ignored_keys)
+        settled[item.path] = FileOutcome(
+            item.path, outcome, skill=doc.slug, size=len(doc.source.encode())
         )
+        for bundled in item.files:
+            path = folder + bundled.path
+            kept = "kept" if outcome == "created" else "unchanged"
+            settled[path] = FileOutcome(path, kept, skill=doc.slug, size=len(bundled.content))
+    for path, outcome in settled.items():
+        if outcome.outcome == "refused" and PurePosixPath(path).name == FILE_NAME:
+            report.skills.append(
+                ImportedSkill(path, "", "refused", None, None, [], reason=outcome.reason)
+            )
     audit_record(
         action="skill_library.import",
         project=project,
         actor=actor,
         actor_label=actor_label,
         after={
-            "created": sum(r.outcome == "created" for r in results),
-            "unchanged": sum(r.outcome == "unchanged" for r in results),
+            "created": report.count("created"),
+            "unchanged": report.count("unchanged"),
+            "refused": sum(f.outcome == "refused" for f in settled.values()),
+            "files_kept": sum(f.outcome == "kept" for f in settled.values()),
         },
     )
-    return results
+    if created:
+        transaction.on_commit(
+            lambda: signals.revisions_imported.send(
+                sender=SkillRevision,
+                project_id=project.pk,
+                revision_ids=created,
+                actor_label=actor_label,
+            ),
+            robust=True,
+        )
+
+
+def entries_from_texts(files: dict[str, str]) -> list[Entry]:
+    """``{path: text}`` (the API's JSON form: SKILL.md files, and text files beside them) as
+    archive entries."""
+    roots = skill_roots(list(files))
+    entries = []
+    for path, text in files.items():
+        if skill_root(path, roots) is None:
+            entries.append(
+                Entry(path, ignored="not inside a skill's folder (no SKILL.md above it)")
+            )
+        elif reason := path_refusal(path):
+            entries.append(Entry(path, refusal=reason))
+        else:
+            entries.append(Entry(path, text.encode("utf-8", "surrogatepass")))
+    return entries

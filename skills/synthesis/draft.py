@@ -37,7 +37,8 @@ def propose_evidence_draft(
         )
         finish(group, status, "", revision=existing)
         return status
-    redactor = Redactor()
+    # Quoted into a draft that reviewers and chat channels see: personal data masked too.
+    redactor = Redactor(personal_data=True)
     if regressed is not None:
         slug, parent = regressed.skill.slug, regressed
         category = regressed.skill.category

@@ -1,5 +1,6 @@
 """The fast loop's side of incidents' signals: groups that wait for a skill are handed to a
-worker, and a new incident in a group whose skill is live marks a regression."""
+worker, a new incident in a group whose skill is live marks a regression, and merged groups'
+proposals follow the group they joined."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from django.dispatch import receiver
 from base.models import Project
 from base.queue import enqueue
 from incidents import signals as incident_signals
+from skills.library.services import revisions_follow_merged_groups
 from skills.synthesis.regressions import skill_regressions_detect
 
 
@@ -27,3 +29,11 @@ def detect_skill_regressions(
     """Inside the ingest transaction: a new incident in a group whose skill is in the active
     policy marks the group regressed and asks for a revision of that skill."""
     skill_regressions_detect(project=project, group_ids=group_ids, incident_ids=incident_ids)
+
+
+@receiver(incident_signals.groups_merged)
+def proposals_follow_merged_groups(
+    sender, project: Project, target_id: int, source_ids: list[int], **kwargs
+) -> None:
+    """Inside the merging transaction: a merged group's proposals show on the group it joined."""
+    revisions_follow_merged_groups(target_id=target_id, source_ids=source_ids)

@@ -20,7 +20,7 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import F, Q, Sum
 from django.utils import timezone
 
@@ -58,6 +58,10 @@ PROMPT_VERSION = "synth-2026-11.1"
 MAX_ATTEMPTS = 5
 
 
+# What ``group_synthesize`` returns for a group merged into the group of its failure mode.
+MERGED = "merged"
+
+
 class SynthesisRetryLater(Exception):
     """A transient LLM error: the group is WAITING again; retry after ``retry_after`` s."""
 
@@ -78,6 +82,10 @@ def group_synthesize(*, group_id: int) -> str | None:
     if group is None:
         return None
     try:
+        # A new wording of a failure mode that has a group already joins it: one group, one
+        # skill. The group it joined is asked for synthesis again if the merge brings news.
+        if group.events_at_synthesis == 0 and similar.merge_into_similar_group(group):
+            return MERGED
         return _synthesize_claimed(group)
     except SynthesisClaimLost:
         logger.warning("Group %s was released while it was synthesised; result dropped.", group_id)
@@ -338,23 +346,26 @@ def _budget_exceeded(project: Project) -> bool:
 
 
 def _usage_record(project: Project, usage: llm.Usage) -> None:
-    """Add one call's tokens to the project's day, in one statement committed at once (spent
-    tokens count even if the synthesis fails later; concurrent workers add up correctly)."""
-    table = LlmUsage._meta.db_table
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"""
-            INSERT INTO {table} (project_id, day, calls, tokens_in, tokens_out)
-            VALUES (%s, %s, 1, %s, %s)
-            ON CONFLICT (project_id, day) DO UPDATE SET
-                calls = {table}.calls + 1,
-                tokens_in = {table}.tokens_in + EXCLUDED.tokens_in,
-                tokens_out = {table}.tokens_out + EXCLUDED.tokens_out
-            """,
-            [
-                project.pk,
-                connection.ops.adapt_datefield_value(timezone.localdate()),
-                usage.tokens_in,
-                usage.tokens_out,
-            ],
-        )
+    """Add one call's tokens to the project's day, committed at once when no transaction is
+    open (spent tokens count even if the synthesis fails later). Concurrent workers add up
+    correctly: the update adds in the database, and the first call of a day that loses the race
+    to create the row updates the winner's."""
+    day = timezone.localdate()
+    added = {
+        "calls": F("calls") + 1,
+        "tokens_in": F("tokens_in") + usage.tokens_in,
+        "tokens_out": F("tokens_out") + usage.tokens_out,
+    }
+    if LlmUsage.objects.filter(project=project, day=day).update(**added):
+        return
+    try:
+        with transaction.atomic():
+            LlmUsage.objects.create(
+                project=project,
+                day=day,
+                calls=1,
+                tokens_in=usage.tokens_in,
+                tokens_out=usage.tokens_out,
+            )
+    except IntegrityError:
+        LlmUsage.objects.filter(project=project, day=day).update(**added)

@@ -8,15 +8,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from django.conf import settings
-from django.db import connection
+from django.db.models import Exists, OuterRef, Q
 
+from base.errors import Conflict
 from base.models import Project
-from base.sql import columns, placeholders
 from incidents import services as incident_services
-from incidents.models import IncidentGroup
+from incidents.models import GroupStatus, IncidentGroup
+from incidents.similarity import contradiction
 from skills.library.embeddings import get_embedder, skill_text
 from skills.library.models import RevisionStatus, Skill, SkillRevision
-from skills.synthesis.evidence import group_text_of
+from skills.synthesis.evidence import group_text, group_text_of
 from skills.versions.models import PolicyVersion, VersionStatus
 
 logger = logging.getLogger(__name__)
@@ -63,23 +64,19 @@ class Standing:
     category: str
 
 
-# The reads below run in every synthesis, so they are written out: the ORM spent more CPU
-# compiling each of them than PostgreSQL spent running it (the fast loop's throughput under a
-# burst of new groups is CPU-bound). Table names come from the models; the SQL is portable.
 REVISIONS = SkillRevision._meta.db_table
 SKILLS = Skill._meta.db_table
 
 
 def latest_revisions(project: Project) -> list[Standing]:
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT r.id, r.skill_id, s.slug, s.category FROM {REVISIONS} r "
-            f"JOIN {SKILLS} s ON s.id = r.skill_id "
-            "WHERE s.project_id = %s AND r.status IN (%s, %s) "
-            "ORDER BY r.skill_id, r.number DESC LIMIT 5000",
-            [project.pk, RevisionStatus.APPROVED.value, RevisionStatus.PROPOSED.value],
+    rows = (
+        SkillRevision.objects.filter(
+            skill__project=project,
+            status__in=[RevisionStatus.APPROVED, RevisionStatus.PROPOSED],
         )
-        rows = cursor.fetchall()
+        .order_by("skill_id", "-number")
+        .values_list("id", "skill_id", "skill__slug", "skill__category")[:5000]
+    )
     latest: dict[int, Standing] = {}
     for revision_id, skill_id, slug, category in rows:
         if skill_id not in latest:
@@ -161,17 +158,24 @@ def similar_skills(
     top_skill_ids = [candidates[i].skill_id for i in order]
     # One query for the top matches (is each in the active policy?) and the rolled-back
     # revisions of their skills: the prompt shows both.
+    active = PolicyVersion.objects.filter(
+        project=project, status=VersionStatus.ACTIVE, revisions=OuterRef("pk")
+    )
     rows = list(
-        SkillRevision.objects.raw(
-            "SELECT r.id, r.skill_id, r.number, r.name, r.description, r.instructions, "
-            "r.status, r.rolled_back_at, EXISTS (SELECT 1 FROM "
-            f"{PolicyVersion.revisions.through._meta.db_table} pr "
-            f"JOIN {PolicyVersion._meta.db_table} v ON v.id = pr.policyversion_id "
-            "WHERE pr.skillrevision_id = r.id AND v.project_id = %s AND v.status = %s"
-            f") AS in_active_policy FROM {REVISIONS} r WHERE r.id IN ({placeholders(top_ids)}) "
-            f"OR (r.skill_id IN ({placeholders(top_skill_ids)}) AND r.rolled_back_at IS NOT NULL)",
-            [project.pk, VersionStatus.ACTIVE.value, *top_ids, *top_skill_ids],
+        SkillRevision.objects.filter(
+            Q(pk__in=top_ids) | Q(skill_id__in=top_skill_ids, rolled_back_at__isnull=False)
         )
+        .only(
+            "id",
+            "skill_id",
+            "number",
+            "name",
+            "description",
+            "instructions",
+            "status",
+            "rolled_back_at",
+        )  # fmt: skip
+        .annotate(in_active_policy=Exists(active))
     )
     by_id = {row.pk: row for row in rows}
     known = [
@@ -197,24 +201,118 @@ def similar_skills(
     return known
 
 
+def _group_text(title: str, normalized_message: str) -> str:
+    return normalized_message or title
+
+
 def link_related_groups(group: IncidentGroup, vector: np.ndarray) -> None:
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT id, title, tool_name FROM {IncidentGroup._meta.db_table} "
-            "WHERE project_id = %s AND id <> %s ORDER BY last_seen DESC LIMIT 500",
-            [group.project_id, group.pk],
+    """Link the groups that look like the same problem in other words: a similar description,
+    the same decisive tool, and nothing one says that the other denies ("cancelled wrongly" is
+    not related to "failed to cancel", however alike the words)."""
+    others = list(
+        IncidentGroup.objects.filter(
+            project_id=group.project_id, merged_into__isnull=True, tool_name=group.tool_name
         )
-        others = [(pk, group_text_of(title, tool)) for pk, title, tool in cursor.fetchall()]
+        .exclude(pk=group.pk)
+        .order_by("-last_seen")
+        .values_list("id", "title", "tool_name")[:500]
+    )
     if not others:
         return
-    scores = group_vectors(others) @ vector
+    scores = (
+        group_vectors([(pk, group_text_of(title, tool)) for pk, title, tool in others]) @ vector
+    )
     threshold = related_threshold()
+    text = group_text(group)
     related = [
         others[i][0]
         for i in np.argsort(-scores)[:MAX_RELATED_GROUPS]
         if float(scores[i]) >= threshold
+        and contradiction(text, group_text_of(others[i][1], others[i][2])) is None
     ]
     incident_services.groups_relate(group_id=group.pk, related_ids=related)
+
+
+# --- Merging a new group into the group of its failure mode ---------------------------------
+
+
+def merge_threshold(project: Project) -> float:
+    """Cosine similarity at which a new group joins an open group of the same failure mode:
+    the project's own setting, else the site's (``GROUP_MERGE_THRESHOLD``). The default comes
+    from ``benchmarks/grouping.py`` on the labelled airline corpus."""
+    return project.group_merge_threshold or _threshold("GROUP_MERGE_THRESHOLD", 0.55)
+
+
+@dataclass(frozen=True)
+class MergeMatch:
+    target: IncidentGroup
+    score: float
+    threshold: float
+
+
+def similar_group_to_merge(group: IncidentGroup) -> MergeMatch | None:
+    """The older open group of the same agent, kind, error type and decisive tool whose every
+    fingerprint (the group's own and those merged into it) describes the failure like this
+    group does: complete linkage, so that a group never grows by a chain of near neighbours.
+    None when no group is similar enough."""
+    if group.merged_into_id is not None:
+        return None
+    candidates = list(
+        IncidentGroup.objects.filter(
+            project_id=group.project_id,
+            agent_name=group.agent_name,
+            kind=group.kind,
+            error_type=group.error_type,
+            tool_name=group.tool_name,
+            merged_into__isnull=True,
+            pk__lt=group.pk,
+        )
+        .exclude(status=GroupStatus.IGNORED)
+        .order_by("-last_seen")[:200]
+    )
+    if not candidates:
+        return None
+    members: dict[int, list[tuple[int, str]]] = {
+        c.pk: [(c.pk, _group_text(c.title, c.normalized_message))] for c in candidates
+    }
+    for pk, root, title, message in IncidentGroup.objects.filter(
+        merged_into_id__in=list(members)
+    ).values_list("id", "merged_into_id", "title", "normalized_message"):
+        members[root].append((pk, _group_text(title, message)))
+    text = _group_text(group.title, group.normalized_message)
+    vector = group_vectors([(group.pk, text)])[0]
+    threshold = merge_threshold(group.project)
+    best: MergeMatch | None = None
+    for candidate in candidates:
+        texts = members[candidate.pk]
+        score = float(np.min(group_vectors(texts) @ vector))
+        if score >= threshold and (best is None or score > best.score):
+            best = MergeMatch(candidate, score, threshold)
+    return best
+
+
+def merge_into_similar_group(group: IncidentGroup) -> IncidentGroup | None:
+    """Merge a new group into the group of its failure mode, if there is one (audited, with the
+    figures). Returns the group it joined."""
+    match = similar_group_to_merge(group)
+    if match is None:
+        return None
+    try:
+        return incident_services.groups_merge(
+            project=group.project,
+            target_id=match.target.pk,
+            source_ids=[group.pk],
+            actor=None,
+            actor_label="fast loop: similarity merge",
+            reason=(
+                f"Same failure mode as group {match.target.pk}: similarity {match.score:.2f} "
+                f"(at least {match.threshold:.2f}) with each of its fingerprints; same agent, kind "
+                f"and decisive tool ({group.tool_name or 'none'})."
+            ),
+        )
+    except Conflict:
+        # The other group was merged elsewhere meanwhile: synthesise this one on its own.
+        return None
 
 
 def near_duplicate(
@@ -227,13 +325,5 @@ def near_duplicate(
     best = int(np.argmax(scores))
     if float(scores[best]) < duplicate_threshold():
         return None
-    revision = next(
-        iter(
-            SkillRevision.objects.raw(
-                f"SELECT {columns(SkillRevision)} FROM {REVISIONS} WHERE id = %s",
-                [candidates[best].revision_id],
-            )
-        ),
-        None,
-    )
+    revision = SkillRevision.objects.filter(pk=candidates[best].revision_id).first()
     return (candidates[best], revision, float(scores[best])) if revision is not None else None

@@ -2,7 +2,8 @@
 
 Thin handlers: reads through ``skills.versions.selectors``, decisions through the same services the
 dashboard and the approval links call. The key's project scopes everything; the actor is the
-key itself (``api-key:<prefix>``), whose permission the ``admin`` scope has checked."""
+key itself (``api-key:<prefix>``), whose permission the ``admin`` scope has checked; for the
+two-person rule an approval counts as the key's owner (``base.permissions.person_id``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from base.pagination import paginate
 from base.permissions import api_key_label
 from base.requests import ApiRequest
 from skills.library.models import Category, Origin, RevisionStatus, SkillRevision
+from skills.library.services import CONTENT_LIMITS
 from skills.versions import selectors, services
 from skills.versions.models import PolicyVersion, VersionStatus
 
@@ -75,12 +77,32 @@ class ReasonIn(Schema):
 
 
 class EditIn(Schema):
-    name: str = Field(..., max_length=120)
-    description: str = Field(..., max_length=500)
-    instructions: str = Field(..., max_length=20_000)
+    # A revision may hold what the Agent Skills format allows (imported skills do), not only
+    # what the fast loop writes: skills.library.services.CONTENT_LIMITS.
+    name: str = Field(..., max_length=CONTENT_LIMITS["name"])
+    description: str = Field(..., max_length=CONTENT_LIMITS["description"])
+    instructions: str = Field(..., max_length=CONTENT_LIMITS["instructions"])
     category: Category = Category.GENERAL
     examples: list | None = None
     approve: bool = False
+
+
+class PromoteIn(DecisionIn):
+    # The version the caller means to replace (the one active when they decided): the promotion
+    # is refused (409) when another one is active by now. Without it, the candidate's parent
+    # must still be active.
+    replaces: int | None = Field(None, ge=1)
+
+
+class VersionIn(Schema):
+    """A candidate to compose. ``revisions``: ids of approved revisions, at most one per skill
+    (omitted: the active version's); ``adapter_ref`` and ``base_model`` omitted: the active
+    version's ("" for none)."""
+
+    revisions: list[int] | None = Field(None, max_length=2000)
+    adapter_ref: str | None = Field(None, max_length=500)
+    base_model: str | None = Field(None, max_length=200)
+    changelog: str = Field("", max_length=5000)
 
 
 class VersionOut(Schema):
@@ -126,6 +148,15 @@ class VersionDetailOut(VersionOut):
         return obj.revision_list
 
 
+class VersionDecidedOut(VersionDetailOut):
+    # The version a promotion or rollback replaced (now retired): what the caller just retired.
+    replaced: int | None = None
+
+    @staticmethod
+    def resolve_replaced(obj: Any) -> int | None:
+        return getattr(obj, "replaced", None)
+
+
 def _revision(request: ApiRequest, revision_id: int) -> SkillRevision:
     return selectors.revision_for_project(request.project, revision_id)
 
@@ -167,7 +198,7 @@ def approve_revision(
     return services.skill_revision_approve(
         revision=_revision(request, revision_id),
         actor=None,
-        actor_label=api_key_label(request.api_key),
+        api_key=request.api_key,
         reason=payload.reason if payload else "",
     )
 
@@ -199,7 +230,7 @@ def edit_revision(request: ApiRequest, revision_id: int, payload: EditIn) -> Sta
     )
     if payload.approve:
         new_revision = services.skill_revision_approve(
-            revision=new_revision, actor=None, actor_label=label
+            revision=new_revision, actor=None, actor_label=label, api_key=request.api_key
         )
     return Status(201, new_revision)
 
@@ -207,6 +238,24 @@ def edit_revision(request: ApiRequest, revision_id: int, payload: EditIn) -> Sta
 @router.get("/versions", response=list[VersionOut])
 def list_versions(request: ApiRequest, status: VersionStatus | None = None) -> list:
     return list(selectors.versions_for_project(request.project, status=status)[:200])
+
+
+@router.post("/versions", response={201: VersionDetailOut})
+def create_version(request: ApiRequest, payload: VersionIn) -> Status:
+    """Compose a candidate from chosen approved revisions and an adapter, built on the active
+    version; it waits for ``promote`` (or ``reject``)."""
+    chosen = payload.revisions
+    revisions = None if chosen is None else selectors.revisions_by_id(request.project, chosen)
+    version = services.policy_version_create_candidate(
+        project=request.project,
+        revisions=revisions,
+        adapter_ref=payload.adapter_ref,
+        base_model=payload.base_model,
+        changelog=payload.changelog,
+        actor=None,
+        actor_label=api_key_label(request.api_key),
+    )
+    return Status(201, _version_detail(request, version.number))
 
 
 @router.get("/versions/{number}", response=VersionDetailOut)
@@ -221,25 +270,39 @@ def diff_versions(request: ApiRequest, from_number: int, to_number: int) -> dict
 
 
 def _version_decided(
-    request: ApiRequest, number: int, decide: Callable[..., PolicyVersion], reason: str
+    request: ApiRequest,
+    number: int,
+    decide: Callable[..., PolicyVersion],
+    reason: str,
+    **extra: Any,
 ) -> PolicyVersion:
     """Decide on version ``number`` with ``decide`` (a ``policy_version_*`` service, called
-    with ``version=``) as the request's key; answer the version as it is afterwards."""
+    with ``version=``) as the request's key; answer the version as it is afterwards, with the
+    version it replaced when it became active."""
     decide(
         version=_version(request, number),
         actor=None,
         actor_label=api_key_label(request.api_key),
         reason=reason,
+        **extra,
     )
-    return _version_detail(request, number)
+    version = _version_detail(request, number)
+    if version.status == VersionStatus.ACTIVE:
+        version.replaced = selectors.version_replaced(version)  # type: ignore[attr-defined]
+    return version
 
 
-@router.post("/versions/{number}/promote", response=VersionDetailOut)
+@router.post("/versions/{number}/promote", response=VersionDecidedOut)
 def promote_version(
-    request: ApiRequest, number: int, payload: DecisionIn | None = None
+    request: ApiRequest, number: int, payload: PromoteIn | None = None
 ) -> PolicyVersion:
+    """Make the candidate ``number`` active; the answer names the version it replaced. 409
+    when the active version is not the one the candidate was built on (or ``replaces``)."""
     reason = payload.reason if payload else ""
-    return _version_decided(request, number, services.policy_version_promote, reason)
+    replaces = payload.replaces if payload else None
+    return _version_decided(
+        request, number, services.policy_version_promote, reason, replaces=replaces
+    )
 
 
 @router.post("/versions/{number}/reject", response=VersionDetailOut)
@@ -247,7 +310,7 @@ def reject_version(request: ApiRequest, number: int, payload: ReasonIn) -> Polic
     return _version_decided(request, number, services.policy_version_reject, payload.reason)
 
 
-@router.post("/versions/{number}/rollback", response=VersionDetailOut)
+@router.post("/versions/{number}/rollback", response=VersionDecidedOut)
 def rollback_to_version(request: ApiRequest, number: int, payload: ReasonIn) -> PolicyVersion:
     """Make the retired version ``number`` active again."""
 

@@ -76,7 +76,7 @@ def test_a_new_incident_answers_202_then_200_and_is_stored(project, ingest_key):
     assert first[0] == 202, first[2]
     assert first[1]["content-type"] == "application/json; charset=utf-8"
     body = json.loads(first[2])
-    assert list(body) == ["id", "client_id", "group_id", "status", "duplicate"]
+    assert list(body) == ["id", "client_id", "group_id", "status", "duplicate", "warnings"]
     assert body["duplicate"] is False
     assert again[0] == 200
     assert json.loads(again[2]) == {**body, "duplicate": True}

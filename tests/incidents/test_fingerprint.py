@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from incidents.fingerprint import (
     FINGERPRINT_VERSION,
+    decisive_tool,
     fingerprint,
     normalize_message,
     tool_from_messages,
@@ -41,7 +42,7 @@ def test_agent_kind_error_type_and_tool_each_split_groups():
 
 
 def test_fingerprint_is_versioned():
-    assert FINGERPRINT_VERSION == 1
+    assert FINGERPRINT_VERSION == 2
     assert (
         fp("x")
         == fingerprint(agent="bot", kind="tool_error", error_type="E", message="x", tool="t")[0]
@@ -58,3 +59,33 @@ def test_tool_is_the_last_tool_called():
     assert tool_from_messages(messages) == "second"
     assert tool_from_messages([{"role": "user", "content": "hi"}]) == ""
     assert tool_from_messages(["junk", {"role": "assistant", "tool_calls": ["junk"]}]) == ""
+
+
+def test_ids_codes_and_amounts_that_vary_between_occurrences_are_stripped():
+    first = "Cancelled reservation ZFA04Y (flight HAT123, JFK to SFO) for $425 by mei_brown_1234"
+    second = "Cancelled reservation 8KD3LQ (flight HAT007, ORD to LAX) for $1,100 by omar_kim_77"
+    assert normalize_message(first) == normalize_message(second)
+    assert normalize_message(first) == (
+        "Cancelled reservation <id> (flight <id>, <code> to <code>) for $<n> by <id>"
+    )
+
+
+def _call(name: str) -> list[dict]:
+    return [
+        {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": name}}]},
+        {"role": "tool", "name": name, "content": "ok"},
+    ]
+
+
+def test_the_decisive_tool_skips_hand_offs_calculators_and_thinking():
+    cancel = _call("get_reservation_details") + _call("cancel_reservation")
+    assert decisive_tool(cancel) == "cancel_reservation"
+    for incidental in ("transfer_to_human_agents", "calculate", "think", "escalate_ticket"):
+        assert decisive_tool(cancel + _call(incidental)) == "cancel_reservation"
+    # A project's own incidental tools, wildcards allowed.
+    assert decisive_tool(cancel + _call("notify_slack"), ["notify_*"]) == "cancel_reservation"
+    assert decisive_tool(cancel + _call("notify_slack")) == "notify_slack"
+    # Only incidental calls: the last one still says something.
+    assert decisive_tool(_call("think") + _call("transfer_to_human_agents")) == (
+        "transfer_to_human_agents"
+    )

@@ -197,3 +197,29 @@ def test_version_of_another_project_is_not_visible(api, project, other_project, 
 
     assert api.get("/api/v1/versions/2", key=admin_key).status_code == 404
     assert factories.make_key  # keys are per project: the admin key is the first project's
+
+
+def test_an_edit_may_keep_what_the_agent_skills_format_allows(api, project, admin_key):
+    # Imported skills hold descriptions up to 1,024 characters and long bodies: an edit through
+    # the API (and the review page's textarea) must be able to keep them.
+    revision = factories.make_revision(project)
+    long_description = "When a tool wants a date,\nand the user wrote it another way. " * 15
+    assert 500 < len(long_description) <= 1024
+    edit = {
+        "name": "Use ISO 8601 dates",
+        "description": long_description,
+        "instructions": "Pass YYYY-MM-DD.\n" * 2000,
+    }
+    response = api.post(f"/api/v1/skills/revisions/{revision.pk}/edit", edit, key=admin_key)
+    assert response.status_code == 201, response.content
+    stored = SkillRevision.objects.get(pk=response.json()["id"])
+    # Kept whole (only the surrounding whitespace is trimmed, as for every edit).
+    assert (stored.description, stored.instructions) == (
+        edit["description"].strip(),
+        edit["instructions"].strip(),
+    )
+
+    too_long = {**edit, "description": "x" * 1025}
+    response = api.post(f"/api/v1/skills/revisions/{stored.pk}/edit", too_long, key=admin_key)
+    assert response.status_code == 422
+    assert "description" in {e["field"] for e in response.json()["errors"]}

@@ -133,7 +133,9 @@ def test_importing_the_same_library_again_changes_nothing(api, project, admin_ke
     )
 
     assert response.status_code == 200
-    assert response.json() == {"created": 0, "unchanged": 2, "skills": response.json()["skills"]}
+    body = response.json()
+    assert (body["created"], body["unchanged"], body["refused"]) == (0, 2, 0)
+    assert {f["outcome"] for f in body["files"]} == {"unchanged"}
     assert SkillRevision.objects.count() == before
 
 
@@ -167,7 +169,9 @@ def test_a_foreign_skill_md_imports_and_its_unknown_keys_are_reported(api, proje
     assert revision.instructions.startswith("# Debug systematically")
 
 
-def test_an_invalid_file_answers_422_naming_it_and_imports_nothing(api, project, admin_key):
+def test_all_or_nothing_an_invalid_file_answers_422_naming_it_and_imports_nothing(
+    api, project, admin_key
+):
     broken = FOREIGN.replace("category: coding", "category: astrology")
 
     response = api.post(
@@ -176,7 +180,8 @@ def test_an_invalid_file_answers_422_naming_it_and_imports_nothing(api, project,
             "files": {
                 "skills/ok/SKILL.md": FOREIGN.replace("debug-", "ok-"),
                 "skills/bad/SKILL.md": broken,
-            }
+            },
+            "all_or_nothing": True,
         },
         key=admin_key,
     )

@@ -1,4 +1,5 @@
-"""Export a project's skill library as folders of SKILL.md (or one zip)."""
+"""Export a project's skill library as folders of SKILL.md and their bundled files (or one
+zip)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from skills.skillmd import services as skillmd
 
 
 class Command(BaseCommand):
-    help = "Write skills/<slug>/SKILL.md for every skill of a project (approved and pending)."
+    help = (
+        "Write skills/<slug>/SKILL.md and the files bundled with it for every skill of a project "
+        "(approved and pending)."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("--project", required=True, help="The project's slug.")
@@ -28,7 +32,10 @@ class Command(BaseCommand):
         path = Path(destination)
         if path.suffix == ".zip":
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(skillmd.zip_bytes(files))
+            path.write_bytes(skillmd.zip_bytes(files, files.executable))
         else:
-            skillmd.write_folder(path, files)
-        self.stdout.write(f"Exported {len(files)} skill(s) to {path}.")
+            skillmd.write_folder(path, files, files.executable)
+        skills = sum(name.endswith(f"/{skillmd.FILE_NAME}") for name in files)
+        self.stdout.write(
+            f"Exported {skills} skill(s) and {len(files) - skills} bundled file(s) to {path}."
+        )
