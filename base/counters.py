@@ -1,5 +1,7 @@
 """Per-minute counters: API rate limits and the traffic figures the slow loop's idle detection
 reads. Redis in production (shared by every web process); the Django cache in embedded mode.
+Also the failed-authentication counts that throttle guessing (``failure_record``), kept in the
+Django cache, which is the same Redis in production.
 
 Two ways to count a request: ``hit`` asks Redis on the spot (the Django door); ``hit_local``
 counts in this process's memory and a background thread adds the counts to the same keys every
@@ -10,6 +12,7 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
+import math
 import threading
 import time
 
@@ -212,3 +215,62 @@ def _cache_incr(key: str, n: int, ttl: int) -> int:
 
 _flusher = Periodic("metaclaw-counts-flush", FLUSH_INTERVAL, lambda: flush_local())
 atexit.register(lambda: flush_local())
+
+
+# --- Failed authentications (wrong passwords, wrong API keys) --------------------------------
+
+FAILURES_KEY = "metaclaw:failures:{scope}:{subject}:{window}"
+BLOCKED_KEY = "metaclaw:blocked:{scope}:{subject}"
+
+
+def failures_blocked(*, scope: str, subject: str, now: float | None = None) -> int:
+    """Seconds until ``subject`` (an address, a username and address...) may try ``scope``
+    again; 0 when it may now. A cache outage blocks nobody (and is logged)."""
+    now = time.time() if now is None else now
+    try:
+        until = cache.get(BLOCKED_KEY.format(scope=scope, subject=subject))
+    except Exception:  # noqa: BLE001 - throttling must never fail a request
+        logger.warning("Could not read the failed-authentication counts.")
+        return 0
+    return max(0, math.ceil(float(until) - now)) if until else 0
+
+
+def failure_record(
+    *, scope: str, subject: str, limit: int, window_seconds: int, now: float | None = None
+) -> int:
+    """Count one failure of ``subject`` in the current window of ``window_seconds`` (fixed
+    windows: the count starts again when the window does). The ``limit``-th failure in a window
+    blocks ``subject`` for ``window_seconds`` from now. Returns the seconds it is blocked for,
+    0 when it is not. Every process shares the count, so the limit is the site's, not a
+    process's."""
+    now = time.time() if now is None else now
+    key = FAILURES_KEY.format(scope=scope, subject=subject, window=int(now // window_seconds))
+    try:
+        if _cache_incr(key, 1, 2 * window_seconds) < limit:
+            return 0
+        cache.set(
+            BLOCKED_KEY.format(scope=scope, subject=subject),
+            now + window_seconds,
+            timeout=window_seconds + 1,
+        )
+    except Exception:  # noqa: BLE001 - throttling must never fail a request
+        logger.warning("Could not count a failed authentication.")
+        return 0
+    return window_seconds
+
+
+def failures_clear(
+    *, scope: str, subject: str, window_seconds: int, now: float | None = None
+) -> None:
+    """Forget ``subject``'s failures and lift its block (a successful login)."""
+    now = time.time() if now is None else now
+    window = int(now // window_seconds)
+    try:
+        cache.delete_many(
+            [
+                BLOCKED_KEY.format(scope=scope, subject=subject),
+                FAILURES_KEY.format(scope=scope, subject=subject, window=window),
+            ]
+        )
+    except Exception:  # noqa: BLE001
+        logger.warning("Could not clear the failed-authentication counts.")

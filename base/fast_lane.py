@@ -23,6 +23,8 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -47,7 +49,14 @@ from base.api_shapes import (
     pydantic_errors,
     render_json,
 )
-from base.auth import RateLimited, ScopeDenied, admit
+from base.auth import (
+    RateLimited,
+    ScopeDenied,
+    admit,
+    api_key_blocked,
+    api_key_failed,
+    client_ip,
+)
 from base.errors import DomainError
 from base.middleware import api_body_limit, too_large_body
 from base.services import api_key_authenticate, api_key_cached
@@ -94,6 +103,17 @@ class Door:
 
     def too_large(self, path: str, length: int) -> FastResponse:
         return api_answer(413, too_large_body(length, self.body_limit(path)))
+
+    def key_guessing(self, seconds: int) -> FastResponse:
+        """429 for an address that sent too many wrong keys (``base.auth``'s throttle)."""
+        response = self.refusal(
+            429,
+            "Too many requests with an invalid API key from this address; try again in "
+            f"{seconds} seconds.",
+            "rate_limited",
+        )
+        response.headers.append(("retry-after", str(seconds)))
+        return response
 
     def internal_error(self) -> FastResponse:
         return api_error(500, "Internal server error.", "internal_error")
@@ -210,9 +230,45 @@ async def _refuse_early(
     declared = headers.get("content-length", "")
     if declared.strip().isdigit() and int(declared) > door.body_limit(path):
         return door.too_large(path, int(declared))
+    ip = client_ip(request)
+    blocked = _blocked_for(ip)
+    if blocked:
+        return door.key_guessing(blocked)
     if await authenticate(headers) is None:  # cached: the handler's own check is then free
+        if headers.get("authorization", "").strip():
+            # A wrong key: counted like the Django door counts it (base.auth), on a worker
+            # thread; the block it may start is remembered here, so that the next guesses
+            # are refused without a wait on Redis on the event loop.
+            seconds = await in_worker_thread(_wrong_key_counted)(ip)
+            if seconds:
+                _blocked_until[ip] = time.monotonic() + seconds
         return door.unauthorized()
     return None
+
+
+# Addresses blocked for guessing keys, as this process last heard from the shared counter.
+_blocked_until: dict[str, float] = {}
+
+
+def _blocked_for(ip: str) -> int:
+    deadline = _blocked_until.get(ip)
+    if deadline is None:
+        return 0
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        _blocked_until.pop(ip, None)
+        return 0
+    return max(1, math.ceil(remaining))
+
+
+def forget_blocked_addresses() -> None:
+    """For tests: forget the blocks this process remembers."""
+    _blocked_until.clear()
+
+
+def _wrong_key_counted(ip: str) -> int:
+    # Blocked already (by another process or door), or by this very failure.
+    return api_key_blocked(ip) or api_key_failed(ip)
 
 
 async def _serve(route: Route, scope: dict, receive: Callable, send: Callable) -> None:

@@ -47,3 +47,14 @@ def actor_label(actor: Any, label: str = "") -> str:
 def api_key_label(api_key: ApiKey) -> str:
     """How the audit log names an API key."""
     return f"api-key:{api_key.prefix}"
+
+
+def person_id(actor: Any, api_key: ApiKey | None = None) -> int | None:
+    """The person a decision counts as, for rules about people (the two-person rule): the
+    person acting, or, for a decision made with an API key, the key's owner (``ApiKey.owner``:
+    whoever made it in the dashboard). None when no person can be named: a key made by a
+    command, a task, a deleted account."""
+    user = actor_user(actor)
+    if user is not None:
+        return user.pk
+    return api_key.owner_id if api_key is not None else None

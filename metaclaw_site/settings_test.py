@@ -16,7 +16,9 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 # Tasks run inline when a test commits (django_capture_on_commit_callbacks); the tests marked
 # "worker" start a real Celery worker process against Redis instead.
 CELERY_TASK_ALWAYS_EAGER = os.environ.get("CELERY_TASK_ALWAYS_EAGER", "1") == "1"
-METACLAW_ALLOW_PRIVATE_WEBHOOKS = True  # the fake Slack and webhook servers are on loopback
+# base.outbound may reach loopback: the fake Slack, webhook and calendar servers are there (the
+# guard's own tests turn this off).
+METACLAW_ALLOW_PRIVATE_WEBHOOKS = True
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},

@@ -19,6 +19,7 @@ urlpatterns = [
     path(P + "review/<int:revision_id>/edit/", views.revision_edit, name="revision_edit"),
     path(P + "versions/", views.version_list, name="version_list"),
     path(P + "versions/diff/", views.version_diff, name="version_diff"),
+    path(P + "versions/new/", views.version_compose, name="version_compose"),
     path(P + "versions/<int:number>/", views.version_detail, name="version_detail"),
     path(P + "versions/<int:number>/promote/", views.version_promote, name="version_promote"),
     path(P + "versions/<int:number>/rollback/", views.version_rollback, name="version_rollback"),

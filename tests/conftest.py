@@ -24,10 +24,12 @@ def _clean_redis():
 def _clear_local_caches():
     from django.core.cache import cache
 
+    from base.fast_lane import forget_blocked_addresses
     from base.services import api_key_cache_clear
 
     cache.clear()
     api_key_cache_clear()
+    forget_blocked_addresses()
     yield
 
 

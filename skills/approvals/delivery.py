@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import json
 import re
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -23,6 +21,8 @@ from urllib.parse import urlsplit
 import httpx
 from django.conf import settings
 from django.core.mail import EmailMultiAlternatives
+
+from base import outbound
 
 if TYPE_CHECKING:
     from skills.approvals.models import Notification
@@ -54,56 +54,12 @@ class PermanentDeliveryError(DeliveryError):
 # --- Where we may send -----------------------------------------------------------------------
 
 
-def _address_refused(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    mapped = getattr(address, "ipv4_mapped", None)
-    if mapped is not None:
-        address = mapped
-    return (
-        address.is_loopback
-        or address.is_private
-        or address.is_link_local
-        or address.is_reserved
-        or address.is_multicast
-        or address.is_unspecified
-        or not address.is_global
-    )
-
-
 def url_refusal(url: str) -> str | None:
-    """Why ``url`` must not be posted to, or None. Outbound posts go only to hosts whose every
-    address is public: loopback, private, link-local (cloud metadata), reserved and multicast
-    addresses are refused, so a project setting cannot turn the worker into a proxy into the
-    internal network. ``METACLAW_ALLOW_PRIVATE_WEBHOOKS`` lifts this (tests, on-premise setups
-    whose receivers are on the private network)."""
-    if getattr(settings, "METACLAW_ALLOW_PRIVATE_WEBHOOKS", False):
-        return None
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        return "Only http(s) URLs are allowed."
-    host = parts.hostname
-    if not host:
-        return "The URL has no host."
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        return "The URL has an invalid port."
-    try:
-        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
-    except (OSError, UnicodeError):
-        return f"The host {host} could not be resolved."
-    if not infos:
-        return f"The host {host} could not be resolved."
-    for info in infos:
-        try:
-            address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-        except ValueError:
-            return f"The host {host} has an address that cannot be checked."
-        if _address_refused(address):
-            return (
-                f"The host {host} resolves to a loopback, private, link-local or reserved "
-                "address; notifications are only sent to public addresses."
-            )
-    return None
+    """Why ``url`` must not be posted to, or None: ``base.outbound``'s check (http(s) only, and
+    only to hosts whose every address is public, unless ``METACLAW_ALLOW_PRIVATE_WEBHOOKS``), so
+    a project setting cannot turn the worker into a proxy into the internal network. Every post
+    is checked again when it is sent, and goes to the address that check resolved."""
+    return outbound.url_refusal(url)
 
 
 @dataclass
@@ -289,20 +245,17 @@ def _post_json(url: str, body: dict, headers: dict[str, str] | None = None) -> h
 
 
 def _post_raw(url: str, raw: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
-    refusal = url_refusal(url)
-    if refusal is not None:
-        raise PermanentDeliveryError(f"Refused to send to {host_of(url)}: {refusal}")
+    # The guard checks the host's addresses as it connects and connects to the checked one
+    # (a name that answers differently at connect time cannot reach the internal network).
     try:
-        with httpx.Client(timeout=TIMEOUT, follow_redirects=False) as client:
+        with outbound.client(timeout=TIMEOUT, headers={"User-Agent": USER_AGENT}) as client:
             response = client.post(
                 url,
                 content=raw,
-                headers={
-                    "Content-Type": "application/json",
-                    "User-Agent": USER_AGENT,
-                    **(headers or {}),
-                },
+                headers={"Content-Type": "application/json", **(headers or {})},
             )
+    except outbound.OutboundRefused as exc:
+        raise PermanentDeliveryError(f"Refused to send to {host_of(url)}: {exc}") from exc
     except httpx.HTTPError as exc:
         raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
     if response.status_code >= 300:

@@ -25,7 +25,7 @@ from django.db.models import (
 )
 from django.db.models.functions import Coalesce
 
-from base.errors import NotFound
+from base.errors import DomainError, NotFound
 from base.models import Project
 from incidents.models import SEVERITY_RANK, Incident, IncidentGroup
 from skills.library.models import RevisionStatus, Skill, SkillRevision
@@ -221,6 +221,82 @@ def version_for_project(project: Project, number: Any) -> PolicyVersion:
 
 def version_revisions(version: PolicyVersion) -> list[SkillRevision]:
     return list(version.revisions.select_related("skill").order_by("skill__slug"))
+
+
+def version_replaced(version: PolicyVersion) -> int | None:
+    """The number of the version that ``version``'s latest release replaced (the one a
+    promotion or rollback retired), or None. One query."""
+    from skills.versions.models import Release
+
+    return (
+        Release.objects.filter(to_version=version)
+        .order_by("-created_at", "-id")
+        .values_list("from_version__number", flat=True)
+        .first()
+    )
+
+
+def revisions_by_id(project: Project, ids: list[Any]) -> list[SkillRevision]:
+    """The project's revisions with these ids, in that order; a DomainError on ``revisions``
+    names any id that is not one of them (another project's included). One query."""
+    try:
+        wanted = [int(i) for i in ids]
+    except (TypeError, ValueError) as exc:
+        raise DomainError("Revisions are given by id.", field="revisions") from exc
+    found = SkillRevision.objects.filter(skill__project=project).select_related("skill")
+    by_id = found.in_bulk(wanted) if wanted else {}
+    missing = [i for i in wanted if i not in by_id]
+    if missing:
+        raise DomainError(
+            f"No revision {', '.join(map(str, missing))} in this project.", field="revisions"
+        )
+    return [by_id[i] for i in wanted]
+
+
+@dataclass
+class ComposeChoice:
+    """One skill on the compose page: the revisions a candidate may hold (approved ones,
+    newest first) and the one live now, if any."""
+
+    skill: Skill
+    revisions: list[SkillRevision]
+    live_id: int | None
+
+
+def compose_choices(project: Project) -> tuple[list[ComposeChoice], list[str]]:
+    """What an admin may compose a candidate from: per skill, its approved revisions (APPROVED
+    now or held by a version that was active, as ``policy_version_create_candidate`` requires),
+    and the adapters the project's versions used. Four queries."""
+    active = active_version(project)
+    live = set(active.revisions.values_list("pk", flat=True)) if active else set()
+    revisions = (
+        SkillRevision.objects.filter(skill__project=project)
+        .filter(
+            Q(status=RevisionStatus.APPROVED)
+            | Q(policy_versions__status__in=[VersionStatus.ACTIVE, VersionStatus.RETIRED])
+        )
+        .distinct()
+        .select_related("skill")
+        .only(
+            "id", "number", "name", "status", "rolled_back_at", "created_at", "skill__id",
+            "skill__slug", "skill__project_id", "skill__category", "skill__created_at",
+        )
+        .order_by("skill__slug", "-number")
+    )  # fmt: skip
+    choices: list[ComposeChoice] = []
+    for revision in revisions:
+        if not choices or choices[-1].skill.pk != revision.skill_id:
+            choices.append(ComposeChoice(revision.skill, [], None))
+        choices[-1].revisions.append(revision)
+        if revision.pk in live:
+            choices[-1].live_id = revision.pk
+    adapters = list(
+        PolicyVersion.objects.filter(project=project)
+        .exclude(adapter_ref="")
+        .order_by("-number")
+        .values_list("adapter_ref", flat=True)[:200]
+    )
+    return choices, list(dict.fromkeys(adapters))
 
 
 def version_releases(version: PolicyVersion) -> list[Any]:

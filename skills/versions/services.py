@@ -3,21 +3,26 @@ or rejecting a revision, a reviewer's edit, candidate versions (from the slow lo
 rejection and rollback, and a new project's first version. The dashboard, the API, approval
 links and Celery tasks all call these.
 
-One module on purpose (a little past 500 lines): every decision takes the same locks in the same
-order (the project, then the version or revision) and ends the same way (status, audit event,
-announcement after commit); split, that lock order would live in several places."""
+One module on purpose (past 500 lines): every decision takes the same locks in the same order
+(the project, then the version or revision) and ends the same way (status, audit event,
+announcement after commit); split, that lock order would live in several places.
+
+What the statuses promise, kept by ``_activate`` on every change of the active version: a
+revision reads APPROVED exactly while the active version holds it (after a rollback, the one that
+is live again); one that left it reads SUPERSEDED, and with ``rolled_back_at`` set when a rollback
+took it out. Synthesis, the exports and the API read these."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from django.db import transaction
-from django.db.models import Max
+from django.db.models import Max, Q
 from django.utils import timezone
 
 from base import permissions
 from base.errors import Conflict, DomainError, NotFound
-from base.models import Project, Role
+from base.models import ApiKey, Project, Role
 from base.services import audit_record
 from skills import signals
 from skills.library.models import Author, Origin, RevisionStatus, SkillRevision
@@ -64,25 +69,41 @@ def _when(value: Any) -> str:
 
 
 def _revision_decided_message(revision: SkillRevision) -> str:
-    """The "already approved by X at T" message."""
+    """The "already approved by X at T" message; for a superseded revision, also the newest
+    revision of the skill (what a reviewer should look at instead)."""
     who = revision.decided_by_label or "someone"
-    return (
+    message = (
         f"{revision.skill.slug} r{revision.number} was already {revision.status} by {who} "
         f"at {_when(revision.status_changed_at)}."
+    )
+    if revision.status == RevisionStatus.SUPERSEDED:
+        if revision.rolled_back_at:
+            message += f" It was rolled back at {_when(revision.rolled_back_at)}."
+        newest = (
+            SkillRevision.objects.filter(skill_id=revision.skill_id, number__gt=revision.number)
+            .order_by("-number")
+            .only("number", "status")
+            .first()
+        )
+        if newest is not None:
+            message += f" The newest revision is r{newest.number} ({newest.status})."
+    return message
+
+
+def _how_active(version: PolicyVersion) -> str:
+    """How the active ``version`` became active: "promotion by X at T"."""
+    release = Release.objects.filter(to_version=version).order_by("-created_at", "-id").first()
+    if release is None:
+        return f"active since {_when(version.status_changed_at)}"
+    return (
+        f"{release.get_kind_display().lower()} by {release.actor_label or 'someone'} at "
+        f"{_when(release.created_at)}"
     )
 
 
 def _version_decided_message(version: PolicyVersion) -> str:
-    release = (
-        Release.objects.filter(to_version=version).order_by("-created_at", "-id").first()
-        if version.status == VersionStatus.ACTIVE
-        else None
-    )
-    if release is not None:
-        return (
-            f"v{version.number} is already active ({release.get_kind_display().lower()} by "
-            f"{release.actor_label or 'someone'} at {_when(release.created_at)})."
-        )
+    if version.status == VersionStatus.ACTIVE:
+        return f"v{version.number} is already active ({_how_active(version)})."
     return f"v{version.number} is {version.status} (since {_when(version.status_changed_at)})."
 
 
@@ -136,6 +157,50 @@ def _set_status(obj: Any, status: str, now: Any, **fields: Any) -> None:
     obj.save(update_fields=["status", "status_changed_at", *fields])
 
 
+def _revisions_follow(
+    project: Project, new: PolicyVersion, *, actor: Any, label: str, now: Any
+) -> tuple[list[SkillRevision], list[SkillRevision]]:
+    """Make the revisions' statuses say what agents run with now that ``new`` is active: the
+    ones it holds read APPROVED (and no longer rolled back: they are live), every other
+    APPROVED one of the project reads SUPERSEDED. Under the project lock. Returns (approved,
+    superseded): the rows whose status changed."""
+    live = PolicyVersion.revisions.through.objects.filter(policyversion_id=new.pk).values(
+        "skillrevision_id"
+    )
+    user = permissions.actor_user(actor)
+    locked = SkillRevision.objects.select_for_update(of=("self",)).select_related("skill")
+    superseded = list(
+        locked.filter(skill__project=project, status=RevisionStatus.APPROVED)
+        .exclude(pk__in=live)
+        .order_by("skill__slug", "number")
+    )
+    restored = list(
+        locked.filter(pk__in=live)
+        .filter(~Q(status=RevisionStatus.APPROVED) | Q(rolled_back_at__isnull=False))
+        .order_by("skill__slug", "number")
+    )
+    for revision in superseded:
+        _set_status(
+            revision, RevisionStatus.SUPERSEDED, now, decided_by=user, decided_by_label=label
+        )
+    approved = []
+    for revision in restored:
+        if revision.status == RevisionStatus.APPROVED:  # live already; only the mark goes
+            revision.rolled_back_at = None
+            revision.save(update_fields=["rolled_back_at"])
+            continue
+        _set_status(
+            revision,
+            RevisionStatus.APPROVED,
+            now,
+            decided_by=user,
+            decided_by_label=label,
+            rolled_back_at=None,
+        )
+        approved.append(revision)
+    return approved, superseded
+
+
 def _activate(
     *,
     project: Project,
@@ -146,18 +211,23 @@ def _activate(
     label: str,
     reason: str,
     now: Any,
+    revisions: list[SkillRevision] | None = None,
     rolled_back: bool = False,
-) -> Release:
-    """Retire ``old`` and make ``new`` active; record the release. Under the project lock.
-    The old one is retired first: the partial unique index allows one active row at a time."""
+) -> tuple[list[SkillRevision], list[SkillRevision]]:
+    """Retire ``old`` and make ``new`` active (a new one, saved here with ``revisions``); the
+    revisions' statuses follow (``_revisions_follow``, whose result this returns); record the
+    release. Under the project lock. The old one is retired first: the partial unique index
+    allows one active row at a time."""
     _set_status(old, VersionStatus.RETIRED, now, **({"rolled_back_at": now} if rolled_back else {}))
     if new.pk is None:
         new.status = VersionStatus.ACTIVE
         new.status_changed_at = now
         new.save()
+        new.revisions.set(revisions or [])
     else:
         _set_status(new, VersionStatus.ACTIVE, now)
-    release = Release.objects.create(
+    approved, superseded = _revisions_follow(project, new, actor=actor, label=label, now=now)
+    Release.objects.create(
         project=project,
         kind=kind,
         from_version=old,
@@ -167,6 +237,12 @@ def _activate(
         reason=reason,
         created_at=now,
     )
+    after: dict[str, Any] = {"active": new.number}
+    if approved or superseded:
+        after["revisions"] = {
+            "approved": [str(r) for r in approved],
+            "superseded": [str(r) for r in superseded],
+        }
     audit_record(
         action=f"policy_version.{kind}",
         project=project,
@@ -174,24 +250,50 @@ def _activate(
         actor_label=label,
         obj=new,
         before={"active": old.number},
-        after={"active": new.number},
+        after=after,
         message=reason,
     )
     _announce_active(project.pk, new.pk)
-    return release
+    return approved, superseded
+
+
+def _refuse_if_out_of_date(revision: SkillRevision) -> None:
+    """Refuse (Conflict, naming it) a proposal older than a revision of the same skill that was
+    approved since: approving or editing it would bring older text back. Approving supersedes
+    such proposals; this catches the ones left PROPOSED before it did."""
+    newer = (
+        SkillRevision.objects.filter(skill_id=revision.skill_id, number__gt=revision.number)
+        .filter(
+            Q(status=RevisionStatus.APPROVED)
+            | Q(policy_versions__status__in=[VersionStatus.ACTIVE, VersionStatus.RETIRED])
+        )
+        .order_by("-number")
+        .only("number")
+        .first()
+    )
+    if newer is not None:
+        slug = revision.skill.slug
+        raise Conflict(
+            f"{slug} r{revision.number} is out of date: r{newer.number} is newer and was "
+            f"approved, so r{revision.number} could only bring older text back. Reject it, or "
+            f"propose a change to {slug} r{newer.number}."
+        )
 
 
 def _lock_proposed(
-    revision: SkillRevision, actor: Any, actor_label: str
+    revision: SkillRevision, actor: Any, actor_label: str, *, current: bool = False
 ) -> tuple[Project, SkillRevision, str]:
     """The start of every decision on a revision: lock the project, then the revision (the lock
-    order above), check the reviewer's role and that the revision is still PROPOSED. Returns the
-    locked project and revision and how the audit log names the actor."""
+    order above), check the reviewer's role and that the revision is still PROPOSED (and with
+    ``current``, not older than an approved revision of its skill). Returns the locked project
+    and revision and how the audit log names the actor."""
     project = _lock_project(revision.skill.project_id)
     permissions.require_role(actor, project, Role.REVIEWER)
     revision = SkillRevision.objects.select_for_update().select_related("skill").get(pk=revision.pk)
     if revision.status != RevisionStatus.PROPOSED:
         raise Conflict(_revision_decided_message(revision))
+    if current:
+        _refuse_if_out_of_date(revision)
     return project, revision, permissions.actor_label(actor, actor_label)
 
 
@@ -229,18 +331,90 @@ def _revision_close(
     _announce_decided(revision, RevisionStatus(status).value, label)
 
 
+def _second_person_required(
+    project: Project, revision: SkillRevision, person: int | None, label: str
+) -> None:
+    """With ``require_second_approver``: refuse (Conflict) an approval that cannot count as a
+    second, different person. People are compared, not labels: a decision made with an API key
+    counts as the key's owner (``base.permissions.person_id``), so a dashboard approval and the
+    same person's key are one reviewer. An approval no person can be named for (a key made by a
+    command, a task) counts for no one, first or second: nobody could tell it apart from the
+    other reviewer."""
+    if person is None:
+        raise Conflict(
+            f"{project.name} needs two different people to approve, and {label} is not tied to "
+            "a person (an API key made by a command has no owner). Approve in the dashboard, "
+            "with an approval link, or with an API key made in the dashboard."
+        )
+    if not revision.first_approved_by_label:
+        return
+    first = revision.first_approved_by_label
+    if revision.first_approved_by_id is None:
+        raise Conflict(
+            f"The first approval ({first}) is not tied to a person, so no second approval can "
+            "be told apart from it. Reject this revision, or edit it into a new proposal."
+        )
+    if revision.first_approved_by_id == person:
+        if first == label:
+            raise Conflict(
+                f"{label} gave the first approval; this project needs a second, different reviewer."
+            )
+        name = revision.first_approved_by.get_username()
+        raise Conflict(
+            f"{first} and {label} are the same person ({name}): this project needs a second, "
+            "different reviewer."
+        )
+
+
+def _supersede_older_proposals(
+    revision: SkillRevision, *, project: Project, actor: Any, label: str
+) -> list[SkillRevision]:
+    """The proposals of the skill older than ``revision``, which is going live, become
+    SUPERSEDED: approving one later would put older text live again. Under the project lock."""
+    older = list(
+        SkillRevision.objects.select_for_update(of=("self",))
+        .select_related("skill")
+        .filter(
+            skill_id=revision.skill_id, status=RevisionStatus.PROPOSED, number__lt=revision.number
+        )
+        .order_by("number")
+    )
+    for proposal in older:
+        _revision_close(
+            proposal,
+            RevisionStatus.SUPERSEDED,
+            project=project,
+            actor=actor,
+            label=label,
+            audit={"action": "skill_revision.supersede", "after": {"replaced_by": revision.number}},
+        )
+    return older
+
+
 @transaction.atomic
 def skill_revision_approve(
-    *, revision: SkillRevision, actor: Any, actor_label: str = "", reason: str = ""
+    *,
+    revision: SkillRevision,
+    actor: Any,
+    actor_label: str = "",
+    reason: str = "",
+    api_key: ApiKey | None = None,
 ) -> SkillRevision:
     """Approve a PROPOSED revision. It goes live at once in a new active policy version (the
-    active set with this skill's previous revision replaced); with ``require_second_approver``
-    the first approval is only recorded and the revision stays PROPOSED."""
-    project, revision, label = _lock_proposed(revision, actor, actor_label)
+    active set with this skill's previous revision replaced), and the skill's older proposals
+    are superseded; with ``require_second_approver`` the first approval is only recorded and
+    the revision stays PROPOSED (``_second_person_required`` says who may give the second).
+    Refused (Conflict) for a proposal older than a revision of its skill approved since.
+    ``api_key``: the key a machine actor decides with (its owner is the person it counts as)."""
+    if api_key is not None and not actor_label:
+        actor_label = permissions.api_key_label(api_key)
+    project, revision, label = _lock_proposed(revision, actor, actor_label, current=True)
     now = timezone.now()
     if project.require_second_approver:
+        person = permissions.person_id(actor, api_key)
+        _second_person_required(project, revision, person, label)
         if not revision.first_approved_by_label:
-            revision.first_approved_by = permissions.actor_user(actor)
+            revision.first_approved_by_id = person
             revision.first_approved_by_label = label
             revision.first_approved_at = now
             revision.save(
@@ -256,19 +430,9 @@ def skill_revision_approve(
                 message=reason,
             )
             return revision
-        if revision.first_approved_by_label == label:
-            raise Conflict(
-                f"{label} gave the first approval; this project needs a second, different reviewer."
-            )
+    older = _supersede_older_proposals(revision, project=project, actor=actor, label=label)
     active = _active_version(project)
     kept = [r for r in active.revisions.all() if r.skill_id != revision.skill_id]
-    superseded = list(
-        SkillRevision.objects.select_for_update()
-        .filter(skill_id=revision.skill_id, status=RevisionStatus.APPROVED)
-        .exclude(pk=revision.pk)
-    )
-    for old_revision in superseded:
-        _set_status(old_revision, RevisionStatus.SUPERSEDED, now, decided_by_label=label)
     _set_status(
         revision,
         RevisionStatus.APPROVED,
@@ -287,7 +451,7 @@ def skill_revision_approve(
         created_by=permissions.actor_user(actor),
         created_at=now,
     )
-    _activate(
+    _, superseded = _activate(
         project=project,
         old=active,
         new=version,
@@ -296,8 +460,8 @@ def skill_revision_approve(
         label=label,
         reason=reason,
         now=now,
+        revisions=[*kept, revision],
     )
-    version.revisions.set([*kept, revision])
     audit_record(
         action="skill_revision.approve",
         project=project,
@@ -308,7 +472,8 @@ def skill_revision_approve(
         after={
             "status": RevisionStatus.APPROVED,
             "version": version.number,
-            "superseded": [r.number for r in superseded],
+            "superseded": [r.number for r in superseded if r.skill_id == revision.skill_id],
+            "superseded_proposals": [r.number for r in older],
         },
         message=reason,
     )
@@ -348,8 +513,9 @@ def skill_revision_edit(
     actor_label: str = "",
 ) -> SkillRevision:
     """A reviewer's edit of a PROPOSED revision: a new PROPOSED revision (author human, parent
-    the edited one, same evidence); the edited one becomes SUPERSEDED. Returns the new one."""
-    project, revision, label = _lock_proposed(revision, actor, actor_label)
+    the edited one, same evidence); the edited one becomes SUPERSEDED. Returns the new one.
+    Refused (Conflict) for a proposal older than a revision of its skill approved since."""
+    project, revision, label = _lock_proposed(revision, actor, actor_label, current=True)
     new_revision = skill_revision_propose(
         project=project,
         draft=RevisionDraft(
@@ -381,19 +547,48 @@ def skill_revision_edit(
     return new_revision
 
 
+def _check_composition(project: Project, chosen: list[SkillRevision]) -> None:
+    """A candidate's revisions: this project's, at most one per skill, and each one approved
+    (APPROVED now, or held by a version that was active): promoting a candidate must never put
+    text live that no reviewer approved. Refusals are DomainErrors on ``revisions``."""
+    if any(r.skill.project_id != project.pk for r in chosen):
+        raise DomainError("Every revision must belong to this project.", field="revisions")
+    if len({r.skill_id for r in chosen}) != len(chosen):
+        raise DomainError("At most one revision per skill.", field="revisions")
+    approved = set(
+        SkillRevision.objects.filter(pk__in=[r.pk for r in chosen])
+        .filter(
+            Q(status=RevisionStatus.APPROVED)
+            | Q(policy_versions__status__in=[VersionStatus.ACTIVE, VersionStatus.RETIRED])
+        )
+        .values_list("pk", flat=True)
+    )
+    never = [r for r in chosen if r.pk not in approved]
+    if never:
+        names = ", ".join(f"{r.skill.slug} r{r.number} ({r.status})" for r in never)
+        raise DomainError(
+            f"{names} {'was' if len(never) == 1 else 'were'} never approved: a candidate holds "
+            "only approved revisions (approve a proposal first).",
+            field="revisions",
+        )
+
+
 @transaction.atomic
 def policy_version_create_candidate(
     *,
     project: Project,
-    adapter_ref: str,
-    base_model: str,
-    changelog: str,
+    adapter_ref: str | None = None,
+    base_model: str | None = None,
+    changelog: str = "",
     actor: Any = None,
     actor_label: str = "",
     revisions: list[SkillRevision] | None = None,
 ) -> PolicyVersion:
-    """A CANDIDATE version (e.g. the slow loop's new adapter) with the active version's skill
-    revisions, or the given ones. It waits for an admin to promote or reject it."""
+    """A CANDIDATE version built on the active one: the slow loop's new adapter, or one an
+    admin composed (the API's ``POST /versions``, the dashboard's compose page). It holds the
+    active version's skill revisions, or the given ones (``_check_composition``); the given
+    adapter and base model, or (None) the active version's. It waits for an admin to promote
+    or reject it."""
     project = _lock_project(project.pk)
     permissions.require_role(actor, project, Role.ADMIN)
     active = _active_version(project)
@@ -401,18 +596,21 @@ def policy_version_create_candidate(
         chosen = list(active.revisions.all())
     else:
         chosen = list(revisions)
-        if any(r.skill.project_id != project.pk for r in chosen):
-            raise DomainError("Every revision must belong to this project.", field="revisions")
-        if len({r.skill_id for r in chosen}) != len(chosen):
-            raise DomainError("At most one revision per skill.", field="revisions")
+        _check_composition(project, chosen)
     label = permissions.actor_label(actor, actor_label)
+    adapter_ref = active.adapter_ref if adapter_ref is None else adapter_ref.strip()
+    base_model = active.base_model if base_model is None else base_model.strip()
+    changelog = (changelog or "").strip() or (
+        f"Composed by {label}: {len(chosen)} skill{'' if len(chosen) == 1 else 's'}, "
+        f"{f'adapter {adapter_ref}' if adapter_ref else 'no adapter'}."
+    )
     version = PolicyVersion.objects.create(
         project=project,
         number=_next_version_number(project),
         parent=active,
-        adapter_ref=adapter_ref or "",
-        base_model=base_model or "",
-        changelog=changelog or "",
+        adapter_ref=adapter_ref,
+        base_model=base_model,
+        changelog=changelog,
         created_by=permissions.actor_user(actor),
         status=VersionStatus.CANDIDATE,
         status_changed_at=timezone.now(),
@@ -426,9 +624,11 @@ def policy_version_create_candidate(
         obj=version,
         after={
             "number": version.number,
+            "parent": active.number,
             "adapter_ref": version.adapter_ref,
             "base_model": version.base_model,
             "skills": len(chosen),
+            "revisions": sorted(str(r) for r in chosen),
         },
     )
     transaction.on_commit(
@@ -446,28 +646,61 @@ def _lock_version(version: PolicyVersion) -> tuple[Project, PolicyVersion]:
     return project, version
 
 
+def _refuse_an_unexpected_replacement(
+    version: PolicyVersion, active: PolicyVersion, replaces: int | None
+) -> None:
+    """A promotion replaces the active version; refuse (Conflict, naming it) when that is not
+    the version the caller decided to replace. ``replaces`` names it explicitly; without it,
+    the version the candidate was built on must still be the active one. So of two candidates
+    promoted at the same instant the second is told which version now stands in its way,
+    instead of silently retiring the first. Under the project lock."""
+    if replaces is not None and replaces != active.number:
+        raise Conflict(
+            f"v{active.number} is active, not v{replaces} ({_how_active(active)}). Look at what "
+            f"promoting v{version.number} changes now, then confirm again."
+        )
+    if version.parent_id in (None, active.pk):
+        return
+    parent = PolicyVersion.objects.filter(pk=version.parent_id).first()
+    built_on = f"v{parent.number}" if parent else "a deleted version"
+    theirs = set(version.revisions.values_list("pk", flat=True))
+    ours = set(active.revisions.values_list("pk", flat=True))
+    if theirs != ours:
+        # Built on a version that is no longer active (e.g. skills were approved while an
+        # adapter trained): promoting it as is would silently undo those changes.
+        raise Conflict(
+            f"v{version.number} was built on {built_on}, but v{active.number} is active now "
+            f"with other skills; promoting v{version.number} would undo those changes. Offer "
+            f"a new candidate built on v{active.number}."
+        )
+    if replaces is None:
+        raise Conflict(
+            f"v{version.number} was built on {built_on}, but v{active.number} is active now "
+            f"({_how_active(active)}); promoting v{version.number} would replace "
+            f"v{active.number}. Look at the difference, then confirm that v{active.number} is "
+            "the version to replace."
+        )
+
+
 @transaction.atomic
 def policy_version_promote(
-    *, version: PolicyVersion, actor: Any, reason: str = "", actor_label: str = ""
+    *,
+    version: PolicyVersion,
+    actor: Any,
+    reason: str = "",
+    actor_label: str = "",
+    replaces: int | None = None,
 ) -> PolicyVersion:
-    """CANDIDATE → ACTIVE; the active one is retired."""
+    """CANDIDATE → ACTIVE; the active one is retired (the release names it: ``from_version``).
+    ``replaces``: the number of the version the caller means to replace, the one active when
+    they decided; refused (Conflict) when another one is active by now, and, without
+    ``replaces``, when the candidate was built on a version that is no longer active."""
     project, version = _lock_version(version)
     permissions.require_role(actor, project, Role.ADMIN)
     if version.status != VersionStatus.CANDIDATE:
         raise Conflict(_version_decided_message(version))
     active = _active_version(project)
-    if active is not None and version.parent_id not in (None, active.pk):
-        # Built on a version that is no longer active (e.g. skills were approved while an
-        # adapter trained): promoting it as is would silently undo those changes.
-        theirs = set(version.revisions.values_list("pk", flat=True))
-        ours = set(active.revisions.values_list("pk", flat=True))
-        if theirs != ours:
-            parent = PolicyVersion.objects.filter(pk=version.parent_id).first()
-            raise Conflict(
-                f"v{version.number} was built on v{parent.number if parent else '?'}, but "
-                f"v{active.number} is active now with other skills; promoting v{version.number} "
-                f"would undo those changes. Offer a new candidate built on v{active.number}."
-            )
+    _refuse_an_unexpected_replacement(version, active, replaces)
     _activate(
         project=project,
         old=active,
@@ -511,7 +744,8 @@ def policy_version_rollback(
 ) -> PolicyVersion:
     """Make a RETIRED version active again (a new Release; nothing is deleted). The version
     rolled back from, and its revisions that ``to_version`` lacks, get ``rolled_back_at`` so
-    their data leaves training and the fast loop does not propose them again unchanged."""
+    their data leaves training and the fast loop does not propose them again unchanged; those
+    revisions read SUPERSEDED and ``to_version``'s read APPROVED again (``_revisions_follow``)."""
     reason = _reason_required(reason)
     project, to_version = _lock_version(to_version)
     permissions.require_role(actor, project, Role.ADMIN)

@@ -19,8 +19,9 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from base.decorators import project_view
 from base.errors import Conflict, DomainError, NotFound, PermissionDenied
 from base.models import Role
+from base.redaction import redaction_summary
 from base.requests import ProjectRequest
-from incidents.selectors import agents_for_project
+from incidents.selectors import agents_for_project, incidents_for_display
 from skills.library.models import Category, Origin
 from skills.versions import selectors, services
 from skills.versions.models import PolicyVersion, VersionStatus
@@ -84,8 +85,16 @@ def _review_context(
         context["queue_more"] = len(rows) > QUEUE_LIMIT
         context["agents"] = agents_for_project(project)
     if revision_id is not None:
-        context["detail"] = selectors.proposal_detail(project, revision_id)
-        context["selected_id"] = context["detail"].revision.pk
+        detail = selectors.proposal_detail(project, revision_id)
+        # The evidence redacted for the person looking (admins see personal data), and what the
+        # LLM was shown: what was masked before, and what was looked for.
+        detail.incidents = incidents_for_display(
+            detail.incidents, personal_data=not _can(request, Role.ADMIN)
+        )
+        context["detail"] = detail
+        context["selected_id"] = detail.revision.pk
+        if detail.revision.redactions or detail.incidents:
+            context["llm_redaction"] = redaction_summary(detail.revision.redactions)
     return context
 
 
@@ -310,21 +319,96 @@ def _version_action(request: ProjectRequest, number: int, action: str, call) -> 
         context = _confirm_context(request, version, action)
         context.update(error=str(exc), reason=reason)
         return render(request, "skills/version_confirm.html", context, status=status)
+    replaced = selectors.version_replaced(version) if action != "reject" else None
     messages.success(
         request,
         {
-            "promote": f"v{version.number} is now active.",
-            "rollback": f"Rolled back: v{version.number} is active again.",
+            "promote": f"v{version.number} is now active; it replaced v{replaced}.",
+            "rollback": f"Rolled back: v{version.number} is active again, v{replaced} retired.",
             "reject": f"v{version.number} rejected.",
         }[action],
     )
     return redirect("skills:version_detail", project_slug=project.slug, number=version.number)
 
 
+def _version_number(value: str | None) -> int | None:
+    try:
+        return int(value) if value else None
+    except ValueError:
+        return None
+
+
 @require_http_methods(["GET", "POST"])
 @project_view(role=Role.ADMIN)
 def version_promote(request: ProjectRequest, number: int) -> HttpResponse:
-    return _version_action(request, number, "promote", services.policy_version_promote)
+    """The confirmation carries the active version it showed (``replaces``): if another one is
+    active by the time the admin confirms, the service refuses and the page shows the new
+    difference, to confirm again."""
+
+    def promote(*, version: PolicyVersion, actor: Any, reason: str) -> PolicyVersion:
+        return services.policy_version_promote(
+            version=version,
+            actor=actor,
+            reason=reason,
+            replaces=_version_number(request.POST.get("replaces")),
+        )
+
+    return _version_action(request, number, "promote", promote)
+
+
+def _compose_context(
+    request: ProjectRequest, form: dict[str, Any] | None = None, **extra: Any
+) -> dict[str, Any]:
+    """The compose page: each skill with its approved revisions and the one selected (the live
+    one at first, then what was posted), the adapters used so far, the form's values."""
+    project = request.project
+    choices, adapters = selectors.compose_choices(project)
+    active = selectors.active_version(project)
+    if form is None:
+        form = {
+            "adapter_ref": active.adapter_ref if active else "",
+            "base_model": active.base_model if active else "",
+            "changelog": "",
+            "chosen": {c.skill.pk: c.live_id for c in choices},
+        }
+    rows = [(c, form["chosen"].get(c.skill.pk)) for c in choices]
+    return {"rows": rows, "adapters": adapters, "active": active, "form": form, **extra}
+
+
+@require_http_methods(["GET", "POST"])
+@project_view(role=Role.ADMIN)
+def version_compose(request: ProjectRequest) -> HttpResponse:
+    """Compose a candidate: one approved revision (or none) per skill, an adapter and a base
+    model, through ``policy_version_create_candidate`` (as the API's ``POST /versions``).
+    Fields: ``skill-<skill id>`` = a revision id or empty (left out)."""
+    project = request.project
+    if request.method == "GET":
+        return render(request, "skills/version_compose.html", _compose_context(request))
+    chosen = {
+        int(name.removeprefix("skill-")): value
+        for name, value in request.POST.items()
+        if name.startswith("skill-") and name.removeprefix("skill-").isdigit()
+    }
+    form = {
+        "adapter_ref": request.POST.get("adapter_ref", ""),
+        "base_model": request.POST.get("base_model", ""),
+        "changelog": request.POST.get("changelog", ""),
+        "chosen": {skill: _version_number(value) for skill, value in chosen.items()},
+    }
+    try:
+        version = services.policy_version_create_candidate(
+            project=project,
+            revisions=selectors.revisions_by_id(project, [v for v in chosen.values() if v]),
+            adapter_ref=form["adapter_ref"],
+            base_model=form["base_model"],
+            changelog=form["changelog"],
+            actor=request.user,
+        )
+    except DomainError as exc:
+        context = _compose_context(request, form, error=str(exc))
+        return render(request, "skills/version_compose.html", context, status=_error_status(exc))
+    messages.success(request, f"Candidate v{version.number} composed; promote it when ready.")
+    return redirect("skills:version_detail", project_slug=project.slug, number=version.number)
 
 
 @require_http_methods(["GET", "POST"])
