@@ -9,6 +9,7 @@ from typing import Any
 from django.conf import settings
 
 from base.models import Project
+from base.selectors import project_upstream_api_key
 from skills.runtime.policy import PolicySnapshot
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ def upstream_for(project: Project) -> Upstream:
     the global base URL: a project with a URL of its own and no key of its own gets no key."""
     global_url = (settings.UPSTREAM["BASE_URL"] or "").rstrip("/")
     base_url = (project.upstream_base_url or "").rstrip("/") or global_url
-    api_key = project.upstream_api_key or ""
+    api_key = project_upstream_api_key(project)  # stored encrypted; this decrypts it
     if not api_key and base_url == global_url:
         api_key = settings.UPSTREAM["API_KEY"] or ""
     return Upstream(
@@ -40,14 +41,26 @@ def upstream_for(project: Project) -> Upstream:
     )
 
 
+def adapter_model_name(adapter_ref: str) -> str:
+    """The model name of a policy version's adapter: a Tinker sampler path as is; a local
+    adapter folder by its name, or by its run's folder when it is called ``adapter`` (the local
+    backend writes ``<runs>/<run id>/adapter``, so run 7's adapter is ``"7"``). ``serve_adapter``
+    names its server with this, so the name the proxy sends is the one the server reports."""
+    if "://" in adapter_ref:
+        return adapter_ref
+    parts = [p for p in adapter_ref.replace("\\", "/").split("/") if p]
+    if len(parts) >= 2 and parts[-1] == "adapter":
+        return parts[-2]
+    return parts[-1] if parts else adapter_ref
+
+
 def upstream_model(*, requested: str, snapshot: PolicySnapshot, model_map: dict[str, Any]) -> str:
-    """The model name to send upstream: the active adapter's when the version has one (a
-    Tinker sampler path as is, a local adapter folder by its name, as the local server names
-    it), else the requested one; either goes through the project's model map (``"*"`` matches
-    any name)."""
+    """The model name to send upstream: the active adapter's when the version has one
+    (``adapter_model_name``), else the requested one; either goes through the project's model
+    map (``"*"`` matches any name)."""
     if snapshot.adapter_ref:
         ref = snapshot.adapter_ref
-        name = ref if "://" in ref else ref.rstrip("/").rsplit("/", 1)[-1]
+        name = adapter_model_name(ref)
         mapped = model_map.get(ref) or model_map.get(name)
         return str(mapped or name)
     mapped = model_map.get(requested) or model_map.get("*")

@@ -145,7 +145,8 @@ def _approve(project, slug: str):
     return project.policy_versions.get(status="active")
 
 
-def test_data_from_an_older_skill_generation_or_a_rolled_back_version_is_not_used(project):
+def _older_generations_and_a_rollback(project) -> None:
+    """v1 (no skill), v2 {A}, v3 {A, B} rolled back to v2, v4 = v2's skills + an adapter."""
     v2 = _approve(project, "check-order-id")  # skill set {A}: generation 2
     v3 = _approve(project, "escalate-refunds")  # {A, B}
     version_services.policy_version_rollback(
@@ -156,22 +157,60 @@ def test_data_from_an_older_skill_generation_or_a_rolled_back_version_is_not_use
     )
     version_services.policy_version_promote(version=candidate, actor=None, actor_label="test")
     assert (v2.number, v3.number, candidate.number) == (2, 3, 4)
+
+
+def _one_successful_turn_per_version(project) -> None:
     ingest(
         project,
         turn("Before any skill: where is order 1?", "It shipped.", version=1),
-        turn("Unversioned: where is order 2?", "It shipped.", version=None),
+        turn("Unversioned: where is order 2?", "It shipped on Tuesday.", version=None),
         turn("Under v2: where is order 3?", "Order 3 shipped Monday.", version=2),
         turn("Under B (rolled back): where is order 4?", "Escalated.", version=3),
         turn("Under the adapter: where is order 5?", "Order 5 arrives Friday.", version=4),
     )
+
+
+def test_rewards_from_an_older_skill_generation_or_a_rolled_back_version_are_not_used(project):
+    policy_services.idle_policy_update(project=project, objective="rl")
+    _older_generations_and_a_rollback(project)
+    _one_successful_turn_per_version(project)
 
     dataset = datasets_services.dataset_build(project=project)
 
     assert dataset.generation_version == 2
     assert dataset.report["dropped"] == {"rolled_back_version": 1, "stale_generation": 2}
     assert sorted(_answers(dataset)) == ["Order 3 shipped Monday.", "Order 5 arrives Friday."]
+    rules = dataset.report["rules"]
+    assert rules["reward"]["kept"] == 2 and rules["reward"]["from_older_generations"] == 0
+    assert rules["reward"]["dropped"] == {"rolled_back_version": 1, "stale_generation": 2}
+    assert rules["target"]["kinds"] == ["corrected"] and rules["target"]["considered"] == 0
     readiness = run_services.project_training_readiness(project=project)
     assert readiness.new_samples == 2
+
+
+def test_successful_turns_are_targets_kept_across_skill_generations_but_not_rollbacks(project):
+    _older_generations_and_a_rollback(project)
+    _one_successful_turn_per_version(project)
+
+    dataset = datasets_services.dataset_build(project=project)
+
+    assert dataset.generation_version == 2
+    assert dataset.report["dropped"] == {"rolled_back_version": 1}
+    assert sorted(_answers(dataset)) == [
+        "It shipped on Tuesday.",
+        "It shipped.",
+        "Order 3 shipped Monday.",
+        "Order 5 arrives Friday.",
+    ]
+    target = dataset.report["rules"]["target"]
+    assert target["kinds"] == ["corrected", "sft"]
+    assert (target["considered"], target["kept"], target["from_older_generations"]) == (5, 4, 2)
+    assert target["dropped"] == {"rolled_back_version": 1}
+    readiness = run_services.project_training_readiness(project=project)
+    assert readiness.new_samples == 4
+    counts = {r.rule.name: r for r in readiness.by_rule}
+    assert counts["target"].usable == 4 and counts["target"].older_generations == 2
+    assert counts["target"].left_out == {"rolled_back_version": 1}
 
 
 def test_the_split_is_by_session_and_the_snapshot_is_reproducible(project):
@@ -357,7 +396,8 @@ def test_sft_datasets_use_an_incident_only_with_a_corrected_answer(project):
     assert run_services.project_training_readiness(project=project).new_samples == 2
 
 
-def test_incidents_from_an_older_skill_generation_or_a_rolled_back_version_are_not_used(project):
+def test_corrected_incidents_survive_skill_changes_and_uncorrected_ones_do_not(project):
+    policy_services.idle_policy_update(project=project, objective="rl")
     v2 = _approve(project, "check-order-id")
     v3 = _approve(project, "escalate-refunds")
     version_services.policy_version_rollback(
@@ -371,11 +411,26 @@ def test_incidents_from_an_older_skill_generation_or_a_rolled_back_version_are_n
             failure(f"Where is order {n}?", "Lost.", version=version, corrected=fix.format(n=n))
             for n, version in ((1, 1), (2, None), (3, 2), (4, 3))
         ],
+        *[
+            failure(f"Where is parcel {n}?", f"Parcel {n} is gone.", version=version)
+            for n, version in ((5, 1), (6, 2), (7, 3))
+        ],
     )
 
     dataset = datasets_services.dataset_build(project=project)
 
-    assert dataset.report["dropped"] == {"rolled_back_version": 1, "stale_generation": 2}
-    assert _answers(dataset) == ["Order 3 ships Monday."]
-    assert dataset.report["incidents_considered"] == 4
-    assert run_services.project_training_readiness(project=project).new_samples == 1
+    assert dataset.report["dropped"] == {"rolled_back_version": 2, "stale_generation": 1}
+    assert _answers(dataset) == [
+        "Order 1 ships Monday.",
+        "Order 2 ships Monday.",
+        "Order 3 ships Monday.",
+        "Parcel 6 is gone.",
+    ]
+    assert dataset.report["incidents_considered"] == 7
+    rules = dataset.report["rules"]
+    assert rules["target"]["kept"] == 3 and rules["target"]["from_older_generations"] == 2
+    assert rules["target"]["dropped"] == {"rolled_back_version": 1}
+    assert rules["reward"]["kinds"] == ["sft", "rl", "incident"]
+    assert rules["reward"]["kept"] == 1
+    assert rules["reward"]["dropped"] == {"rolled_back_version": 1, "stale_generation": 1}
+    assert run_services.project_training_readiness(project=project).new_samples == 4

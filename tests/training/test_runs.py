@@ -115,9 +115,10 @@ def test_a_local_lora_run_pauses_when_the_window_closes_resumes_and_offers_a_can
     assert done.eval_after["loss"] < done.eval_before["loss"]
     assert done.improved is True and done.flagged_no_improvement is False
     assert Path(done.adapter_ref, "adapter_config.json").exists()
-    assert len(done.sample_answers) == 3
-    assert {"prompt", "reference", "before", "after"} <= set(done.sample_answers[0])
     dataset = done.dataset
+    # Up to three held-out answers side by side (the split by session varies with the ids).
+    assert len(done.sample_answers) == min(3, dataset.eval_count)
+    assert {"prompt", "reference", "before", "after"} <= set(done.sample_answers[0])
     assert dataset.train_count > 0 and dataset.eval_count > 0
     assert dataset.report["dropped"]["exact_duplicate"] >= 1
     # The result is offered as a candidate: the active skills plus the new adapter.

@@ -82,9 +82,8 @@ def test_serve_adapter_refuses_an_unknown_project():
         call_command("serve_adapter", "no-such-project")
 
 
-def test_serve_adapter_refuses_a_version_without_an_adapter(project):
-    with pytest.raises(CommandError, match="no LoRA adapter"):
-        call_command("serve_adapter", project.slug)
+def test_serve_adapter_refuses_a_version_that_does_not_exist(project):
+    # A version without an adapter serves its base model: see test_serving_names.py.
     with pytest.raises(CommandError, match="no version 7"):
         call_command("serve_adapter", project.slug, "--version", "7")
 

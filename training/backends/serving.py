@@ -3,7 +3,9 @@
 ``POST /v1/chat/completions`` (plain JSON, or server-sent events with ``"stream": true``) and
 ``GET /v1/models``, enough for the official ``openai`` client and for anything that speaks to
 an OpenAI-compatible endpoint. It runs the model through transformers + PEFT, one request at a
-time: on a CPU a second concurrent generation only halves the speed of both.
+time: on a CPU a second concurrent generation only halves the speed of both. One server serves
+one model: it answers a request whatever model it names, and reports its own ``model_id`` in
+``/v1/models`` and in every answer. Without ``--adapter`` it serves the base model alone.
 
     python -m training.backends.serving --base-model smollm2-135m \
         --adapter var/runs/7/adapter --port 8100
@@ -265,6 +267,8 @@ def make_server(
     )
     model.eval()
     if model_id is None:
+        # The rule of skills.runtime.upstream.adapter_model_name, which the proxy sends
+        # (serve_adapter passes that name; tests/training/test_serving_names.py pins both).
         model_id = Path(adapter_dir).name if adapter_dir else base_model
         if adapter_dir and model_id == "adapter":
             # <output_dir>/adapter: the run folder names it better.

@@ -1,5 +1,5 @@
-"""What a run trains on: which policy versions' data may train the current one (support/query
-separation), and the dataset snapshot, built, cleaned and frozen when a run starts."""
+"""What a run trains on: the dataset snapshot, built, cleaned and frozen when a run starts. Which
+policy versions' data may train the current one, per kind of sample, is ``generations``."""
 
 from __future__ import annotations
 
@@ -12,12 +12,18 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from django.db.models import Q
 from django.utils import timezone
 
 from base.models import Project
 from base.redaction import Redactor
-from skills.versions.models import PolicyVersion, VersionStatus
+from training.datasets.generations import (
+    RULES,
+    GenerationRule,
+    generation_verdict,
+    policy_generation,
+    rule_for,
+    rule_kinds,
+)
 from training.datasets.models import DatasetSnapshot
 from training.policy.models import IdleWindowPolicy, Objective
 from training.policy.services import idle_policy_get
@@ -30,68 +36,6 @@ NEAR_DUPLICATE_THRESHOLD = 0.95
 
 def _now() -> datetime:
     return timezone.now()
-
-
-# --- Data hygiene: which versions' data may train the current policy ------------------------
-
-
-@dataclass(frozen=True)
-class Generation:
-    """The policy version that introduced the active skill set, and the version numbers whose
-    trajectories count as gathered under it."""
-
-    version: int | None
-    allowed: frozenset[int]
-    rolled_back: frozenset[int]
-    accept_unversioned: bool
-
-
-def policy_generation(project: Project) -> Generation:
-    versions = list(
-        PolicyVersion.objects.filter(project=project).values(
-            "id", "number", "parent_id", "status", "rolled_back_at"
-        )
-    )
-    links = PolicyVersion.revisions.through.objects.filter(
-        policyversion__project=project
-    ).values_list("policyversion_id", "skillrevision_id")
-    revsets: dict[int, set[int]] = {v["id"]: set() for v in versions}
-    for version_id, revision_id in links:
-        revsets[version_id].add(revision_id)
-    rolled_back = frozenset(v["number"] for v in versions if v["rolled_back_at"] is not None)
-    active = next((v for v in versions if v["status"] == VersionStatus.ACTIVE), None)
-    if active is None:
-        return Generation(None, frozenset(), rolled_back, True)
-    by_id = {v["id"]: v for v in versions}
-    skills = revsets[active["id"]]
-    first = active
-    # Walk back while the skill set stays the same (adapter-only changes keep the generation).
-    while first["parent_id"] in by_id and revsets[first["parent_id"]] == skills:
-        first = by_id[first["parent_id"]]
-    allowed = frozenset(
-        v["number"]
-        for v in versions
-        if v["number"] >= first["number"]
-        and revsets[v["id"]] == skills
-        and v["rolled_back_at"] is None
-    )
-    # Before any skill change there is nothing a version number could separate.
-    accept_unversioned = first["number"] == 1
-    return Generation(first["number"], allowed, rolled_back, accept_unversioned)
-
-
-def version_filter(generation: Generation) -> Q:
-    q = Q(policy_version__in=generation.allowed)
-    if generation.accept_unversioned:
-        q |= Q(policy_version__isnull=True)
-    return q
-
-
-def signal_filter(objective: str) -> Q:
-    q = Q(reward__gt=0) | Q(outcome="success") | ~Q(corrected_answer="")
-    if objective == Objective.RL:
-        q |= Q(reward__isnull=False)
-    return q
 
 
 # --- Dataset building and cleaning ----------------------------------------------------------
@@ -190,16 +134,50 @@ class _Candidate:
     trajectory_id: str | None
     session: str
     kind: str
+    rule: str
     chat: list[dict[str, str]]
     reward: float | None
     tokens: int
     received_at: datetime
     occurred_at: datetime | None = None
     incident_id: str | None = None
+    # Kept although gathered under an older skill generation (a target).
+    older_generation: bool = False
 
 
 # An incident is a failure: without a reward of its own it counts as this for the RL objective.
 INCIDENT_DEFAULT_REWARD = -1.0
+
+
+class _Tally:
+    """Why samples were dropped, overall and per generation rule (the report's "dropped" and
+    "rules")."""
+
+    def __init__(self) -> None:
+        self.dropped: Counter[str] = Counter()
+        self.considered: Counter[str] = Counter()
+        self.rule_dropped: dict[str, Counter[str]] = {r.name: Counter() for r in RULES}
+
+    def drop(self, reason: str, rule: str | None = None) -> None:
+        self.dropped[reason] += 1
+        if rule is not None:
+            self.rule_dropped[rule][reason] += 1
+
+    def rules_report(self, kept: list[_Candidate], objective: str) -> dict[str, Any]:
+        return {
+            r.name: {
+                "label": r.label,
+                "description": r.description,
+                "kinds": rule_kinds(r, objective),
+                "considered": self.considered[r.name],
+                "kept": sum(1 for c in kept if c.rule == r.name),
+                "from_older_generations": sum(
+                    1 for c in kept if c.rule == r.name and c.older_generation
+                ),
+                "dropped": dict(sorted(self.rule_dropped[r.name].items())),
+            }
+            for r in RULES
+        }
 
 
 def dataset_build(
@@ -212,11 +190,15 @@ def dataset_build(
     """Snapshot and clean the project's usable trajectories and incidents into a new
     ``DatasetSnapshot``.
 
-    Drops, in this order and counted in ``report["dropped"]``: data from rolled-back versions,
-    data from an older skill generation (support/query separation), conversations with no
-    answer to learn, answers with no positive signal (SFT), over-long samples that cannot be
-    cut, exact and near duplicates, and the oldest samples beyond the token budget. Secrets and
-    personal data are redacted. The split into train/eval is by session.
+    Each sample gets a kind (``corrected``, ``sft``, ``rl``, ``incident``) and the generation
+    rule of its kind (``generations.rule_for``): targets (corrected answers; successful turns
+    under SFT) are kept across skill generations, rewards only from the current one. Drops,
+    counted in ``report["dropped"]`` and per rule in ``report["rules"]``: ignored incidents,
+    answers with no signal for the objective, data from rolled-back versions, rewards from an
+    older skill generation (support/query separation), conversations with no answer to learn,
+    over-long samples that cannot be cut, exact and near duplicates, and the oldest samples
+    beyond the token budget. Secrets and personal data are redacted. The split into train/eval
+    is by session.
 
     Incidents are failures and pass the same cleaning. An incident whose ``metadata`` holds a
     person's ``"corrected_answer"`` (a non-empty string) is a ``corrected`` sample for either
@@ -225,15 +207,15 @@ def dataset_build(
     ``reward`` when set, else ``INCIDENT_DEFAULT_REWARD``); SFT skips it, counted as
     ``incident_not_corrected``. Ignored incidents (a person said they are no failure) are left
     out. An incident without a session is split with the rest of its incident group, so one
-    failure's repeats never sit on both sides of the split. Readiness counts incidents by the
-    same rule."""
+    failure's repeats never sit on both sides of the split. Readiness counts by the same
+    rules."""
     from incidents.models import Incident, IncidentStatus, Trajectory
 
     now = now or _now()
     policy = policy or idle_policy_get(project)
     generation = policy_generation(project)
     objective = policy.objective
-    dropped: Counter[str] = Counter()
+    tally = _Tally()
     redactor = Redactor()
     cut = 0
     considered = 0
@@ -247,16 +229,26 @@ def dataset_build(
             "occurred_at", "received_at", "id"
         )
 
+    def admitted(version: int | None, rule: GenerationRule) -> tuple[bool, bool]:
+        """Whether the generation rule admits data gathered under ``version``, and whether it
+        is from an older generation."""
+        tally.considered[rule.name] += 1
+        reason, older = generation_verdict(version, generation, rule)
+        if reason:
+            tally.drop(reason, rule.name)
+            return False, False
+        return True, older
+
     def keep(messages: Any, response: Any, corrected: str, **candidate: Any) -> None:
         """Cut and redact the chat and keep it as a candidate, or count why it is dropped."""
         nonlocal cut
         chat = conversation_from(messages, response, corrected)
         if chat is None:
-            dropped["no_answer_to_learn"] += 1
+            tally.drop("no_answer_to_learn", candidate["rule"])
             return
         fitted = cut_to_fit(chat, policy.max_sample_tokens)
         if fitted is None:
-            dropped["too_long"] += 1
+            tally.drop("too_long", candidate["rule"])
             return
         if fitted is not chat:
             cut += 1
@@ -278,10 +270,6 @@ def dataset_build(
     for row in rows.iterator(chunk_size=chunk_size):
         tid, session, version, messages, response, reward, outcome, corrected, received, at = row
         considered += 1
-        stale = _stale_reason(version, generation)
-        if stale:
-            dropped[stale] += 1
-            continue
         if corrected:
             kind = "corrected"
         elif (reward is not None and reward > 0) or outcome == "success":
@@ -289,7 +277,11 @@ def dataset_build(
         elif objective == Objective.RL and reward is not None:
             kind = "rl"
         else:
-            dropped["no_positive_signal"] += 1
+            tally.drop("no_positive_signal")
+            continue
+        rule = rule_for(kind, objective)
+        ok, older = admitted(version, rule)
+        if not ok:
             continue
         keep(
             messages,
@@ -298,6 +290,8 @@ def dataset_build(
             trajectory_id=str(tid),
             session=session or f"trajectory:{tid}",
             kind=kind,
+            rule=rule.name,
+            older_generation=older,
             reward=(1.0 if kind == "corrected" and reward is None else reward),
             received_at=received,
             occurred_at=at,
@@ -319,11 +313,7 @@ def dataset_build(
         iid, session, group_id, version, messages, reward, status, metadata, received, at = row
         incidents_considered += 1
         if status == IncidentStatus.IGNORED:
-            dropped["ignored_incident"] += 1
-            continue
-        stale = _stale_reason(version, generation)
-        if stale:
-            dropped[stale] += 1
+            tally.drop("ignored_incident")
             continue
         corrected = (metadata or {}).get("corrected_answer") if isinstance(metadata, dict) else ""
         corrected = corrected.strip() if isinstance(corrected, str) else ""
@@ -333,7 +323,11 @@ def dataset_build(
             kind = "incident"
             sample_reward = reward if reward is not None else INCIDENT_DEFAULT_REWARD
         else:
-            dropped["incident_not_corrected"] += 1
+            tally.drop("incident_not_corrected")
+            continue
+        rule = rule_for(kind, objective)
+        ok, older = admitted(version, rule)
+        if not ok:
             continue
         keep(
             messages,
@@ -343,6 +337,8 @@ def dataset_build(
             incident_id=str(iid),
             session=session or f"incident-group:{group_id}",
             kind=kind,
+            rule=rule.name,
+            older_generation=older,
             reward=sample_reward,
             received_at=received,
             occurred_at=at,
@@ -356,15 +352,19 @@ def dataset_build(
     for c in candidates:
         key = hashlib.sha256(json.dumps(c.chat, sort_keys=True).encode()).hexdigest()
         if key in seen:
-            dropped["exact_duplicate"] += 1
+            tally.drop("exact_duplicate", c.rule)
             continue
         seen.add(key)
         unique.append(c)
     # Near duplicates: the last question and its answer, embedded.
     texts = [_dedup_text(c.chat) for c in unique]
     near = _near_duplicates(texts, NEAR_DUPLICATE_THRESHOLD)
-    kept = [c for c, is_dup in zip(unique, near, strict=True) if not is_dup]
-    dropped["near_duplicate"] += sum(near)
+    kept: list[_Candidate] = []
+    for c, is_dup in zip(unique, near, strict=True):
+        if is_dup:
+            tally.drop("near_duplicate", c.rule)
+        else:
+            kept.append(c)
 
     # Token budget: the newest data wins.
     budget = policy.max_tokens_per_run
@@ -372,7 +372,7 @@ def dataset_build(
     within: list[_Candidate] = []
     for c in reversed(kept):
         if budget and total + c.tokens > budget:
-            dropped["over_token_budget"] += 1
+            tally.drop("over_token_budget", c.rule)
             continue
         total += c.tokens
         within.append(c)
@@ -401,10 +401,11 @@ def dataset_build(
         "eval": len(evaluation),
         "sessions": len({s["session"] for s in samples}),
         "tokens": total,
-        "dropped": {k: v for k, v in sorted(dropped.items()) if v},
+        "dropped": {k: v for k, v in sorted(tally.dropped.items()) if v},
         "cut_to_fit": cut,
         "redactions": redactor.report(),
         "kinds": dict(sorted(kinds.items())),
+        "rules": tally.rules_report(within, objective),
         "generation_version": generation.version,
         "objective": objective,
         "near_duplicate_threshold": NEAR_DUPLICATE_THRESHOLD,
@@ -422,17 +423,6 @@ def dataset_build(
         train_count=len(train),
         eval_count=len(evaluation),
     )
-
-
-def _stale_reason(version: int | None, generation: Generation) -> str:
-    """Why data gathered under ``version`` may not train the current generation ("" if it may)."""
-    if version is not None and version in generation.rolled_back:
-        return "rolled_back_version"
-    if version is None and not generation.accept_unversioned:
-        return "stale_generation"
-    if version is not None and version not in generation.allowed:
-        return "stale_generation"
-    return ""
 
 
 def _dedup_text(chat: list[dict[str, str]]) -> str:

@@ -1,5 +1,6 @@
-"""The idle-window settings form. Validation of the windows and calendar lives in the service;
-this form only converts strings to types."""
+"""The training settings form. Validation lives in the service that the form and the API both
+call (``idle_policy_update``); this form converts strings to types, within the service's
+limits."""
 
 from __future__ import annotations
 
@@ -9,6 +10,15 @@ from django import forms
 
 from training.policy import windows
 from training.policy.models import Backend, IdleMode, IdleWindowPolicy, Objective
+from training.policy.services import NUMBER_BOUNDS
+
+
+def _number(name: str, **options: object) -> forms.Field:
+    """A number field with the limits the service enforces (the browser shows them too)."""
+    bounds = NUMBER_BOUNDS[name]
+    field = forms.IntegerField if bounds.kind is int else forms.FloatField
+    low = None if bounds.open_low else bounds.low  # an open end is the service's to refuse
+    return field(min_value=low, max_value=bounds.high, **options)
 
 
 class IdlePolicyForm(forms.Form):
@@ -27,21 +37,21 @@ class IdlePolicyForm(forms.Form):
         label="iCalendar content",
         help_text="Paste an .ics file; events mark quiet windows.",
     )
-    traffic_threshold_rpm = forms.IntegerField(min_value=0, label="Quiet below (requests/min)")
-    traffic_idle_minutes = forms.IntegerField(min_value=1, max_value=120, label="For (minutes)")
-    min_new_samples = forms.IntegerField(min_value=1, label="New usable samples needed")
-    max_runs_per_day = forms.IntegerField(min_value=0, label="Runs per day at most")
-    max_tokens_per_run = forms.IntegerField(min_value=1, label="Tokens per run at most")
-    max_sample_tokens = forms.IntegerField(min_value=16, label="Tokens per sample at most")
-    eval_fraction = forms.FloatField(min_value=0.01, max_value=0.89, label="Held-out fraction")
-    stale_after_minutes = forms.IntegerField(min_value=1, label="Stale after (minutes)")
+    traffic_threshold_rpm = _number("traffic_threshold_rpm", label="Quiet below (requests/min)")
+    traffic_idle_minutes = _number("traffic_idle_minutes", label="For (minutes)")
+    min_new_samples = _number("min_new_samples", label="New usable samples needed")
+    max_runs_per_day = _number("max_runs_per_day", label="Runs per day at most")
+    max_tokens_per_run = _number("max_tokens_per_run", label="Tokens per run at most")
+    max_sample_tokens = _number("max_sample_tokens", label="Tokens per sample at most")
+    eval_fraction = _number("eval_fraction", label="Held-out fraction")
+    stale_after_minutes = _number("stale_after_minutes", label="Stale after (minutes)")
     backend = forms.ChoiceField(choices=Backend.choices)
     base_model = forms.CharField(max_length=300)
     objective = forms.ChoiceField(choices=Objective.choices)
-    lora_rank = forms.IntegerField(min_value=1, max_value=256)
-    learning_rate = forms.FloatField(min_value=1e-9, max_value=1.0)
-    batch_size = forms.IntegerField(min_value=1, max_value=512)
-    total_steps = forms.IntegerField(min_value=1, max_value=100_000)
+    lora_rank = _number("lora_rank")
+    learning_rate = _number("learning_rate")
+    batch_size = _number("batch_size")
+    total_steps = _number("total_steps")
     backend_options = forms.CharField(
         required=False,
         widget=forms.Textarea(attrs={"rows": 2}),

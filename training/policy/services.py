@@ -10,13 +10,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from django.core.exceptions import ValidationError
+from django.core.validators import URLValidator
 from django.db import transaction
 from django.utils import timezone
 
-from base import counters, permissions
+from base import counters, outbound, permissions
 from base.errors import DomainError
 from base.models import Project, Role
-from base.redaction import Redactor
+from base.redaction import MARK, Redactor
 from base.services import audit_record
 from training.policy import windows
 from training.policy.models import Backend, IdleMode, IdleWindowPolicy, Objective
@@ -37,29 +39,49 @@ def idle_policy_get(project: Project) -> IdleWindowPolicy:
     return policy or IdleWindowPolicy(project=project)
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The numbers a setting accepts (inclusive)."""
+
+    kind: type
+    low: float
+    high: float
+    # The low end itself is refused (a learning rate of 0 learns nothing, and any more may be
+    # just what an experiment wants).
+    open_low: bool = False
+
+
+_INT_MAX = 2_147_483_647  # PositiveIntegerField's ceiling in PostgreSQL
+# One table for every door: the dashboard form reads its limits from here, the service (which
+# the form and the API both call) enforces them.
+NUMBER_BOUNDS: dict[str, Bounds] = {
+    "traffic_threshold_rpm": Bounds(int, 0, _INT_MAX),
+    "traffic_idle_minutes": Bounds(int, 1, 120),  # Redis keeps 120 minutes of counts
+    "min_new_samples": Bounds(int, 1, _INT_MAX),
+    "max_runs_per_day": Bounds(int, 0, 10_000),
+    "max_tokens_per_run": Bounds(int, 1, _INT_MAX),
+    "max_sample_tokens": Bounds(int, 16, 1_000_000),
+    "eval_fraction": Bounds(float, 0.01, 0.89),
+    "stale_after_minutes": Bounds(int, 1, 10_080),
+    "lora_rank": Bounds(int, 1, 256),
+    "learning_rate": Bounds(float, 0.0, 1.0, open_low=True),
+    "batch_size": Bounds(int, 1, 512),
+    "total_steps": Bounds(int, 1, 100_000),
+}
+CHOICES: dict[str, list[str]] = {
+    "mode": IdleMode.values,
+    "backend": Backend.values,
+    "objective": Objective.values,
+}
+TEXT_LIMITS = {"timezone": 64, "base_model": 300, "ical_url": 200}
 POLICY_FIELDS = {
     "auto_train",
-    "mode",
-    "timezone",
     "weekly_windows",
-    "ical_url",
     "ical_text",
-    "traffic_threshold_rpm",
-    "traffic_idle_minutes",
-    "min_new_samples",
-    "max_runs_per_day",
-    "max_tokens_per_run",
-    "max_sample_tokens",
-    "eval_fraction",
-    "stale_after_minutes",
-    "backend",
     "backend_options",
-    "base_model",
-    "objective",
-    "lora_rank",
-    "learning_rate",
-    "batch_size",
-    "total_steps",
+    *NUMBER_BOUNDS,
+    *CHOICES,
+    *TEXT_LIMITS,
 }
 
 
@@ -67,25 +89,29 @@ POLICY_FIELDS = {
 def idle_policy_update(
     *, project: Project, actor: Any = None, actor_label: str = "", **changes: Any
 ) -> IdleWindowPolicy:
-    """Create or change the project's idle-window policy. ``weekly_windows`` may be the text
-    form (``"mon-fri 01:00-05:00"`` a line). Raises ``DomainError`` naming the bad field."""
+    """Create or change the project's training policy: idle windows, backend, base model,
+    hyperparameters and budgets. The dashboard's form and the API both call this, so both
+    validate alike: ``weekly_windows`` may be the text form (``"mon-fri 01:00-05:00"`` a line),
+    numbers must lie within ``NUMBER_BOUNDS``, and a secret in ``backend_options`` sent back
+    masked (as ``idle_policy_settings`` shows it) keeps its stored value. Raises
+    ``DomainError`` naming the first bad field; a refusal changes nothing. Only the settings
+    that change are written and audited."""
     permissions.require_role(actor, project, Role.ADMIN)
     unknown = set(changes) - POLICY_FIELDS
     if unknown:
-        raise DomainError(f"Unknown setting(s): {', '.join(sorted(unknown))}.", field=unknown.pop())
+        name = sorted(unknown)[0]
+        raise DomainError(f"Unknown setting(s): {', '.join(sorted(unknown))}.", field=name)
     policy, _ = IdleWindowPolicy.objects.get_or_create(project=project)
     policy = IdleWindowPolicy.objects.select_for_update().get(pk=policy.pk)
-    if isinstance(changes.get("weekly_windows"), str):
-        try:
-            changes["weekly_windows"] = windows.parse_weekly_windows(changes["weekly_windows"])
-        except windows.WindowSyntaxError as exc:
-            raise DomainError(str(exc), field="weekly_windows") from exc
-    _validate_policy_changes(changes)
-    before = {name: getattr(policy, name) for name in changes}
-    for name, value in changes.items():
+    changes = _validated(changes, policy)
+    changed = {name: value for name, value in changes.items() if getattr(policy, name) != value}
+    if not changed:
+        return policy
+    before = {name: getattr(policy, name) for name in changed}
+    for name, value in changed.items():
         setattr(policy, name, value)
     policy.updated_at = timezone.now()
-    policy.save(update_fields=[*changes, "updated_at"])
+    policy.save(update_fields=[*changed, "updated_at"])
     audit_record(
         action="training.idle_policy.update",
         project=project,
@@ -93,9 +119,19 @@ def idle_policy_update(
         actor_label=actor_label,
         obj=policy,
         before=_jsonable(before),
-        after=_jsonable({name: getattr(policy, name) for name in changes}),
+        after=_jsonable(changed),
     )
     return policy
+
+
+def idle_policy_settings(policy: IdleWindowPolicy) -> dict[str, Any]:
+    """Every setting ``idle_policy_update`` takes, as the API shows it: the windows in their
+    text form and secrets in the backend options masked (send them back as they are to keep
+    them)."""
+    values = {name: getattr(policy, name) for name in POLICY_FIELDS}
+    values["weekly_windows"] = windows.format_weekly_windows(policy.weekly_windows or [])
+    values["backend_options"] = Redactor().json(dict(policy.backend_options or {}))
+    return values
 
 
 def _jsonable(values: dict) -> dict:
@@ -103,36 +139,112 @@ def _jsonable(values: dict) -> dict:
     return Redactor().json(json.loads(json.dumps(values, default=str)))
 
 
-def _validate_policy_changes(changes: dict) -> None:
-    if "timezone" in changes:
+_SECRET_MASK = MARK.format(kind="secret_field")
+
+
+def _validated(changes: dict[str, Any], policy: IdleWindowPolicy) -> dict[str, Any]:
+    """``changes`` checked and converted to the stored types, or ``DomainError(field=...)``."""
+    clean: dict[str, Any] = {}
+    for name, value in changes.items():
+        if name in NUMBER_BOUNDS:
+            clean[name] = _number(name, value, NUMBER_BOUNDS[name])
+        elif name in CHOICES:
+            if value not in CHOICES[name]:
+                raise DomainError(f"'{value}' is not one of {CHOICES[name]}.", field=name)
+            clean[name] = str(value)
+        elif name in TEXT_LIMITS:
+            clean[name] = _text(name, value, TEXT_LIMITS[name])
+        elif name == "auto_train":
+            if not isinstance(value, bool):
+                raise DomainError("auto_train must be true or false.", field=name)
+            clean[name] = value
+        elif name == "weekly_windows":
+            clean[name] = _weekly_windows(value)
+        elif name == "ical_text":
+            clean[name] = _calendar_text(value)
+        elif name == "backend_options":
+            clean[name] = _backend_options(value, policy.backend_options or {})
+    return clean
+
+
+def _number(name: str, value: Any, bounds: Bounds) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise DomainError(f"{name} must be a number.", field=name)
+    try:
+        number = bounds.kind(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise DomainError(f"{name} must be a number.", field=name) from exc
+    if bounds.kind is int and isinstance(value, float) and value != number:
+        raise DomainError(f"{name} must be a whole number.", field=name)
+    above_low = number > bounds.low if bounds.open_low else number >= bounds.low
+    if not (above_low and number <= bounds.high):  # also refuses NaN
+        if bounds.open_low:
+            message = f"{name} must be above {bounds.low:g} and at most {bounds.high:g}."
+        else:
+            message = f"{name} must be between {bounds.low:g} and {bounds.high:g}."
+        raise DomainError(message, field=name)
+    return number
+
+
+def _text(name: str, value: Any, limit: int) -> str:
+    if not isinstance(value, str):
+        raise DomainError(f"{name} must be text.", field=name)
+    value = value.strip()
+    if len(value) > limit:
+        raise DomainError(f"{name} is longer than {limit} characters.", field=name)
+    if name == "timezone":
         try:
-            windows.zone(changes["timezone"])
+            windows.zone(value)
         except windows.WindowSyntaxError as exc:
-            raise DomainError(str(exc), field="timezone") from exc
-    if "ical_text" in changes:
+            raise DomainError(str(exc), field=name) from exc
+    elif name == "base_model" and not value:
+        raise DomainError("Name a base model.", field=name)
+    elif name == "ical_url" and value:
         try:
-            windows.calendar_intervals(changes["ical_text"], windows.zone("UTC"), timezone.now())
-        except (windows.WindowSyntaxError, ValueError) as exc:
-            raise DomainError(f"The calendar could not be read: {exc}", field="ical_text") from exc
-    choices = {"mode": IdleMode.values, "backend": Backend.values, "objective": Objective.values}
-    for name, allowed in choices.items():
-        if name in changes and changes[name] not in allowed:
-            raise DomainError(f"'{changes[name]}' is not one of {allowed}.", field=name)
-    for name in ("traffic_idle_minutes", "batch_size", "total_steps", "lora_rank"):
-        if name in changes and not (1 <= int(changes[name]) <= 100_000):
-            raise DomainError(f"{name} must be a positive number.", field=name)
-    if "traffic_idle_minutes" in changes and int(changes["traffic_idle_minutes"]) > 120:
+            URLValidator(schemes=["http", "https"])(value)
+        except ValidationError as exc:
+            raise DomainError("The iCalendar feed must be an http(s) URL.", field=name) from exc
+        refusal = outbound.url_refusal(value)  # the fetch is checked again (base.outbound)
+        if refusal is not None:
+            raise DomainError(refusal, field=name)
+    return value
+
+
+def _weekly_windows(value: Any) -> list[dict]:
+    try:
+        if isinstance(value, str):
+            return windows.parse_weekly_windows(value)
+        if isinstance(value, list):
+            # The stored form: accepted when it says what its text form says.
+            return windows.parse_weekly_windows(windows.format_weekly_windows(value))
+    except windows.WindowSyntaxError as exc:
+        raise DomainError(str(exc), field="weekly_windows") from exc
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise DomainError(
-            "Traffic is counted for at most 120 minutes.", field="traffic_idle_minutes"
-        )
-    if "eval_fraction" in changes and not (0.0 < float(changes["eval_fraction"]) < 0.9):
-        raise DomainError("The held-out fraction must be between 0 and 0.9.", field="eval_fraction")
-    if "learning_rate" in changes and not (0.0 < float(changes["learning_rate"]) <= 1.0):
-        raise DomainError("The learning rate must be in (0, 1].", field="learning_rate")
-    if "base_model" in changes and not str(changes["base_model"]).strip():
-        raise DomainError("Name a base model.", field="base_model")
-    if "backend_options" in changes and not isinstance(changes["backend_options"], dict):
+            'Write windows as text ("mon-fri 01:00-05:00" a line).', field="weekly_windows"
+        ) from exc
+    raise DomainError(
+        'Write windows as text ("mon-fri 01:00-05:00" a line).', field="weekly_windows"
+    )
+
+
+def _calendar_text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise DomainError("ical_text must be text.", field="ical_text")
+    try:
+        windows.calendar_intervals(value, windows.zone("UTC"), timezone.now())
+    except (windows.WindowSyntaxError, ValueError) as exc:
+        raise DomainError(f"The calendar could not be read: {exc}", field="ical_text") from exc
+    return value
+
+
+def _backend_options(value: Any, stored: dict) -> dict:
+    if not isinstance(value, dict):
         raise DomainError("Backend options must be a JSON object.", field="backend_options")
+    return {
+        key: stored[key] if item == _SECRET_MASK and key in stored else item
+        for key, item in value.items()
+    }
 
 
 def idle_policy_calendar_refresh(
@@ -143,10 +255,11 @@ def idle_policy_calendar_refresh(
         return policy
 
     def default_fetch(url: str) -> str:
-        import urllib.request
-
-        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - admin's URL
-            return response.read(2_000_000).decode("utf-8", "replace")
+        # Through the outbound guard: http(s) only, public addresses only, pinned when connecting.
+        raw = outbound.get_bytes(
+            url, max_bytes=2_000_000, timeout=5.0, headers={"Accept": "text/calendar"}
+        )
+        return raw.decode("utf-8", "replace")
 
     try:
         text = (fetch or default_fetch)(policy.ical_url)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from django.db.models import Prefetch, QuerySet
 
 from base.errors import DomainError, NotFound
 from base.models import Project
+from skills.runtime.upstream import adapter_model_name
 from skills.versions.models import PolicyVersion, VersionStatus
 from training.datasets.models import DatasetSnapshot
+from training.policy.services import idle_policy_get
 from training.runs.models import ACTIVE_RUN_STATUSES, RunStatus, TrainingRun
 
 # The samples of a snapshot can be megabytes: pages and the API show its report only.
@@ -51,10 +54,26 @@ def dataset_sample_preview(run: TrainingRun, limit: int = 5) -> list[dict]:
     return list(samples or [])[:limit]
 
 
-def version_to_serve(project: Project, number: int | None = None) -> PolicyVersion:
-    """The policy version whose LoRA adapter ``serve_adapter`` runs: ``number``, or the active
-    one. Refused (``DomainError``) unless its ``adapter_ref`` is a local adapter folder: a
-    Tinker adapter is served by Tinker, and a version without an adapter has nothing to serve."""
+@dataclass(frozen=True)
+class ServePlan:
+    """What ``serve_adapter`` loads for a policy version, and the model name it answers as."""
+
+    version: PolicyVersion
+    base_model: str
+    adapter_dir: str | None
+    model_id: str
+    # Why the base model is served without an adapter ("" when the adapter is served).
+    note: str = ""
+
+
+def version_to_serve(
+    project: Project, number: int | None = None, *, base_only: bool = False
+) -> ServePlan:
+    """What to serve for the policy version ``number`` (or the active one): its local LoRA
+    adapter on its base model, named as the proxy names it (``adapter_model_name``); or, for a
+    version with no adapter (skills only) or with ``base_only``, the base model alone, named
+    by the base model, for an A/B baseline. Refused (``DomainError``) when the adapter is not
+    a local folder: a Tinker adapter is served by Tinker."""
     qs = PolicyVersion.objects.filter(project=project)
     version = (
         qs.filter(number=number).first()
@@ -64,15 +83,30 @@ def version_to_serve(project: Project, number: int | None = None) -> PolicyVersi
     if version is None:
         which = f"version {number}" if number is not None else "an active version"
         raise NotFound(f"{project.name} has no {which}.")
-    if not version.adapter_ref:
-        raise DomainError(
-            f"Version {version.number} has no LoRA adapter (skills only): nothing to serve.",
-            code="no_adapter",
+    base_model = version.base_model or idle_policy_get(project).base_model
+    if base_only or not version.adapter_ref:
+        why = (
+            f"the base model of v{version.number}, without its adapter, as asked"
+            if version.adapter_ref
+            else f"v{version.number} has no LoRA adapter (skills only)"
+        )
+        return ServePlan(
+            version=version,
+            base_model=base_model,
+            adapter_dir=None,
+            model_id=base_model,
+            note=f"Serving the base model {base_model}: {why}.",
         )
     if "://" in version.adapter_ref or not Path(version.adapter_ref).is_dir():
         raise DomainError(
             f"Version {version.number}'s adapter '{version.adapter_ref}' is not a local folder; "
-            "only adapters trained by the local backend can be served here.",
+            "only adapters trained by the local backend can be served here (--base serves its "
+            "base model).",
             code="no_local_adapter",
         )
-    return version
+    return ServePlan(
+        version=version,
+        base_model=base_model,
+        adapter_dir=version.adapter_ref,
+        model_id=adapter_model_name(version.adapter_ref),
+    )

@@ -26,13 +26,15 @@ from base.queue import enqueue_on_commit
 from base.services import audit_record
 from skills.versions.models import PolicyVersion
 from training.backends.base import StepReport
-from training.datasets.services import (
-    dataset_build,
+from training.datasets.generations import (
+    RuleCount,
+    incident_rule_filters,
+    new_sample_counts,
     policy_generation,
-    signal_filter,
-    version_filter,
+    trajectory_rule_filters,
 )
-from training.policy.models import IdleWindowPolicy, Objective
+from training.datasets.services import dataset_build
+from training.policy.models import IdleWindowPolicy
 from training.policy.services import idle_policy_get
 from training.runs.models import ACTIVE_RUN_STATUSES, PauseReason, RunStatus, TrainingRun, Trigger
 
@@ -52,6 +54,8 @@ class Readiness:
     reasons: list[str]
     new_samples: int
     runs_last_day: int
+    # Per generation rule: what it admits and leaves out of the new samples.
+    by_rule: tuple[RuleCount, ...] = ()
 
 
 def _last_cutoff(project: Project) -> datetime | None:
@@ -68,31 +72,29 @@ def _last_cutoff(project: Project) -> datetime | None:
 def project_training_readiness(
     *, project: Project, now: datetime | None = None, policy: IdleWindowPolicy | None = None
 ) -> Readiness:
-    """Enough new usable samples (trajectories and incidents, counted as ``dataset_build``
-    would use them, before deduplication) since the last successful run, and within the daily
-    budget."""
+    """Enough new usable samples (trajectories and incidents, counted by the generation rules
+    ``dataset_build`` applies, before deduplication) since the last successful run, and within
+    the daily budget."""
     from incidents.models import Incident, IncidentStatus, Trajectory
 
     now = now or _now()
     policy = policy or idle_policy_get(project)
-    generation = policy_generation(project)
-    qs = Trajectory.objects.filter(project=project, received_at__lte=now).filter(
-        version_filter(generation), signal_filter(policy.objective)
+    trajectories = Trajectory.objects.filter(project=project, received_at__lte=now)
+    incidents = Incident.objects.filter(project=project, received_at__lte=now).exclude(
+        status=IncidentStatus.IGNORED
     )
-    incidents = (
-        Incident.objects.filter(project=project, received_at__lte=now)
-        .filter(version_filter(generation))
-        .exclude(status=IncidentStatus.IGNORED)
-    )
-    if policy.objective != Objective.RL:
-        incidents = incidents.filter(metadata__has_key="corrected_answer").exclude(
-            metadata__corrected_answer=""
-        )
     cutoff = _last_cutoff(project)
     if cutoff is not None:
-        qs = qs.filter(received_at__gt=cutoff)
+        trajectories = trajectories.filter(received_at__gt=cutoff)
         incidents = incidents.filter(received_at__gt=cutoff)
-    new_samples = qs.count() + incidents.count()
+    by_rule = new_sample_counts(
+        querysets=[
+            (trajectories, trajectory_rule_filters(policy.objective)),
+            (incidents, incident_rule_filters(policy.objective)),
+        ],
+        generation=policy_generation(project),
+    )
+    new_samples = sum(r.usable for r in by_rule)
     runs_last_day = (
         TrainingRun.objects.filter(project=project, created_at__gt=now - timedelta(days=1))
         .exclude(status=RunStatus.CANCELLED)
@@ -107,6 +109,7 @@ def project_training_readiness(
         )
     else:
         reasons.append(f"{new_samples} new usable samples since the last run.")
+    reasons += [r.summary for r in by_rule if r.summary]
     if runs_last_day >= policy.max_runs_per_day:
         ready = False
         reasons.append(
@@ -115,7 +118,7 @@ def project_training_readiness(
     if TrainingRun.objects.filter(project=project, status__in=ACTIVE_RUN_STATUSES).exists():
         ready = False
         reasons.append("A run is in progress.")
-    return Readiness(ready, reasons, new_samples, runs_last_day)
+    return Readiness(ready, reasons, new_samples, runs_last_day, tuple(by_rule))
 
 
 # --- Run transitions ------------------------------------------------------------------------
