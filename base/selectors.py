@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from django.db.models import QuerySet
 
+from base import crypto
 from base.errors import NotFound, PermissionDenied
 from base.models import ApiKey, AuditEvent, Membership, Project, Role
+
+logger = logging.getLogger(__name__)
 
 
 def projects_for_user(user: Any) -> QuerySet[Project]:
@@ -104,3 +108,29 @@ def audit_filter_choices(project: Project) -> tuple[list[str], list[str]]:
         if object_type:
             object_types.add(object_type)
     return sorted(actions), sorted(object_types)
+
+
+# --- Project settings and onboarding ---------------------------------------------------------
+
+
+def project_upstream_api_key(project: Project) -> str:
+    """The project's upstream API key in plaintext, or "": the one reader of the encrypted
+    ``Project.upstream_api_key`` (``base.crypto``). A key that no longer decrypts (SECRET_KEY
+    changed without a fallback) counts as none, so the upstream answers 401 and the settings
+    page says to type it again, instead of every proxied request failing here."""
+    try:
+        return crypto.decrypt(project.upstream_api_key or "")
+    except crypto.SecretUnreadable:
+        logger.error("Project %s: the stored upstream API key cannot be decrypted.", project.pk)
+        return ""
+
+
+def project_upstream_api_key_state(project: Project) -> str:
+    """What the settings page shows of the write-only key: "set", "not set" or "unreadable"."""
+    if not project.upstream_api_key:
+        return "not set"
+    try:
+        crypto.decrypt(project.upstream_api_key)
+    except crypto.SecretUnreadable:
+        return "unreadable"
+    return "set"

@@ -1,4 +1,5 @@
-"""Project administration pages, mounted at ``p/<slug:project_slug>/``."""
+"""Project administration pages (and the getting-started panel), mounted at
+``p/<slug:project_slug>/``."""
 
 from __future__ import annotations
 
@@ -17,4 +18,6 @@ urlpatterns = [
     path("members/add/", views.members_add, name="members_add"),
     path("members/<int:user_id>/role/", views.members_set_role, name="members_set_role"),
     path("members/<int:user_id>/remove/", views.members_remove, name="members_remove"),
+    path("settings/", views.project_settings, name="settings"),
+    path("settings/test-connection/", views.project_settings_test, name="settings_test"),
 ]

@@ -13,11 +13,12 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from base import selectors, services
+from base import selectors, services, upstream_check
 from base.decorators import project_view
 from base.errors import Conflict, DomainError
+from base.forms import ProjectSettingsForm
 from base.middleware import CurrentProjectMiddleware
 from base.models import ApiKeyScope, AuditEvent, Membership, Role
 from base.pagination import paginate
@@ -172,7 +173,9 @@ def _api_keys_context(request: ProjectRequest, **extra: object) -> dict:
 @require_GET
 @project_view(role=Role.ADMIN)
 def api_keys(request: ProjectRequest) -> HttpResponse:
-    return render(request, "base/api_keys.html", _api_keys_context(request, form={}))
+    # The onboarding panel's link fills the form in (?name=…&scopes=runtime&scopes=ingest).
+    form = {"name": request.GET.get("name", "")[:200], "scopes": request.GET.getlist("scopes")}
+    return render(request, "base/api_keys.html", _api_keys_context(request, form=form))
 
 
 @require_POST
@@ -292,3 +295,66 @@ def members_remove(request: ProjectRequest, user_id: int) -> HttpResponse:
     if membership.user == request.user and not request.user.is_superuser:
         return redirect("home")
     return redirect("project:members", project_slug=project.slug)
+
+
+# --- Project settings ------------------------------------------------------------------------
+
+
+def _settings_context(request: ProjectRequest, form: ProjectSettingsForm, **extra: object) -> dict:
+    return {
+        "form": form,
+        "sections": [(title, [form[name] for name in names]) for title, names in form.SECTIONS],
+        "site_upstream": services.upstream_url_effective(""),
+        **extra,
+    }
+
+
+@require_http_methods(["GET", "POST"])
+@project_view(role=Role.ADMIN)
+def project_settings(request: ProjectRequest) -> HttpResponse:
+    project = request.project
+    if request.method == "GET":
+        form = ProjectSettingsForm(project=project)
+        return render(request, "base/project_settings.html", _settings_context(request, form))
+    form = ProjectSettingsForm(request.POST, project=project)
+    if form.is_valid():
+        try:
+            services.project_settings_update(
+                project=project, changes=form.changes(), actor=request.user
+            )
+        except DomainError as exc:
+            form.add_domain_error(exc)
+        else:
+            messages.success(request, "Settings saved.")
+            return redirect("project:settings", project_slug=project.slug)
+    context = _settings_context(request, form)
+    return render(request, "base/project_settings.html", context, status=422)
+
+
+@require_POST
+@project_view(role=Role.ADMIN)
+def project_settings_test(request: ProjectRequest) -> HttpResponse:
+    """The "Test connection" button: the upstream as the form now says (an empty key field:
+    the stored key), asked for its models. An htmx request gets the result partial; a plain
+    POST the whole page, with what was typed kept (the key never: it is write-only)."""
+    project = request.project
+    post = request.POST
+    api_key: str | None = post.get("upstream_api_key", "").strip() or None
+    if post.get("upstream_api_key_clear"):
+        api_key = ""
+    result = upstream_check.project_upstream_check(
+        project=project, actor=request.user, base_url=post.get("upstream_base_url"), api_key=api_key
+    )
+    if request.htmx:
+        return render(request, "base/project_settings.html#upstream-test", {"test": result})
+    typed = {
+        name: post[name]
+        for name in ProjectSettingsForm.base_fields
+        if name in post and name not in ("upstream_api_key", "upstream_api_key_clear")
+    }
+    form = ProjectSettingsForm(
+        project=project, initial={**ProjectSettingsForm.initial_for(project), **typed}
+    )
+    return render(
+        request, "base/project_settings.html", _settings_context(request, form, test=result)
+    )

@@ -112,6 +112,7 @@ def _mount_routers() -> None:
     from skills.skillmd.api import router as skillmd_router
     from skills.synthesis.api import router as synthesis_router
     from skills.versions.api import router as versions_router
+    from training.policy.api import router as training_settings_router
     from training.runs.api import router as training_router
 
     # In this order: it is the order of the operations in the OpenAPI document.
@@ -122,6 +123,7 @@ def _mount_routers() -> None:
         skillmd_router,
         synthesis_router,
         training_router,
+        training_settings_router,
     ):
         api.add_router("/", router)
 

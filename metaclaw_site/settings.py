@@ -43,7 +43,8 @@ if not SECRET_KEY:
         SECRET_KEY = _INSECURE_KEY
     else:
         raise ImproperlyConfigured(
-            "SECRET_KEY must be set when DEBUG is off (the run script generates one for you)."
+            "SECRET_KEY must be set when DEBUG is off. scripts/run.py generates one and keeps it "
+            "in var/run.env, which manage.py reads: run it once, or set SECRET_KEY."
         )
 elif SECRET_KEY == _INSECURE_KEY and not (DEBUG or TESTING):
     raise ImproperlyConfigured("The development SECRET_KEY is refused when DEBUG is off.")
@@ -63,6 +64,9 @@ INSTALLED_APPS = [
     "django.contrib.humanize",
     "django_htmx",
     "template_partials",
+    # Its templates and static files: /api/v1/docs serves Swagger UI from our own static files
+    # (without it in INSTALLED_APPS, ninja's page loads them from a CDN, blank offline).
+    "ninja",
     "base",
     "incidents",
     "skills",
@@ -169,6 +173,8 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
 ]
+# Django's password check with a lockout after repeated failures (base.auth; METACLAW below).
+AUTHENTICATION_BACKENDS = ["base.auth.ThrottledModelBackend"]
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"
@@ -212,6 +218,13 @@ EMAIL_BACKEND = os.environ.get(
     else "django.core.mail.backends.smtp.EmailBackend",
 )
 DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "metaclaw@localhost")
+# No host, no SMTP: with the SMTP backend and EMAIL_HOST unset nothing is e-mailed (and nothing
+# is retried against a mail server that is not there); Slack and webhooks still go out.
+EMAIL_HOST = os.environ.get("EMAIL_HOST", "")
+EMAIL_PORT = env_int("EMAIL_PORT", 25)
+EMAIL_HOST_USER = os.environ.get("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = os.environ.get("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
 
 # --- Celery -------------------------------------------------------------------------------
 # Two queues so a long training job never delays a skill proposal: "fast" for the fast loop and
@@ -223,7 +236,9 @@ else:
     _broker_dir = VAR_DIR / "broker"
     for _sub in ("queue", "processed", "control"):
         (_broker_dir / _sub).mkdir(parents=True, exist_ok=True)
-    CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "filesystem://")
+    # A hostname, though the folders below are what count: without one kombu warns on every
+    # connection that it assumed "localhost".
+    CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "filesystem://localhost//")
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir / "queue"),
         "data_folder_out": str(_broker_dir / "queue"),
@@ -265,8 +280,21 @@ METACLAW = {
     "INGEST_MAX_BODY_BYTES": env_int("METACLAW_INGEST_MAX_BODY_BYTES", 1024 * 1024),
     "BATCH_MAX_BODY_BYTES": env_int("METACLAW_BATCH_MAX_BODY_BYTES", 5 * 1024 * 1024),
     "BATCH_MAX_ITEMS": env_int("METACLAW_BATCH_MAX_ITEMS", 1000),
+    # SKILL.md imports: the request body (a whole repository's zip), which also bounds what an
+    # archive may unpack to (twice this), and each file kept with a skill (binary files too).
+    "SKILL_IMPORT_MAX_BYTES": env_int("METACLAW_SKILL_IMPORT_MAX_BYTES", 50 * 1024 * 1024),
+    "SKILL_FILE_MAX_BYTES": env_int("METACLAW_SKILL_FILE_MAX_BYTES", 10 * 1024 * 1024),
     # Requests per minute per API key (counted in Redis; the project may set its own).
     "RATE_LIMIT_PER_MINUTE": env_int("METACLAW_RATE_LIMIT_PER_MINUTE", 60_000),
+    # Guessing (base.auth): this many wrong API keys from one client address in a window block
+    # it (429 with Retry-After) for a window; this many wrong passwords for one username from
+    # one address lock the pair out for LOGIN_LOCKOUT_SECONDS. Behind a reverse proxy, name the
+    # header it sets to the client's address (e.g. X-Forwarded-For: its last entry counts).
+    "API_KEY_FAILURES_LIMIT": env_int("METACLAW_API_KEY_FAILURES_LIMIT", 50),
+    "API_KEY_FAILURES_WINDOW_SECONDS": env_int("METACLAW_API_KEY_FAILURES_WINDOW_SECONDS", 60),
+    "LOGIN_FAILURES_LIMIT": env_int("METACLAW_LOGIN_FAILURES_LIMIT", 5),
+    "LOGIN_LOCKOUT_SECONDS": env_int("METACLAW_LOGIN_LOCKOUT_SECONDS", 900),
+    "CLIENT_IP_HEADER": os.environ.get("METACLAW_CLIENT_IP_HEADER", ""),
     # How long a web process trusts an API key it has checked (revocations elsewhere wait this).
     "API_KEY_CACHE_SECONDS": float(os.environ.get("METACLAW_API_KEY_CACHE_SECONDS", "5")),
     # A group waiting this long without being picked up is re-enqueued by the sweep.
@@ -289,8 +317,9 @@ TINKER_API_KEY = os.environ.get("TINKER_API_KEY", "")
 TINKER_BASE_URL = os.environ.get("TINKER_BASE_URL", "")
 SLACK_WEBHOOK_URL = os.environ.get("SLACK_WEBHOOK_URL", "")
 SLACK_SIGNING_SECRET = os.environ.get("SLACK_SIGNING_SECRET", "")
-# Outgoing webhooks to loopback or private addresses are refused (a project admin must not be
-# able to make the worker call internal services). Turn on for chat tools on a private network.
+# Outbound requests to addresses people set (Slack, webhooks, calendar feeds: base.outbound) go
+# only to public addresses (a project admin must not be able to make the worker call internal
+# services). Turn on for receivers on a private network.
 METACLAW_ALLOW_PRIVATE_WEBHOOKS = env_bool("METACLAW_ALLOW_PRIVATE_WEBHOOKS", False)
 # The ASGI fast lane (base.fast_lane) serves the agents' hot routes without Django's middleware
 # stack; off, Django serves them too (benchmarks/ingest.py and runtime.py --door both compare).
