@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
+from pydantic import AfterValidator
 
 MAX_DEPTH = 64
 
@@ -87,3 +88,12 @@ def clean_json_text(value: Any) -> tuple[str, Any]:
             return text.decode(), value
     cleaned = clean_json(value)
     return json.dumps(cleaned), cleaned
+
+
+def _clean_text_field(value: Any) -> Any:
+    return clean_text(value) if isinstance(value, str) else value
+
+
+CleanText = Annotated[str, AfterValidator(_clean_text_field)]
+"""Text from a client, stored: NUL characters dropped and lone surrogates replaced
+(``clean_text``), as ingestion stores them."""
