@@ -10,7 +10,8 @@ Errors:
 - ``LlmNotConfigured``: no base URL / model; not an error for callers (the group waits for a
   person);
 - ``LlmTransientError``: rate limits, timeouts, 5xx and connection errors that outlived the
-  in-process retries (with backoff, honouring ``Retry-After``); the Celery task retries later;
+  SDK's in-process retries (with backoff, honouring a short ``Retry-After``); the Celery task
+  retries later, after the ``retry_after`` it carries;
 - ``LlmPermanentError``: the endpoint refused the request (bad key, unknown model, 4xx);
 - ``LlmInvalidOutput``: the answer holds no JSON object.
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import threading
 import time
@@ -32,10 +32,12 @@ from django.conf import settings
 
 logger = logging.getLogger(__name__)
 
-# In-process retries for one call; longer outages are the Celery task's business.
+# Tries of one call, the SDK's retries included (its backoff: 0.5 s doubling, jitter, Retry-After
+# honoured); longer outages are the Celery task's business.
 MAX_ATTEMPTS = 3
+# The first backoff without a Retry-After (the SDK's 0.5 s, doubling, scaled to this).
 BACKOFF_BASE_SECONDS = 0.5
-BACKOFF_MAX_SECONDS = 8.0
+SDK_BACKOFF_BASE_SECONDS = 0.5
 # A Retry-After longer than this is not slept through in the worker: the task retries later.
 MAX_INLINE_RETRY_AFTER_SECONDS = 20.0
 
@@ -116,22 +118,40 @@ _clients_lock = threading.Lock()
 _no_structured_output: set[str] = set()
 
 
+class _Client(openai.OpenAI):
+    """The SDK's client, whose retries (backoff with jitter, ``Retry-After`` honoured) we use,
+    except that it does not sleep through a ``Retry-After`` longer than
+    ``MAX_INLINE_RETRY_AFTER_SECONDS``: it would hold one of the few fast worker slots (the SDK
+    waits up to two minutes) while other groups queue. Such a wait is handed to the Celery task,
+    whose countdown honours it without holding a worker."""
+
+    def _should_retry(self, response: Any) -> bool:
+        retry_after = _retry_after_from(response.headers)
+        if retry_after is not None and retry_after > MAX_INLINE_RETRY_AFTER_SECONDS:
+            return False
+        return super()._should_retry(response)
+
+    def _calculate_retry_timeout(
+        self, remaining_retries: int, options: Any, response_headers: Any = None
+    ) -> float:
+        delay = super()._calculate_retry_timeout(remaining_retries, options, response_headers)
+        if response_headers is not None and _retry_after_from(response_headers) is not None:
+            return delay  # the server's word
+        return delay * BACKOFF_BASE_SECONDS / SDK_BACKOFF_BASE_SECONDS
+
+
 def _client(cfg: LlmConfig) -> openai.OpenAI:
     # One client (and connection pool) per process and endpoint; keyed by pid so a forked
     # worker never shares a parent's sockets.
-    key = (os.getpid(), cfg.base_url, cfg.api_key, cfg.timeout)
+    key = (os.getpid(), cfg.base_url, cfg.api_key, cfg.timeout, MAX_ATTEMPTS)
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
-            client = openai.OpenAI(
+            client = _Client(
                 base_url=cfg.base_url,
                 api_key=cfg.api_key,
                 timeout=cfg.timeout,
-                # Retries are ours (below), not the SDK's: the SDK sleeps through any
-                # Retry-After up to two minutes inside the worker, holding one of the few fast
-                # worker slots while other groups queue; ours hands a wait over 20 s to the
-                # Celery task, whose countdown honours it without holding a worker.
-                max_retries=0,
+                max_retries=MAX_ATTEMPTS - 1,
             )
             _clients[key] = client
         return client
@@ -169,9 +189,7 @@ def complete_json(
         "type": "json_schema",
         "json_schema": {"name": schema_name, "schema": schema, "strict": False},
     }
-    attempt = 0
     while True:
-        attempt += 1
         try:
             # The raw response: the SDK's errors and retries as always, and the answer read
             # as JSON here instead of built into the SDK's models (about a millisecond of CPU
@@ -188,30 +206,25 @@ def complete_json(
                 logger.info("%s refuses response_format; using plain JSON mode.", cfg.base_url)
                 _no_structured_output.add(cfg.base_url)
                 structured = False
-                attempt -= 1
                 continue
             raise LlmPermanentError(f"The LLM endpoint refused the request: {_brief(exc)}") from exc
-        except (openai.RateLimitError, openai.InternalServerError) as exc:
-            retry_after = _retry_after(exc)
-            reason = (
-                "rate limited (429)"
-                if isinstance(exc, openai.RateLimitError)
-                else f"server error ({exc.status_code})"
-            )
-            _wait_or_raise(attempt, retry_after, f"LLM {reason}: {_brief(exc)}", exc)
+        except openai.RateLimitError as exc:
+            raise LlmTransientError(
+                f"LLM rate limited (429): {_brief(exc)}", retry_after=_retry_after(exc)
+            ) from exc
         except openai.APIStatusError as exc:
             if exc.status_code in (408, 409) or exc.status_code >= 500:
-                _wait_or_raise(
-                    attempt, _retry_after(exc), f"LLM error {exc.status_code}: {_brief(exc)}", exc
-                )
-                continue
+                raise LlmTransientError(
+                    f"LLM server error ({exc.status_code}): {_brief(exc)}",
+                    retry_after=_retry_after(exc),
+                ) from exc
             raise LlmPermanentError(
                 f"The LLM endpoint refused the request ({exc.status_code}): {_brief(exc)}"
             ) from exc
         except openai.APITimeoutError as exc:
-            _wait_or_raise(attempt, None, f"LLM timed out after {cfg.timeout:g} s", exc)
+            raise LlmTransientError(f"LLM timed out after {cfg.timeout:g} s") from exc
         except openai.APIConnectionError as exc:
-            _wait_or_raise(attempt, None, f"Could not reach the LLM: {_brief(exc)}", exc)
+            raise LlmTransientError(f"Could not reach the LLM: {_brief(exc)}") from exc
         except (openai.APIResponseValidationError, ValueError) as exc:
             # A 200 whose body is not a chat completion (a broken proxy, a truncated answer).
             raise LlmInvalidOutput(f"The LLM endpoint answered garbage: {_brief(exc)}") from exc
@@ -251,25 +264,13 @@ def _count(value: Any) -> int:
         return 0
 
 
-def _wait_or_raise(attempt: int, retry_after: float | None, message: str, exc: Exception) -> None:
-    if attempt >= MAX_ATTEMPTS or (
-        retry_after is not None and retry_after > MAX_INLINE_RETRY_AFTER_SECONDS
-    ):
-        raise LlmTransientError(message, retry_after=retry_after) from exc
-    if retry_after is None:
-        delay = min(BACKOFF_MAX_SECONDS, BACKOFF_BASE_SECONDS * 2 ** (attempt - 1))
-        delay *= 0.75 + random.random() / 2  # jitter: workers do not retry in lockstep
-    else:
-        delay = retry_after
-    logger.warning("%s; retrying in %.2f s (attempt %d).", message, delay, attempt)
-    time.sleep(delay)
-
-
 def _retry_after(exc: Exception) -> float | None:
-    response = getattr(exc, "response", None)
-    headers = getattr(response, "headers", None)
-    if headers is None:
-        return None
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    return None if headers is None else _retry_after_from(headers)
+
+
+def _retry_after_from(headers: Any) -> float | None:
+    """Seconds from ``retry-after-ms`` or ``retry-after`` (seconds or an HTTP date)."""
     ms = headers.get("retry-after-ms")
     if ms:
         try:

@@ -16,53 +16,50 @@ from skills.synthesis import services as synthesis
 logger = logging.getLogger(__name__)
 
 
-SYNTHESIS_MAX_RETRIES = 4
-
-
-def _synthesis_backoff(retries: int, retry_after: float | None) -> float:
-    """Seconds before the next try: the server's Retry-After if it gave one, else 5, 15, 45...
-    capped at 5 minutes."""
-    if retry_after is not None:
-        return min(600.0, max(1.0, retry_after))
-    return min(300.0, 5.0 * 3**retries)
-
-
 @shared_task(
     bind=True,
     name="skills.tasks.propose_skill",
     acks_late=True,
+    reject_on_worker_lost=True,
     ignore_result=True,
-    max_retries=SYNTHESIS_MAX_RETRIES,
+    # Bounded by time, not by count: the service fails the group once transient errors have
+    # lasted METACLAW["SYNTHESIS_GIVE_UP_SECONDS"].
+    max_retries=None,
 )
-def propose_skill(self, group_id: int) -> None:
-    """Claim the group (WAITING → RUNNING, exactly one worker wins) and synthesise. Transient
-    LLM errors retry with backoff; the final failure marks the group FAILED with the reason."""
+def propose_skill(self, group_id: int, retrying_since: float | None = None) -> None:
+    """Claim the group (WAITING and due → RUNNING, exactly one worker wins) and synthesise.
+    Transient errors retry after the backoff the service set (the group's due time); the
+    service records the final failure with its reason."""
     try:
-        synthesis.group_synthesize(group_id=group_id)
+        synthesis.group_synthesize(
+            group_id=group_id, retrying_since=retrying_since, backoff=not self.request.is_eager
+        )
     except synthesis.SynthesisRetryLater as exc:
-        if self.request.retries >= self.max_retries:
-            synthesis.group_synthesis_fail(
-                group_id=group_id, reason=f"{exc} (gave up after {self.max_retries + 1} tries)"
-            )
-            return
         if self.request.is_eager:
             # Eager mode (tests, one-off commands) propagates Celery's Retry instead of
             # retrying; there is no broker to wait on, so retry inline.
-            propose_skill.apply(args=[group_id], retries=self.request.retries + 1, throw=True)
+            propose_skill.apply(
+                args=[group_id],
+                kwargs={"retrying_since": exc.since},
+                retries=self.request.retries + 1,
+                throw=True,
+            )
             return
-        countdown = _synthesis_backoff(self.request.retries, exc.retry_after)
-        raise self.retry(countdown=countdown, exc=exc) from exc
+        raise self.retry(
+            args=[group_id],
+            kwargs={"retrying_since": exc.since},
+            countdown=exc.countdown,
+            exc=exc,
+        ) from exc
 
 
 @shared_task(name="skills.tasks.sweep_waiting_groups", acks_late=True, ignore_result=True)
 def sweep_waiting_groups() -> int:
-    """Re-enqueue groups that have waited too long (the broker was down, a message was lost),
-    groups whose worker died, and groups held back by a daily budget that allows them again."""
+    """Re-enqueue groups that no queue holds: WAITING past their due time (the broker was down,
+    a message was lost), RUNNING ones whose worker stopped renewing the lease, and groups held
+    back by a daily budget that allows them again. A group in a backoff is not due yet."""
     after = settings.METACLAW["OUTBOX_SWEEP_AFTER_SECONDS"]
-    # A synthesis outlives the task's hard time limit only if its worker died.
-    synthesis.groups_stale_running_release(
-        older_than_seconds=max(after, settings.CELERY_TASK_TIME_LIMIT * 5)
-    )
+    synthesis.groups_stale_running_release(older_than_seconds=synthesis.lease_seconds())
     synthesis.groups_budget_release()
     group_ids = incident_services.groups_waiting_for_synthesis(older_than_seconds=after)
     for group_id in group_ids:

@@ -1,0 +1,118 @@
+"""Issue 21, item 9: the fast worker killed with SIGKILL in the middle of synthesis. Real Redis
+(a private redis-server), a real Celery worker with its beat, our loopback LLM answering in 3 s,
+and the test PostgreSQL database. Every group must be proposed, exactly once, within 2 minutes
+of the worker's restart: the claims' leases run out and the sweep puts them back in the queue."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from kombu import Connection
+
+from incidents.models import IncidentGroup, SynthesisStatus
+from metaclaw_site.celery import app as celery_app
+from skills.library.models import SkillRevision
+from skills.synthesis import tasks
+from tests import factories
+from tests.fakes.openai_server import OpenAIServer, Reply
+from tests.faults import procs
+
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+
+GROUPS = 8
+LEASE_SECONDS = 10
+
+
+def _answer(body: dict) -> Reply:
+    text = json.dumps(body.get("messages", []))
+    slug = "fix-" + str(abs(hash(text)) % 10**8)
+    return Reply(
+        delay=3.0,
+        content=json.dumps(
+            {
+                "diagnosis": "The agent passed a relative date where a tool needs ISO 8601.",
+                "decision": "new_skill",
+                "skill": {
+                    "slug": slug,
+                    "name": f"Skill {slug}",
+                    "description": "When a tool needs an ISO 8601 date.",
+                    "instructions": "Convert relative dates to ISO 8601 (YYYY-MM-DD) first.",
+                    "category": "common_mistakes",
+                },
+            }
+        ),
+    )
+
+
+def test_a_worker_killed_mid_synthesis_leaves_no_group_running(
+    api, project, ingest_key, tmp_path, monkeypatch
+):
+    redis, redis_url = procs.start_redis(tmp_path)
+    llm = OpenAIServer(default=_answer, model="loopback-model").start()
+    env = {
+        "DJANGO_SETTINGS_MODULE": "metaclaw_site.settings_test",
+        "DATABASE_URL": procs.test_database_url(),
+        "REDIS_URL": redis_url,
+        "CELERY_TASK_ALWAYS_EAGER": "0",
+        "OPENAI_BASE_URL": llm.base_url,
+        "OPENAI_API_KEY": "test-key",
+        "METACLAW_LLM_MODEL": "loopback-model",
+        "METACLAW_SYNTHESIS_LEASE_SECONDS": str(LEASE_SECONDS),
+        "METACLAW_OUTBOX_SWEEP_AFTER_SECONDS": "5",
+    }
+    # This process publishes to the private Redis too (the suite's broker is another).
+    broker = Connection(redis_url)
+    eager = celery_app.conf.task_always_eager
+    celery_app.conf.task_always_eager = False
+    monkeypatch.setattr(
+        tasks.propose_skill,
+        "delay",
+        lambda *a: tasks.propose_skill.apply_async(a, connection=broker),
+    )
+    worker = procs.start_worker(env, tmp_path, "first")
+    try:
+        for n in range(GROUPS):
+            payload = factories.incident_payload(
+                agent={"name": f"agent-{n}", "version": "1.0"},
+                error={"type": f"Failure{n}Error", "message": f"failure mode {n}"},
+            )
+            assert api.post("/api/v1/incidents", payload, key=ingest_key).status_code in (200, 202)
+        deadline = time.monotonic() + 90
+        while not IncidentGroup.objects.filter(synthesis_status=SynthesisStatus.RUNNING).exists():
+            assert time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.1)
+        time.sleep(1.0)  # mid-call: the LLM takes 3 s
+        in_flight = IncidentGroup.objects.filter(synthesis_status=SynthesisStatus.RUNNING).count()
+        procs.kill_group(worker)
+        killed_at = time.monotonic()
+        time.sleep(2)
+        worker = procs.start_worker(env, tmp_path, "second")
+        restarted = time.monotonic()
+        deadline = restarted + 120
+        while IncidentGroup.objects.exclude(synthesis_status=SynthesisStatus.PROPOSED).exists():
+            assert time.monotonic() < deadline, (tmp_path / "second.log").read_text()[-4000:]
+            time.sleep(0.5)
+        took = time.monotonic() - restarted
+        print(
+            f"\nSIGKILL with {in_flight} of {GROUPS} groups in flight: every group proposed "
+            f"{took:.1f} s after the restart ({time.monotonic() - killed_at:.1f} s after the "
+            f"kill; lease {LEASE_SECONDS} s)"
+        )
+        assert (
+            IncidentGroup.objects.filter(synthesis_status=SynthesisStatus.PROPOSED).count()
+            == GROUPS
+        )
+        time.sleep(LEASE_SECONDS)  # a late duplicate would propose again now
+        per_group = [
+            SkillRevision.objects.filter(source_groups=g).count()
+            for g in IncidentGroup.objects.all()
+        ]
+        assert per_group == [1] * GROUPS
+    finally:
+        celery_app.conf.task_always_eager = eager
+        procs.stop(worker)
+        redis.terminate()
+        redis.wait(timeout=10)
+        llm.stop()
