@@ -44,6 +44,7 @@ class Turn:
     model: str
     messages: list[Any]
     tools: list[Any]
+    # Each injected skill: slug, revision (number), revision_id, score and rank (1 = best).
     skills: list[dict[str, Any]]
     status_code: int
     latency_ms: float
@@ -53,6 +54,8 @@ class Turn:
     needs_cleaning: bool = False
     error: str = ""
     occurred_at: Any = None
+    # What retrieval looked at and the threshold it applied: {"query": ..., "min_score": ...}.
+    retrieval: dict[str, Any] | None = None
 
 
 def _parse_response(turn: Turn) -> tuple[Any, int | None, int | None]:
@@ -159,6 +162,7 @@ def proxy_turns_record(*, turns: Sequence[Turn]) -> int:
                 metadata={
                     "requested_model": clean_text(turn.requested_model),
                     "stream": turn.stream,
+                    **({"retrieval": clean_json(turn.retrieval)} if turn.retrieval else {}),
                 },
                 occurred_at=turn.occurred_at or now,
                 received_at=now,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from django.conf import settings
 
 from skills.library.embeddings import get_embedder, top_k
 from skills.runtime.policy import PolicySnapshot, SkillEntry
@@ -18,7 +19,9 @@ from skills.runtime.policy import PolicySnapshot, SkillEntry
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 5
-DEFAULT_MIN_SCORE = 0.2
+# The least relevance a skill needs to be injected, set from benchmarks/retrieval.py's
+# labelled set (METACLAW["RETRIEVAL_MIN_SCORE"]): read when a request does not give its own.
+DEFAULT_MIN_SCORE = float(settings.METACLAW["RETRIEVAL_MIN_SCORE"])
 DEFAULT_TOKEN_BUDGET = 1500
 MAX_QUERY_CHARS = 2000
 
@@ -134,6 +137,19 @@ def query_from_messages(messages: Iterable[Any]) -> str:
 class Retrieved:
     skill: SkillEntry
     score: float
+    rank: int = 1
+
+
+def min_score_default() -> float:
+    """The site's retrieval threshold (``METACLAW["RETRIEVAL_MIN_SCORE"]``)."""
+    return float(settings.METACLAW.get("RETRIEVAL_MIN_SCORE", DEFAULT_MIN_SCORE))
+
+
+def margin_default() -> float | None:
+    """How far below the best skill the proxy still injects one
+    (``METACLAW["RETRIEVAL_MARGIN"]``; None: no margin)."""
+    value = settings.METACLAW.get("RETRIEVAL_MARGIN")
+    return None if value is None else float(value)
 
 
 def skills_retrieve(
@@ -141,16 +157,27 @@ def skills_retrieve(
     snapshot: PolicySnapshot,
     query: str,
     k: int = DEFAULT_TOP_K,
-    min_score: float = DEFAULT_MIN_SCORE,
+    min_score: float | None = None,
     token_budget: int = DEFAULT_TOKEN_BUDGET,
+    margin: float | None = None,
 ) -> list[Retrieved]:
     """The ``k`` skills of the version most relevant to ``query`` scoring at least
-    ``min_score``, best first, whose texts fit ``token_budget`` together (a skill too long for
-    what is left is skipped, a shorter one after it may still fit)."""
+    ``min_score`` (the site's default, ``min_score_default()``, when None), best first, whose
+    texts fit ``token_budget`` together (a skill too long for what is left is skipped, a
+    shorter one after it may still fit). Each carries its score and its 1-based rank.
+
+    ``margin``: also leave out a skill scoring more than this below the best one (the proxy's
+    rule, ``margin_default()``: a low threshold lets a skill reach its whole request family,
+    the margin keeps the skills that merely pass it out of requests another skill fits far
+    better). None: no margin (the pull API, where the agent sets ``min_score`` and ``k``)."""
     if not snapshot.skills or not query.strip() or k <= 0:
         return []
+    if min_score is None:
+        min_score = min_score_default()
     vector = _query_vector(query)
     ranked = top_k(vector, snapshot.matrix, min(len(snapshot.skills), k * 3))
+    if ranked and margin is not None:
+        min_score = max(min_score, ranked[0][1] - margin)
     chosen: list[Retrieved] = []
     left = token_budget
     for index, score in ranked:
@@ -159,7 +186,7 @@ def skills_retrieve(
         entry = snapshot.skills[index]
         if entry.tokens > left:
             continue
-        chosen.append(Retrieved(entry, round(score, 4)))
+        chosen.append(Retrieved(entry, round(score, 4), len(chosen) + 1))
         left -= entry.tokens
     return chosen
 

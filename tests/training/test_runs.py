@@ -11,7 +11,7 @@ import pytest
 
 from base.errors import Conflict, PermissionDenied
 from base.models import AuditEvent
-from skills.versions.models import PolicyVersion, VersionStatus
+from skills.versions.models import PolicyVersion
 from tests import factories
 from tests.fakes.tinker_server import FakeTinkerServer
 from training.demo import demo_trajectories_load
@@ -72,7 +72,7 @@ def _state_changes(run: TrainingRun) -> list[str]:
 # --- The local backend: the whole loop ------------------------------------------------------
 
 
-def test_a_local_lora_run_pauses_when_the_window_closes_resumes_and_offers_a_candidate(
+def test_a_local_lora_run_pauses_when_the_window_closes_resumes_and_is_judged_by_outcomes(
     project, no_enqueue, django_capture_on_commit_callbacks
 ):
     pytest.importorskip("torch")
@@ -113,21 +113,20 @@ def test_a_local_lora_run_pauses_when_the_window_closes_resumes_and_offers_a_can
     assert "Paused after step 2" in done.log and "Training resumed." in done.log
     # Evaluated before and after on the held-out sessions, answers side by side.
     assert done.eval_after["loss"] < done.eval_before["loss"]
-    assert done.improved is True and done.flagged_no_improvement is False
+    # ... yet a random model's answers pass none of the corrected answers before or after:
+    # judged by outcomes (issue 23), it changes nothing and is not offered.
+    assert done.outcomes["judged_by"] == "outcomes"
+    assert done.outcomes["after"]["passed"] == done.outcomes["before"]["passed"] == 0
+    assert done.improved is False and done.flagged_no_improvement is True
+    assert "Changes no outcome" in done.log
     assert Path(done.adapter_ref, "adapter_config.json").exists()
     dataset = done.dataset
-    # Up to three held-out answers side by side (the split by session varies with the ids).
-    assert len(done.sample_answers) == min(3, dataset.eval_count)
+    # Up to three judged held-out answers side by side (the split varies with the ids).
+    assert 1 <= len(done.sample_answers) <= min(3, dataset.eval_count)
     assert {"prompt", "reference", "before", "after"} <= set(done.sample_answers[0])
     assert dataset.train_count > 0 and dataset.eval_count > 0
     assert dataset.report["dropped"]["exact_duplicate"] >= 1
-    # The result is offered as a candidate: the active skills plus the new adapter.
-    candidate = done.candidate_version
-    assert candidate.status == VersionStatus.CANDIDATE
-    assert candidate.adapter_ref == done.adapter_ref
-    assert candidate.base_model == "tiny-random-smollm2"
-    assert f"training run #{run.pk}" in candidate.changelog
-    assert dataset.content_hash[:12] in candidate.changelog
+    assert done.candidate_version is None
     assert _state_changes(run) == [
         "training_run.create",
         "training_run.dataset",
@@ -154,7 +153,7 @@ def test_a_run_that_does_not_improve_is_flagged_and_offers_no_candidate(project,
     assert done.improved is False and done.flagged_no_improvement is True
     assert done.candidate_version is None
     assert PolicyVersion.objects.filter(project=project).count() == versions_before
-    assert "did not improve" in done.log
+    assert "no improvement" in done.log or "Changes no outcome" in done.log
 
 
 # --- Transitions ------------------------------------------------------------------------------
@@ -218,6 +217,29 @@ def tinker():
         yield server
 
 
+def _successful_turns(project, count: int) -> None:
+    from incidents.ingest import trajectories_ingest
+    from incidents.schemas import TrajectoryIn
+
+    topics = ["refund", "password", "invoice", "shipping", "export", "login", "plan", "seat"]
+    trajectories_ingest(
+        project=project,
+        items=[
+            TrajectoryIn(
+                id=f"ok-{n}",
+                session_id=f"ok-session-{n}",
+                messages=[
+                    {"role": "user", "content": f"How do I change my {topics[n % 8]} ({n})?"},
+                    {"role": "assistant", "content": f"Open Settings > {topics[n % 8]} ({n})."},
+                ],
+                outcome="success",
+                reward=1.0,
+            )
+            for n in range(count)
+        ],
+    )
+
+
 def _tinker_policy(project, server: FakeTinkerServer):
     return policy_services.idle_policy_update(
         project=project,
@@ -241,7 +263,10 @@ def test_train_now_runs_on_tinker_through_the_task_and_offers_a_tinker_adapter(
 ):
     admin = factories.make_member(project, "admin")
     _tinker_policy(project, tinker)
-    demo_trajectories_load(project, count=30)
+    # Successful turns only: nothing to judge by outcome (the fake sampler answers the same
+    # text whatever it learned), so the run is judged by held-out loss, as it says. With
+    # corrected answers it would offer no candidate: test_outcome_judging covers that.
+    _successful_turns(project, 40)
 
     with django_capture_on_commit_callbacks(execute=True):
         run = run_services.training_run_create(project=project, actor=admin)

@@ -85,6 +85,7 @@ def test_patch_changes_the_backend_hyperparameters_and_budgets_and_audits_them(
     assert event.actor_label.startswith("api-key:")
     assert event.before["lora_rank"] == 8 and event.after["lora_rank"] == 32
     assert set(event.after) == {
+        "search_budget_minutes",  # setting the learning rate or the steps pins them
         "backend",
         "base_model",
         "learning_rate",

@@ -25,6 +25,7 @@ from training.datasets.generations import (
     rule_kinds,
 )
 from training.datasets.models import DatasetSnapshot
+from training.datasets.sources import REPORTED_SOURCES, cap_per_source
 from training.policy.models import IdleWindowPolicy, Objective
 from training.policy.services import idle_policy_get
 
@@ -143,6 +144,19 @@ class _Candidate:
     incident_id: str | None = None
     # Kept although gathered under an older skill generation (a target).
     older_generation: bool = False
+    # Where it came from (``report["sources"]``): the cap counts by ``source``.
+    end_user: str = ""
+    api_key_id: int | None = None
+    agent: str = ""
+
+    @property
+    def source(self) -> str:
+        """The end user, else the session; a sample with neither is a source of its own."""
+        if self.end_user:
+            return f"user:{self.end_user}"
+        if self.session.startswith(("trajectory:", "incident-group:")):
+            return f"sample:{self.trajectory_id or self.incident_id}"
+        return f"session:{self.session}"
 
 
 # An incident is a failure: without a reward of its own it counts as this for the RL objective.
@@ -209,7 +223,8 @@ def dataset_build(
     out. An incident without a session is split with the rest of its incident group, so one
     failure's repeats never sit on both sides of the split. Readiness counts by the same
     rules."""
-    from incidents.models import Incident, IncidentStatus, Trajectory
+    from incidents.models import AbusiveSourceKind, Incident, IncidentStatus, Trajectory
+    from incidents.provenance import abusive_values
 
     now = now or _now()
     policy = policy or idle_policy_get(project)
@@ -255,6 +270,20 @@ def dataset_build(
         redacted = [{"role": m["role"], "content": redactor.text(m["content"])} for m in fitted]
         candidates.append(_Candidate(chat=redacted, tokens=estimate_tokens(redacted), **candidate))
 
+    marked = abusive_values(project)
+    abusive_dropped: Counter[str] = Counter()
+
+    def abusive(session: str, end_user: str) -> bool:
+        """Whether the sample's session or end user is marked abusive (counted when so)."""
+        if session and session in marked[AbusiveSourceKind.SESSION]:
+            abusive_dropped[f"session:{session}"] += 1
+        elif end_user and end_user in marked[AbusiveSourceKind.END_USER]:
+            abusive_dropped[f"user:{end_user}"] += 1
+        else:
+            return False
+        tally.drop("abusive_source")
+        return True
+
     rows = seen_by_snapshot(Trajectory).values_list(
         "id",
         "session_id",
@@ -266,10 +295,17 @@ def dataset_build(
         "corrected_answer",
         "received_at",
         "occurred_at",
+        "end_user",
+        "api_key_id",
+        "agent_name",
     )
     for row in rows.iterator(chunk_size=chunk_size):
-        tid, session, version, messages, response, reward, outcome, corrected, received, at = row
+        tid, session, version, messages, response, reward, outcome, corrected, received, at = row[
+            :10
+        ]
         considered += 1
+        if abusive(session, row[10]):
+            continue
         if corrected:
             kind = "corrected"
         elif (reward is not None and reward > 0) or outcome == "success":
@@ -289,6 +325,9 @@ def dataset_build(
             corrected,
             trajectory_id=str(tid),
             session=session or f"trajectory:{tid}",
+            end_user=row[10],
+            api_key_id=row[11],
+            agent=row[12],
             kind=kind,
             rule=rule.name,
             older_generation=older,
@@ -308,10 +347,15 @@ def dataset_build(
         "metadata",
         "received_at",
         "occurred_at",
+        "end_user",
+        "api_key_id",
+        "agent_name",
     )
     for row in incident_rows.iterator(chunk_size=chunk_size):
-        iid, session, group_id, version, messages, reward, status, metadata, received, at = row
+        iid, session, group_id, version, messages, reward, status, metadata, received, at = row[:10]
         incidents_considered += 1
+        if abusive(session, row[10]):
+            continue
         if status == IncidentStatus.IGNORED:
             tally.drop("ignored_incident")
             continue
@@ -336,6 +380,9 @@ def dataset_build(
             trajectory_id=None,
             incident_id=str(iid),
             session=session or f"incident-group:{group_id}",
+            end_user=row[10],
+            api_key_id=row[11],
+            agent=row[12],
             kind=kind,
             rule=rule.name,
             older_generation=older,
@@ -365,6 +412,11 @@ def dataset_build(
             tally.drop("near_duplicate", c.rule)
         else:
             kept.append(c)
+
+    kept, sources = cap_per_source(
+        kept, source=lambda c: c.source, drop=lambda c: tally.drop("source_cap", c.rule)
+    )
+    sources["abusive_dropped"] = dict(abusive_dropped.most_common(REPORTED_SOURCES))
 
     # Token budget: the newest data wins.
     budget = policy.max_tokens_per_run
@@ -409,6 +461,7 @@ def dataset_build(
         "generation_version": generation.version,
         "objective": objective,
         "near_duplicate_threshold": NEAR_DUPLICATE_THRESHOLD,
+        "sources": sources,
     }
     return DatasetSnapshot.objects.create(
         project=project,
@@ -458,6 +511,12 @@ def _split_and_group(
             "reward": c.reward,
             "group": key if sizes[key] > 1 else None,
             "tokens": c.tokens,
+            "source": {
+                "session": c.session,
+                "end_user": c.end_user,
+                "api_key_id": c.api_key_id,
+                "agent": c.agent,
+            },
         }
         for c, key in zip(kept, prompt_keys, strict=True)
     ]

@@ -69,6 +69,9 @@ class IdleWindowPolicy(models.Model):
     learning_rate = models.FloatField(default=1e-4)
     batch_size = models.PositiveIntegerField(default=4)
     total_steps = models.PositiveIntegerField(default=20)
+    # Minutes a run may spend choosing its learning rate and steps (``training.runs.search``);
+    # 0 trains once with the learning rate and steps above (setting either one pins them).
+    search_budget_minutes = models.PositiveIntegerField(default=30)
     updated_at = models.DateTimeField(default=dj_timezone.now)
 
     def __str__(self) -> str:

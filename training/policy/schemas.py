@@ -43,6 +43,12 @@ class TrainingSettingsIn(_Strict):
     learning_rate: float = Field(description="Learning rate, in (0, 1].")
     batch_size: int = Field(description="Samples a step (1-512).")
     total_steps: int = Field(description="Optimizer steps a run (1-100000).")
+    search_budget_minutes: int | None = Field(
+        default=None,
+        description="Minutes a run may spend choosing its learning rate and steps (0: use "
+        "learning_rate and total_steps as set; setting either of them sets this to 0). "
+        "Left out: unchanged.",
+    )
 
 
 # PATCH: any subset of the same settings.

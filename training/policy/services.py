@@ -67,7 +67,11 @@ NUMBER_BOUNDS: dict[str, Bounds] = {
     "learning_rate": Bounds(float, 0.0, 1.0, open_low=True),
     "batch_size": Bounds(int, 1, 512),
     "total_steps": Bounds(int, 1, 100_000),
+    "search_budget_minutes": Bounds(int, 0, 24 * 60),
 }
+# Setting one of these by hand pins it: the run trains once with them, no search (unless the
+# same change sets a search budget).
+PINNED_BY_HAND = ("learning_rate", "total_steps")
 CHOICES: dict[str, list[str]] = {
     "mode": IdleMode.values,
     "backend": Backend.values,
@@ -103,8 +107,13 @@ def idle_policy_update(
         raise DomainError(f"Unknown setting(s): {', '.join(sorted(unknown))}.", field=name)
     policy, _ = IdleWindowPolicy.objects.get_or_create(project=project)
     policy = IdleWindowPolicy.objects.select_for_update().get(pk=policy.pk)
+    if changes.get("search_budget_minutes", 0) is None:
+        del changes["search_budget_minutes"]  # the API's "left out": unchanged
     changes = _validated(changes, policy)
     changed = {name: value for name, value in changes.items() if getattr(policy, name) != value}
+    if "search_budget_minutes" not in changes and any(n in changed for n in PINNED_BY_HAND):
+        if policy.search_budget_minutes:
+            changed["search_budget_minutes"] = 0
     if not changed:
         return policy
     before = {name: getattr(policy, name) for name in changed}

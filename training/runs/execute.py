@@ -8,6 +8,7 @@ import logging
 import os
 import time as time_module
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from training.backends.base import ChatSample, StepReport, TrainConfig, Training
 from training.datasets.models import DatasetSnapshot
 from training.policy.models import Objective
 from training.policy.services import idle_policy_get, project_idle_status
+from training.runs import outcomes as outcome_judge
+from training.runs import search as hp_search
 from training.runs import services as run_services
 from training.runs.models import PauseReason, RunStatus, TrainingRun, Trigger
 
@@ -49,6 +52,63 @@ def _samples(dataset: DatasetSnapshot, split: str, *, objective: str) -> list[Ch
         ChatSample(messages=s["messages"], reward=s.get("reward"), group=s.get("group"))
         for s in rows
     ]
+
+
+def outcome_cases(dataset: DatasetSnapshot) -> list[outcome_judge.OutcomeCase]:
+    """The held-out samples with a target to judge an answer by (``outcomes``' docstring): a
+    check their trajectory or incident carries, the incident's expected outcome, or a corrected
+    answer. Ordinary successful turns have none."""
+    from incidents.models import Incident, Trajectory
+
+    rows = [s for s in dataset.samples if s["split"] == "eval"]
+    trajectory_meta = dict(
+        Trajectory.objects.filter(
+            id__in=[r["trajectory_id"] for r in rows if r.get("trajectory_id")]
+        ).values_list("id", "metadata")
+    )
+    incidents = {
+        i["id"]: i
+        for i in Incident.objects.filter(
+            id__in=[r["incident_id"] for r in rows if r.get("incident_id")]
+        ).values("id", "metadata", "expected_outcome")
+    }
+    cases = []
+    for row in rows:
+        incident = incidents.get(row.get("incident_id")) or {}
+        metadata = incident.get("metadata") or trajectory_meta.get(_uuid(row)) or {}
+        check = outcome_judge.clean_check(metadata.get("check") if metadata else None)
+        expected = (incident.get("expected_outcome") or "").strip()
+        if not (check or expected or row["kind"] == "corrected"):
+            continue
+        messages = row["messages"]
+        cases.append(
+            outcome_judge.OutcomeCase(
+                prompt=messages[:-1],
+                reference=messages[-1]["content"],
+                check=check,
+                expected=expected,
+            )
+        )
+    return cases
+
+
+def _uuid(row: dict) -> object:
+    import uuid
+
+    try:
+        return uuid.UUID(str(row.get("trajectory_id")))
+    except ValueError:
+        return None
+
+
+def _active_adapter(run: TrainingRun) -> str | None:
+    """The adapter the project serves now, when it is one of this run's base model."""
+    from skills.versions.models import PolicyVersion, VersionStatus
+
+    active = PolicyVersion.objects.filter(project=run.project, status=VersionStatus.ACTIVE).first()
+    if active is None or not active.adapter_ref or active.base_model != run.base_model:
+        return None
+    return active.adapter_ref
 
 
 def _output_dir(run: TrainingRun) -> str:
@@ -145,12 +205,17 @@ def training_run_execute(
             )
         backend = backend or get_backend(run.backend, **(run.backend_options or {}))
         config = run_config(run)
+        cases = outcome_cases(dataset)
+        active = _active_adapter(run)
         if not run.adapter_ref:
             run = run_services.training_run_start_training(run_id=run_id)
             if run.eval_before is None:
-                before = backend.evaluate(samples=held_out, config=config, adapter_ref=None)
+                before = backend.evaluate(samples=held_out, config=config, adapter_ref=active)
+                scored = _score(backend, cases, config, active)
                 TrainingRun.objects.filter(pk=run_id).update(
-                    eval_before=_clean_metrics(before), heartbeat_at=_now()
+                    eval_before=_clean_metrics(before),
+                    outcomes={"before": scored} if scored else {},
+                    heartbeat_at=_now(),
                 )
             pause_check = _PauseCheck(
                 run, clock=clock, deadline=deadline, every_seconds=idle_check_every_seconds
@@ -159,30 +224,42 @@ def training_run_execute(
             def on_step(report: StepReport) -> None:
                 run_services.training_run_record_step(run_id=run_id, report=report)
 
-            result = backend.train(
-                samples=train, config=config, on_step=on_step, should_pause=pause_check
-            )
-            if result.status == "paused":
-                reason = pause_check.reason or PauseReason.REQUESTED
-                if reason == "stopped":
-                    logger.info("Run %s stopped (cancelled or stale) after a step.", run_id)
-                    return TrainingRun.objects.get(pk=run_id)
-                return run_services.training_run_mark_paused(
-                    run_id=run_id,
-                    state_ref=result.state_ref,
-                    step=result.steps_done,
-                    reason=reason,
+            budget = float(run.hyperparameters.get("search_budget_seconds", 0) or 0)
+            if budget > 0 and cases:
+                found = hp_search.search_run(
+                    backend=backend,
+                    train=train,
+                    held_out=held_out,
+                    cases=cases,
+                    config=config,
+                    state=run.search or hp_search.new_state(budget),
+                    on_step=on_step,
+                    should_pause=pause_check,
+                    save=lambda state: run_services.training_run_record_search(
+                        run_id=run_id, search=state
+                    ),
                 )
+                if found.paused:
+                    return _paused(run_id, pause_check, found.state_ref, found.step)
+                assert found.kept is not None
+                adapter_ref = found.kept["adapter_ref"]
+                summary = {"loss": found.kept["loss"], "train_seconds": found.kept["train_seconds"]}
+            else:
+                result = backend.train(
+                    samples=train, config=config, on_step=on_step, should_pause=pause_check
+                )
+                if result.status == "paused":
+                    return _paused(run_id, pause_check, result.state_ref, result.steps_done)
+                adapter_ref = result.adapter_ref or ""
+                summary = result.metrics
             run = run_services.training_run_start_evaluating(
-                run_id=run_id,
-                adapter_ref=result.adapter_ref or "",
-                summary=_clean_metrics(result.metrics),
+                run_id=run_id, adapter_ref=adapter_ref, summary=_clean_metrics(summary)
             )
         else:
             run = run_services.training_run_start_evaluating(
                 run_id=run_id, adapter_ref=run.adapter_ref, summary=run.summary
             )
-        return _evaluate_and_offer(run, backend, config, held_out)
+        return _evaluate_and_offer(run, backend, config, held_out, cases)
     except BackendError as exc:
         return run_services.training_run_fail(run_id=run_id, error=str(exc))
     except Exception as exc:  # noqa: BLE001 - the UI must show why, not "training" forever
@@ -190,44 +267,103 @@ def training_run_execute(
         return run_services.training_run_fail(run_id=run_id, error=f"{type(exc).__name__}: {exc}")
 
 
+def _paused(run_id: int, pause_check: _PauseCheck, state_ref: str | None, step: int) -> TrainingRun:
+    reason = pause_check.reason or PauseReason.REQUESTED
+    if reason == "stopped":
+        logger.info("Run %s stopped (cancelled or stale) after a step.", run_id)
+        return TrainingRun.objects.get(pk=run_id)
+    return run_services.training_run_mark_paused(
+        run_id=run_id, state_ref=state_ref, step=step, reason=reason
+    )
+
+
+def _score(
+    backend: TrainingBackend,
+    cases: list[outcome_judge.OutcomeCase],
+    config: TrainConfig,
+    adapter_ref: str | None,
+) -> dict | None:
+    if not cases:
+        return None
+    return _short_answers(
+        outcome_judge.score(backend, cases, config=config, adapter_ref=adapter_ref)
+    )
+
+
+def _short_answers(scored: dict) -> dict:
+    return {**scored, "answers": [a[:300] for a in scored.get("answers", [])]}
+
+
 def _clean_metrics(metrics: dict) -> dict:
     return {k: run_services.finite(v) for k, v in metrics.items()}
 
 
 def _evaluate_and_offer(
-    run: TrainingRun, backend: TrainingBackend, config: TrainConfig, held_out: list[ChatSample]
+    run: TrainingRun,
+    backend: TrainingBackend,
+    config: TrainConfig,
+    held_out: list[ChatSample],
+    cases: list[outcome_judge.OutcomeCase],
 ) -> TrainingRun:
+    """Judge the candidate against the active version by outcomes (loss when no held-out
+    sample has a target), keep up to three answers side by side, offer it when it improved."""
     from skills.versions import services as skill_services
 
     run.refresh_from_db()
+    active = _active_adapter(run)
+    if run.search.get("trials") and run.search.get("kept") is not None:
+        config = replace(config, learning_rate=run.search["trials"][run.search["kept"]]["lr"])
     after = _clean_metrics(
         backend.evaluate(samples=held_out, config=config, adapter_ref=run.adapter_ref)
     )
     run_services.training_run_heartbeat(run_id=run.pk)
     before = run.eval_before or {}
-    shown = held_out[:SIDE_BY_SIDE_SAMPLES]
-    prompts = [s.messages[:-1] for s in shown]
-    answers_before = backend.sample(
-        prompts=prompts, config=config, adapter_ref=None, max_tokens=SAMPLE_MAX_TOKENS
-    )
-    answers_after = backend.sample(
-        prompts=prompts, config=config, adapter_ref=run.adapter_ref, max_tokens=SAMPLE_MAX_TOKENS
-    )
-    side_by_side = [
-        {
-            "prompt": prompt,
-            "reference": sample.messages[-1]["content"],
-            "before": b,
-            "after": a,
-        }
-        for prompt, sample, b, a in zip(prompts, shown, answers_before, answers_after, strict=True)
-    ]
     before_loss, after_loss = before.get("loss"), after.get("loss")
-    improved = (
-        before_loss is not None
-        and after_loss is not None
-        and after_loss < before_loss * (1 - MIN_IMPROVEMENT)
-    )
+    judged = dict(run.outcomes or {})
+    if cases:
+        judged.setdefault("before", _score(backend, cases, config, active))
+        kept = run.search.get("kept") if run.search else None
+        judged["after"] = (
+            _short_answers(run.search["trials"][kept])
+            if kept is not None
+            else _score(backend, cases, config, run.adapter_ref)
+        )
+        improved, verdict = outcome_judge.verdict(judged["before"], judged["after"])
+        judged["difference"] = list(
+            outcome_judge.difference_interval(
+                (judged["before"]["passed"], judged["before"]["n"]),
+                (judged["after"]["passed"], judged["after"]["n"]),
+            )
+        )
+        judged["judged_by"] = "outcomes"
+        shown = list(range(min(SIDE_BY_SIDE_SAMPLES, len(cases))))
+        side_by_side = [
+            {
+                "prompt": cases[i].prompt,
+                "reference": cases[i].reference,
+                "before": judged["before"]["answers"][i],
+                "after": judged["after"]["answers"][i],
+                "passed_before": outcome_judge.passes(cases[i], judged["before"]["answers"][i]),
+                "passed_after": outcome_judge.passes(cases[i], judged["after"]["answers"][i]),
+            }
+            for i in shown
+        ]
+    else:
+        improved = (
+            before_loss is not None
+            and after_loss is not None
+            and after_loss < before_loss * (1 - MIN_IMPROVEMENT)
+        )
+        verdict = (
+            "No held-out conversation carries a target to judge an answer by (a corrected "
+            "answer, an expected outcome or a check): judged by held-out loss alone, "
+            f"{before_loss} → {after_loss}" + (" (improved)." if improved else " (no improvement).")
+        )
+        judged = {"judged_by": "loss"}
+        side_by_side = _side_by_side(backend, config, held_out, active, run.adapter_ref)
+    judged["verdict"] = verdict
+    if run.search.get("reason"):
+        judged["search"] = run.search["reason"]
     candidate = None
     if improved:
         dataset = run.dataset
@@ -238,8 +374,9 @@ def _evaluate_and_offer(
             changelog=(
                 f"LoRA adapter from training run #{run.pk} ({run.backend}, {run.step} steps) on "
                 f"dataset {dataset.content_hash[:12] if dataset else '?'} "
-                f"({dataset.train_count if dataset else 0} samples): held-out loss "
-                f"{before_loss:.4f} → {after_loss:.4f}."
+                f"({dataset.train_count if dataset else 0} samples). {verdict} "
+                + (f"{run.search['reason']} " if run.search.get("reason") else "")
+                + f"Held-out loss {before_loss} → {after_loss}."
             ),
             actor=None,
             actor_label=f"training-run:{run.pk}",
@@ -250,7 +387,29 @@ def _evaluate_and_offer(
         sample_answers=side_by_side,
         candidate=candidate,
         improved=improved,
+        outcomes=judged,
     )
+
+
+def _side_by_side(
+    backend: TrainingBackend,
+    config: TrainConfig,
+    held_out: list[ChatSample],
+    active: str | None,
+    adapter_ref: str,
+) -> list[dict]:
+    shown = held_out[:SIDE_BY_SIDE_SAMPLES]
+    prompts = [s.messages[:-1] for s in shown]
+    answers_before = backend.sample(
+        prompts=prompts, config=config, adapter_ref=active, max_tokens=SAMPLE_MAX_TOKENS
+    )
+    answers_after = backend.sample(
+        prompts=prompts, config=config, adapter_ref=adapter_ref, max_tokens=SAMPLE_MAX_TOKENS
+    )
+    return [
+        {"prompt": prompt, "reference": sample.messages[-1]["content"], "before": b, "after": a}
+        for prompt, sample, b, a in zip(prompts, shown, answers_before, answers_after, strict=True)
+    ]
 
 
 # --- The beat task's decision ---------------------------------------------------------------

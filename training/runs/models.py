@@ -83,6 +83,11 @@ class TrainingRun(models.Model):
     eval_after = models.JSONField(null=True, blank=True)
     # [{"prompt": [...messages], "reference": "...", "before": "...", "after": "..."}]
     sample_answers = models.JSONField(default=list, blank=True)
+    # Judged by what the answers do (``training.runs.outcomes``): {"before": {...}, "after":
+    # {...}, "difference": [low, high], "verdict": "...", "judged_by": "outcomes" | "loss"}.
+    outcomes = models.JSONField(default=dict, blank=True)
+    # The learning rate and steps the run chose (``training.runs.search``); {} when pinned.
+    search = models.JSONField(default=dict, blank=True)
     improved = models.BooleanField(null=True, blank=True)
     flagged_no_improvement = models.BooleanField(default=False)
     candidate_version = models.ForeignKey(

@@ -8,6 +8,8 @@ from typing import Any
 from ninja import Schema
 from pydantic import Field
 
+from base.sanitize import CleanText
+
 
 class DatasetOut(Schema):
     id: int
@@ -32,11 +34,16 @@ class TrainingRunSummary(Schema):
     pause_requested: bool
     improved: bool | None
     flagged_no_improvement: bool
+    verdict: str = Field(default="", description="What the candidate changes, in outcomes.")
     candidate_version: int | None = None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
     heartbeat_at: datetime | None
+
+    @staticmethod
+    def resolve_verdict(obj: Any) -> str:
+        return (getattr(obj, "outcomes", None) or {}).get("verdict", "")
 
     @staticmethod
     def resolve_candidate_version(obj: Any) -> int | None:
@@ -50,6 +57,13 @@ class TrainingRunOut(TrainingRunSummary):
     summary: dict[str, Any]
     eval_before: dict[str, Any] | None
     eval_after: dict[str, Any] | None
+    outcomes: dict[str, Any] = Field(
+        description="Pass rates before (the active version) and after (the candidate) on "
+        "held-out conversations, with Wilson 95 % intervals and n; the verdict."
+    )
+    search: dict[str, Any] = Field(
+        description="The learning rates and steps the run tried, and why it kept one."
+    )
     sample_answers: list[dict[str, Any]]
     state_ref: str
     state_step: int
@@ -71,7 +85,7 @@ class RunFilter(Schema):
 
 
 class RunActionIn(Schema):
-    reason: str = Field(default="", max_length=2000)
+    reason: CleanText = Field(default="", max_length=2000)
 
 
 class IdleStatusOut(Schema):

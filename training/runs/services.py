@@ -156,6 +156,7 @@ def training_run_create(
     if TrainingRun.objects.filter(project=project, status__in=ACTIVE_RUN_STATUSES).exists():
         raise Conflict("A training run is already in progress for this project.")
     hyper = policy.hyperparameters()
+    hyper["search_budget_seconds"] = policy.search_budget_minutes * 60
     try:
         with transaction.atomic():
             run = TrainingRun.objects.create(
@@ -310,6 +311,13 @@ def finite(value: Any) -> Any:
     return round(number, 6) if np.isfinite(number) else None
 
 
+def training_run_record_search(*, run_id: int, search: dict) -> None:
+    """The search's tries so far (``training.runs.search``), and a heartbeat."""
+    TrainingRun.objects.filter(pk=run_id, status__in=ACTIVE_RUN_STATUSES).update(
+        search=search, heartbeat_at=_now()
+    )
+
+
 def training_run_heartbeat(*, run_id: int) -> None:
     TrainingRun.objects.filter(pk=run_id, status__in=ACTIVE_RUN_STATUSES).update(
         heartbeat_at=_now()
@@ -437,12 +445,15 @@ def training_run_succeed(
     sample_answers: list[dict],
     candidate: PolicyVersion | None,
     improved: bool,
+    outcomes: dict | None = None,
 ) -> TrainingRun:
-    """EVALUATING → SUCCEEDED. A run that did not improve is flagged and offers no candidate."""
+    """EVALUATING → SUCCEEDED with the outcome verdict (``training.runs.outcomes``). A run that
+    did not improve is flagged and offers no candidate."""
+    verdict = (outcomes or {}).get("verdict", "")
     if improved:
-        message = f"Held-out loss improved; candidate {candidate} offered for promotion."
+        message = f"{verdict or 'Improved.'} Candidate {candidate} offered for promotion."
     else:
-        message = "Held-out loss did not improve: flagged, no candidate offered."
+        message = f"{verdict or 'Did not improve.'} Flagged: no candidate offered."
     return _transition(
         run_id=run_id,
         allowed=[RunStatus.EVALUATING],
@@ -454,6 +465,7 @@ def training_run_succeed(
             "sample_answers": sample_answers,
             "candidate_version": candidate,
             "improved": improved,
+            "outcomes": outcomes or {},
             "flagged_no_improvement": not improved,
             "finished_at": _now(),
         },
