@@ -164,7 +164,12 @@ def _flush_local() -> None:
         current = current_minute()
         for key in [k for k in _local.known_rate if k[1] < current - 1]:
             del _local.known_rate[key]
+        # Keys this process saw this minute: their totals are read back even when it has
+        # nothing to add, or it would not hear of what other nodes counted since its last
+        # request (two web nodes each let one request too many through).
+        watched = [k for k in _local.known_rate if k[1] == current and k not in rate]
     if not rate and not traffic:
+        _refresh_known(watched)
         return
     client = redis_client()
     try:
@@ -203,6 +208,23 @@ def _flush_local() -> None:
         for k, total in totals.items():
             _local.known_rate[k] = max(total, _local.known_rate.get(k, 0))
         _local.flushing_rate = {}
+    _refresh_known(watched)
+
+
+def _refresh_known(keys: list[tuple[int, int]]) -> None:
+    """Learn the current totals of rate-limit keys (one MGET): what other nodes counted."""
+    if not keys:
+        return
+    names = [RATE_KEY.format(key_id=key_id, minute=minute) for key_id, minute in keys]
+    try:
+        client = redis_client()
+        values = client.mget(names) if client is not None else [cache.get(n) for n in names]
+    except Exception:  # noqa: BLE001 - a missed refresh only delays what this node learns
+        return
+    with _local.lock:
+        for k, value in zip(keys, values, strict=True):
+            if value is not None:
+                _local.known_rate[k] = max(int(value), _local.known_rate.get(k, 0))
 
 
 def _cache_incr(key: str, n: int, ttl: int) -> int:

@@ -9,7 +9,9 @@ not the bottleneck). Prints:
 (a) one client at a time: the latency the proxy adds over calling the upstream directly, p50/p99;
 (b) 32 concurrent clients: the proxy's requests/s and p99;
 (c) ``POST /api/v1/runtime/skills/retrieve`` and ``GET /api/v1/runtime/policy`` with ``ETag``
-    (answered 304), p50/p99, one client.
+    (answered 304), p50/p99, one client;
+(d) ``stream: true`` (the upstream streams 50 chunks): the time to first token the proxy adds,
+    one client, and 32 clients' streamed answers per second.
 
     python benchmarks/runtime.py [--workers 2] [--requests 2000] [--duration 10] [--litellm]
 
@@ -80,6 +82,29 @@ _RESPONSE = (
 )
 
 
+STREAM_CHUNKS = 50
+
+
+def _sse_response() -> bytes:
+    """A chunked ``text/event-stream`` answer of ``STREAM_CHUNKS`` deltas and ``[DONE]``."""
+    events = []
+    for i in range(STREAM_CHUNKS):
+        delta = {"content": f"w{i} "} if i else {"role": "assistant", "content": "w0 "}
+        chunk = {"id": "chatcmpl-bench", "object": "chat.completion.chunk",
+                 "created": 1700000000, "model": "bench-model",
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}  # fmt: skip
+        events.append(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
+    body = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + body
+    )
+
+
+_STREAM_RESPONSE = _sse_response()
+
+
 def _upstream_main(port: int) -> None:
     try:
         import uvloop
@@ -96,9 +121,9 @@ def _upstream_main(port: int) -> None:
                 for line in head.split(b"\r\n"):
                     if line[:15].lower() == b"content-length:":
                         length = int(line[15:])
-                if length:
-                    await reader.readexactly(length)
-                writer.write(_RESPONSE)
+                body = await reader.readexactly(length) if length else b""
+                streamed = b'"stream":true' in body.replace(b" ", b"")
+                writer.write(_STREAM_RESPONSE if streamed else _RESPONSE)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
             pass
         finally:
@@ -165,9 +190,10 @@ TOOLS = [
 ]
 
 
-def chat_body(i: int) -> bytes:
+def chat_body(i: int, stream: bool = False) -> bytes:
     return json.dumps(
         {
+            **({"stream": True} if stream else {}),
             "model": "bench-model",
             "messages": [
                 {"role": "system", "content": SYSTEM_PROMPT},
@@ -326,6 +352,78 @@ def measure_proxy(label: str, port: int, key: str, up_port: int, args) -> tuple[
     return result.rps, added50
 
 
+async def _time_to_first_token(reader: asyncio.StreamReader) -> tuple[int, float, float]:
+    """Read one streamed (chunked) answer: ``(status, seconds to the first delta, seconds to
+    the end)``, both from when this is called (right after the request was written)."""
+    t0 = time.perf_counter()
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b"\r\n")[0].split()[1])
+    first = None
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
+        chunk = await reader.readexactly(size + 2)
+        if first is None and b"data: {" in chunk:
+            first = time.perf_counter() - t0
+        if size == 0:
+            return status, first if first is not None else float("nan"), time.perf_counter() - t0
+
+
+async def _stream_clients(port: int, make, clients: int, per_client: int) -> list[float]:
+    """``clients`` keep-alive connections, each streaming ``per_client`` answers back to back;
+    the time to first token of every answer."""
+    ttfts: list[float] = []
+
+    async def client(n: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for i in range(per_client):
+                writer.write(make(n * 100_000 + i))
+                await writer.drain()
+                status, ttft, _ = await _time_to_first_token(reader)
+                if status == 200:
+                    ttfts.append(ttft)
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(client(n) for n in range(clients)))
+    return ttfts
+
+
+def measure_streaming(label: str, port: int, key: str, up_port: int, args) -> float:
+    """(d) ``stream: true``: the time to first token the proxy adds over the upstream called
+    directly, one client (alternating, as in (a)) and 32 clients; streamed answers per second."""
+
+    def via(i: int) -> bytes:
+        return build_request("POST", "/v1/chat/completions", chat_body(i, stream=True),
+                             {"Authorization": f"Bearer {key}", "Content-Type": "application/json",
+                              "X-Session-Id": f"bench-{i % 50}"})  # fmt: skip
+
+    def direct(i: int) -> bytes:
+        return build_request("POST", "/v1/chat/completions", chat_body(i, stream=True),
+                             {"Authorization": "Bearer up", "Content-Type": "application/json"})  # fmt: skip
+
+    n = max(200, args.requests // 4)
+    direct_ttft = asyncio.run(_stream_clients(up_port, direct, 1, n))
+    via_ttft = asyncio.run(_stream_clients(port, via, 1, n))
+    added50 = pct(via_ttft, 50) - pct(direct_ttft, 50)
+    added99 = pct(via_ttft, 99) - pct(direct_ttft, 99)
+    print(
+        f"(d) {label}, stream: true, {STREAM_CHUNKS} chunks, 1 client, {n} answers: TTFT upstream "
+        f"direct p50 {pct(direct_ttft, 50):.2f} ms p99 {pct(direct_ttft, 99):.2f} ms | through "
+        f"{label} p50 {pct(via_ttft, 50):.2f} ms p99 {pct(via_ttft, 99):.2f} ms | added p50 "
+        f"{added50:.2f} ms, p99 {added99:.2f} ms"
+    )
+    per_client = max(20, args.requests // args.clients)
+    started = time.perf_counter()
+    many = asyncio.run(_stream_clients(port, via, args.clients, per_client))
+    elapsed = time.perf_counter() - started
+    print(
+        f"(d) {label}, stream: true, {args.clients} clients: {len(many) / elapsed:.0f} streamed "
+        f"answers/s, TTFT p50 {pct(many, 50):.2f} ms, p99 {pct(many, 99):.2f} ms"
+    )
+    return len(many) / elapsed
+
+
 def measure_api(port: int, key: str, args) -> None:
     auth = {"Authorization": f"Bearer {key}"}
     status, body = asyncio.run(
@@ -428,9 +526,12 @@ def main() -> None:
                 door_rps, _ = measure_proxy(
                     f"MetaClaw proxy ({door} door)", port, key, up_port, args
                 )
+                door_stream_rps = measure_streaming(
+                    f"MetaClaw proxy ({door} door)", port, key, up_port, args
+                )
                 measure_api(port, key, args)
             if door == doors[0]:
-                rps = door_rps
+                rps, stream_rps = door_rps, door_stream_rps
         if args.litellm:
             venv = litellm_venv()
             if venv is None:
@@ -456,7 +557,14 @@ def main() -> None:
                 lrps, _ = measure_proxy(
                     "LiteLLM proxy", lport, lenv["LITELLM_MASTER_KEY"], up_port, args
                 )
+                lstream = measure_streaming(
+                    "LiteLLM proxy", lport, lenv["LITELLM_MASTER_KEY"], up_port, args
+                )
             print(f"ratio: MetaClaw {rps:.0f} req/s / LiteLLM {lrps:.0f} req/s = {rps / lrps:.1f}x")
+            print(
+                f"ratio, streaming: MetaClaw {stream_rps:.0f} / LiteLLM {lstream:.0f} streamed "
+                f"answers/s = {stream_rps / lstream:.1f}x"
+            )
     finally:
         upstream.terminate()
 
