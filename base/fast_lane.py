@@ -43,6 +43,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from base import counters
 from base.api_shapes import (
+    NOT_AN_OBJECT,
     domain_error_answer,
     invalid_body,
     parse_json,
@@ -58,7 +59,13 @@ from base.auth import (
     client_ip,
 )
 from base.errors import DomainError
-from base.middleware import api_body_limit, too_large_body
+from base.middleware import (
+    DATABASE_RETRY_AFTER_SECONDS,
+    UNREAD_BODY_DISCARD_BYTES,
+    api_body_limit,
+    database_unavailable,
+    too_large_body,
+)
 from base.services import api_key_authenticate, api_key_cached
 
 logger = logging.getLogger(__name__)
@@ -106,12 +113,18 @@ class Door:
 
     def key_guessing(self, seconds: int) -> FastResponse:
         """429 for an address that sent too many wrong keys (``base.auth``'s throttle)."""
-        response = self.refusal(
+        return self.refusal_with_retry(
             429,
             "Too many requests with an invalid API key from this address; try again in "
             f"{seconds} seconds.",
             "rate_limited",
+            seconds,
         )
+
+    def refusal_with_retry(
+        self, status: int, message: str, code: str, seconds: int
+    ) -> FastResponse:
+        response = self.refusal(status, message, code)
         response.headers.append(("retry-after", str(seconds)))
         return response
 
@@ -280,9 +293,8 @@ async def _serve(route: Route, scope: dict, receive: Callable, send: Callable) -
     request = _django_request(scope)
     try:
         result = await _refuse_early(door, scope, headers, request)
-    except Exception:  # noqa: BLE001 - a 500 that says where, never a dropped connection
-        logger.exception("Runtime request %s failed.", scope["path"])
-        result = door.internal_error()
+    except Exception as exc:  # noqa: BLE001 - an answer that says what, never a dropped connection
+        result = _failure(door, scope["path"], exc)
     limit = door.body_limit(scope["path"])
     while more and result is None:
         message = await receive()
@@ -295,6 +307,9 @@ async def _serve(route: Route, scope: dict, receive: Callable, send: Callable) -
             break
         parts.append(chunk)
         more = message.get("more_body", False)
+    if more and result is not None and _closes(scope, headers):
+        if not await _discard_body(receive, size, headers):
+            return
     if result is None:
         try:
             result = await route.handler(
@@ -302,9 +317,8 @@ async def _serve(route: Route, scope: dict, receive: Callable, send: Callable) -
                 query=scope.get("query_string", b"").decode("latin-1"),
                 body=b"".join(parts),
             )
-        except Exception:  # noqa: BLE001 - a 500 that says where, never a dropped connection
-            logger.exception("Runtime request %s failed.", scope["path"])
-            result = door.internal_error()
+        except Exception as exc:  # noqa: BLE001 - an answer that says what, never a reset
+            result = _failure(door, scope["path"], exc)
     raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in result.headers]
     raw_headers.extend(_security_headers(request))
     if result.stream is None:
@@ -320,6 +334,47 @@ async def _serve(route: Route, scope: dict, receive: Callable, send: Callable) -
         await send({"type": "http.response.body", "body": b""})
     finally:
         await stream.aclose()  # type: ignore[attr-defined]
+
+
+def _failure(door: Door, path: str, exc: Exception) -> FastResponse:
+    """The answer to a request that raised: 503 with Retry-After when the database cannot be
+    reached (as ``DatabaseUnavailableMiddleware`` answers on Django's door), else a 500."""
+    if database_unavailable(exc):
+        logger.warning("Database unavailable for %s: %s", path, exc)
+        return door.refusal_with_retry(
+            503, "The database is unavailable; try again shortly.", "database_unavailable",
+            DATABASE_RETRY_AFTER_SECONDS,
+        )  # fmt: skip
+    logger.error("Runtime request %s failed.", path, exc_info=exc)
+    return door.internal_error()
+
+
+def _closes(scope: dict, headers: dict[str, str]) -> bool:
+    """Whether the server closes the connection after this answer. On a kept-alive one,
+    uvicorn reads what is left of an unread body and drops it; on one it closes, the unread
+    bytes make the kernel reset the connection under a client still writing them."""
+    return scope.get("http_version") == "1.0" or "close" in headers.get("connection", "").lower()
+
+
+async def _discard_body(receive: Callable, size: int, headers: dict[str, str]) -> bool:
+    """Read and drop the rest of a refused body, up to ``UNREAD_BODY_DISCARD_BYTES``, before
+    answering on a connection that then closes: a client that writes the whole body before it
+    reads (urllib, which sends ``Connection: close``; many SDKs) then gets the answer, not a
+    reset. False when the client went away. A client waiting for ``100 Continue`` has sent
+    nothing. Kept-alive connections are answered without reading (``_closes``)."""
+    declared = headers.get("content-length", "").strip()
+    if headers.get("expect", "").lower() == "100-continue" or (
+        declared.isdigit() and int(declared) > UNREAD_BODY_DISCARD_BYTES
+    ):
+        return True
+    while size <= UNREAD_BODY_DISCARD_BYTES:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return False
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return True
 
 
 # --- API-shaped answers (the runtime API, ingestion) ------------------------------------------
@@ -369,6 +424,8 @@ def api_body(schema: type[BaseModel], body: bytes) -> Any:
             if settings.DEBUG:
                 detail += f" ({exc})"
             return api_error(400, detail, "error")
+        if data["payload"] is not None and not isinstance(data["payload"], dict):
+            return api_answer(422, invalid_body(NOT_AN_OBJECT))
     try:
         return _body_model(schema).model_validate(data).payload  # type: ignore[attr-defined]
     except PydanticValidationError as exc:

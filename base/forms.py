@@ -53,6 +53,13 @@ class ProjectSettingsForm(forms.Form):
         help_text="One tool name a line (* as a wildcard) that never decides a failure's "
         "group, beside the built-in ones.",
     )
+    risk_allowed_domains = forms.CharField(
+        label="Domains skills may name",
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 3, "spellcheck": "false"}),
+        help_text="One domain a line (subdomains included). A skill text that links to or "
+        "names an e-mail address of any other domain is flagged by the risk check.",
+    )
     require_second_approver = forms.BooleanField(
         label="Require a second approver",
         required=False,
@@ -69,11 +76,41 @@ class ProjectSettingsForm(forms.Form):
         min_value=0,
         help_text="Tokens in + out per day for skill synthesis; 0 = unlimited.",
     )
+    min_sources_for_synthesis = forms.IntegerField(
+        label="Distinct sources before a skill is proposed",
+        min_value=1,
+        max_value=1000,
+        required=False,
+        help_text="End users, else sessions, else API keys a failure group's incidents must "
+        "come from before the fast loop proposes a skill; 1 = any single incident.",
+    )
     rate_limit_per_minute = forms.IntegerField(
         label="Rate limit per minute",
         min_value=1,
         required=False,
         help_text="Requests per minute per API key; empty = the site default.",
+    )
+
+    replay_gate_mode = forms.ChoiceField(
+        label="Replay gate",
+        choices=[("off", "Off"), ("advisory", "Advisory"), ("required", "Required")],
+        required=False,
+        help_text="Before a candidate is promoted, replay recorded failing conversations with its "
+        "system prompt and the active one, and judge each pair. Required: promotion waits for "
+        "a passed gate.",
+    )
+    replay_gate_max_calls = forms.IntegerField(
+        label="Replay gate: model calls per gate",
+        min_value=2,
+        max_value=10_000,
+        required=False,
+        help_text="Replays and judgements together; the gate stops at this cap.",
+    )
+    replay_gate_max_tokens = forms.IntegerField(
+        label="Replay gate: tokens per gate",
+        min_value=1_000,
+        required=False,
+        help_text="Tokens in + out of the replays and judgements together.",
     )
 
     SECTIONS = (
@@ -93,6 +130,8 @@ class ProjectSettingsForm(forms.Form):
             ("require_second_approver", "approval_link_ttl_hours", "approval_links_require_login"),
         ),
         ("Limits", ("llm_daily_token_budget", "rate_limit_per_minute")),
+        ("Untrusted traffic", ("min_sources_for_synthesis", "risk_allowed_domains")),
+        ("Replay gate", ("replay_gate_mode", "replay_gate_max_calls", "replay_gate_max_tokens")),
     )
 
     @classmethod
@@ -111,6 +150,11 @@ class ProjectSettingsForm(forms.Form):
             "approval_links_require_login": project.approval_links_require_login,
             "llm_daily_token_budget": project.llm_daily_token_budget,
             "rate_limit_per_minute": project.rate_limit_per_minute,
+            "min_sources_for_synthesis": project.min_sources_for_synthesis,
+            "risk_allowed_domains": project.risk_allowed_domains,
+            "replay_gate_mode": project.replay_gate_mode,
+            "replay_gate_max_calls": project.replay_gate_max_calls,
+            "replay_gate_max_tokens": project.replay_gate_max_tokens,
         }
 
     def __init__(self, *args: Any, project: Project, **kwargs: Any) -> None:
@@ -133,6 +177,11 @@ class ProjectSettingsForm(forms.Form):
             )
         return value
 
+    def clean_min_sources_for_synthesis(self) -> int:
+        # Left empty (or a form that predates the field): the setting stays as it is.
+        value = self.cleaned_data.get("min_sources_for_synthesis")
+        return self.project.min_sources_for_synthesis if value is None else value
+
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}
         if cleaned.get("upstream_api_key") and cleaned.get("upstream_api_key_clear"):
@@ -152,6 +201,8 @@ class ProjectSettingsForm(forms.Form):
             name: self.cleaned_data[name]
             for name in self.fields
             if name not in ("upstream_api_key", "upstream_api_key_clear")
+            # The replay gate's settings, left out of a post (an older form), stay as they are.
+            and not (name.startswith("replay_gate_") and self.cleaned_data[name] in (None, ""))
         }
         key = self.key_given()
         if key is not None:

@@ -9,6 +9,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.functional import SimpleLazyObject
 from whitenoise.middleware import WhiteNoiseMiddleware
 
+from base.api_shapes import ERROR_CODES
 from base.models import Project
 from base.requests import SiteRequest
 
@@ -64,11 +65,17 @@ class ApiBodyLimitMiddleware(SyncAndAsyncMiddleware):
         if iscoroutinefunction(self):
             return self._acall(request)
         refusal = self._refusal(request)
-        return refusal if refusal is not None else self.get_response(request)
+        if refusal is not None:
+            # Under ASGI Django has read the body already; under WSGI nobody has.
+            discard_unread_body(request)
+            return refusal
+        return api_error_as_json(request, self.get_response(request))
 
     async def _acall(self, request: HttpRequest) -> HttpResponse:
         refusal = self._refusal(request)
-        return refusal if refusal is not None else await self.get_response(request)
+        if refusal is not None:
+            return refusal
+        return api_error_as_json(request, await self.get_response(request))
 
     def _refusal(self, request: HttpRequest) -> HttpResponse | None:
         # NUL cannot be stored or even compared in PostgreSQL text: refuse it in any query
@@ -99,6 +106,46 @@ class ApiBodyLimitMiddleware(SyncAndAsyncMiddleware):
             if length > limit:
                 return JsonResponse(too_large_body(length, limit), status=413)
         return None
+
+
+# A refused body is read and discarded up to this many bytes (both doors): a client that
+# writes the whole body before it reads the answer (Python's urllib, many SDKs) then gets the
+# answer instead of a connection reset. A larger one is cut off.
+UNREAD_BODY_DISCARD_BYTES = 16 * 1024 * 1024
+
+
+def discard_unread_body(request: HttpRequest) -> None:
+    """Read and drop what is left of ``request``'s body, up to ``UNREAD_BODY_DISCARD_BYTES``
+    (nothing when the client waits for ``100 Continue``: it has not sent the body)."""
+    try:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        return
+    expects = request.META.get("HTTP_EXPECT", "").lower() == "100-continue"
+    if getattr(request, "_read_started", False) or expects or length > UNREAD_BODY_DISCARD_BYTES:
+        return
+    while request.read(64 * 1024):
+        pass
+
+
+def api_error_as_json(request: HttpRequest, response: HttpResponse) -> HttpResponse:
+    """An API error that is not JSON (Django's HTML 404 and 500 pages, an empty 405) answered
+    in the API's error shape, with its status and headers (Allow, Retry-After) kept."""
+    if (
+        response.status_code < 400
+        or not request.path.startswith("/api/")
+        or response.get("Content-Type", "").startswith("application/json")
+    ):
+        return response
+    status = response.status_code
+    answer = JsonResponse(
+        {"detail": response.reason_phrase + ".", "code": ERROR_CODES.get(status, "error")},
+        status=status,
+    )
+    for name in ("Allow", "Retry-After", "WWW-Authenticate"):
+        if name in response:
+            answer[name] = response[name]
+    return answer
 
 
 SKILL_IMPORT_PATH_END = "/skills/import"
@@ -154,3 +201,67 @@ class CurrentProjectMiddleware(SyncAndAsyncMiddleware):
         slug = request.session.get(self.SESSION_KEY)
         project = projects.filter(slug=slug).first() if slug else None
         return project or projects.order_by("name").first()
+
+
+# Seconds a client is asked to wait when the database is unreachable (``Retry-After``).
+DATABASE_RETRY_AFTER_SECONDS = 5
+
+
+class DatabaseUnavailableMiddleware(SyncAndAsyncMiddleware):
+    """The database is down or out of connections: ``503`` with ``Retry-After`` (JSON for the
+    API, a short page for people) instead of a ``500`` that reads as a bug. Last in
+    ``MIDDLEWARE``, so its ``process_exception`` sees a view's error first; the pool's timeout
+    (``METACLAW_DB_POOL_TIMEOUT``) bounds how long a request waits before it."""
+
+    def __call__(self, request: HttpRequest) -> Any:
+        return self.get_response(request)
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
+        if not database_unavailable(exception):
+            return None
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "Database unavailable for %s: %s", request.path, exception
+        )
+        return database_unavailable_response(request.path)
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database cannot be reached (not a bad query): a connection
+    refused or lost, or no connection from the pool in time."""
+    from django.db import InterfaceError, OperationalError
+
+    if isinstance(exc, InterfaceError):
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    cause = exc.__cause__ or exc
+    # PostgreSQL's "class 08" (connection exceptions) and 57P (operator intervention: the
+    # server shutting down); a pool timeout and a refused connection carry no SQLSTATE.
+    sqlstate = getattr(cause, "sqlstate", None) or ""
+    return not sqlstate or sqlstate.startswith(("08", "57P"))
+
+
+def database_unavailable_response(path: str) -> HttpResponse:
+    retry_after = str(DATABASE_RETRY_AFTER_SECONDS)
+    message = "The database is unavailable; try again shortly."
+    if path.startswith("/api/") or path.startswith("/v1/"):
+        response: HttpResponse = JsonResponse(
+            {
+                "detail": message,
+                "code": "database_unavailable",
+                "retry_after": DATABASE_RETRY_AFTER_SECONDS,
+            },
+            status=503,
+        )
+    else:
+        response = HttpResponse(
+            "<!doctype html><title>MetaClaw: unavailable</title>"
+            f"<h1>Unavailable for a moment</h1><p>{message} This page retries by itself.</p>"
+            f'<meta http-equiv="refresh" content="{retry_after}">',
+            status=503,
+            content_type="text/html; charset=utf-8",
+        )
+    response["Retry-After"] = retry_after
+    return response

@@ -27,6 +27,12 @@ class Project(models.Model):
     llm_daily_token_budget = models.PositiveIntegerField(
         default=0, help_text="Tokens in + out per day for skill synthesis; 0 = unlimited."
     )
+    min_sources_for_synthesis = models.PositiveSmallIntegerField(
+        default=1,
+        validators=[MinValueValidator(1), MaxValueValidator(1000)],
+        help_text="Distinct sources (end users, else sessions, else API keys) a group's "
+        "incidents must come from before a skill is synthesised for it; 1 = any incident.",
+    )
     # Grouping
     group_merge_threshold = models.FloatField(
         default=0.0,
@@ -40,6 +46,14 @@ class Project(models.Model):
         help_text="Tool names (one a line, * as a wildcard) that never decide a failure's group, "
         "beside the built-in ones (hand-offs to a person, calculators, thinking).",
     )
+    # Risk check (skills.library.risk): domains (one a line; subdomains included) that skill
+    # texts may name in URLs and e-mail addresses without a finding.
+    risk_allowed_domains = models.TextField(
+        blank=True,
+        default="",
+        help_text="Domains skill texts may link to or name in e-mail addresses, one a line "
+        "(subdomains included); any other is a risk finding.",
+    )
     # Integrations (secrets are write-only in the UI)
     slack_webhook_url = models.URLField(blank=True, default="")
     slack_signing_secret = models.CharField(max_length=200, blank=True, default="")
@@ -51,6 +65,21 @@ class Project(models.Model):
     # Encrypted at rest (base.crypto); read it with base.selectors.project_upstream_api_key.
     upstream_api_key = models.CharField(max_length=1000, blank=True, default="")
     upstream_model_map = models.JSONField(default=dict, blank=True)
+    # Replay gate (skills.gate): recorded failing conversations replayed with a candidate's and
+    # the active version's system prompt, judged, before the candidate may be promoted.
+    replay_gate_mode = models.CharField(
+        max_length=16,
+        choices=[("off", "Off"), ("advisory", "Advisory"), ("required", "Required")],
+        default="off",
+        help_text="Off: no replay. Advisory: replayed and shown. Required: promotion waits for "
+        "a passed gate.",
+    )
+    replay_gate_max_calls = models.PositiveIntegerField(
+        default=60, help_text="Model calls (replays and judgements) one gate may make."
+    )
+    replay_gate_max_tokens = models.PositiveIntegerField(
+        default=200_000, help_text="Tokens in + out one gate may spend."
+    )
 
     class Meta:
         ordering = ["name"]

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import httpx
 from django.conf import settings
 
-from base import outbound, permissions, selectors, services
+from base import outbound, permissions, selectors, services, setting_checks
 from base.errors import DomainError
 from base.models import Project, Role
 
@@ -51,8 +51,8 @@ def project_upstream_check(
     stored_url = project.upstream_base_url.rstrip("/")
     typed_url = stored_url if base_url is None else base_url
     try:
-        url = services.upstream_base_url_clean(typed_url)
-        key = services.upstream_api_key_clean(api_key) if api_key else ""
+        url = setting_checks.upstream_base_url_clean(typed_url)
+        key = setting_checks.upstream_api_key_clean(api_key) if api_key else ""
     except DomainError as exc:
         return UpstreamCheck(ok=False, message=str(exc))
     global_url = (settings.UPSTREAM["BASE_URL"] or "").rstrip("/")

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, time, timedelta
+from time import monotonic
 from urllib.parse import urlencode
 
 from django.contrib import messages
@@ -25,12 +28,60 @@ from base.pagination import paginate
 from base.requests import ProjectRequest
 from base.selectors import projects_for_user
 
+# Each dependency a readiness check asks gets this long; the answer comes within about a second.
+HEALTH_CHECK_SECONDS = 0.8
+_health_checks = ThreadPoolExecutor(max_workers=4, thread_name_prefix="healthz")
+
+
+def _database_ok() -> None:
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    finally:
+        connection.close()  # this thread's connection, back to the pool
+
+
+def _redis_ok() -> None:
+    from django.conf import settings
+
+    if getattr(settings, "REDIS_URL", ""):
+        from base.counters import redis_client
+
+        redis_client().ping()
+
 
 @require_GET
 def healthz(request: HttpRequest) -> HttpResponse:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1")
-    return JsonResponse({"ok": True})
+    """``/healthz?probe=live`` (liveness): the process answers, nothing else is asked, so a
+    database outage never gets healthy processes restarted. ``/healthz`` (readiness): the
+    database and Redis, each within ``HEALTH_CHECK_SECONDS``; 503 naming what is down."""
+    if request.GET.get("probe") == "live":
+        return JsonResponse({"ok": True, "probe": "live"})
+    futures = {"database": _health_checks.submit(_database_ok)}
+    futures["redis"] = _health_checks.submit(_redis_ok)
+    deadline = monotonic() + HEALTH_CHECK_SECONDS
+    checks: dict[str, str] = {}
+    for name, future in futures.items():
+        try:
+            future.result(timeout=max(0.0, deadline - monotonic()))
+            checks[name] = "ok"
+        except FutureTimeout:
+            checks[name] = f"no answer within {HEALTH_CHECK_SECONDS:g} s"
+        except Exception as exc:  # noqa: BLE001 - what is down is the answer
+            checks[name] = f"down: {type(exc).__name__}: {str(exc)[:200]}"
+    ok = all(v == "ok" for v in checks.values())
+    response = JsonResponse(
+        {
+            "ok": ok,
+            "probe": "ready",
+            "checks": checks,
+            "down": [k for k, v in checks.items() if v != "ok"],
+        },
+        status=200 if ok else 503,
+    )
+    if not ok:
+        response["Retry-After"] = "5"
+    return response
 
 
 @require_GET

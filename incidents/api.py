@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -11,15 +10,17 @@ from django.db.models import QuerySet
 from ninja import Query, Router, Schema, Status
 from pydantic import ValidationError as PydanticValidationError
 
-from base.api_shapes import pydantic_errors
+from base.api_shapes import ApiDateTime, pydantic_errors
 from base.auth import admin_auth, ingest_auth, read_auth
 from base.errors import DomainError
 from base.models import Project
 from base.pagination import paginate
 from base.permissions import api_key_label
 from base.requests import ApiRequest
-from incidents import ingest, selectors, services
+from incidents import ingest, provenance, selectors, services
 from incidents.schemas import (
+    AbusiveSourceIn,
+    AbusiveSourceOut,
     BatchIn,
     BatchOut,
     GroupFingerprintOut,
@@ -32,6 +33,7 @@ from incidents.schemas import (
     IncidentIn,
     IncidentOut,
     IncidentPage,
+    ProvenanceOut,
     RelatedGroupOut,
     TrajectoryIn,
 )
@@ -42,9 +44,13 @@ router = Router(tags=["incidents"])
 # --- Answers shared by both doors: these views, and incidents.fast_lane on the ASGI fast lane
 
 
-def incident_answer(*, project: Project, payload: IncidentIn, actor: str) -> tuple[int, dict]:
+def incident_answer(
+    *, project: Project, payload: IncidentIn, actor: str, api_key_id: int | None = None
+) -> tuple[int, dict]:
     """Store one incident: the status and body of ``POST /incidents``."""
-    (result,) = ingest.incidents_ingest(project=project, items=[payload], actor_label=actor)
+    (result,) = ingest.incidents_ingest(
+        project=project, items=[payload], actor_label=actor, api_key_id=api_key_id
+    )
     return _status_of(result), {**_result_fields(result), "warnings": _warnings(payload)}
 
 
@@ -75,14 +81,19 @@ def _result_fields(result: ingest.IngestResult) -> dict:
     }
 
 
-def incident_batch_answer(*, project: Project, items: list[Any], actor: str) -> dict:
+def incident_batch_answer(
+    *, project: Project, items: list[Any], actor: str, api_key_id: int | None = None
+) -> dict:
     """Store a batch of incidents: the body of ``POST /incidents/batch`` (207). Raises
     ``DomainError`` for a batch over ``BATCH_MAX_ITEMS``."""
     _check_batch_size(items)
     valid, invalid = _validate_items(items, IncidentIn)
     stored = (
         ingest.incidents_ingest(
-            project=project, items=[item for _, item in valid], actor_label=actor
+            project=project,
+            items=[item for _, item in valid],
+            actor_label=actor,
+            api_key_id=api_key_id,
         )
         if valid
         else []
@@ -96,12 +107,16 @@ def incident_batch_answer(*, project: Project, items: list[Any], actor: str) -> 
     return _batch_body(results, invalid)
 
 
-def trajectory_batch_answer(*, project: Project, items: list[Any]) -> dict:
+def trajectory_batch_answer(
+    *, project: Project, items: list[Any], api_key_id: int | None = None
+) -> dict:
     """Store a batch of turns: the body of ``POST /trajectories/batch`` (207)."""
     _check_batch_size(items)
     valid, invalid = _validate_items(items, TrajectoryIn)
     stored = (
-        ingest.trajectories_ingest(project=project, items=[item for _, item in valid])
+        ingest.trajectories_ingest(
+            project=project, items=[item for _, item in valid], api_key_id=api_key_id
+        )
         if valid
         else []
     )
@@ -138,7 +153,10 @@ def post_incident(request: ApiRequest, payload: IncidentIn):
     schema does not know, kept in metadata."""
     return Status(
         *incident_answer(
-            project=request.project, payload=payload, actor=api_key_label(request.api_key)
+            project=request.project,
+            payload=payload,
+            actor=api_key_label(request.api_key),
+            api_key_id=request.api_key.pk,
         )
     )
 
@@ -174,7 +192,10 @@ def post_incident_batch(request: ApiRequest, payload: BatchIn):
     return Status(
         207,
         incident_batch_answer(
-            project=request.project, items=payload.items, actor=api_key_label(request.api_key)
+            project=request.project,
+            items=payload.items,
+            actor=api_key_label(request.api_key),
+            api_key_id=request.api_key.pk,
         ),
     )
 
@@ -187,7 +208,12 @@ def post_incident_batch(request: ApiRequest, payload: BatchIn):
     summary="Report ordinary turns for the slow loop; per-item results",
 )
 def post_trajectory_batch(request: ApiRequest, payload: BatchIn):
-    return Status(207, trajectory_batch_answer(project=request.project, items=payload.items))
+    return Status(
+        207,
+        trajectory_batch_answer(
+            project=request.project, items=payload.items, api_key_id=request.api_key.pk
+        ),
+    )
 
 
 def _batch_body(stored: list[dict], invalid: dict[int, list]) -> dict:
@@ -213,8 +239,8 @@ class IncidentFilter(Schema):
     kind: str | None = None
     agent: str | None = None
     group: int | None = None
-    since: datetime | None = None
-    until: datetime | None = None
+    since: ApiDateTime | None = None
+    until: ApiDateTime | None = None
     cursor: str | None = None
     limit: int = 50
 
@@ -224,8 +250,8 @@ class GroupFilter(Schema):
     kind: str | None = None
     agent: str | None = None
     synthesis_status: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
+    since: ApiDateTime | None = None
+    until: ApiDateTime | None = None
     cursor: str | None = None
     limit: int = 50
 
@@ -334,3 +360,42 @@ def related_groups(request: ApiRequest, group_id: int):
         }
         for item in selectors.related_groups(group)
     ]
+
+
+@router.get("/groups/{group_id}/provenance", auth=read_auth, response=ProvenanceOut)
+def group_provenance(request: ApiRequest, group_id: int):
+    """Distinct sessions, end users, agents, API keys and sources behind the group's incidents
+    (a source: the end user, else the session, else the API key)."""
+    group = selectors.group_for_project(request.project, group_id)
+    return provenance.groups_provenance([group.pk])
+
+
+@router.get("/abusive-sources", auth=admin_auth, response=list[AbusiveSourceOut])
+def list_abusive_sources(request: ApiRequest):
+    return provenance.abusive_sources_for_project(request.project)
+
+
+@router.post("/abusive-sources", auth=admin_auth, response={201: AbusiveSourceOut})
+def mark_abusive_source(request: ApiRequest, payload: AbusiveSourceIn):
+    """Mark a session or end user as abusive: later datasets drop its samples and proposals
+    whose evidence came from it are flagged. Idempotent. Audited."""
+    mark = services.abusive_source_mark(
+        project=request.project,
+        kind=payload.kind,
+        value=payload.value,
+        reason=payload.reason,
+        actor=None,
+        actor_label=api_key_label(request.api_key),
+    )
+    return Status(201, mark)
+
+
+@router.delete("/abusive-sources/{mark_id}", auth=admin_auth, response={204: None})
+def unmark_abusive_source(request: ApiRequest, mark_id: int):
+    services.abusive_source_unmark(
+        project=request.project,
+        mark_id=mark_id,
+        actor=None,
+        actor_label=api_key_label(request.api_key),
+    )
+    return Status(204, None)

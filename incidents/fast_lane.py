@@ -44,7 +44,10 @@ async def post_incident(*, headers: dict[str, str], query: str, body: bytes) -> 
         return admitted
     api_key, payload = admitted
     status, answer = await in_worker_thread(incident_answer)(
-        project=api_key.project, payload=payload, actor=api_key_label(api_key)
+        project=api_key.project,
+        payload=payload,
+        actor=api_key_label(api_key),
+        api_key_id=api_key.pk,
     )
     return api_answer(status, _out(IncidentAccepted, answer))
 
@@ -59,6 +62,7 @@ async def post_incident_batch(*, headers: dict[str, str], query: str, body: byte
         project=api_key.project,
         items=payload.items,
         actor=api_key_label(api_key),
+        api_key_id=api_key.pk,
     )
 
 
@@ -69,7 +73,12 @@ async def post_trajectory_batch(
     if isinstance(admitted, FastResponse):
         return admitted
     api_key, payload = admitted
-    return await _batch(trajectory_batch_answer, project=api_key.project, items=payload.items)
+    return await _batch(
+        trajectory_batch_answer,
+        project=api_key.project,
+        items=payload.items,
+        api_key_id=api_key.pk,
+    )
 
 
 async def _batch(answer_batch: Any, **kwargs: Any) -> FastResponse:

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from django.db import connection, transaction
 from django.db.models import F
@@ -58,7 +59,21 @@ def _event_time(value: datetime | None, now: datetime) -> datetime:
 _MESSAGES = TypeAdapter(list[ChatMessage])
 
 
-def _build_incident(project: Project, item: IncidentIn, now: datetime) -> NewIncident:
+def end_user_of(end_user: str, metadata: dict[str, Any]) -> str:
+    """The end user an item names: ``end_user``, else a string ``end_user`` or ``user`` in
+    its metadata (where an unknown top-level ``user`` is kept)."""
+    if end_user:
+        return end_user
+    for name in ("end_user", "user"):
+        value = metadata.get(name)
+        if isinstance(value, str | int) and not isinstance(value, bool) and str(value).strip():
+            return str(value).strip()[:200]
+    return ""
+
+
+def _build_incident(
+    project: Project, item: IncidentIn, now: datetime, api_key_id: int | None = None
+) -> NewIncident:
     # Each message with the keys it was sent with, explicit nulls included (ChatMessage).
     messages_json, messages = clean_json_text(
         _MESSAGES.dump_python(item.messages, exclude_unset=True)
@@ -101,6 +116,8 @@ def _build_incident(project: Project, item: IncidentIn, now: datetime) -> NewInc
         expected_outcome=clean_text(item.expected_outcome),
         metadata=clean_json_text(item.metadata)[0],
         session_id=clean_text(item.session_id),
+        end_user=clean_text(end_user_of(item.end_user, item.metadata)),
+        api_key_id=api_key_id,
         fingerprint=fp,
         normalized_message=normalized,
         occurred_at=_event_time(item.occurred_at, now),
@@ -109,13 +126,18 @@ def _build_incident(project: Project, item: IncidentIn, now: datetime) -> NewInc
 
 
 def incidents_ingest(
-    *, project: Project, items: Sequence[IncidentIn], actor_label: str = ""
+    *,
+    project: Project,
+    items: Sequence[IncidentIn],
+    actor_label: str = "",
+    api_key_id: int | None = None,
 ) -> list[IngestResult]:
     """Store validated incidents, grouped; idempotent by client id (per project).
 
     Returns one result per item, in order. A client id seen before (stored earlier, or earlier
     in the same batch) answers with the stored incident and stores nothing. Runs in its own
-    transaction; groups that now wait for the fast loop are announced after commit."""
+    transaction; groups that now wait for the fast loop are announced after commit.
+    ``api_key_id``: the key that reported them (their provenance)."""
     now = timezone.now()
     results: list[IngestResult | None] = [None] * len(items)
     first_index: dict[str, int] = {}
@@ -124,7 +146,7 @@ def incidents_ingest(
         if item.id in first_index:
             continue
         first_index[item.id] = index
-        candidates.append((index, _build_incident(project, item, now)))
+        candidates.append((index, _build_incident(project, item, now, api_key_id)))
 
     existing = stored_incidents(project.pk, [inc.client_id for _, inc in candidates])
     fresh = [(i, inc) for i, inc in candidates if inc.client_id not in existing]
@@ -198,7 +220,11 @@ def _uncount(groups: dict[str, dict], incidents: list[Incident]) -> None:
 
 
 def trajectories_ingest(
-    *, project: Project, items: Sequence[TrajectoryIn], source: str = "api"
+    *,
+    project: Project,
+    items: Sequence[TrajectoryIn],
+    source: str = "api",
+    api_key_id: int | None = None,
 ) -> list[tuple[uuid.UUID, bool]]:
     """Store trajectories; idempotent by client id when one is given. Returns ``(id, duplicate)``
     per item, in order."""
@@ -224,6 +250,8 @@ def trajectories_ingest(
             project=project,
             client_id=clean_text(item.id) if item.id else None,
             session_id=clean_text(item.session_id),
+            end_user=clean_text(end_user_of(item.end_user, item.metadata)),
+            api_key_id=api_key_id,
             turn_type=item.turn_type,
             source=source,
             agent_name=clean_text(item.agent.name) if item.agent else "",

@@ -70,7 +70,12 @@ class NewIncident:
     task: str = ""
     outcome: str = ""
     expected_outcome: str = ""
+    end_user: str = ""
+    api_key_id: int | None = None
 
+
+# The synthesis states a new incident moves to WAITING.
+_ASKS_AGAIN = (SynthesisStatus.NONE.value, SynthesisStatus.SOURCES.value)
 
 _SEVERITY_SQL = (
     "CASE {col} "
@@ -226,6 +231,8 @@ def upsert_groups(project: Project, incidents: list[NewIncident], now: datetime)
     # A group merged into another keeps its row as an alias: its status and fast-loop state no
     # longer move; what arrives for it is counted on the group it was merged into.
     live = f"{old}.merged_into_id IS NULL"
+    # A group with no synthesis yet, or one that waits for more distinct sources, asks again.
+    asks = ", ".join(f"'{status}'" for status in _ASKS_AGAIN)
     returned = _insert_rows(
         IncidentGroup,
         rows,
@@ -246,9 +253,9 @@ def upsert_groups(project: Project, incidents: list[NewIncident], now: datetime)
                 THEN EXCLUDED.created_at ELSE {old}.status_changed_at END,
             status = CASE WHEN {old}.status = 'resolved' AND {live}
                 THEN 'regressed' ELSE {old}.status END,
-            synthesis_requested_at = CASE WHEN {old}.synthesis_status = 'none' AND {live}
+            synthesis_requested_at = CASE WHEN {old}.synthesis_status IN ({asks}) AND {live}
                 THEN EXCLUDED.created_at ELSE {old}.synthesis_requested_at END,
-            synthesis_status = CASE WHEN {old}.synthesis_status = 'none' AND {live}
+            synthesis_status = CASE WHEN {old}.synthesis_status IN ({asks}) AND {live}
                 THEN 'waiting' ELSE {old}.synthesis_status END
         RETURNING id, fingerprint, regressed_at, synthesis_requested_at, created_at,
             merged_into_id
@@ -295,7 +302,7 @@ def _count_on_merged_groups(
         if regressed:
             root.status = GroupStatus.REGRESSED
             root.regressed_at = root.status_changed_at = now
-        awaits = root.synthesis_status == SynthesisStatus.NONE
+        awaits = root.synthesis_status in _ASKS_AGAIN
         if awaits:
             root.synthesis_status = SynthesisStatus.WAITING
             root.synthesis_requested_at = now

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
@@ -53,6 +54,9 @@ class SynthesisStatus(models.TextChoices):
     NEEDS_SKILL = "needs_skill", "Needs a skill (no LLM)"
     FAILED = "failed", "Synthesis failed"
     BUDGET = "budget", "Waiting: daily LLM budget spent"
+    # Fewer distinct sources than the project's ``min_sources_for_synthesis``: the next incident
+    # asks again, as from NONE (``ingest_sql.upsert_groups``).
+    SOURCES = "sources", "Waiting: too few distinct sources"
 
 
 class IncidentGroup(models.Model):
@@ -148,6 +152,18 @@ class Incident(models.Model):
     expected_outcome = models.TextField(blank=True, default="")
     metadata = models.JSONField(default=dict, blank=True)
     session_id = models.CharField(max_length=200, blank=True, default="")
+    # Who the agent served, when it says (``end_user``, or ``user`` at the top or in metadata),
+    # and the API key that reported it: the provenance a proposal's evidence is counted by.
+    end_user = models.CharField(max_length=200, blank=True, default="")
+    api_key = models.ForeignKey(
+        "metaclaw_site.ApiKey",
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        db_index=False,
+        related_name="+",
+    )
     fingerprint = models.CharField(max_length=64)
     status = models.CharField(
         max_length=16, choices=IncidentStatus.choices, default=IncidentStatus.NEW
@@ -193,6 +209,16 @@ class Trajectory(models.Model):
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="trajectories")
     client_id = models.CharField(max_length=200, null=True, blank=True)
     session_id = models.CharField(max_length=200, blank=True, default="", db_index=True)
+    end_user = models.CharField(max_length=200, blank=True, default="")
+    api_key = models.ForeignKey(
+        "metaclaw_site.ApiKey",
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        db_index=False,
+        related_name="+",
+    )
     turn_type = models.CharField(max_length=8, choices=TurnType.choices, default=TurnType.MAIN)
     source = models.CharField(
         max_length=8, choices=TrajectorySource.choices, default=TrajectorySource.API
@@ -231,3 +257,34 @@ class Trajectory(models.Model):
 
     def __str__(self) -> str:
         return f"trajectory {self.id} ({self.session_id or 'no session'})"
+
+
+class AbusiveSourceKind(models.TextChoices):
+    SESSION = "session", "Session"
+    END_USER = "end_user", "End user"
+
+
+class AbusiveSource(models.Model):
+    """A session or end user a person marked as abusive: their samples leave later datasets,
+    and the proposals whose evidence came from them are flagged on the review page."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="abusive_sources")
+    kind = models.CharField(max_length=16, choices=AbusiveSourceKind.choices)
+    value = models.CharField(max_length=200)
+    reason = models.TextField(blank=True, default="")
+    marked_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    marked_by_label = models.CharField(max_length=200, blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["project", "kind", "value"], name="abusive_source_unique"
+            ),
+        ]
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.value}"

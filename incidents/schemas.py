@@ -1,4 +1,5 @@
-"""API schemas of the incidents app (django-ninja / pydantic v2)."""
+"""API schemas of the incidents app (django-ninja / pydantic v2). Past 500 lines on purpose:
+the shapes agents send, their readers and their OpenAPI descriptions read best together."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal, get_args
 from uuid import UUID
 
+from django.utils import timezone
 from ninja import Schema
 from pydantic import (
     BaseModel,
@@ -20,7 +22,10 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from base.api_shapes import PRINTABLE_ID, ApiDateTime, JsonFloat, JsonInt, matches
 from base.sanitize import clean_json_text
+
+ID_MESSAGE = "must be text without control characters, not only white space"
 
 # IncidentKind's values (tests/incidents/test_intake_shapes.py checks that they agree).
 KindLiteral = Literal[
@@ -140,7 +145,8 @@ _AS_TEXT = (
 TextOrJson = Annotated[
     str,
     BeforeValidator(_as_text),
-    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "object"}, {"type": "array"}]}),
+    # Any JSON value: null reads as "", a number or a boolean as its JSON text.
+    WithJsonSchema({"type": ["string", "object", "array", "number", "boolean", "null"]}),
 ]
 
 
@@ -232,8 +238,8 @@ class ErrorIn(StrictIn):
 
 class FeedbackIn(StrictIn):
     text: str = Field(default="", max_length=20_000)
-    score: float | None = None
-    reward: float | None = Field(default=None, ge=-1e6, le=1e6)
+    score: JsonFloat | None = None
+    reward: JsonFloat | None = Field(default=None, ge=-1e6, le=1e6)
 
 
 def _error_schema(schema: dict[str, Any]) -> None:
@@ -243,6 +249,9 @@ def _error_schema(schema: dict[str, Any]) -> None:
         schema["anyOf"] = [{"$ref": ref}, {"type": "string"}, {"type": "null"}]
 
 
+_END_USER_DESCRIPTION = "The end user served (an opaque id); else `user` or `end_user` in metadata."
+
+
 class IncidentIn(StrictIn):
     """One failure. Fields not named here are kept in `metadata` under their own names (the
     answer's `warnings` lists them), unless `metadata` already holds that name with another
@@ -250,9 +259,14 @@ class IncidentIn(StrictIn):
 
     model_config = ConfigDict(allow_inf_nan=False, extra="allow")
 
-    id: str = Field(min_length=1, max_length=200, description="Client id: the idempotency key.")
+    id: str = Field(
+        min_length=1,
+        max_length=200,
+        pattern=PRINTABLE_ID,
+        description="Client id: the idempotency key.",
+    )
     agent: AgentIn
-    policy_version: int | None = Field(default=None, ge=1, le=2_147_483_647)
+    policy_version: JsonInt | None = Field(default=None, ge=1, le=2_147_483_647)
     kind: KindLiteral = Field(description=_KIND_DESCRIPTION)
     severity: SeverityLiteral = Field(default="medium", description=_SEVERITY_DESCRIPTION)
     error: ErrorIn = Field(
@@ -263,7 +277,7 @@ class IncidentIn(StrictIn):
     messages: list[ChatMessage] = Field(default_factory=list, max_length=500)
     tools: list[dict[str, Any]] = Field(default_factory=list, max_length=200)
     feedback: FeedbackIn | None = None
-    reward: float | None = Field(
+    reward: JsonFloat | None = Field(
         default=None,
         ge=-1e6,
         le=1e6,
@@ -284,7 +298,8 @@ class IncidentIn(StrictIn):
     )
     metadata: dict[str, Any] = Field(default_factory=dict)
     session_id: str = Field(default="", max_length=200)
-    occurred_at: datetime | None = None
+    end_user: str = Field(default="", max_length=200, description=_END_USER_DESCRIPTION)
+    occurred_at: ApiDateTime | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -311,12 +326,11 @@ class IncidentIn(StrictIn):
         _unknown_fields_to_metadata(cls, data, changes)
         return {**data, **changes} if changes else data
 
-    @field_validator("id")
+    @field_validator("id", mode="before")
     @classmethod
-    def id_is_printable(cls, value: str) -> str:
-        if not value.strip() or not value.isprintable():
-            raise ValueError("must be printable text")
-        return value
+    def id_is_printable(cls, value: Any) -> Any:
+        # Before the pattern, to say it in words; the pattern is the schema's.
+        return matches(PRINTABLE_ID, value, ID_MESSAGE) if isinstance(value, str) else value
 
     @field_validator("reward")
     @classmethod
@@ -381,27 +395,26 @@ class TrajectoryIn(StrictIn):
 
     model_config = ConfigDict(allow_inf_nan=False, extra="allow")
 
-    id: str | None = Field(default=None, min_length=1, max_length=200)
+    id: str | None = Field(default=None, min_length=1, max_length=200, pattern=PRINTABLE_ID)
 
-    @field_validator("id")
+    @field_validator("id", mode="before")
     @classmethod
-    def id_is_printable(cls, value: str | None) -> str | None:
-        if value is not None and (not value.strip() or not value.isprintable()):
-            raise ValueError("must be printable text")
-        return value
+    def id_is_printable(cls, value: Any) -> Any:
+        return matches(PRINTABLE_ID, value, ID_MESSAGE) if isinstance(value, str) else value
 
     session_id: str = Field(default="", max_length=200)
+    end_user: str = Field(default="", max_length=200, description=_END_USER_DESCRIPTION)
     turn_type: Literal["main", "side"] = "main"
     agent: AgentIn | None = None
-    policy_version: int | None = Field(default=None, ge=1, le=2_147_483_647)
+    policy_version: JsonInt | None = Field(default=None, ge=1, le=2_147_483_647)
     model: str = Field(default="", max_length=200)
     messages: list[ChatMessage] = Field(min_length=1, max_length=500)
     tools: list[dict[str, Any]] = Field(default_factory=list, max_length=200)
-    reward: float | None = Field(default=None, ge=-1e6, le=1e6)
+    reward: JsonFloat | None = Field(default=None, ge=-1e6, le=1e6)
     outcome: OutcomeLiteral = "unknown"
     corrected_answer: str = Field(default="", max_length=50_000)
     metadata: dict[str, Any] = Field(default_factory=dict)
-    occurred_at: datetime | None = None
+    occurred_at: ApiDateTime | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -417,6 +430,15 @@ class TrajectoryIn(StrictIn):
 
 
 class GroupOut(Schema):
+    @staticmethod
+    def resolve_synthesis_next_attempt_at(obj: Any) -> datetime | None:
+        due = (
+            getattr(obj, "synthesis_requested_at", None)
+            if obj.synthesis_status == "waiting"
+            else None
+        )
+        return due if due is not None and due > timezone.now() else None
+
     id: int
     title: str
     fingerprint: str
@@ -428,6 +450,9 @@ class GroupOut(Schema):
     severity: str
     status: str
     synthesis_status: str
+    synthesis_error: str = Field(default="", description="Why it failed, or why it is retried.")
+    synthesis_attempts: int = Field(default=0, description="Tries since a person last asked.")
+    synthesis_next_attempt_at: datetime | None = Field(default=None, description="Backoff's end.")
     event_count: int
     first_seen: datetime
     last_seen: datetime
@@ -459,6 +484,7 @@ class IncidentOut(Schema):
     expected_outcome: str
     metadata: dict[str, Any]
     session_id: str
+    end_user: str
     occurred_at: datetime
     received_at: datetime
 
@@ -509,3 +535,34 @@ class RelatedGroupOut(Schema):
     tool_name: str
     event_count: int
     reason: str
+
+
+class ProvenanceOut(Schema):
+    """How many distinct sources stand behind a group's incidents."""
+
+    incidents: int
+    sessions: int
+    end_users: int
+    agents: int
+    api_keys: int
+    sources: int
+    single_source: bool
+
+
+class AbusiveSourceIn(Schema):
+    kind: Literal["session", "end_user"]
+    value: str = Field(min_length=1, max_length=200, description="The session id or end user.")
+    reason: str = Field(default="", max_length=2000)
+
+
+class AbusiveSourceOut(Schema):
+    id: int
+    kind: str
+    value: str
+    reason: str
+    marked_by: str
+    created_at: datetime
+
+    @staticmethod
+    def resolve_marked_by(obj: Any) -> str:
+        return obj.marked_by.get_username() if obj.marked_by else obj.marked_by_label

@@ -98,6 +98,66 @@ def trajectories_for_project(project: Project) -> QuerySet[Trajectory]:
     return Trajectory.objects.filter(project=project)
 
 
+def turns_for_project(
+    project: Project,
+    *,
+    source: str | None = None,
+    policy_version: int | None = None,
+    skill: str | None = None,
+    model: str | None = None,
+    status: int | None = None,
+    session_id: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> QuerySet[Trajectory]:
+    """A project's recorded turns (trajectories), narrowed by what they ran with: ``skill`` is
+    the slug of a skill injected into the turn, ``model`` the model it was sent to, ``status``
+    the upstream's HTTP status."""
+    equal_to = {
+        "source": source,
+        "policy_version": policy_version,
+        "model": model,
+        "status_code": status,
+        "session_id": session_id,
+    }
+    qs = Trajectory.objects.filter(project=project)
+    if skill:
+        # jsonb containment (@>): the list holds an object with this slug.
+        qs = qs.filter(skills_injected__contains=[{"slug": skill}])
+    return _narrowed(qs, equal_to, "occurred_at", since, until)  # type: ignore[type-var]
+
+
+def turn_for_project(project: Project, turn_id: Any) -> Trajectory:
+    turn = Trajectory.objects.filter(project=project, pk=turn_id).first()
+    if turn is None:
+        raise NotFound("No such turn in this project.")
+    return turn
+
+
+def turn_retrieval(turn: Trajectory) -> dict[str, Any]:
+    """What retrieval did for a proxied turn: the query it looked at, the threshold it applied
+    (None for turns recorded before it was kept) and the skills injected, best first."""
+    # Only the proxy writes this key; a client's own metadata (source=api) is not ours to read.
+    metadata = turn.metadata if isinstance(turn.metadata, dict) else {}
+    recorded = metadata.get("retrieval") if turn.source == "proxy" else None
+    recorded = recorded if isinstance(recorded, dict) else {}
+    skills = [s for s in turn.skills_injected or [] if isinstance(s, dict)]
+    skills.sort(key=lambda s: (s.get("rank") or 0, -(s.get("score") or 0)))
+    return {
+        "query": recorded.get("query", ""),
+        "min_score": recorded.get("min_score"),
+        "skills": skills,
+    }
+
+
+def turn_retrieval_for_display(turn: Trajectory, *, personal_data: bool) -> dict[str, Any]:
+    """``turn_retrieval`` with the query redacted for a page (``personal_data``: mask personal
+    data too, for people who are not admins)."""
+    shown = turn_retrieval(turn)
+    shown["query"] = Redactor(personal_data=personal_data).text(shown["query"])
+    return shown
+
+
 def daily_counts(group_ids: list[int], *, days: int = 14) -> dict[int, list[int]]:
     """Incidents per day for each group over the last ``days`` days (oldest first), in one
     query whatever the number of groups: the sparklines of the group list."""

@@ -15,12 +15,15 @@ from django.db import connection, transaction
 from django.db.models import Count, Max, Min
 from django.utils import timezone
 
-from base.errors import Conflict, DomainError
-from base.models import Project
+from base import permissions
+from base.errors import Conflict, DomainError, NotFound
+from base.models import Project, Role
 from base.services import audit_record
 from base.sql import columns
 from incidents import signals
 from incidents.models import (
+    AbusiveSource,
+    AbusiveSourceKind,
     GroupStatus,
     Incident,
     IncidentGroup,
@@ -28,6 +31,8 @@ from incidents.models import (
     SynthesisStatus,
     Trajectory,
 )
+
+CLAIM_CLOCK_LEEWAY = timedelta(seconds=1)
 
 
 def session_outcome_record(
@@ -149,39 +154,69 @@ def group_synthesis_claim(*, group_id: int) -> IncidentGroup | None:
     was requested (it may have waited long before its claim).
 
     One statement, the claim and the read together (``RETURNING``), written out: it starts
-    every synthesis, and the ORM's update and select cost more CPU than PostgreSQL's run."""
+    every synthesis, and the ORM's update and select cost more CPU than PostgreSQL's run.
+
+    A WAITING group whose ``synthesis_requested_at`` lies ahead (a retry's backoff) is not
+    claimable before that time."""
+    now = timezone.now()
     claimed = list(
         IncidentGroup.objects.raw(
             f"UPDATE {IncidentGroup._meta.db_table} SET synthesis_status = %s, "
             "synthesis_attempts = synthesis_attempts + 1, synthesis_claimed_at = %s "
-            f"WHERE id = %s AND synthesis_status = %s RETURNING {columns(IncidentGroup)}",
+            f"WHERE id = %s AND synthesis_status = %s "
+            "AND (synthesis_requested_at IS NULL OR synthesis_requested_at <= %s) "
+            f"RETURNING {columns(IncidentGroup)}",
             [
                 SynthesisStatus.RUNNING.value,
-                connection.ops.adapt_datetimefield_value(timezone.now()),
+                connection.ops.adapt_datetimefield_value(now),
                 group_id,
                 SynthesisStatus.WAITING.value,
+                # A group in a retry's backoff waits until then (an early duplicate message,
+                # a sweep, finds nothing to claim); a second's leeway for clocks of two hosts.
+                connection.ops.adapt_datetimefield_value(now + CLAIM_CLOCK_LEEWAY),
             ],
         )
     )
     return claimed[0] if claimed else None
 
 
+def group_synthesis_heartbeat(*, group_id: int) -> bool:
+    """Renew a RUNNING group's lease (its ``synthesis_claimed_at``): the worker synthesising it
+    is alive. False when the group is no longer RUNNING."""
+    return bool(
+        IncidentGroup.objects.filter(pk=group_id, synthesis_status=SynthesisStatus.RUNNING).update(
+            synthesis_claimed_at=timezone.now()
+        )
+    )
+
+
 def group_synthesis_finish(
-    *, group_id: int, status: str, error: str = "", from_status: str = SynthesisStatus.RUNNING
+    *,
+    group_id: int,
+    status: str,
+    error: str = "",
+    from_status: str = SynthesisStatus.RUNNING,
+    requested_at: Any = None,
 ) -> bool:
     """Record the outcome of a synthesis (RUNNING → PROPOSED | NO_SKILL | NEEDS_SKILL | FAILED
-    | BUDGET) and mark the group's incidents accordingly."""
+    | BUDGET | WAITING) and mark the group's incidents accordingly. ``requested_at`` (back to
+    WAITING only) is when the next attempt is due: the claim and the sweep wait for it."""
     if status not in SynthesisStatus.values or status in (SynthesisStatus.NONE,):
         raise DomainError(f"Unknown synthesis status '{status}'.")
     with transaction.atomic(savepoint=False):  # nested in the fast loop's transaction
         # One conditional UPDATE is the check and the change: it takes the row lock, and a
         # group that left ``from_status`` meanwhile matches nothing. Written out, as the claim.
         with connection.cursor() as cursor:
+            due = ""
+            params: list[Any] = [status, error]
+            if requested_at is not None and status == SynthesisStatus.WAITING:
+                due = "synthesis_requested_at = %s, "
+                params.append(connection.ops.adapt_datetimefield_value(requested_at))
             cursor.execute(
                 f"UPDATE {IncidentGroup._meta.db_table} SET synthesis_status = %s, "
-                "synthesis_error = %s, events_at_synthesis = event_count "
+                f"synthesis_error = %s, {due}events_at_synthesis = event_count "
                 "WHERE id = %s AND synthesis_status = %s",
-                [status, error, group_id, from_status],
+                [*params, group_id, from_status],
             )
             if cursor.rowcount != 1:
                 return False
@@ -205,8 +240,9 @@ def group_synthesis_finish(
 
 
 def groups_waiting_for_synthesis(*, older_than_seconds: int) -> list[int]:
-    """Groups WAITING for longer than the given age (the sweep re-enqueues them), plus RUNNING
-    groups whose worker died (no progress for ten times that age)."""
+    """Groups WAITING for longer than the given age past the time they were due (the sweep
+    re-enqueues them): a group in a retry's backoff is due at its ``synthesis_requested_at``,
+    so the sweep never shortens a backoff; past it by this age, no queue holds its message."""
     now = timezone.now()
     waiting = IncidentGroup.objects.filter(
         synthesis_status=SynthesisStatus.WAITING,
@@ -437,3 +473,71 @@ def _recount(group: IncidentGroup, now: Any) -> None:
     group.event_count = stats["n"]
     group.first_seen = stats["first"] or group.first_seen or now
     group.last_seen = stats["last"] or group.last_seen or now
+
+
+# --- Abusive sources: a person marks a session or end user whose traffic must not teach ------
+
+
+@transaction.atomic
+def abusive_source_mark(
+    *, project: Project, kind: str, value: str, reason: str = "", actor: Any, actor_label: str = ""
+) -> AbusiveSource:
+    """Mark a session or end user as abusive (admins). Idempotent: marking it again returns the
+    mark. Later dataset builds drop its samples; proposals whose evidence came from it are
+    flagged on the review page (``selectors.abusive_sources_in_groups``); the audit event
+    names the groups it reported into."""
+    permissions.require_role(actor, project, Role.ADMIN, message="Marking needs the admin role.")
+    if kind not in AbusiveSourceKind.values:
+        raise DomainError(f"Unknown kind '{kind}': session or end_user.", field="kind")
+    value = (value or "").strip()
+    if not value or len(value) > 200:
+        raise DomainError("A session id or end user of 1 to 200 characters.", field="value")
+    mark, created = AbusiveSource.objects.get_or_create(
+        project=project,
+        kind=kind,
+        value=value,
+        defaults={
+            "reason": (reason or "").strip()[:2000],
+            "marked_by": permissions.actor_user(actor),
+            "marked_by_label": actor_label,
+        },
+    )
+    if created:
+        column = "session_id" if kind == AbusiveSourceKind.SESSION else "end_user"
+        groups = sorted(
+            set(
+                Incident.objects.filter(project=project, **{column: value}).values_list(
+                    "group_id", flat=True
+                )
+            )
+        )
+        audit_record(
+            action="abusive_source.mark",
+            project=project,
+            actor=actor,
+            actor_label=actor_label,
+            obj=mark,
+            after={"kind": kind, "value": value, "reason": mark.reason, "groups": groups[:100]},
+            message=f"{len(groups)} group(s) hold its incidents: their proposals are flagged.",
+        )
+    return mark
+
+
+@transaction.atomic
+def abusive_source_unmark(
+    *, project: Project, mark_id: int, actor: Any, actor_label: str = ""
+) -> None:
+    """Take a mark back (admins): later datasets may use the source again."""
+    permissions.require_role(actor, project, Role.ADMIN, message="Unmarking needs the admin role.")
+    mark = AbusiveSource.objects.select_for_update().filter(project=project, pk=mark_id).first()
+    if mark is None:
+        raise NotFound("No such abusive source in this project.")
+    audit_record(
+        action="abusive_source.unmark",
+        project=project,
+        actor=actor,
+        actor_label=actor_label,
+        obj=mark,
+        before={"kind": mark.kind, "value": mark.value, "reason": mark.reason},
+    )
+    mark.delete()

@@ -11,4 +11,6 @@ urlpatterns = [
     path("groups/<int:group_id>/status/", views.group_status, name="group_status"),
     path("groups/<int:group_id>/merge/", views.group_merge, name="group_merge"),
     path("groups/<int:group_id>/split/", views.group_split, name="group_split"),
+    path("turns/", views.turn_list, name="turn_list"),
+    path("turns/<uuid:turn_id>/", views.turn_detail, name="turn_detail"),
 ]

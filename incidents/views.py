@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from urllib.parse import urlencode
+from uuid import UUID
 
 from django.conf import settings
 from django.contrib import messages
@@ -16,9 +17,10 @@ from base import services as base_services
 from base.decorators import project_view
 from base.errors import DomainError
 from base.models import Project, Role
+from base.pagination import paginate
 from base.requests import ProjectRequest
 from incidents import selectors, services
-from incidents.models import GroupStatus, IncidentKind
+from incidents.models import GroupStatus, IncidentKind, TrajectorySource
 
 PAGE_SIZE = 50
 
@@ -190,3 +192,71 @@ def onboarding(request: ProjectRequest) -> HttpResponse:
     if part == "panel":
         return render(request, "base/_onboarding.html", context)
     return render(request, "base/onboarding.html", context)
+
+
+# --- Recorded turns: what each turn ran with ----------------------------------------------
+
+
+def _int_or_none(value: str | None) -> int | None:
+    try:
+        return int(value) if value else None
+    except ValueError:
+        return None
+
+
+@require_GET
+@project_view()
+def turn_list(request: ProjectRequest) -> HttpResponse:
+    filters = {
+        "source": request.GET.get("source", ""),
+        "version": request.GET.get("version", ""),
+        "skill": request.GET.get("skill", "").strip(),
+        "model": request.GET.get("model", "").strip(),
+        "status": request.GET.get("status", ""),
+    }
+    qs = selectors.turns_for_project(
+        request.project,
+        source=filters["source"] or None,
+        policy_version=_int_or_none(filters["version"]),
+        skill=filters["skill"] or None,
+        model=filters["model"] or None,
+        status=_int_or_none(filters["status"]),
+    ).defer("messages", "response", "tools")
+    try:
+        turns, next_cursor = paginate(
+            qs, time_field="occurred_at", cursor=request.GET.get("cursor"), limit=PAGE_SIZE
+        )
+    except DomainError:  # a cursor edited by hand: start from the newest
+        turns, next_cursor = paginate(qs, time_field="occurred_at", cursor=None, limit=PAGE_SIZE)
+    context = {
+        "list_url": request.path,
+        "rows": [{"turn": t, "skills": selectors.turn_retrieval(t)["skills"]} for t in turns],
+        "filters": filters,
+        "next_query": urlencode({**filters, "cursor": next_cursor}) if next_cursor else "",
+        "sources": TrajectorySource.choices,
+    }
+    template = "incidents/turn_list.html"
+    if request.htmx:
+        template += "#turn-table"
+    return render(request, template, context)
+
+
+@require_GET
+@project_view()
+def turn_detail(request: ProjectRequest, turn_id: UUID) -> HttpResponse:
+    turn = selectors.turn_for_project(request.project, turn_id)
+    retrieval = selectors.turn_retrieval_for_display(
+        turn, personal_data=not request.membership.has_role(Role.ADMIN)
+    )
+    metadata = turn.metadata if isinstance(turn.metadata, dict) else {}
+    return render(
+        request,
+        "incidents/turn_detail.html",
+        {
+            "turn": turn,
+            "retrieval": retrieval,
+            "requested_model": metadata.get("requested_model", "")
+            if turn.source == "proxy"
+            else "",
+        },
+    )

@@ -6,12 +6,20 @@ import sys
 from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.parser import Parser
 
-from base.api_shapes import domain_error_answer, invalid_body, parse_json, validation_errors
+from base.api_shapes import (
+    NOT_AN_OBJECT,
+    BodyNotAnObject,
+    declare_errors,
+    domain_error_answer,
+    invalid_body,
+    parse_json_object,
+    validation_errors,
+)
 from base.auth import RateLimited, ScopeDenied
 from base.errors import DomainError
 
@@ -20,7 +28,7 @@ class FastJsonParser(Parser):
     """orjson first, Python's parser (NaN, Infinity) when orjson refuses: ``parse_json``."""
 
     def parse_body(self, request: HttpRequest) -> Any:
-        return parse_json(request.body)
+        return parse_json_object(request.body)
 
 
 class MetaClawAPI(NinjaAPI):
@@ -33,6 +41,10 @@ class MetaClawAPI(NinjaAPI):
         if prefix is None:
             return super().get_openapi_operation_id(operation)
         return f"{prefix}_{operation.view_func.__name__}"
+
+    def get_openapi_schema(self, **kwargs: Any) -> Any:
+        """The document, with the errors every operation may answer and their one shape."""
+        return declare_errors(super().get_openapi_schema(**kwargs))
 
 
 api = MetaClawAPI(
@@ -99,8 +111,15 @@ def on_domain_error(request: HttpRequest, exc: DomainError) -> HttpResponse:
     return api.create_response(request, body, status=status)
 
 
+@api.exception_handler(Http404)
+def on_not_found(request: HttpRequest, exc: Http404) -> HttpResponse:
+    return api.create_response(request, {"detail": "Not found.", "code": "not_found"}, status=404)
+
+
 @api.exception_handler(HttpError)
 def on_http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
+    if isinstance(exc.__cause__, BodyNotAnObject):  # raised by FastJsonParser, wrapped by ninja
+        return api.create_response(request, invalid_body(NOT_AN_OBJECT), status=422)
     return api.create_response(
         request, {"detail": str(exc), "code": "error"}, status=exc.status_code
     )
@@ -108,6 +127,10 @@ def on_http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
 
 def _mount_routers() -> None:
     from incidents.api import router as incidents_router
+    from incidents.turns_api import router as turns_router
+    from skills.canary.api import router as canary_router
+    from skills.effectiveness.api import router as effectiveness_router
+    from skills.gate.api import router as gate_router
     from skills.runtime.api import router as runtime_router
     from skills.skillmd.api import router as skillmd_router
     from skills.synthesis.api import router as synthesis_router
@@ -118,10 +141,14 @@ def _mount_routers() -> None:
     # In this order: it is the order of the operations in the OpenAPI document.
     for router in (
         incidents_router,
+        turns_router,
         versions_router,
         runtime_router,
         skillmd_router,
         synthesis_router,
+        effectiveness_router,
+        gate_router,
+        canary_router,
         training_router,
         training_settings_router,
     ):

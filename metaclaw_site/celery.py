@@ -14,7 +14,16 @@ app = Celery("metaclaw")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 # Capabilities that keep their tasks beside them, inside an app.
-app.autodiscover_tasks(["skills.synthesis", "skills.approvals", "training.runs"])
+app.autodiscover_tasks(
+    [
+        "skills.synthesis",
+        "skills.approvals",
+        "skills.effectiveness",
+        "skills.gate",
+        "skills.canary",
+        "training.runs",
+    ]
+)
 
 # Celery's Django fixup closes every database connection before and after every task unless
 # this is set: each fast-loop task then paid for a new PostgreSQL connection (a backend fork and
@@ -35,9 +44,11 @@ def _close_old_connections(sender=None, task=None, **kwargs) -> None:
 
 
 app.conf.beat_schedule = {
+    "check-canaries": {"task": "skills.tasks.check_canaries", "schedule": 60.0},
     "sweep-waiting-groups": {"task": "skills.tasks.sweep_waiting_groups", "schedule": 15.0},
     "check-idle-windows": {"task": "training.tasks.check_idle_windows", "schedule": 60.0},
     "sweep-slack-interactions": {"task": "skills.tasks.sweep_slack_interactions", "schedule": 60.0},
+    "check-effectiveness": {"task": "skills.tasks.check_effectiveness", "schedule": 3600.0},
     "sweep-pending-notifications": {
         "task": "skills.tasks.sweep_pending_notifications",
         "schedule": 60.0,

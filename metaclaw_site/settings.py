@@ -86,6 +86,8 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
     "base.middleware.CurrentProjectMiddleware",
+    # Last: its process_exception turns a view's "database unreachable" into a 503.
+    "base.middleware.DatabaseUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "metaclaw_site.urls"
@@ -132,8 +134,18 @@ if DATABASE_URL:
         DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
             "min_size": env_int("METACLAW_DB_POOL_MIN_SIZE", 1),
             "max_size": env_int("METACLAW_DB_POOL_MAX_SIZE", 10),
-            "timeout": float(os.environ.get("METACLAW_DB_POOL_TIMEOUT", "10")),
+            # Also how long a request waits when PostgreSQL is down before it answers 503 with
+            # Retry-After (base.middleware.DatabaseUnavailableMiddleware): kept short.
+            "timeout": float(os.environ.get("METACLAW_DB_POOL_TIMEOUT", "1")),
         }
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_bool(
+        "METACLAW_PGBOUNCER", False
+    ):
+        # Behind PgBouncer in transaction mode a session lasts one transaction: no server-side
+        # cursors (they outlive it) and no prepared statements (psycopg prepares a query it
+        # sees five times, on a connection the next transaction may not get). docs/deploy.md.
+        DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = True
+        DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = None
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES = {
@@ -231,7 +243,13 @@ EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
 # notifications, "slow" for the slow loop. Production runs a worker per queue.
 if REDIS_URL:
     CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", REDIS_URL)
-    CELERY_BROKER_TRANSPORT_OPTIONS: dict = {}
+    # A message a worker took and never acknowledged (the worker was SIGKILLed) goes back to
+    # the queue after this long. It must outlast the longest countdown (600 s, a retry's
+    # backoff), or a delayed task is delivered twice; a lost synthesis is rescued sooner by its
+    # lease (METACLAW["SYNTHESIS_LEASE_SECONDS"]).
+    CELERY_BROKER_TRANSPORT_OPTIONS: dict = {
+        "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 900)
+    }
 else:
     _broker_dir = VAR_DIR / "broker"
     for _sub in ("queue", "processed", "control"):
@@ -257,6 +275,8 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "fast"
 CELERY_TASK_ROUTES = {
+    # The replay gate calls models for minutes: never in front of the fast loop.
+    "skills.tasks.replay_gate_*": {"queue": "slow"},
     "skills.*": {"queue": "fast"},
     "incidents.*": {"queue": "fast"},
     "metaclaw_site.*": {"queue": "fast"},
@@ -299,6 +319,33 @@ METACLAW = {
     "API_KEY_CACHE_SECONDS": float(os.environ.get("METACLAW_API_KEY_CACHE_SECONDS", "5")),
     # A group waiting this long without being picked up is re-enqueued by the sweep.
     "OUTBOX_SWEEP_AFTER_SECONDS": env_int("METACLAW_OUTBOX_SWEEP_AFTER_SECONDS", 30),
+    # Replay gate (skills.gate): recorded failing conversations replayed per gate (the caps on
+    # calls and tokens are per project), and the model asked for when an incident names none.
+    "REPLAY_GATE_SAMPLE_SIZE": env_int("METACLAW_REPLAY_GATE_SAMPLE_SIZE", 20),
+    "REPLAY_GATE_MODEL": os.environ.get("METACLAW_REPLAY_GATE_MODEL", "gpt-4o-mini"),
+    # Effectiveness on live traffic (skills.effectiveness): the days compared on each side of
+    # a skill's activation, and the least traffic (turns on each side, incidents in all) below
+    # which the verdict is "too thin".
+    "EFFECTIVENESS_WINDOW_DAYS": env_int("METACLAW_EFFECTIVENESS_WINDOW_DAYS", 7),
+    "EFFECTIVENESS_MIN_TURNS": env_int("METACLAW_EFFECTIVENESS_MIN_TURNS", 1000),
+    "EFFECTIVENESS_MIN_INCIDENTS": env_int("METACLAW_EFFECTIVENESS_MIN_INCIDENTS", 10),
+    # A synthesising worker renews its claim every quarter of this; a group whose claim was not
+    # renewed for this long lost its worker, and the sweep puts it back in the queue.
+    "SYNTHESIS_LEASE_SECONDS": env_int("METACLAW_SYNTHESIS_LEASE_SECONDS", 45),
+    # Transient errors (LLM rate limits, 5xx, timeouts) are retried with backoff for this long
+    # before a group is marked failed with the reason.
+    "SYNTHESIS_GIVE_UP_SECONDS": env_int("METACLAW_SYNTHESIS_GIVE_UP_SECONDS", 900),
+    # The least relevance (cosine) a skill needs to be injected by the proxy or returned by
+    # retrieval. Set from benchmarks/retrieval.py: at 0.12 every skill of its labelled set
+    # reaches >= 0.9 of its request family (0.14 is the edge of 0.8; 0.2 left one at 0.5).
+    "RETRIEVAL_MIN_SCORE": float(os.environ.get("METACLAW_RETRIEVAL_MIN_SCORE", "0.12")),
+    # The proxy also leaves out a skill scoring more than this below the best one: the same
+    # recall, twice the precision on that set (benchmarks/retrieval.py prints both).
+    "RETRIEVAL_MARGIN": float(os.environ.get("METACLAW_RETRIEVAL_MARGIN", "0.1")),
+    # The slow loop's datasets (training.datasets): beyond DATASET_SOURCE_FLOOR samples, no one
+    # source (an end user, else a session) gives more than this share of a dataset's samples.
+    "DATASET_MAX_SOURCE_SHARE": float(os.environ.get("METACLAW_DATASET_MAX_SOURCE_SHARE", "0.05")),
+    "DATASET_SOURCE_FLOOR": env_int("METACLAW_DATASET_SOURCE_FLOOR", 20),
 }
 
 LLM = {

@@ -11,11 +11,20 @@ from skills.approvals.models import (
     NotificationStatus,
     SlackInteraction,
 )
+from skills.canary.models import CanaryOutcome, CanaryRelease
+from skills.gate.models import GateMode, GateStatus, ReplayGate, ReplayPair, Verdict
 from skills.library.models import Author, Category, Origin, RevisionStatus, Skill, SkillRevision
 from skills.synthesis.models import LlmUsage
 from skills.versions.models import PolicyVersion, Release, ReleaseKind, VersionStatus
 
 __all__ = [
+    "CanaryOutcome",
+    "CanaryRelease",
+    "GateMode",
+    "GateStatus",
+    "ReplayGate",
+    "ReplayPair",
+    "Verdict",
     "ApprovalAction",
     "ApprovalRequest",
     "Author",

@@ -16,3 +16,7 @@ revisions_imported = Signal()
 revision_decided = Signal()
 version_candidate_created = Signal()
 active_version_changed = Signal()
+# Sent inside ``policy_version_promote``'s transaction, under the project lock, before the
+# candidate becomes active (``project``, ``version``): a receiver refuses the promotion by
+# raising ``base.errors.Conflict`` (the replay gate, ``skills.gate.receivers``).
+version_promoting = Signal()

@@ -4,6 +4,9 @@ action (``skills.synthesis.views``), under one namespace so their names stay ``s
 
 from django.urls import path
 
+from skills.canary import views as canary_views
+from skills.effectiveness import views as effectiveness_views
+from skills.gate import views as gate_views
 from skills.synthesis import views as synthesis_views
 from skills.versions import views
 
@@ -24,10 +27,39 @@ urlpatterns = [
     path(P + "versions/<int:number>/promote/", views.version_promote, name="version_promote"),
     path(P + "versions/<int:number>/rollback/", views.version_rollback, name="version_rollback"),
     path(P + "versions/<int:number>/reject/", views.version_reject, name="version_reject"),
+    path(
+        P + "versions/<int:number>/replay-gate/",
+        gate_views.replay_gate_panel,
+        name="replay_gate_panel",
+    ),
+    path(
+        P + "versions/<int:number>/replay-gate/run/",
+        gate_views.replay_gate_run,
+        name="replay_gate_run",
+    ),
+    path(P + "canary/", canary_views.canary_panel, name="canary_panel"),
+    path(P + "canary/start/", canary_views.canary_start, name="canary_start"),
+    path(P + "canary/stop/", canary_views.canary_stop, name="canary_stop"),
+    path(P + "canary/promote/", canary_views.canary_promote, name="canary_promote"),
     path(P + "skills/", views.skill_library, name="skill_library"),
     path(
         P + "groups/<int:group_id>/retry-synthesis/",
         synthesis_views.group_retry_synthesis,
         name="group_retry_synthesis",
+    ),
+    path(
+        P + "review/<int:revision_id>/effectiveness/",
+        effectiveness_views.revision_effectiveness,
+        name="revision_effectiveness",
+    ),
+    path(
+        P + "versions/<int:number>/effectiveness/",
+        effectiveness_views.version_effectiveness,
+        name="version_effectiveness",
+    ),
+    path(
+        P + "groups/<int:group_id>/effectiveness/",
+        effectiveness_views.group_effectiveness,
+        name="group_effectiveness",
     ),
 ]

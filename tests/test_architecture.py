@@ -169,8 +169,11 @@ def test_every_task_keeps_its_name_and_the_beat_schedule_finds_each():
     app.loader.import_default_modules()
     ours = sorted(name for name in app.tasks if name.startswith(("skills.", "training.")))
     assert ours == [
+        "skills.tasks.check_canaries",
+        "skills.tasks.check_effectiveness",
         "skills.tasks.process_slack_interaction",
         "skills.tasks.propose_skill",
+        "skills.tasks.replay_gate_run",
         "skills.tasks.send_notification",
         "skills.tasks.sweep_pending_notifications",
         "skills.tasks.sweep_slack_interactions",

@@ -62,7 +62,8 @@ SLACK_RESPONSE_URL_TTL = timedelta(minutes=30)
 
 class LinkRefused(DomainError):
     """An approval link cannot act. ``code`` is one of: unknown, used, expired, changed,
-    role_lost, login_required, wrong_user; ``status`` is the HTTP status a page answers with."""
+    role_lost, login_required, wrong_user, single_source; ``status`` is the HTTP status a page
+    answers with."""
 
     def __init__(self, message: str, *, code: str, status: int) -> None:
         super().__init__(message, code=code)
@@ -300,10 +301,32 @@ def approval_link_resolve(*, token: str, user: Any = None) -> ResolvedLink:
     return _check(request, user)
 
 
+def chat_approval_refusal(revision: SkillRevision) -> str:
+    """Why a chat link or button may not approve ``revision`` ("" when it may): evidence from
+    a single source, or from a source marked abusive, is judged on the review page."""
+    provenance = revision.provenance_now()
+    if provenance.get("single_source"):
+        return (
+            "This proposal's evidence comes from a single source: approve it on the review "
+            "page, where its provenance is shown."
+        )
+    if provenance.get("abusive"):
+        return (
+            "This proposal's evidence comes from a source marked abusive: review it on the "
+            "review page."
+        )
+    return ""
+
+
 def _decide(resolved: ResolvedLink, reason: str) -> str:
     request, actor = resolved.request, resolved.actor
     if request.action == ApprovalAction.APPROVE_REVISION:
-        revision = skill_revision_approve(revision=resolved.obj, actor=actor, reason=reason)
+        refusal = chat_approval_refusal(resolved.obj)
+        if refusal:
+            raise LinkRefused(refusal, code="single_source", status=409)
+        revision = skill_revision_approve(
+            revision=resolved.obj, actor=actor, reason=reason, via_link=True
+        )
         return "approved" if revision.status == RevisionStatus.APPROVED else "first approval"
     if request.action == ApprovalAction.REJECT_REVISION:
         skill_revision_reject(revision=resolved.obj, actor=actor, reason=reason)
@@ -360,13 +383,33 @@ def revision_evidence(revision: SkillRevision) -> dict[str, Any]:
         excerpt = groups[0].title
     # Sent to Slack, webhooks and e-mail: personal data masked as well as secrets.
     excerpt, _ = redact_text(excerpt[:300], personal_data=True)
+    provenance = revision.provenance_now()
     return {
         "incidents": count,
         "groups": len(groups),
         "events": events,
         "count": max(count, events),
         "excerpt": excerpt[:240],
+        # Sent to Slack, webhooks and e-mail: how many sources, never who they are.
+        "provenance": {**provenance, "abusive": len(provenance.get("abusive", []))},
     }
+
+
+def provenance_note(provenance: dict[str, Any]) -> str:
+    """The title's note on where the evidence came from: a single source, or how many."""
+    if not provenance or "sources" not in provenance:
+        return ""
+    if provenance.get("single_source"):
+        note = " · single source (approve on the review page)"
+    else:
+        note = (
+            f" · {provenance['sources']} sources: {provenance['sessions']} session(s), "
+            f"{provenance['end_users']} end user(s), {provenance['agents']} agent(s), "
+            f"{provenance['api_keys']} API key(s)"
+        )
+    if provenance.get("abusive"):
+        note += " · evidence from a source marked abusive"
+    return note
 
 
 def version_diff(version: PolicyVersion) -> dict[str, Any]:

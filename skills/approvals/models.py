@@ -66,6 +66,7 @@ class NotificationKind(models.TextChoices):
     APPROVAL_REQUEST = "approval_request", "Approval request"
     DECISION = "decision", "Decision"
     TEST = "test", "Test message"
+    EFFECTIVENESS_FLAG = "effectiveness_flag", "Effectiveness flag"
 
 
 class NotificationStatus(models.TextChoices):

@@ -14,6 +14,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator, validate_email
 from django.db import connection, transaction
 from django.db.models import F, Q
+from django.urls import reverse
 from django.utils import timezone
 
 from base import permissions
@@ -34,6 +35,7 @@ from skills.approvals.links import (
     eligible_members,
     object_state,
     project_of,
+    provenance_note,
     revision_evidence,
     version_diff,
     when_text,
@@ -46,6 +48,7 @@ from skills.approvals.models import (
     NotificationStatus,
 )
 from skills.library.models import SkillRevision
+from skills.library.risk import is_flagged
 from skills.versions.models import PolicyVersion, Release, VersionStatus
 from skills.versions.services import (
     _revision_decided_message,
@@ -80,6 +83,9 @@ def _team_emails(project: Project) -> list[str]:
 
 def _actions_for(obj: SkillRevision | PolicyVersion) -> list[str]:
     if isinstance(obj, SkillRevision):
+        # A flagged revision is approved only in the dashboard, with a typed reason.
+        if is_flagged(obj.risk_findings):
+            return [ApprovalAction.REJECT_REVISION]
         return [ApprovalAction.APPROVE_REVISION, ApprovalAction.REJECT_REVISION]
     return [ApprovalAction.PROMOTE_VERSION]
 
@@ -98,15 +104,17 @@ def _links_for(obj: SkillRevision | PolicyVersion, *, addressee: Any, channel: s
 def _summary(obj: SkillRevision | PolicyVersion) -> delivery.Summary:
     project = project_of(obj)
     if isinstance(obj, SkillRevision):
+        evidence = revision_evidence(obj)
         return delivery.Summary(
             project_name=project.name,
             kind="revision",
             object_id=obj.pk,
             project_id=project.pk,
             state=object_state(obj)[:16],
-            title=f"Skill proposal: {obj.name}",
+            title=f"Skill proposal: {obj.name}{provenance_note(evidence['provenance'])}"
+            f"{_risk_title(obj)}",
             revision=obj,
-            evidence=revision_evidence(obj),
+            evidence=evidence,
         )
     return delivery.Summary(
         project_name=project.name,
@@ -117,6 +125,18 @@ def _summary(obj: SkillRevision | PolicyVersion) -> delivery.Summary:
         title=f"Candidate policy v{obj.number}",
         version=obj,
         diff=version_diff(obj),
+    )
+
+
+def _risk_title(revision: SkillRevision) -> str:
+    """What the risk check found, in the message's title (every channel shows it)."""
+    flagged = [f for f in revision.risk_findings or [] if f.get("severity") == "flag"]
+    if not flagged:
+        return ""
+    kinds = ", ".join(sorted({f["kind"] for f in flagged}))
+    return (
+        f" [FLAGGED by the risk check: {len(flagged)} finding(s): {kinds}; approve it in "
+        "MetaClaw with a reason]"
     )
 
 
@@ -348,6 +368,41 @@ def integrations_send_test(*, project: Project, actor: Any) -> list[Notification
     audit_record(
         action="integrations.test", project=project, actor=actor, after={"messages": len(created)}
     )
+    _enqueue([n.pk for n in created])
+    return created
+
+
+def effectiveness_flag_notify(*, revision: SkillRevision) -> list[Notification]:
+    """Tell the channels that a live revision went back to the review queue because it did not
+    work (``skills.effectiveness``), with the figures. Rows now, sending after commit."""
+    project = revision.skill.project
+    url = settings.METACLAW_PUBLIC_URL + reverse(
+        "skills:revision_detail", kwargs={"project_slug": project.slug, "revision_id": revision.pk}
+    )
+    text = (
+        f"The skill '{revision.skill.slug}' r{revision.number} is back in the review queue: "
+        f"{revision.effectiveness_flag_reason} {url}"
+    )
+    rows = []
+    if _slack_webhook(project):
+        body = delivery.slack_text_message(text)
+        rows.append((NotificationChannel.SLACK, "Slack webhook", {"mode": "webhook", "body": body}))
+    if project.webhook_url:
+        body = {"event": "skill.effectiveness_flagged", "project": project.slug, "text": text,
+                "revision": revision.pk, "effectiveness": revision.effectiveness}  # fmt: skip
+        rows.append(
+            (NotificationChannel.WEBHOOK, delivery.host_of(project.webhook_url), {"body": body})
+        )
+    subject = f"Skill back in review: {revision.skill.slug} r{revision.number}"
+    for address in _team_emails(project):
+        mail = {"subject": subject, "text": text, "to": [address]}
+        rows.append((NotificationChannel.EMAIL, address, mail))
+    created = [
+        Notification.objects.create(project=project, channel=channel, recipient=recipient,
+                                    kind=NotificationKind.EFFECTIVENESS_FLAG, payload=payload,
+                                    revision=revision)
+        for channel, recipient, payload in rows
+    ]  # fmt: skip
     _enqueue([n.pk for n in created])
     return created
 

@@ -23,7 +23,7 @@ from base.models import Membership, Project
 from base.queue import enqueue
 from base.services import audit_record
 from skills.approvals import delivery
-from skills.approvals.links import decided_message, object_state
+from skills.approvals.links import chat_approval_refusal, decided_message, object_state
 from skills.approvals.models import (
     InteractionStatus,
     Notification,
@@ -277,7 +277,10 @@ def slack_interaction_handle(*, interaction_id: int) -> SlackReply | None:
     action_id = interaction.action_id
     try:
         if action_id == delivery.SLACK_APPROVE and kind == "revision":
-            obj = skill_revision_approve(revision=obj, actor=user)
+            refusal = chat_approval_refusal(obj)
+            if refusal:
+                return _slack_refuse(interaction, refusal)
+            obj = skill_revision_approve(revision=obj, actor=user, via_link=True)
             outcome = "approved" if obj.status == RevisionStatus.APPROVED else "first approval"
         elif action_id == delivery.SLACK_REJECT and kind == "revision":
             skill_revision_reject(

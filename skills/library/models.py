@@ -97,6 +97,9 @@ class SkillRevision(models.Model):
     diagnosis = models.TextField(blank=True, default="")
     # Redactions applied to the evidence before it left the process: [{"kind": "email", "count": 2}]
     redactions = models.JSONField(default=list, blank=True)
+    # Where the evidence came from, counted when it was proposed: distinct sessions, end users,
+    # agents, API keys and sources (``incidents.selectors.groups_provenance``). {} = not counted.
+    provenance = models.JSONField(default=dict, blank=True)
     llm_model = models.CharField(max_length=200, blank=True, default="")
     prompt_version = models.CharField(max_length=32, blank=True, default="")
     tokens_in = models.PositiveIntegerField(default=0)
@@ -122,6 +125,15 @@ class SkillRevision(models.Model):
     # Set when a policy version containing this revision was rolled back: the fast loop must not
     # propose the same text again unchanged.
     rolled_back_at = models.DateTimeField(null=True, blank=True)
+    # Effectiveness on live traffic (``skills.effectiveness``): the figures last measured, and
+    # when and why the periodic check sent the live revision back to the review queue.
+    effectiveness = models.JSONField(null=True, blank=True)
+    effectiveness_flagged_at = models.DateTimeField(null=True, blank=True)
+    effectiveness_flag_reason = models.TextField(blank=True, default="")
+    # The risk check's findings on this text (``skills.library.risk``): [{"kind", "severity",
+    # "field", "start", "end", "text", "message"}]; one of severity "flag" flags the revision.
+    risk_findings = models.JSONField(default=list, blank=True)
+    risk_checked_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -133,6 +145,40 @@ class SkillRevision(models.Model):
 
     def __str__(self) -> str:
         return f"{self.skill.slug} r{self.number}"
+
+    @property
+    def risk_flagged(self) -> bool:
+        from skills.library.risk import is_flagged
+
+        return is_flagged(self.risk_findings)
+
+    def risk_highlights(self) -> list[dict]:
+        """The fields with findings, cut into ``(piece, finding)`` pieces for the review page."""
+        from skills.library.risk import FIELDS, highlighted
+
+        findings = self.risk_findings or []
+        return [
+            {"field": name, "pieces": highlighted(getattr(self, name), findings, name)}
+            for name in FIELDS
+            if any(f.get("field") == name for f in findings)
+        ]
+
+    def provenance_now(self) -> dict:
+        """The provenance stored with the proposal (counted now when it predates the count;
+        {} without source groups), and ``abusive``: the marks on its sources as of now. Shared
+        by the review page, the API and the chat approvals."""
+        from incidents.provenance import abusive_sources_in_groups, groups_provenance
+
+        # A query of the ids, not a list: each read below is one query.
+        group_ids = self.source_groups.values("pk")
+        provenance = dict(self.provenance or groups_provenance(group_ids))
+        if not provenance.get("incidents"):
+            return {}
+        marks = abusive_sources_in_groups(self.skill.project_id, group_ids)
+        provenance["abusive"] = [
+            {"kind": m.kind, "value": m.value, "reason": m.reason} for m in marks
+        ]
+        return provenance
 
 
 class SkillFile(models.Model):

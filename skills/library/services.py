@@ -17,7 +17,9 @@ from base.errors import DomainError
 from base.models import Project
 from base.services import audit_record
 from incidents.models import Incident, IncidentGroup
+from incidents.selectors import incident_messages, message_text
 from skills import signals
+from skills.library import risk
 from skills.library.models import (
     Author,
     Category,
@@ -170,6 +172,7 @@ def skill_revision_propose(
         skill_md = draft.skill_md
     else:
         skill_md = parent.skill_md if parent is not None else ""
+    findings = revision_risk_findings(project=project, draft=draft)
     skill, created = _skill_lock(project=project, slug=draft.slug, category=draft.category)
     number = 1 if created else _next_revision_number(skill)
     revision = SkillRevision.objects.create(
@@ -194,6 +197,8 @@ def skill_revision_propose(
         embedding=draft.embedding,
         status=RevisionStatus.PROPOSED,
         status_changed_at=timezone.now(),
+        risk_findings=findings,
+        risk_checked_at=timezone.now(),
     )
     # A new revision has no links yet: one plain insert each (``add`` reads and signals first).
     _link_sources(SkillRevision.source_groups, revision, [g.pk for g in draft.source_groups or []])
@@ -215,6 +220,7 @@ def skill_revision_propose(
             "number": number,
             "author": draft.author,
             "origin": draft.origin,
+            "risk": _risk_summary(findings),
         },
     )
     if announce:
@@ -223,6 +229,37 @@ def skill_revision_propose(
             robust=True,
         )
     return revision
+
+
+def untrusted_texts(incidents: list[Incident]) -> list[str]:
+    """What traffic wrote in these incidents' conversations: the users' turns and the tool
+    results (the risk check compares a skill with them)."""
+    texts = []
+    for incident in incidents:
+        for message in incident_messages(incident):
+            if message.get("role") in ("user", "tool", "function"):
+                text = message_text(message).strip()
+                if text:
+                    texts.append(text)
+    return texts
+
+
+def revision_risk_findings(*, project: Project, draft: RevisionDraft) -> list[dict]:
+    """The risk check's findings on ``draft`` (``skills.library.risk``) as stored on the
+    revision: the project's allow list, and the draft's source incidents as the evidence."""
+    findings = risk.risk_check(
+        name=draft.name,
+        description=draft.description,
+        instructions=draft.instructions,
+        allowed=risk.allowed_domains(project.risk_allowed_domains),
+        untrusted=untrusted_texts(list(draft.source_incidents or [])),
+    )
+    return [f.as_dict() for f in findings]
+
+
+def _risk_summary(findings: list[dict]) -> dict:
+    kinds = sorted({f["kind"] for f in findings if f["severity"] == risk.FLAG})
+    return {"flagged": bool(kinds), "kinds": kinds, "findings": len(findings)}
 
 
 def _files_store(revision: SkillRevision, files: list[BundledFile]) -> None:

@@ -15,6 +15,14 @@ from ninja.security import HttpBearer
 from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
+from base.api_shapes import (
+    PRINTABLE_ID,
+    PRINTABLE_TEXT,
+    JsonFloat,
+    JsonInt,
+    matches,
+    objects_only,
+)
 from base.errors import NotFound
 from base.fast_lane import (
     FastResponse,
@@ -54,10 +62,10 @@ class RetrieveIn(Schema):
 
     query: str | None = Field(default=None, max_length=50_000)
     messages: list[dict[str, Any]] | None = Field(default=None, max_length=500)
-    k: int = Field(default=retrieval.DEFAULT_TOP_K, ge=1, le=50)
-    min_score: float = Field(default=retrieval.DEFAULT_MIN_SCORE, ge=-1.0, le=1.0)
-    token_budget: int = Field(default=retrieval.DEFAULT_TOKEN_BUDGET, ge=1, le=200_000)
-    version: int | None = Field(default=None, ge=1, le=2_147_483_647)
+    k: JsonInt = Field(default=retrieval.DEFAULT_TOP_K, ge=1, le=50)
+    min_score: JsonFloat = Field(default=retrieval.DEFAULT_MIN_SCORE, ge=-1.0, le=1.0)
+    token_budget: JsonInt = Field(default=retrieval.DEFAULT_TOKEN_BUDGET, ge=1, le=200_000)
+    version: JsonInt | None = Field(default=None, ge=1, le=2_147_483_647)
 
     @model_validator(mode="after")
     def needs_a_task(self) -> RetrieveIn:
@@ -88,29 +96,31 @@ class RetrieveOut(Schema):
 class FailureIn(Schema):
     model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
 
-    id: str | None = Field(default=None, min_length=1, max_length=200)
+    id: str | None = Field(default=None, min_length=1, max_length=200, pattern=PRINTABLE_ID)
     kind: KindLiteral = "wrong_answer"
     severity: SeverityLiteral = "medium"
     error: ErrorIn = Field(default_factory=ErrorIn)
     feedback: str = Field(default="", max_length=20_000)
     agent: str | None = Field(default=None, min_length=1, max_length=200)
 
+    _objects_only = model_validator(mode="before")(objects_only)
 
-class FeedbackIn(Schema):
+
+class SessionFeedbackIn(Schema):
     model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
 
-    session_id: str = Field(min_length=1, max_length=200)
+    session_id: str = Field(min_length=1, max_length=200, pattern=PRINTABLE_TEXT)
     outcome: Literal["success", "failure", "unknown"] | None = None
-    reward: float | None = Field(default=None, ge=-1e6, le=1e6)
+    reward: JsonFloat | None = Field(default=None, ge=-1e6, le=1e6)
     failure: FailureIn | None = None
 
-    @field_validator("session_id")
+    @field_validator("session_id", mode="before")
     @classmethod
-    def printable_session_id(cls, value: str) -> str:
+    def printable_session_id(cls, value: Any) -> Any:
         # What the proxy records (X-Session-Id) is header text: printable, never NUL.
-        if not value.isprintable():
-            raise ValueError("The session id must be printable text.")
-        return value
+        if not isinstance(value, str):
+            return value
+        return matches(PRINTABLE_TEXT, value, "The session id must be printable text.")
 
 
 class FeedbackOut(Schema):
@@ -134,6 +144,8 @@ def policy_answer(
         ("etag", snapshot.etag),
         ("x-metaclaw-policy-version", snapshot.header_value),
         ("cache-control", "no-cache"),
+        # Served from this process's copy while Redis is down: say so.
+        *policy.policy_stale_headers(snapshot),
     ]
     if if_none_match and _etag_matches(if_none_match, snapshot.etag):
         return 304, headers, b""
@@ -217,7 +229,7 @@ async def fast_policy(*, headers: dict[str, str], query: str, body: bytes) -> An
     project = api_key.project
     try:
         filters = PolicyQuery.model_validate(
-            {k: v[-1] for k, v in parse_qs(query).items() if k == "version"}
+            {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items() if k == "version"}
         )
     except PydanticValidationError as exc:
         return api_invalid(exc)
@@ -247,7 +259,7 @@ async def fast_retrieve(*, headers: dict[str, str], query: str, body: bytes) -> 
 
 
 @router.post("/runtime/feedback", response=FeedbackOut, summary="How a session ended")
-def runtime_feedback(request: ApiRequest, payload: FeedbackIn) -> feedback.FeedbackResult:
+def runtime_feedback(request: ApiRequest, payload: SessionFeedbackIn) -> feedback.FeedbackResult:
     """Set the outcome and reward of a session's recorded turns; a failure also becomes an
     incident of the fast loop (idempotent per session unless ``failure.id`` is given)."""
     return feedback.session_feedback_record(

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from django.core.cache import cache
 from base import counters
 from base.errors import NotFound
 from base.periodic import Periodic
+from skills.canary import selectors as canary_selectors
+from skills.canary.signals import canary_changed
 from skills.library.embeddings import get_embedder, skill_text
 from skills.versions.models import PolicyVersion, VersionStatus
 
@@ -141,17 +144,21 @@ class _PolicyCache:
         self.pinned: OrderedDict[tuple[int, int], PolicySnapshot] = OrderedDict()
         # Bumped by local invalidation: a build that started before it must not be stored.
         self.epoch: dict[int, int] = {}
+        # The running canary of each project (None: none runs), dropped with the project.
+        # (generation, canary) per project.
+        self.canary: dict[int, tuple[int, canary_selectors.ServingCanary | None]] = {}
 
     def drop_project(self, project_id: int) -> None:
         with self.lock:
             self.active.pop(project_id, None)
+            self.canary.pop(project_id, None)
             for key in [k for k in self.pinned if k[0] == project_id]:
                 del self.pinned[key]
             self.epoch[project_id] = self.epoch.get(project_id, 0) + 1
 
     def project_ids(self) -> set[int]:
         with self.lock:
-            return set(self.active) | {k[0] for k in self.pinned}
+            return set(self.active) | set(self.canary) | {k[0] for k in self.pinned}
 
     def generations(self) -> dict[int, set[int]]:
         out: dict[int, set[int]] = {}
@@ -160,15 +167,44 @@ class _PolicyCache:
                 out.setdefault(pid, set()).add(snap.generation)
             for (pid, _), snap in self.pinned.items():
                 out.setdefault(pid, set()).add(snap.generation)
+            for pid, (generation, _) in self.canary.items():
+                out.setdefault(pid, set()).add(generation)
         return out
 
     def clear(self) -> None:
         with self.lock:
             self.active.clear()
             self.pinned.clear()
+            self.canary.clear()
 
 
 _policies = _PolicyCache()
+
+
+class _RedisState:
+    """Whether this process last found Redis down (the syncer's reads and snapshot builds)."""
+
+    def __init__(self) -> None:
+        self.down_since: float | None = None
+
+    def down(self) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            logger.warning("Redis is unreachable: serving this process's policy copies.")
+
+    def up(self) -> None:
+        self.down_since = None
+
+
+_redis_state = _RedisState()
+
+
+def policy_stale_headers(snapshot: PolicySnapshot) -> list[tuple[str, str]]:
+    """``X-MetaClaw-Policy-Stale`` when this process serves its own copy because Redis is
+    down (a promotion elsewhere may not have reached it); empty otherwise."""
+    if _redis_state.down_since is None and snapshot.generation >= 0:
+        return []
+    return [("x-metaclaw-policy-stale", "redis-unavailable")]
 
 
 def _read_generation(project_id: int) -> int:
@@ -177,7 +213,9 @@ def _read_generation(project_id: int) -> int:
         client = counters.redis_client()
         value = client.get(key) if client is not None else cache.get(key)
     except Exception:  # noqa: BLE001 - a Redis outage serves what the database says
+        _redis_state.down()
         return -1
+    _redis_state.up()
     return int(value or 0)
 
 
@@ -246,7 +284,10 @@ def _snapshot_build_and_store(project_id: int, version: int | None, epoch: int) 
         raise NotFound(f"This project has no policy version {version}.", field="version")
     snap = _build_snapshot(row, generation)
     with _policies.lock:
-        if _policies.epoch.get(project_id, 0) == epoch and generation >= 0:
+        # Built while Redis was down (generation -1), the snapshot is kept all the same: every
+        # request would otherwise rebuild it (re-embedding every skill, waiting on Redis's
+        # timeout). The syncer drops it once Redis answers, as any generation that differs.
+        if _policies.epoch.get(project_id, 0) == epoch:
             if version is None:
                 _policies.active[project_id] = snap
             else:
@@ -254,6 +295,43 @@ def _snapshot_build_and_store(project_id: int, version: int | None, epoch: int) 
                 while len(_policies.pinned) > PINNED_CACHE_SIZE:
                     _policies.pinned.popitem(last=False)
     return snap
+
+
+# --- Canary: which version serves a session --------------------------------------------
+
+CANARY_UNKNOWN = object()
+
+
+def canary_cached(*, project_id: int) -> Any:
+    """The project's running canary as this process knows it (None: none runs), or
+    ``CANARY_UNKNOWN`` when it must be read (``canary_load``). No I/O."""
+    cached = _policies.canary.get(project_id)
+    return CANARY_UNKNOWN if cached is None else cached[1]
+
+
+def canary_load(*, project_id: int) -> canary_selectors.ServingCanary | None:
+    """Read the running canary and keep it until the project's generation changes (a canary
+    started or ended: ``canary_changed``; a promotion)."""
+    with _policies.lock:
+        epoch = _policies.epoch.get(project_id, 0)
+    generation = _read_generation(project_id)
+    serving = canary_selectors.serving_canary(project_id)
+    with _policies.lock:
+        if _policies.epoch.get(project_id, 0) == epoch and generation >= 0:
+            _policies.canary[project_id] = (generation, serving)
+    return serving
+
+
+def session_arm(
+    canary: canary_selectors.ServingCanary | None, session_id: str
+) -> tuple[int | None, str]:
+    """(the version number to pin, the arm) for a session: the canary's version for the
+    sessions hashed into its share, else None (the active version). No session id, no arm."""
+    if canary is None or not session_id:
+        return None, ""
+    if canary.serves(session_id):
+        return canary.version, "canary"
+    return None, "control"
 
 
 def policy_cache_invalidate(*, project_id: int) -> None:
@@ -292,7 +370,18 @@ def sync_now() -> None:
     try:
         latest = _read_generations(list(cached))
     except Exception:  # noqa: BLE001
+        _redis_state.down()
         return
+    _redis_state.up()
     for project_id, generations in cached.items():
         if any(g != latest.get(project_id, 0) for g in generations):
             _policies.drop_project(project_id)
+
+
+def _canary_changed(sender: Any, project_id: int, **kwargs: Any) -> None:
+    policy_cache_invalidate(project_id=project_id)
+
+
+# Connected here rather than in ``receivers.py``: whoever serves from this cache must hear of a
+# canary that starts or ends, and every process that serves imports this module.
+canary_changed.connect(_canary_changed, dispatch_uid="skills.runtime.policy.canary_changed")

@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 PATH = "/v1/chat/completions"
 VERSION_HEADER = "X-MetaClaw-Policy-Version"
+# "canary" or "control" while a canary runs and the request names its session (X-Session-Id).
+CANARY_HEADER = "X-MetaClaw-Canary"
 MAX_BODY_BYTES = 32 * 1024 * 1024
 # Upstream response headers worth relaying (rate limits, request ids, retry hints).
 RELAYED_HEADERS = ("retry-after", "x-request-id", "openai-processing-ms", "openai-version")
@@ -165,6 +167,15 @@ async def proxy_handle(*, headers: dict[str, str], query: str, body: bytes) -> F
         return _error(
             422, "The policy version must be a positive integer.", "invalid", param="version"
         )
+    session_id = headers.get("x-session-id", "")
+    arm = ""
+    if pinned is None and session_id:
+        # A running canary serves the sessions hashed into its share (stable per session);
+        # the turn records the version that served it, so the arms' rates come from versions.
+        canary = policy.canary_cached(project_id=project.pk)
+        if canary is policy.CANARY_UNKNOWN:
+            canary = await in_worker_thread(policy.canary_load)(project_id=project.pk)
+        pinned, arm = policy.session_arm(canary, session_id)
     snapshot = policy.policy_snapshot_cached(project_id=project.pk, version=pinned)
     if snapshot is None:
         try:
@@ -188,8 +199,9 @@ async def proxy_handle(*, headers: dict[str, str], query: str, body: bytes) -> F
             param="messages",
         )
     messages: list[Any] = payload["messages"]
+    retrieval_query = retrieval.query_from_messages(messages)
     retrieved = retrieval.skills_retrieve(
-        snapshot=snapshot, query=retrieval.query_from_messages(messages)
+        snapshot=snapshot, query=retrieval_query, margin=retrieval.margin_default()
     )
     if retrieved:
         payload["messages"] = retrieval.messages_with_skills(
@@ -204,7 +216,7 @@ async def proxy_handle(*, headers: dict[str, str], query: str, body: bytes) -> F
 
     turn = recording.Turn(
         project_id=project.pk,
-        session_id=headers.get("x-session-id", ""),
+        session_id=session_id,
         turn_type="side" if headers.get("x-turn-type", "").lower() == "side" else "main",
         agent_name=headers.get("x-agent-name", ""),
         policy_version=version,
@@ -218,9 +230,15 @@ async def proxy_handle(*, headers: dict[str, str], query: str, body: bytes) -> F
                 "revision": r.skill.revision,
                 "revision_id": r.skill.revision_id,
                 "score": r.score,
+                "rank": r.rank,
             }
             for r in retrieved
         ],
+        retrieval={
+            "query": retrieval_query,
+            "min_score": retrieval.min_score_default(),
+            "margin": retrieval.margin_default(),
+        },
         status_code=0,
         latency_ms=0.0,
         stream=stream,
@@ -272,6 +290,8 @@ async def proxy_handle(*, headers: dict[str, str], query: str, body: bytes) -> F
         ("content-type", response.headers.get("content-type", "application/json")),
         (VERSION_HEADER.lower(), str(version)),
     ]
+    if arm:
+        out_headers.append((CANARY_HEADER.lower(), arm))
     for name, value in response.headers.items():
         if name in RELAYED_HEADERS or name.startswith(RELAYED_PREFIXES):
             out_headers.append((name, value))

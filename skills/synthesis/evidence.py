@@ -35,6 +35,7 @@ from django.conf import settings
 
 from base.redaction import Redactor, redaction_summary
 from incidents.models import GroupStatus, Incident, IncidentGroup
+from incidents.provenance import groups_provenance
 from incidents.selectors import (
     FailingStep,
     failing_step,
@@ -467,6 +468,12 @@ def _raw_turn_tokens(message: dict[str, Any]) -> int:
     text = message_text(message)
     calls = json.dumps(message.get("tool_calls") or "", ensure_ascii=False)
     return min(estimate_tokens(text), TURN_TOKENS) + min(estimate_tokens(calls), TURN_TOKENS) + 8
+
+
+def group_provenance(group: IncidentGroup) -> dict[str, Any]:
+    """How many distinct sessions, end users, agents, API keys and sources (the end user, else
+    the session, else the key) the group's incidents come from: stored with its proposal."""
+    return groups_provenance([group.pk])
 
 
 def group_text(group: IncidentGroup) -> str:

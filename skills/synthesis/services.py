@@ -9,18 +9,34 @@ and stores a PROPOSED revision. The LLM is never called inside a database transa
 
 Without an LLM configured the group becomes NEEDS_SKILL with a draft built from its evidence.
 A project over its daily token budget leaves the group in BUDGET; the sweep puts it back in the
-queue when the budget allows. Transient LLM errors release the group to WAITING and raise
-``SynthesisRetryLater`` for the task to retry with backoff; after ``MAX_ATTEMPTS`` claims, or
-on a permanent error, the group is FAILED with the reason (and a person can retry it).
+queue when the budget allows. Transient errors (the LLM, or the database gone mid-way) put the
+group back in WAITING, due after a backoff that honours Retry-After, and raise
+``SynthesisRetryLater`` for the task to retry then; once they have lasted
+``METACLAW["SYNTHESIS_GIVE_UP_SECONDS"]``, or on a permanent error, the group is FAILED with the
+reason (and a person can retry it). A worker renews its claim's lease while it synthesises; a
+group whose lease ran out lost its worker and goes back to the queue (the sweep).
 """
 
 from __future__ import annotations
 
 import logging
+import random
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
-from django.db import DatabaseError, IntegrityError, transaction
+from django.conf import settings
+from django.db import (
+    DatabaseError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    connections,
+    transaction,
+)
 from django.db.models import F, Q, Sum
 from django.utils import timezone
 
@@ -39,6 +55,7 @@ from skills.synthesis.evidence import (
     Evidence,
     active_revision_for_group,
     gather_evidence,
+    group_provenance,
     group_text,
 )
 from skills.synthesis.models import LlmUsage
@@ -54,8 +71,12 @@ from skills.synthesis.prompt import (
 logger = logging.getLogger(__name__)
 
 PROMPT_VERSION = "synth-2026-11.1"
-# Claims of one group (task retries and sweeps together) before a transient error is final.
+# Without a broker to wait on (eager tasks: tests, one-off commands) retries are immediate, and
+# a transient error is final after this many claims. With one, the task backs off and the group
+# fails only once it has kept failing for ``METACLAW["SYNTHESIS_GIVE_UP_SECONDS"]``.
 MAX_ATTEMPTS = 5
+# Backoff without a Retry-After: 5 s doubling up to this, with jitter.
+RETRY_MAX_DELAY_SECONDS = 120.0
 
 
 # What ``group_synthesize`` returns for a group merged into the group of its failure mode.
@@ -63,41 +84,72 @@ MERGED = "merged"
 
 
 class SynthesisRetryLater(Exception):
-    """A transient LLM error: the group is WAITING again; retry after ``retry_after`` s."""
+    """A transient error: the group is WAITING again, due in ``countdown`` s; the task retries
+    then, carrying ``since`` (when this series of failures began)."""
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, *, countdown: float = 0.0, since: float = 0.0) -> None:
         super().__init__(message)
-        self.retry_after = retry_after
+        self.countdown = countdown
+        self.since = since
+
+
+def _setting(name: str, default: float) -> float:
+    return float(settings.METACLAW.get(name, default))
+
+
+def lease_seconds() -> float:
+    """A RUNNING group whose claim has not been renewed for this long lost its worker."""
+    return _setting("SYNTHESIS_LEASE_SECONDS", 45)
+
+
+def retry_delay(attempts: int, retry_after: float | None) -> float:
+    """Seconds before the next try: the server's Retry-After if it gave one (never sooner), else
+    5, 10, 20... s up to ``RETRY_MAX_DELAY_SECONDS``, with jitter so groups spread out."""
+    if retry_after is not None:
+        return min(600.0, max(1.0, retry_after))
+    delay = min(RETRY_MAX_DELAY_SECONDS, 5.0 * 2 ** max(0, attempts - 1))
+    return delay * (0.85 + random.random() * 0.3)
 
 
 # --- Entry points ---------------------------------------------------------------------------
 
 
-def group_synthesize(*, group_id: int) -> str | None:
-    """Synthesise a skill for a WAITING group. Idempotent: returns None when another worker
-    holds the claim or the group no longer waits; otherwise the group's new synthesis status.
+def group_synthesize(
+    *, group_id: int, retrying_since: float | None = None, backoff: bool = True
+) -> str | None:
+    """Synthesise a skill for a WAITING group that is due. Idempotent: returns None when
+    another worker holds the claim or the group no longer waits (or waits for a later time);
+    otherwise the group's new synthesis status.
 
-    Raises ``SynthesisRetryLater`` after releasing the group on a transient LLM error."""
+    On a transient error (the LLM, or the database gone mid-way) raises ``SynthesisRetryLater``
+    after putting the group back in WAITING, due after the backoff (``backoff=False``: at once,
+    for eager tasks); ``retrying_since`` is when the failures began, carried by the task."""
     group = incident_services.group_synthesis_claim(group_id=group_id)
     if group is None:
         return None
     try:
-        # A new wording of a failure mode that has a group already joins it: one group, one
-        # skill. The group it joined is asked for synthesis again if the merge brings news.
-        if group.events_at_synthesis == 0 and similar.merge_into_similar_group(group):
-            return MERGED
-        return _synthesize_claimed(group)
+        with _lease_kept(group_id):
+            # A new wording of a failure mode that has a group already joins it: one group,
+            # one skill. The group it joined is asked for synthesis again if the merge brings
+            # news.
+            if group.events_at_synthesis == 0 and similar.merge_into_similar_group(group):
+                return MERGED
+            provenance = group_provenance(group)
+            if provenance["sources"] < group.project.min_sources_for_synthesis:
+                return _wait_for_sources(group, provenance)
+            return _synthesize_claimed(group, provenance)
     except SynthesisClaimLost:
         logger.warning("Group %s was released while it was synthesised; result dropped.", group_id)
         return None
     except llm.LlmTransientError as exc:
-        if group.synthesis_attempts >= MAX_ATTEMPTS:
-            finish(group, SynthesisStatus.FAILED, f"{exc} (gave up after {MAX_ATTEMPTS} attempts)")
-            return SynthesisStatus.FAILED
-        incident_services.group_synthesis_finish(
-            group_id=group.pk, status=SynthesisStatus.WAITING, error=f"Retrying: {exc}"
+        return _retry_later(group, str(exc), exc.retry_after, retrying_since, backoff)
+    except (OperationalError, InterfaceError) as exc:
+        # The database went away: not the group's fault. Marking it FAILED would fail too (or,
+        # back a moment later, end it for good); it is retried like an LLM outage.
+        logger.warning("Synthesis of group %s lost the database: %s", group_id, exc)
+        return _retry_later(
+            group, f"The database was unreachable: {exc}", None, retrying_since, backoff
         )
-        raise SynthesisRetryLater(str(exc), retry_after=exc.retry_after) from exc
     except llm.LlmError as exc:
         finish(group, SynthesisStatus.FAILED, str(exc))
         return SynthesisStatus.FAILED
@@ -107,6 +159,67 @@ def group_synthesize(*, group_id: int) -> str | None:
         logger.exception("Synthesis of group %s crashed.", group_id)
         finish(group, SynthesisStatus.FAILED, f"Internal error: {type(exc).__name__}: {exc}")
         raise
+
+
+def _retry_later(
+    group: IncidentGroup,
+    reason: str,
+    retry_after: float | None,
+    since: float | None,
+    backoff: bool,
+) -> str:
+    now = time.time()
+    since = since or now
+    attempts = group.synthesis_attempts
+    delay = retry_delay(attempts, retry_after) if backoff else 0.0
+    give_up = _setting("SYNTHESIS_GIVE_UP_SECONDS", 900)
+    if (now + delay - since > give_up) if backoff else attempts >= MAX_ATTEMPTS:
+        finish(
+            group,
+            SynthesisStatus.FAILED,
+            f"{reason} (still failing after {now - since:.0f} s and {attempts} attempts; gave up)",
+        )
+        return SynthesisStatus.FAILED
+    due = timezone.now() + timedelta(seconds=delay)
+    try:
+        incident_services.group_synthesis_finish(
+            group_id=group.pk,
+            status=SynthesisStatus.WAITING,
+            error=f"Retrying after {delay:.0f} s (attempt {attempts}): {reason}",
+            requested_at=due,
+        )
+    except DatabaseError:
+        # Still RUNNING: its lease runs out and the sweep puts it back in the queue.
+        logger.warning("Could not release group %s for a retry.", group.pk, exc_info=True)
+    raise SynthesisRetryLater(reason, countdown=delay, since=since)
+
+
+@contextmanager
+def _lease_kept(group_id: int) -> Iterator[None]:
+    """Renew the claim's lease from a thread while this synthesis runs: a group whose worker
+    died (SIGKILL, a lost machine) goes back to the queue once the lease runs out, within
+    about a minute, instead of waiting out the task's time limits. Not inside a transaction
+    (eager tasks in tests): the renewal would wait on the caller's row lock."""
+    if transaction.get_connection().in_atomic_block:
+        yield
+        return
+    stop = threading.Event()
+
+    def renew() -> None:
+        try:
+            while not stop.wait(lease_seconds() / 4):
+                try:
+                    incident_services.group_synthesis_heartbeat(group_id=group_id)
+                except DatabaseError:
+                    logger.warning("Could not renew the lease of group %s.", group_id)
+        finally:
+            connections.close_all()  # this thread's own connection
+
+    threading.Thread(target=renew, name=f"synthesis-lease-{group_id}", daemon=True).start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 def group_synthesis_fail(*, group_id: int, reason: str) -> bool:
@@ -128,6 +241,20 @@ RETRYABLE = (
 )
 
 
+def _stuck(group: IncidentGroup) -> bool:
+    """No worker or queue holds it: RUNNING with a lease that ran out, or WAITING well past
+    its due time (its message was lost)."""
+    now = timezone.now()
+    if group.synthesis_status == SynthesisStatus.RUNNING:
+        claimed = group.synthesis_claimed_at or group.synthesis_requested_at
+        return claimed is None or claimed < now - timedelta(seconds=lease_seconds())
+    if group.synthesis_status == SynthesisStatus.WAITING:
+        due = group.synthesis_requested_at
+        after = settings.METACLAW["OUTBOX_SWEEP_AFTER_SECONDS"]
+        return due is None or due < now - timedelta(seconds=after)
+    return False
+
+
 @transaction.atomic
 def group_synthesis_retry(
     *, group: IncidentGroup, actor: Any, actor_label: str = ""
@@ -138,14 +265,19 @@ def group_synthesis_retry(
         actor, group.project, Role.REVIEWER, message="Retrying synthesis needs the reviewer role."
     )
     locked = IncidentGroup.objects.select_for_update().get(pk=group.pk)
-    if locked.synthesis_status not in RETRYABLE:
+    if locked.synthesis_status not in RETRYABLE and not _stuck(locked):
         raise Conflict(
             f"The group's synthesis is {locked.get_synthesis_status_display().lower()}; "
-            "only failed, no-skill, needs-a-skill or budget groups can be retried."
+            "only failed, no-skill, needs-a-skill, budget, waiting or stuck groups can be "
+            "retried (a running one once its worker has stopped renewing its lease)."
         )
     before = locked.synthesis_status
+    if before == SynthesisStatus.RUNNING:  # stuck: its worker is gone
+        incident_services.group_synthesis_finish(
+            group_id=locked.pk, status=SynthesisStatus.WAITING, error=""
+        )
     incident_services.group_request_synthesis(
-        group_id=locked.pk, from_statuses=[before], reset_attempts=True
+        group_id=locked.pk, from_statuses=[SynthesisStatus.WAITING, before], reset_attempts=True
     )
     audit_record(
         action="incident_group.synthesis_retry",
@@ -182,7 +314,7 @@ def groups_budget_release() -> int:
     return released
 
 
-def groups_stale_running_release(*, older_than_seconds: int) -> int:
+def groups_stale_running_release(*, older_than_seconds: float) -> int:
     """RUNNING groups whose worker died (no outcome long after the claim) go back to WAITING
     for the sweep. Staleness is measured from the claim (``synthesis_claimed_at``), never from
     the request: a group that waited long before a worker claimed it is not taken from that
@@ -205,7 +337,21 @@ def groups_stale_running_release(*, older_than_seconds: int) -> int:
 # --- The synthesis --------------------------------------------------------------------------
 
 
-def _synthesize_claimed(group: IncidentGroup) -> str:
+def _wait_for_sources(group: IncidentGroup, provenance: dict[str, Any]) -> str:
+    """Fewer distinct sources than the project's minimum: RUNNING → SOURCES, saying how many.
+    The group's next incident asks again (``incidents.ingest_sql.upsert_groups``)."""
+    p = provenance
+    finish(
+        group,
+        SynthesisStatus.SOURCES,
+        f"Waiting for more distinct sources: {p['sources']} of "
+        f"{group.project.min_sources_for_synthesis} ({p['sessions']} session(s), "
+        f"{p['end_users']} end user(s), {p['api_keys']} API key(s)). The next incident asks again.",
+    )
+    return SynthesisStatus.SOURCES
+
+
+def _synthesize_claimed(group: IncidentGroup, provenance: dict[str, Any]) -> str:
     project = group.project
     regressed = active_revision_for_group(group)
     evidence = gather_evidence(group, regressed)
@@ -213,6 +359,11 @@ def _synthesize_claimed(group: IncidentGroup) -> str:
     standing = similar.latest_revisions(project)
     known = similar.similar_skills(project, standing, group_vector, regressed)
     status = _decide(group, evidence, standing, known, regressed)
+    # Stamped on what this synthesis proposed (the LLM's revision or the evidence draft), in
+    # the transaction's wake: the notifications fall back to counting live until then.
+    SkillRevision.objects.filter(
+        source_groups=group, provenance={}, created_at__gte=group.synthesis_claimed_at
+    ).update(provenance=provenance)
     # Linking does not feed the prompt: it runs after the outcome is stored, so the reviewer's
     # wait does not include it, and a failure here costs only the links.
     try:

@@ -17,7 +17,9 @@ from base.auth import admin_auth
 from base.pagination import paginate
 from base.permissions import api_key_label
 from base.requests import ApiRequest
+from base.sanitize import CleanText
 from skills.library.models import Category, Origin, RevisionStatus, SkillRevision
+from skills.library.risk import is_flagged
 from skills.library.services import CONTENT_LIMITS
 from skills.versions import selectors, services
 from skills.versions.models import PolicyVersion, VersionStatus
@@ -28,6 +30,16 @@ from skills.versions.models import PolicyVersion, VersionStatus
 OPENAPI_OPERATION_PREFIX = "skills_api"
 
 router = Router(tags=["reviews and versions"], auth=admin_auth)
+
+
+class RiskFindingOut(Schema):
+    kind: str
+    severity: str
+    field: str
+    start: int
+    end: int
+    text: str
+    message: str
 
 
 class RevisionOut(Schema):
@@ -48,10 +60,25 @@ class RevisionOut(Schema):
     rolled_back_at: datetime | None
     created_at: datetime
     status_changed_at: datetime | None
+    # The risk check (skills.library.risk): flagged revisions need override_reason to approve.
+    risk_flagged: bool
+    risk_findings: list[RiskFindingOut]
+    risk_checked_at: datetime | None
+    # Distinct sessions, end users, agents, API keys and sources behind the evidence, as
+    # counted when it was proposed (issue 22): {} for revisions without source groups.
+    provenance: dict
 
     @staticmethod
     def resolve_skill(obj: SkillRevision) -> str:
         return obj.skill.slug
+
+    @staticmethod
+    def resolve_risk_flagged(obj: SkillRevision) -> bool:
+        return is_flagged(obj.risk_findings)
+
+    @staticmethod
+    def resolve_provenance(obj: SkillRevision) -> dict:
+        return obj.provenance or {}
 
 
 class RevisionPage(Schema):
@@ -69,22 +96,28 @@ class RevisionFilter(Schema):
 
 
 class DecisionIn(Schema):
-    reason: str = Field("", max_length=2000)
+    reason: CleanText = Field("", max_length=2000)
+
+
+class ApproveIn(DecisionIn):
+    # Required when the risk check flagged the revision (422 naming it otherwise).
+    override_reason: CleanText = Field("", max_length=2000)
 
 
 class ReasonIn(Schema):
-    reason: str = Field(..., max_length=2000)
+    reason: CleanText = Field(..., max_length=2000)
 
 
 class EditIn(Schema):
     # A revision may hold what the Agent Skills format allows (imported skills do), not only
     # what the fast loop writes: skills.library.services.CONTENT_LIMITS.
-    name: str = Field(..., max_length=CONTENT_LIMITS["name"])
-    description: str = Field(..., max_length=CONTENT_LIMITS["description"])
-    instructions: str = Field(..., max_length=CONTENT_LIMITS["instructions"])
+    name: CleanText = Field(..., max_length=CONTENT_LIMITS["name"])
+    description: CleanText = Field(..., max_length=CONTENT_LIMITS["description"])
+    instructions: CleanText = Field(..., max_length=CONTENT_LIMITS["instructions"])
     category: Category = Category.GENERAL
     examples: list | None = None
     approve: bool = False
+    override_reason: CleanText = Field("", max_length=2000)
 
 
 class PromoteIn(DecisionIn):
@@ -100,9 +133,9 @@ class VersionIn(Schema):
     version's ("" for none)."""
 
     revisions: list[int] | None = Field(None, max_length=2000)
-    adapter_ref: str | None = Field(None, max_length=500)
-    base_model: str | None = Field(None, max_length=200)
-    changelog: str = Field("", max_length=5000)
+    adapter_ref: CleanText | None = Field(None, max_length=500)
+    base_model: CleanText | None = Field(None, max_length=200)
+    changelog: CleanText = Field("", max_length=5000)
 
 
 class VersionOut(Schema):
@@ -193,13 +226,14 @@ def get_revision(request: ApiRequest, revision_id: int) -> SkillRevision:
 
 @router.post("/skills/revisions/{revision_id}/approve", response=RevisionOut)
 def approve_revision(
-    request: ApiRequest, revision_id: int, payload: DecisionIn | None = None
+    request: ApiRequest, revision_id: int, payload: ApproveIn | None = None
 ) -> SkillRevision:
     return services.skill_revision_approve(
         revision=_revision(request, revision_id),
         actor=None,
         api_key=request.api_key,
         reason=payload.reason if payload else "",
+        override_reason=payload.override_reason if payload else "",
     )
 
 
@@ -230,7 +264,11 @@ def edit_revision(request: ApiRequest, revision_id: int, payload: EditIn) -> Sta
     )
     if payload.approve:
         new_revision = services.skill_revision_approve(
-            revision=new_revision, actor=None, actor_label=label, api_key=request.api_key
+            revision=new_revision,
+            actor=None,
+            actor_label=label,
+            api_key=request.api_key,
+            override_reason=payload.override_reason,
         )
     return Status(201, new_revision)
 

@@ -93,16 +93,14 @@ def review_queue(
     order: str = "impact",
     limit: int = 50,
 ) -> list[SkillRevision]:
-    """Proposed revisions, most impactful first: incidents in their source groups, then how
-    recently those groups saw one, then the worst severity. One query."""
+    """Proposed revisions, and live ones that the effectiveness check sent back (flagged, with
+    their figures), most impactful first: incidents in their source groups, then how recently
+    those groups saw one, then the worst severity. One query."""
     qs = (
-        revisions_for_project(
-            project,
-            status=RevisionStatus.PROPOSED,
-            category=category,
-            origin=origin,
-            agent=agent,
-            q=q,
+        revisions_for_project(project, category=category, origin=origin, agent=agent, q=q)
+        .filter(
+            Q(status=RevisionStatus.PROPOSED)
+            | Q(status=RevisionStatus.APPROVED, effectiveness_flagged_at__isnull=False)
         )
         .select_related("skill")
         .annotate(
@@ -156,13 +154,15 @@ class ProposalDetail:
     groups: list[IncidentGroup]
     incidents: list[Incident]
     history: list[SkillRevision]
+    # The version this revision first went live in (its approval made it), if it ever did.
+    made_version: PolicyVersion | None = None
 
 
 EVIDENCE_INCIDENTS = 5
 
 
 def proposal_detail(project: Project, revision_id: Any) -> ProposalDetail:
-    """Everything the proposal page shows, in a fixed number of queries (5)."""
+    """Everything the proposal page shows, in a fixed number of queries (6)."""
     revision = revision_for_project(project, revision_id)
     live = live_revision_for_skill(project, revision.skill_id)
     if live is not None and live.pk == revision.pk:
@@ -189,7 +189,15 @@ def proposal_detail(project: Project, revision_id: Any) -> ProposalDetail:
         .only("id", "number", "status", "author", "origin", "created_at", "skill_id", "name")
         .order_by("-number")[:20]
     )
-    return ProposalDetail(revision, live, changes, groups, incidents, history)
+    made_version = (
+        PolicyVersion.objects.filter(project=project, revisions=revision)
+        .exclude(status__in=[VersionStatus.CANDIDATE, VersionStatus.REJECTED])
+        .order_by("number")
+        .first()
+        if revision.status != "proposed"
+        else None
+    )
+    return ProposalDetail(revision, live, changes, groups, incidents, history, made_version)
 
 
 def versions_for_project(project: Project, *, status: str | None = None) -> QuerySet[PolicyVersion]:

@@ -25,6 +25,7 @@ from base.errors import Conflict, DomainError, NotFound
 from base.models import ApiKey, Project, Role
 from base.services import audit_record
 from skills import signals
+from skills.library import risk
 from skills.library.models import Author, Origin, RevisionStatus, SkillRevision
 from skills.library.services import RevisionDraft, skill_revision_propose
 from skills.versions.models import PolicyVersion, Release, ReleaseKind, VersionStatus
@@ -391,6 +392,47 @@ def _supersede_older_proposals(
     return older
 
 
+def _risk_override(
+    project: Project,
+    revision: SkillRevision,
+    actor: Any,
+    label: str,
+    override_reason: str,
+    via_link: bool,
+) -> None:
+    """A flagged revision (``skills.library.risk``) goes live only on a reviewer's typed reason,
+    given where the findings are shown (the dashboard, the API), never from a chat link: a
+    one-click approval of text that may carry an attacker's instruction. The override is
+    audited with the findings it overrode. Under the approval's locks."""
+    flagged = [f for f in revision.risk_findings or [] if f.get("severity") == risk.FLAG]
+    if not flagged:
+        return
+    kinds = ", ".join(sorted({f["kind"] for f in flagged}))
+    if via_link:
+        raise Conflict(
+            f"{revision.skill.slug} r{revision.number} was flagged by the risk check ({kinds}); "
+            "it cannot be approved from a link. Open it in MetaClaw, read the findings and "
+            "approve there with a reason.",
+            code="risk_flagged",
+        )
+    override_reason = (override_reason or "").strip()
+    if not override_reason:
+        raise DomainError(
+            f"The risk check flagged this revision ({kinds}): type why it is safe to approve.",
+            code="risk_flagged",
+            field="override_reason",
+        )
+    audit_record(
+        action="skill_revision.risk_override",
+        project=project,
+        actor=actor,
+        actor_label=label,
+        obj=revision,
+        after={"findings": [{k: f[k] for k in ("kind", "field", "text")} for f in flagged]},
+        message=override_reason,
+    )
+
+
 @transaction.atomic
 def skill_revision_approve(
     *,
@@ -399,16 +441,21 @@ def skill_revision_approve(
     actor_label: str = "",
     reason: str = "",
     api_key: ApiKey | None = None,
+    override_reason: str = "",
+    via_link: bool = False,
 ) -> SkillRevision:
     """Approve a PROPOSED revision. It goes live at once in a new active policy version (the
     active set with this skill's previous revision replaced), and the skill's older proposals
     are superseded; with ``require_second_approver`` the first approval is only recorded and
     the revision stays PROPOSED (``_second_person_required`` says who may give the second).
     Refused (Conflict) for a proposal older than a revision of its skill approved since.
-    ``api_key``: the key a machine actor decides with (its owner is the person it counts as)."""
+    ``api_key``: the key a machine actor decides with (its owner is the person it counts as).
+    A revision the risk check flagged needs ``override_reason`` (audited) and is refused from a
+    chat link or a Slack button (``via_link``): ``_risk_override``."""
     if api_key is not None and not actor_label:
         actor_label = permissions.api_key_label(api_key)
     project, revision, label = _lock_proposed(revision, actor, actor_label, current=True)
+    _risk_override(project, revision, actor, label, override_reason, via_link)
     now = timezone.now()
     if project.require_second_approver:
         person = permissions.person_id(actor, api_key)
@@ -694,13 +741,17 @@ def policy_version_promote(
     """CANDIDATE → ACTIVE; the active one is retired (the release names it: ``from_version``).
     ``replaces``: the number of the version the caller means to replace, the one active when
     they decided; refused (Conflict) when another one is active by now, and, without
-    ``replaces``, when the candidate was built on a version that is no longer active."""
+    ``replaces``, when the candidate was built on a version that is no longer active; and
+    (Conflict, code ``replay_gate``) when the project requires a replay gate that this
+    candidate has not passed (``skills.signals.version_promoting``)."""
     project, version = _lock_version(version)
     permissions.require_role(actor, project, Role.ADMIN)
     if version.status != VersionStatus.CANDIDATE:
         raise Conflict(_version_decided_message(version))
     active = _active_version(project)
     _refuse_an_unexpected_replacement(version, active, replaces)
+    # Checks of the capabilities above versions (the replay gate) may refuse, with Conflict.
+    signals.version_promoting.send(sender=PolicyVersion, project=project, version=version)
     _activate(
         project=project,
         old=active,

@@ -160,7 +160,10 @@ def revision_approve(request: ProjectRequest, revision_id: int) -> HttpResponse:
     revision = _revision_or_404(request, revision_id)
     try:
         revision = services.skill_revision_approve(
-            revision=revision, actor=request.user, reason=request.POST.get("reason", "")
+            revision=revision,
+            actor=request.user,
+            reason=request.POST.get("reason", ""),
+            override_reason=request.POST.get("override_reason", ""),
         )
     except DomainError as exc:
         return _decision_response(request, revision_id, error=exc)
@@ -202,7 +205,9 @@ def revision_edit(request: ProjectRequest, revision_id: int) -> HttpResponse:
     if request.POST.get("approve"):
         try:
             new_revision = services.skill_revision_approve(
-                revision=new_revision, actor=request.user
+                revision=new_revision,
+                actor=request.user,
+                override_reason=request.POST.get("override_reason", ""),
             )
         except DomainError as exc:
             return _decision_response(request, target, error=exc)

@@ -556,3 +556,16 @@ def test_the_panel_is_gone_once_an_agent_has_reported_anything(client, project, 
     assert response.status_code == 200 and response.content == b""
     # The page itself stays reachable.
     assert "Connect your first agent" in client.get(onboarding_url(project)).content.decode()
+
+
+def test_the_risk_checks_allowed_domains_are_set_on_the_settings_page(client, project, admin):
+    client.force_login(admin)
+    data = form_data(project, risk_allowed_domains="*.Example.com\ndocs.acme.io\n")
+    assert client.post(settings_url(project), data).status_code == 302
+    project.refresh_from_db()
+    assert project.risk_allowed_domains == "example.com\ndocs.acme.io"
+    bad = client.post(settings_url(project), {**data, "risk_allowed_domains": "not a domain"})
+    assert bad.status_code == 422
+    assert "is not a domain name" in bad.content.decode()
+    project.refresh_from_db()
+    assert project.risk_allowed_domains == "example.com\ndocs.acme.io"

@@ -179,7 +179,14 @@ def test_an_htmx_approval_answers_the_new_panel_and_refreshes_the_queue(project,
 
     assert response.status_code == 200
     assert response["HX-Trigger"] == "queue-changed"
-    assert "Approved" in response.content.decode()
+    html = response.content.decode()
+    # The success message is in the swapped panel itself, not saved for the next page; the
+    # panel says the revision is live and links the version its approval made.
+    assert f"Approved {revision.skill.slug} r{revision.number}: it is live." in html
+    assert "New skill (nothing live yet)" not in html
+    assert f"/p/{project.slug}/versions/2/" in html and "Live since" in html
+    page = reviewer_client.get(url("review_queue", project)).content.decode()
+    assert "it is live." not in page  # shown once
 
 
 def test_approving_what_someone_else_approved_answers_409_naming_them(project, reviewer_client):
@@ -419,7 +426,7 @@ PAGES = {
 }
 QUERIES = {
     "review_queue": 7,
-    "revision_detail": 12,
+    "revision_detail": 14,  # + provenance (abusive marks) and the skill's project
     "version_list": 7,
     "version_detail": 9,
     "version_diff": 11,
