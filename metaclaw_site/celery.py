@@ -59,18 +59,23 @@ app.conf.beat_schedule = {
 @worker_init.connect
 def _load_before_the_pool_forks(**kwargs) -> None:
     """Import the URL configuration (tasks build approval links), the fast loop's modules and
-    the LLM SDK's lazy parts, and load the embedding model, once, in the worker's main process:
+    the LLM SDK's lazy parts, and load the embedding model and the PII detector, once, in the
+    worker's main process:
     the pool's children fork with all of it in memory. Loaded lazily, each child paid for them
     (about 1 s here) in its first task, a fast-loop proposal among them."""
     from django.urls import get_resolver
 
     import skills.approvals.notifications
     import skills.synthesis.services  # noqa: F401
+    from base.pii import get_detector
     from skills.library.embeddings import get_embedder
     from skills.synthesis import llm
 
     get_resolver().url_patterns  # noqa: B018 - the access is the point: it imports them
     llm.preload()
     get_embedder()
+    # The PII detector (Presidio + spaCy, 1-9 s to load): every synthesis redacts its evidence
+    # with it, so a child that loaded it itself kept its first proposals waiting that long.
+    get_detector()
     gc.collect()
     gc.freeze()  # and keep what boot loaded out of the children's garbage collections
