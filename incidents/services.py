@@ -3,6 +3,10 @@
 Only these functions and ingestion (``incidents.ingest``) write incidents, groups and
 trajectories. The skills app moves a group through the fast loop with the
 ``group_synthesis_*`` functions below.
+
+Past 500 lines on purpose: every transition of a group (status, the fast loop's outbox, merge
+and split) locks group rows in id order and keeps event counts, aliases and synthesis state
+consistent with one another; one module keeps those rules side by side.
 """
 
 from __future__ import annotations

@@ -1,7 +1,12 @@
 """Telling people: a proposal or a candidate announced to its reviewers (personal links by
 e-mail, channel links to Slack, a webhook or a team mailbox), the decision announced where the
 request went, a test message, the delivery of each notification (claimed, sent, failed with
-retries), and the project's integration settings."""
+retries), and the project's integration settings.
+
+Past 500 lines on purpose: announcing, delivering and retrying share the notification row's
+claim and the project's integration settings; the import digest (``digest``) and the canary's
+notices (``skills.canary.notify``) already live apart.
+"""
 
 from __future__ import annotations
 

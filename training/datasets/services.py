@@ -1,5 +1,10 @@
 """What a run trains on: the dataset snapshot, built, cleaned and frozen when a run starts. Which
-policy versions' data may train the current one, per kind of sample, is ``generations``."""
+policy versions' data may train the current one, per kind of sample, is ``generations``.
+
+A little past 500 lines on purpose: building, cleaning and freezing share one pass over the
+samples and its report; the generation rules (``generations``) and the source caps
+(``sources``) are apart already.
+"""
 
 from __future__ import annotations
 
