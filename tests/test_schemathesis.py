@@ -10,15 +10,11 @@ hunt: ``SCHEMATHESIS_MAX_EXAMPLES=200 pytest tests/test_schemathesis.py -s``."""
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 from collections import Counter
 
 import pytest
 import requests
 import schemathesis
-import uvicorn
 from django.core.management import call_command
 from hypothesis import HealthCheck, settings
 from schemathesis import GenerationMode
@@ -32,6 +28,7 @@ from schemathesis.specs.openapi.checks import (
 
 from metaclaw_site.api import api
 from tests import factories
+from tests.asgi_server import asgi_server
 
 # The database is set up for marked tests; each one's own transaction is not what the server's
 # threads see: ``keys`` commits what they need.
@@ -62,27 +59,8 @@ SENT: Counter[str] = Counter()
 @pytest.fixture(scope="module")
 def server_url(django_db_setup):
     """The production ASGI application (``metaclaw_site.asgi``) under uvicorn."""
-    from metaclaw_site.asgi import application
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(
-        application,
-        lifespan="off",
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=1,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(5)
+    with asgi_server() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

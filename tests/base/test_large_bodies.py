@@ -6,20 +6,18 @@ server (WSGI), the fast lane under uvicorn (the production ASGI application)."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
-import time
 import urllib.error
 import urllib.request
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import pytest
-import uvicorn
 from django.conf import settings
 from django.core.wsgi import get_wsgi_application
 
 from incidents.models import Incident
 from tests import factories
+from tests.asgi_server import asgi_server
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -29,27 +27,8 @@ FOUR_MB = 4 * 1024 * 1024
 @pytest.fixture(scope="module")
 def asgi_url():
     """The production ASGI application (``metaclaw_site.asgi``: the fast lane) under uvicorn."""
-    from metaclaw_site.asgi import application
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(
-        application,
-        lifespan="off",
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=1,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(5)
+    with asgi_server() as url:
+        yield url
 
 
 def post(url: str, body: bytes, key: str) -> tuple[int, dict]:
