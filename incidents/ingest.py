@@ -17,7 +17,7 @@ from pydantic import TypeAdapter
 
 from base.models import Project
 from base.sanitize import clean_json, clean_json_text, clean_text
-from base.services import audit_record
+from incidents import services as incident_services
 from incidents import signals
 from incidents.fingerprint import decisive_tool, fingerprint, incidental_patterns
 from incidents.ingest_sql import (
@@ -169,18 +169,20 @@ def incidents_ingest(
                 lost_ids = {inc.client_id for _, inc in lost}
                 existing.update(stored_incidents(project.pk, sorted(lost_ids)))
                 fresh = [(i, inc) for i, inc in fresh if inc.client_id not in lost_ids]
-            for fp_info in groups.values():
-                if fp_info["regressed"]:
-                    group = IncidentGroup(pk=fp_info["id"], project=project)
-                    audit_record(
-                        action="incident_group.regressed",
-                        project=project,
-                        actor_label=actor_label or "system",
-                        obj=group,
-                        before={"status": GroupStatus.RESOLVED},
-                        after={"status": GroupStatus.REGRESSED},
-                        message="A new incident arrived in a resolved group.",
+            # One statement for all of them: the batch's group locks are held until commit.
+            incident_services.groups_audit_regressed(
+                project=project,
+                actor_label=actor_label,
+                changes=[
+                    (
+                        IncidentGroup(pk=info["id"], project=project),
+                        GroupStatus.RESOLVED,
+                        "A new incident arrived in a resolved group.",
                     )
+                    for info in groups.values()
+                    if info["regressed"]
+                ],
+            )
             awaiting = [info["id"] for info in groups.values() if info["awaits_synthesis"]]
             if fresh:
                 signals.incidents_ingested.send(

@@ -314,8 +314,20 @@ def _count_on_merged_groups(
             "awaits_synthesis": awaits or bool(previous and previous["awaits_synthesis"]),
             "count": agg["count"],
         }
-    for root in roots.values():
-        root.save()
+    IncidentGroup.objects.bulk_update(
+        list(roots.values()),
+        [
+            "event_count",
+            "first_seen",
+            "last_seen",
+            "severity",
+            "status",
+            "regressed_at",
+            "status_changed_at",
+            "synthesis_status",
+            "synthesis_requested_at",
+        ],
+    )
     return result
 
 

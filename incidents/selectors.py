@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from django.db.models import Count, QuerySet
+from django.db.models import Count, QuerySet, prefetch_related_objects
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
@@ -91,6 +91,16 @@ def group_for_project(project: Project, group_id: int) -> IncidentGroup:
     group = IncidentGroup.objects.filter(project=project, pk=group_id).first()
     if group is None:
         raise NotFound("No such incident group in this project.")
+    return group
+
+
+def group_for_page(project: Project, group_id: int) -> IncidentGroup:
+    """``group_for_project`` with what the group's page shows of it: its skill proposals and
+    their skills, fetched in two queries whatever their number (named by lookup: the skills
+    app sits above this one)."""
+    group = group_for_project(project, group_id)
+    if group.merged_into_id is None:  # a merged group's page redirects to the one it joined
+        prefetch_related_objects([group], "skill_revisions__skill")
     return group
 
 

@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from base import permissions
 from base.errors import Conflict, DomainError, NotFound
-from base.models import Project, Role
+from base.models import AuditEvent, Project, Role
 from base.services import audit_record
 from base.sql import columns
 from incidents import signals
@@ -122,6 +122,55 @@ def group_mark_regressed(*, group_id: int, reason: str) -> bool:
     return True
 
 
+def groups_mark_regressed(*, project: Project, reasons: dict[int, str]) -> list[int]:
+    """``group_mark_regressed`` for many groups at once, each with its reason, in a constant
+    number of statements: the ingest calls it while it holds the batch's group locks. Must run
+    in a transaction. Returns the ids that changed (a group regressed already is left alone)."""
+    if not reasons:
+        return []
+    groups = list(
+        IncidentGroup.objects.select_for_update()
+        .filter(project=project, pk__in=sorted(reasons))
+        .exclude(status=GroupStatus.REGRESSED)
+        .order_by("pk")
+    )
+    if not groups:
+        return []
+    now = timezone.now()
+    IncidentGroup.objects.filter(pk__in=[g.pk for g in groups]).update(
+        status=GroupStatus.REGRESSED, regressed_at=now, status_changed_at=now
+    )
+    groups_audit_regressed(project=project, changes=[(g, g.status, reasons[g.pk]) for g in groups])
+    return [g.pk for g in groups]
+
+
+def groups_audit_regressed(
+    *,
+    project: Project,
+    changes: Sequence[tuple[IncidentGroup, str, str]],
+    actor_label: str = "system",
+) -> None:
+    """One audit event per group that became REGRESSED, ``(group, status before, why)``, in
+    one statement (``audit_record``'s fields, written in bulk). Call it inside the transaction
+    that made the change."""
+    AuditEvent.objects.bulk_create(
+        [
+            AuditEvent(
+                project=project,
+                actor_label=(actor_label or "system")[:200],
+                action="incident_group.regressed",
+                object_type=IncidentGroup._meta.label_lower,
+                object_id=str(group.pk),
+                object_repr=str(group)[:300],
+                before={"status": before},
+                after={"status": GroupStatus.REGRESSED},
+                message=message,
+            )
+            for group, before, message in changes
+        ]
+    )
+
+
 # --- Fast-loop outbox (driven by the skills app) ------------------------------------------
 
 
@@ -149,6 +198,32 @@ def group_request_synthesis(
             robust=True,
         )
     return bool(changed)
+
+
+def groups_request_synthesis(
+    *, group_ids: Sequence[int], from_statuses: Sequence[str]
+) -> list[int]:
+    """``group_request_synthesis`` for many groups in two statements (the ingest's regression
+    checks call it while they hold the batch's group locks). Returns the ids that changed."""
+    if not group_ids:
+        return []
+    changed = list(
+        IncidentGroup.objects.select_for_update()
+        .filter(pk__in=sorted(set(group_ids)), synthesis_status__in=from_statuses)
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    )
+    if changed:
+        IncidentGroup.objects.filter(pk__in=changed).update(
+            synthesis_status=SynthesisStatus.WAITING,
+            synthesis_requested_at=timezone.now(),
+            synthesis_error="",
+        )
+        transaction.on_commit(
+            lambda: signals.groups_await_synthesis.send(sender=None, group_ids=changed),
+            robust=True,
+        )
+    return changed
 
 
 def group_synthesis_claim(*, group_id: int) -> IncidentGroup | None:

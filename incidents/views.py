@@ -11,6 +11,7 @@ from django.core.paginator import Paginator
 from django.http import HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_POST
 
 from base import services as base_services
@@ -19,8 +20,8 @@ from base.errors import DomainError
 from base.models import Project, Role
 from base.pagination import paginate
 from base.requests import ProjectRequest
-from incidents import selectors, services
-from incidents.models import GroupStatus, IncidentKind, TrajectorySource
+from incidents import provenance, selectors, services
+from incidents.models import AbusiveSource, GroupStatus, IncidentKind, TrajectorySource
 
 PAGE_SIZE = 50
 
@@ -60,7 +61,7 @@ def group_list(request: ProjectRequest) -> HttpResponse:
 @project_view()
 def group_detail(request: ProjectRequest, group_id: int) -> HttpResponse:
     project = request.project
-    group = selectors.group_for_project(project, group_id)
+    group = selectors.group_for_page(project, group_id)
     if group.merged_into_id:
         # A merged group lives on as an alias of the group it joined: show that one.
         messages.info(request, f"Group {group.pk} was merged into this group.")
@@ -259,4 +260,82 @@ def turn_detail(request: ProjectRequest, turn_id: UUID) -> HttpResponse:
             if turn.source == "proxy"
             else "",
         },
+    )
+
+
+# --- Abusive sources: mark a session or end user from an incident card ------------------------
+
+ABUSIVE_SOURCE_TEMPLATE = "incidents/_abusive_source.html"
+
+
+def _back_url(request: ProjectRequest) -> str:
+    """Where a plain form POST returns: the page it came from, when it is ours."""
+    back = request.POST.get("next", "")
+    if back and url_has_allowed_host_and_scheme(
+        back, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        return back
+    return reverse("incidents:group_list", kwargs={"project_slug": request.project.slug})
+
+
+def _abusive_source_answer(
+    request: ProjectRequest,
+    *,
+    kind: str,
+    value: str,
+    mark: AbusiveSource | None,
+    error: DomainError | None = None,
+    success: str = "",
+) -> HttpResponse:
+    """htmx gets the source's block re-rendered (422 with the error beside the form); a plain
+    form POST goes back to the page it came from (POST/redirect/GET)."""
+    if not request.htmx:
+        if error:
+            messages.error(request, str(error))
+        else:
+            messages.success(request, success)
+        return redirect(_back_url(request))
+    source = {
+        "kind": kind,
+        "value": value,
+        "shown": value,  # only admins get here, and they see personal data
+        "mark": mark,
+        "can_mark": True,
+        "back": _back_url(request),
+    }
+    context = {"source": source, "reason": request.POST.get("reason", "")}
+    if error:
+        context.update(error=str(error), error_field=error.field or "")
+    return render(request, ABUSIVE_SOURCE_TEMPLATE, context, status=422 if error else 200)
+
+
+@require_POST
+@project_view(role=Role.ADMIN)
+def abusive_source_mark(request: ProjectRequest) -> HttpResponse:
+    """Mark the session or end user of an incident as abusive, with a reason (the page asks
+    for one; the API leaves it optional): the service the API calls, audited there."""
+    kind = request.POST.get("kind", "")
+    value = request.POST.get("value", "")
+    reason = request.POST.get("reason", "").strip()
+    try:
+        if not reason:
+            raise DomainError("Give a reason: the audit log keeps it.", field="reason")
+        mark = services.abusive_source_mark(
+            project=request.project, kind=kind, value=value, reason=reason, actor=request.user
+        )
+    except DomainError as exc:
+        return _abusive_source_answer(request, kind=kind, value=value, mark=None, error=exc)
+    return _abusive_source_answer(
+        request, kind=kind, value=value, mark=mark, success=f"Marked {mark} as abusive."
+    )
+
+
+@require_POST
+@project_view(role=Role.ADMIN)
+def abusive_source_unmark(request: ProjectRequest, mark_id: int) -> HttpResponse:
+    """Take a mark back (the service the API's DELETE calls, audited there)."""
+    mark = provenance.abusive_source_for_project(request.project, mark_id)
+    services.abusive_source_unmark(project=request.project, mark_id=mark.pk, actor=request.user)
+    return _abusive_source_answer(
+        request, kind=mark.kind, value=mark.value, mark=None, success=f"Unmarked {mark}."
     )

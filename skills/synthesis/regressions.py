@@ -4,10 +4,10 @@ asked for a revision (inside the ingest transaction)."""
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from typing import Any
 
 from django.db import connection
-from django.db.models import Q
 from django.utils import timezone
 
 from base.models import Project
@@ -27,8 +27,9 @@ def skill_regressions_detect(
 ) -> list[int]:
     """New incidents in groups whose skill is in the ACTIVE policy: the skill did not work.
     Marks those groups regressed and asks for a revision of the skill (unless one is pending
-    already: then the incidents are just more evidence). Runs inside the ingest transaction.
-    Returns the regressed group ids."""
+    already: then the incidents are just more evidence). Runs inside the ingest transaction,
+    which holds the batch's group locks, so it reads and writes in a constant number of
+    queries whatever the number of groups. Returns the regressed group ids."""
     sources = source_revisions(group_ids)
     if not sources:
         return []
@@ -41,50 +42,61 @@ def skill_regressions_detect(
             "id", "skill_id", "skill__slug", "status_changed_at"
         )
     }
+    wanted = set(group_ids)
     hits = [
         (*details[revision_id], group_id)
-        for revision_id, group_id in sources
-        if revision_id in details
+        for revision_id, group_id in sorted(sources)
+        if revision_id in details and group_id in wanted
     ]
-    regressed: list[int] = []
+    if not hits:
+        return []
+    # The policy versions each revision is in, the batch's incidents of these groups and the
+    # skills' pending proposals: one read each, checked below in memory.
+    numbers: dict[int, set[int]] = defaultdict(set)
+    for revision_id, number in PolicyVersion.revisions.through.objects.filter(
+        policyversion__project=project, skillrevision_id__in=sorted(details)
+    ).values_list("skillrevision_id", "policyversion__number"):
+        numbers[revision_id].add(number)
+    arrived: dict[int, list[tuple[int | None, Any]]] = defaultdict(list)
+    for group_id, version, occurred_at in Incident.objects.filter(
+        project=project, pk__in=incident_ids, group_id__in=sorted({h[4] for h in hits})
+    ).values_list("group_id", "policy_version", "occurred_at"):
+        arrived[group_id].append((version, occurred_at))
+    proposals: dict[int, list[Any]] = defaultdict(list)
+    for skill_id, created_at in SkillRevision.objects.filter(
+        skill_id__in=sorted({h[1] for h in hits}), status=RevisionStatus.PROPOSED
+    ).values_list("skill_id", "created_at"):
+        proposals[skill_id].append(created_at)
+
+    now = timezone.now()
+    reasons: dict[int, str] = {}
+    ask_again: list[int] = []
     for revision_id, skill_id, slug, approved_at, group_id in hits:
-        if group_id not in group_ids:
+        since = approved_at or now
+        ran_with_skill = any(
+            version in numbers[revision_id] or (version is None and occurred_at >= since)
+            for version, occurred_at in arrived[group_id]
+        )
+        if not ran_with_skill:
             continue
-        numbers = set(
-            PolicyVersion.objects.filter(project=project, revisions=revision_id).values_list(
-                "number", flat=True
-            )
+        reasons.setdefault(
+            group_id,
+            f"A new incident arrived although the skill '{slug}' is in the active policy.",
         )
-        ran_with_skill = Incident.objects.filter(
-            project=project, pk__in=incident_ids, group_id=group_id
-        ).filter(
-            Q(policy_version__in=numbers)
-            | Q(policy_version__isnull=True, occurred_at__gte=approved_at or timezone.now())
-        )
-        if not ran_with_skill.exists():
-            continue
-        incident_services.group_mark_regressed(
-            group_id=group_id,
-            reason=f"A new incident arrived although the skill '{slug}' is in the active policy.",
-        )
-        regressed.append(group_id)
-        pending = SkillRevision.objects.filter(
-            skill_id=skill_id,
-            status=RevisionStatus.PROPOSED,
-            created_at__gt=approved_at or timezone.now(),
-        )
-        if not pending.exists():
-            incident_services.group_request_synthesis(
-                group_id=group_id,
-                from_statuses=[
-                    SynthesisStatus.NONE,
-                    SynthesisStatus.PROPOSED,
-                    SynthesisStatus.NO_SKILL,
-                    SynthesisStatus.NEEDS_SKILL,
-                    SynthesisStatus.FAILED,
-                ],
-            )
-    return regressed
+        if not any(created_at > since for created_at in proposals[skill_id]):
+            ask_again.append(group_id)
+    incident_services.groups_mark_regressed(project=project, reasons=reasons)
+    incident_services.groups_request_synthesis(
+        group_ids=ask_again,
+        from_statuses=[
+            SynthesisStatus.NONE,
+            SynthesisStatus.PROPOSED,
+            SynthesisStatus.NO_SKILL,
+            SynthesisStatus.NEEDS_SKILL,
+            SynthesisStatus.FAILED,
+        ],
+    )
+    return list(reasons)
 
 
 # The two reads below run inside every ingest (the first always, the second for groups with a

@@ -11,16 +11,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import numpy as np
 from django.utils import timezone
 
 from base.models import Project
 from base.redaction import Redactor
+from training.datasets.dedup import near_duplicates
 from training.datasets.generations import (
     RULES,
     GenerationRule,
@@ -36,8 +38,13 @@ from training.policy.services import idle_policy_get
 
 logger = logging.getLogger(__name__)
 
-# Near duplicates: cosine similarity of the embedded prompt + answer at or above this.
-NEAR_DUPLICATE_THRESHOLD = 0.95
+# Near duplicates: the last question and its answer share at least this share of their word
+# 3-grams (Jaccard, estimated by MinHash: ``dedup``).
+NEAR_DUPLICATE_THRESHOLD = 0.8
+
+
+class DatasetBuildStopped(Exception):
+    """The build's ``should_stop`` said so (its run was cancelled): nothing was saved."""
 
 
 def _now() -> datetime:
@@ -115,26 +122,6 @@ def _split_of(project_id: int, session: str, eval_fraction: float) -> str:
     return "eval" if int.from_bytes(digest[:4], "big") / 2**32 < eval_fraction else "train"
 
 
-def _near_duplicates(texts: list[str], threshold: float) -> list[bool]:
-    """For each text, whether an earlier text is at least ``threshold`` similar."""
-    from skills.library.embeddings import get_embedder
-
-    if len(texts) < 2:
-        return [False] * len(texts)
-    vectors = get_embedder().embed(texts)
-    flags = [False] * len(texts)
-    block = 1024
-    for start in range(0, len(texts), block):
-        stop = min(start + block, len(texts))
-        sims = vectors[start:stop] @ vectors[:stop].T
-        # Only compare with earlier rows.
-        mask = np.tril(np.ones((stop - start, stop), dtype=bool), k=start - 1)
-        hits = np.any((sims >= threshold) & mask, axis=1)
-        for offset, hit in enumerate(hits):
-            flags[start + offset] = bool(hit)
-    return flags
-
-
 @dataclass
 class _Candidate:
     trajectory_id: str | None
@@ -205,6 +192,8 @@ def dataset_build(
     policy: IdleWindowPolicy | None = None,
     now: datetime | None = None,
     chunk_size: int = 2000,
+    should_stop: Callable[[], bool] | None = None,
+    check_every_seconds: float = 1.0,
 ) -> DatasetSnapshot:
     """Snapshot and clean the project's usable trajectories and incidents into a new
     ``DatasetSnapshot``.
@@ -227,12 +216,17 @@ def dataset_build(
     ``incident_not_corrected``. Ignored incidents (a person said they are no failure) are left
     out. An incident without a session is split with the rest of its incident group, so one
     failure's repeats never sit on both sides of the split. Readiness counts by the same
-    rules."""
+    rules.
+
+    ``should_stop`` is asked at most every ``check_every_seconds`` while the build runs (a long
+    one reads the whole history); when it answers True the build raises
+    ``DatasetBuildStopped`` and saves nothing."""
     from incidents.models import AbusiveSourceKind, Incident, IncidentStatus, Trajectory
     from incidents.provenance import abusive_values
 
     now = now or _now()
     policy = policy or idle_policy_get(project)
+    check = _StopCheck(should_stop, check_every_seconds)
     generation = policy_generation(project)
     objective = policy.objective
     tally = _Tally()
@@ -305,6 +299,7 @@ def dataset_build(
         "agent_name",
     )
     for row in rows.iterator(chunk_size=chunk_size):
+        check()
         tid, session, version, messages, response, reward, outcome, corrected, received, at = row[
             :10
         ]
@@ -357,6 +352,7 @@ def dataset_build(
         "agent_name",
     )
     for row in incident_rows.iterator(chunk_size=chunk_size):
+        check()
         iid, session, group_id, version, messages, reward, status, metadata, received, at = row[:10]
         incidents_considered += 1
         if abusive(session, row[10]):
@@ -408,9 +404,9 @@ def dataset_build(
             continue
         seen.add(key)
         unique.append(c)
-    # Near duplicates: the last question and its answer, embedded.
+    # Near duplicates: the last question and its answer.
     texts = [_dedup_text(c.chat) for c in unique]
-    near = _near_duplicates(texts, NEAR_DUPLICATE_THRESHOLD)
+    near = near_duplicates(texts, NEAR_DUPLICATE_THRESHOLD, check)
     kept: list[_Candidate] = []
     for c, is_dup in zip(unique, near, strict=True):
         if is_dup:
@@ -468,6 +464,7 @@ def dataset_build(
         "near_duplicate_threshold": NEAR_DUPLICATE_THRESHOLD,
         "sources": sources,
     }
+    check(now=True)
     return DatasetSnapshot.objects.create(
         project=project,
         objective=objective,
@@ -481,6 +478,23 @@ def dataset_build(
         train_count=len(train),
         eval_count=len(evaluation),
     )
+
+
+class _StopCheck:
+    """Calls ``should_stop`` at most every ``every_seconds`` (a clock read otherwise, cheap
+    enough for every row) and raises ``DatasetBuildStopped`` when it answers True."""
+
+    def __init__(self, should_stop: Callable[[], bool] | None, every_seconds: float) -> None:
+        self.should_stop = should_stop
+        self.every = every_seconds
+        self.next_at = time.monotonic() + every_seconds
+
+    def __call__(self, *, now: bool = False) -> None:
+        if self.should_stop is None or (not now and time.monotonic() < self.next_at):
+            return
+        self.next_at = time.monotonic() + self.every
+        if self.should_stop():
+            raise DatasetBuildStopped
 
 
 def _dedup_text(chat: list[dict[str, str]]) -> str:
@@ -499,6 +513,15 @@ def _split_and_group(
             split[sessions[0]] = "eval"
         elif all(v == "eval" for v in split.values()):
             split[sessions[0]] = "train"
+    # A run is judged by outcomes on held-out corrected answers (training.runs.outcomes): when
+    # two sessions or more carry one, each side gets one, whatever the hash gave. Without this
+    # a small project's split left no corrected answer to judge by for about a third of ids.
+    judged = sorted({c.session for c in kept if c.kind == "corrected"})
+    if len(judged) >= 2:
+        if all(split[s] == "train" for s in judged):
+            split[judged[0]] = "eval"
+        elif all(split[s] == "eval" for s in judged):
+            split[judged[0]] = "train"
     # RL baseline: samples answering the same prompt form a group (when there are several).
     prompt_keys = [
         hashlib.sha256(json.dumps(c.chat[:-1], sort_keys=True).encode()).hexdigest()[:16]

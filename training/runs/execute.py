@@ -21,6 +21,7 @@ from training.backends import BackendError, get_backend
 from training.backends.base import ChatSample, StepReport, TrainConfig, TrainingBackend
 from training.datasets.models import DatasetSnapshot
 from training.policy.models import Objective
+from training.policy.selectors import auto_training_on
 from training.policy.services import idle_policy_get, project_idle_status
 from training.runs import outcomes as outcome_judge
 from training.runs import search as hp_search
@@ -66,15 +67,15 @@ def outcome_cases(dataset: DatasetSnapshot) -> list[outcome_judge.OutcomeCase]:
             id__in=[r["trajectory_id"] for r in rows if r.get("trajectory_id")]
         ).values_list("id", "metadata")
     )
-    incidents = {
-        i["id"]: i
+    incidents = {  # keyed as the samples name them: a UUID's text
+        str(i["id"]): i
         for i in Incident.objects.filter(
             id__in=[r["incident_id"] for r in rows if r.get("incident_id")]
         ).values("id", "metadata", "expected_outcome")
     }
     cases = []
     for row in rows:
-        incident = incidents.get(row.get("incident_id")) or {}
+        incident = incidents.get(str(row.get("incident_id"))) or {}
         metadata = incident.get("metadata") or trajectory_meta.get(_uuid(row)) or {}
         check = outcome_judge.clean_check(metadata.get("check") if metadata else None)
         expected = (incident.get("expected_outcome") or "").strip()
@@ -190,8 +191,12 @@ def training_run_execute(
         return None
     try:
         run = run_services.training_run_prepare(run_id=run_id)
+        if run is None:  # cancelled while its dataset was built
+            return TrainingRun.objects.get(pk=run_id)
         dataset = run.dataset
         assert dataset is not None
+        if run.pause_requested:
+            return run_services.training_run_pause_prepared(run_id=run_id)
         objective = run.hyperparameters.get("objective", "sft")
         train = _samples(dataset, "train", objective=objective)
         held_out = _samples(dataset, "eval", objective=objective)
@@ -420,7 +425,7 @@ def training_schedule_tick(*, project: Project, now: datetime | None = None) -> 
     on its own (window, time slice, stale worker), or start one when the project is ready."""
     now = now or _now()
     policy = idle_policy_get(project)
-    if policy.pk is None or not policy.auto_train:
+    if not auto_training_on(policy):
         return None
     if not project_idle_status(project=project, now=now, policy=policy).idle:
         return None

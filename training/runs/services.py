@@ -33,7 +33,7 @@ from training.datasets.generations import (
     policy_generation,
     trajectory_rule_filters,
 )
-from training.datasets.services import dataset_build
+from training.datasets.services import DatasetBuildStopped, dataset_build
 from training.policy.models import IdleWindowPolicy
 from training.policy.services import idle_policy_get
 from training.runs.models import ACTIVE_RUN_STATUSES, PauseReason, RunStatus, TrainingRun, Trigger
@@ -95,9 +95,12 @@ def project_training_readiness(
         generation=policy_generation(project),
     )
     new_samples = sum(r.usable for r in by_rule)
+    # A run that failed before its first step (no data, no model) trained nothing: it does not
+    # use up the day's budget, so fixing the cause and pressing "Train now" again works.
     runs_last_day = (
         TrainingRun.objects.filter(project=project, created_at__gt=now - timedelta(days=1))
         .exclude(status=RunStatus.CANCELLED)
+        .exclude(status=RunStatus.FAILED, step=0)
         .count()
     )
     reasons = []
@@ -113,7 +116,8 @@ def project_training_readiness(
     if runs_last_day >= policy.max_runs_per_day:
         ready = False
         reasons.append(
-            f"{runs_last_day} run(s) in the last 24 hours; the budget is {policy.max_runs_per_day}."
+            f"{runs_last_day} run(s) in the last 24 hours; the budget is {policy.max_runs_per_day} "
+            "(cancelled runs and runs that failed before their first step do not count)."
         )
     if TrainingRun.objects.filter(project=project, status__in=ACTIVE_RUN_STATUSES).exists():
         ready = False
@@ -197,14 +201,60 @@ def training_run_claim(*, run_id: int, now: datetime | None = None) -> bool:
     return claimed == 1
 
 
-@transaction.atomic
-def training_run_prepare(*, run_id: int, now: datetime | None = None) -> TrainingRun:
-    """Freeze the dataset of a PREPARING run (once: a resumed run keeps its snapshot)."""
-    run = _locked(run_id)
-    if run.status != RunStatus.PREPARING:
-        raise Conflict(f"The run is {run.status}, not preparing.")
-    if run.dataset_id is None:
-        dataset = dataset_build(project=run.project, now=now)
+# How often a dataset build looks whether its run is still preparing (and says it is alive).
+BUILD_CHECK_SECONDS = 0.5
+
+
+def training_run_prepare(*, run_id: int, now: datetime | None = None) -> TrainingRun | None:
+    """Freeze the dataset of a PREPARING run (once: a resumed run keeps its snapshot).
+
+    The build reads the project's whole history and may take minutes, so it runs outside the
+    run's row lock: a person's Pause or Cancel answers at once. Three steps: under the lock,
+    check the state and note this worker's claim (the moment the run became PREPARING);
+    build, looking every ``BUILD_CHECK_SECONDS`` whether the run is still so claimed (each
+    look is also the run's heartbeat, so a long build is not taken for a dead worker); under
+    the lock again, attach the snapshot if the claim still holds, else delete it. None when
+    the claim ended meanwhile (the run was cancelled, or marked stale and claimed again): the
+    caller stops. Must not run inside a transaction (the lock would be held throughout)."""
+    with transaction.atomic():
+        run = _locked(run_id)
+        if run.status != RunStatus.PREPARING:
+            raise Conflict(f"The run is {run.status}, not preparing.")
+        if run.dataset_id is not None:
+            return run
+        project, claimed_at = run.project, run.status_changed_at
+
+    def claimed() -> TrainingRun | None:
+        return (
+            TrainingRun.objects.select_for_update()
+            .filter(pk=run_id, status=RunStatus.PREPARING, status_changed_at=claimed_at)
+            .first()
+        )
+
+    def still_claimed() -> bool:
+        return (
+            TrainingRun.objects.filter(
+                pk=run_id, status=RunStatus.PREPARING, status_changed_at=claimed_at
+            ).update(heartbeat_at=_now())
+            == 1
+        )
+
+    try:
+        dataset = dataset_build(
+            project=project,
+            now=now,
+            should_stop=lambda: not still_claimed(),
+            check_every_seconds=BUILD_CHECK_SECONDS,
+        )
+    except DatasetBuildStopped:
+        logger.info("Run %s: dataset build stopped early, the run left preparing.", run_id)
+        return None
+    with transaction.atomic():
+        run = claimed()
+        if run is None or run.dataset_id is not None:
+            dataset.delete()
+            logger.info("Run %s: dataset built but not kept, the run left preparing.", run_id)
+            return None
         run.dataset = dataset
         report = dataset.report
         _append_log(
@@ -220,6 +270,24 @@ def training_run_prepare(*, run_id: int, now: datetime | None = None) -> Trainin
             after={"dataset": dataset.pk, "hash": dataset.content_hash, **report["dropped"]},
         )
     return run
+
+
+@transaction.atomic
+def training_run_pause_prepared(*, run_id: int) -> TrainingRun:
+    """PREPARING → PAUSED when a person asked for a pause while the dataset was being built:
+    the snapshot stays attached for the resume, and no step has been trained. A run that left
+    PREPARING meanwhile (cancelled) comes back as it is."""
+    run = _locked(run_id)
+    if run.status != RunStatus.PREPARING or not run.pause_requested:
+        return run
+    return _transition(
+        run_id=run_id,
+        allowed=[RunStatus.PREPARING],
+        to=RunStatus.PAUSED,
+        action="training_run.paused",
+        message="Paused on request before training, with its dataset frozen.",
+        updates={"pause_reason": PauseReason.REQUESTED, "pause_requested": False},
+    )
 
 
 def _transition(
