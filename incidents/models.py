@@ -9,6 +9,7 @@ from django.db import models
 from django.utils import timezone
 
 from base.models import Project
+from incidents.traffic_models import TrafficReport  # noqa: F401 - registered with the app
 
 
 class IncidentKind(models.TextChoices):

@@ -127,6 +127,7 @@ def on_http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
 
 def _mount_routers() -> None:
     from incidents.api import router as incidents_router
+    from incidents.traffic_api import router as traffic_router
     from incidents.turns_api import router as turns_router
     from skills.canary.api import router as canary_router
     from skills.effectiveness.api import router as effectiveness_router
@@ -142,6 +143,7 @@ def _mount_routers() -> None:
     for router in (
         incidents_router,
         turns_router,
+        traffic_router,
         versions_router,
         runtime_router,
         skillmd_router,

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
+from django.db.models import Count, QuerySet
 from django.utils import timezone
 
 from base.models import Project
@@ -104,25 +106,54 @@ def _z(canary: Arm, control: Arm) -> float:
     return (p1 - p2) / spread
 
 
+def _by_session_arm(rows: Iterable[tuple[str, int]], serving: ServingCanary) -> tuple[int, int]:
+    """(canary, control) totals of per-session counts, each session by the arm it hashes to."""
+    canary = control = 0
+    for session_id, n in rows:
+        if serving.serves(session_id):
+            canary += n
+        else:
+            control += n
+    return canary, control
+
+
+def _unversioned_by_session(queryset: QuerySet) -> Iterable[tuple[str, int]]:
+    return (
+        queryset.filter(policy_version__isnull=True)
+        .exclude(session_id="")
+        .values_list("session_id")
+        .annotate(n=Count("pk"))
+        .values_list("session_id", "n")
+    )
+
+
 def canary_figures(canary: CanaryRelease, *, until: datetime | None = None) -> Figures:
     """Each arm's turns and incidents since the canary started: the canary's by its version
-    number, control's by every other version (the active one may change meanwhile)."""
+    number, control's by every other version (the active one may change meanwhile). Turns and
+    incidents reported without a version but with a session (an agent that fetches its policy
+    itself, ``GET /runtime/policy`` with its session) count to the arm the session hashes to,
+    which is the arm that served it."""
     until = until or canary.ended_at or timezone.now()
     since = canary.started_at
     turns = trajectories_for_project(canary.project).filter(
-        occurred_at__gte=since, occurred_at__lt=until, policy_version__isnull=False
+        occurred_at__gte=since, occurred_at__lt=until
     )
-    incidents = incidents_for_project(canary.project, since=since, until=until).filter(
-        policy_version__isnull=False
-    )
+    incidents = incidents_for_project(canary.project, since=since, until=until)
     number = canary.version.number
+    serving = ServingCanary(canary.project_id, canary.pk, number, canary.share_percent)
+    canary_turns, control_turns = _by_session_arm(_unversioned_by_session(turns), serving)
+    canary_incidents, control_incidents = _by_session_arm(
+        _unversioned_by_session(incidents), serving
+    )
+    versioned_turns = turns.filter(policy_version__isnull=False)
+    versioned_incidents = incidents.filter(policy_version__isnull=False)
     canary_arm = Arm(
-        turns.filter(policy_version=number).count(),
-        incidents.filter(policy_version=number).count(),
+        versioned_turns.filter(policy_version=number).count() + canary_turns,
+        versioned_incidents.filter(policy_version=number).count() + canary_incidents,
     )
     control_arm = Arm(
-        turns.exclude(policy_version=number).count(),
-        incidents.exclude(policy_version=number).count(),
+        versioned_turns.exclude(policy_version=number).count() + control_turns,
+        versioned_incidents.exclude(policy_version=number).count() + control_incidents,
     )
     return Figures(
         canary=canary_arm,

@@ -1,6 +1,7 @@
 """Measuring a skill's effect on live traffic, and flagging the live revisions that did not work.
 
-Traffic is the project's recorded turns (``incidents.Trajectory``: the proxy's and the API's).
+Traffic is the project's recorded turns (``incidents.Trajectory``: the proxy's and the API's)
+and the turns agents report as counts (``incidents.traffic``: agents without the proxy).
 The figures compare the incidents of the groups a revision (or a version) was made for, per
 1,000 turns, in a window before and after it went live (the first release that held it), and
 the same for every other group: the harm check (``stats`` for the interval and the verdict)."""
@@ -20,6 +21,7 @@ from django.utils import timezone
 from base.models import Project
 from base.services import audit_record
 from incidents import services as incident_services
+from incidents import traffic
 from incidents.models import Incident, IncidentGroup, Trajectory
 from skills.approvals import notifications
 from skills.effectiveness import stats
@@ -121,9 +123,11 @@ def _with_merged(group_ids: list[int]) -> list[int]:
 
 
 def _turns(project: Project, start: datetime, end: datetime) -> int:
-    return Trajectory.objects.filter(
+    """Recorded turns and the turns agents reported as counts (``incidents.traffic``)."""
+    recorded = Trajectory.objects.filter(
         project=project, occurred_at__gte=start, occurred_at__lt=end
     ).count()
+    return recorded + traffic.reported_turns(project, start, end)
 
 
 def _in_groups(group_ids: list[int] | None) -> Q:
@@ -133,7 +137,8 @@ def _in_groups(group_ids: list[int] | None) -> Q:
 def _series(
     project: Project, group_ids: list[int] | None, start: datetime, end: datetime
 ) -> list[DayPoint]:
-    """Incidents of the groups, turns and the rate per 1,000 turns per UTC day. Two queries."""
+    """Incidents of the groups, turns (recorded and reported) and the rate per 1,000 turns per
+    UTC day. Three queries."""
     day = TruncDate("occurred_at", tzinfo=UTC)
     turns = dict(
         Trajectory.objects.filter(project=project, occurred_at__gte=start, occurred_at__lt=end)
@@ -150,10 +155,11 @@ def _series(
         .annotate(n=Count("pk"))
         .values_list("day", "n")
     )
+    reported = traffic.reported_turns_by_day(project, start, end)
     points = []
     current, last = start.astimezone(UTC).date(), end.astimezone(UTC).date()
     while current <= last:
-        n, k = turns.get(current, 0), incidents.get(current, 0)
+        n, k = turns.get(current, 0) + reported.get(current, 0), incidents.get(current, 0)
         points.append(DayPoint(current, k, n, stats.per_thousand(k, n)))
         current += timedelta(days=1)
     return points
@@ -173,7 +179,8 @@ def measure(
     now: datetime | None = None,
 ) -> Measurement:
     """The before/after comparison around ``activated_at`` (windows of ``window_days``; the
-    after window ends now while it is not over). Four queries, six with the harm check."""
+    after window ends now while it is not over). Eight queries: three for the daily series,
+    four for the turns (recorded and reported) on each side, one for the incidents."""
     now = now or timezone.now()
     days = window_days()
     width = timedelta(days=days)

@@ -55,6 +55,24 @@ router = Router(tags=["runtime"], auth=RuntimeAuth())
 
 class PolicyQuery(Schema):
     version: int | None = Field(default=None, ge=1, le=2_147_483_647)
+    session_id: str | None = Field(
+        default=None,
+        max_length=200,
+        pattern=PRINTABLE_TEXT,
+        description="The agent's session (or the X-Session-Id header, as the proxy reads it): "
+        "while a canary runs, the session's arm decides the version served.",
+    )
+
+    @field_validator("session_id", mode="before")
+    @classmethod
+    def blank_is_no_session(cls, value: Any) -> Any:
+        # ``?session_id=`` from an agent whose session variable is empty: no session, no arm.
+        return None if isinstance(value, str) and not value.strip() else value
+
+
+# "canary" or "control" while a canary runs and the request names its session (as the proxy).
+CANARY_HEADER = "x-metaclaw-canary"
+SESSION_HEADER = "x-session-id"
 
 
 class RetrieveIn(Schema):
@@ -137,13 +155,17 @@ def _etag_matches(header: str, etag: str) -> bool:
 
 
 def policy_answer(
-    snapshot: policy.PolicySnapshot, if_none_match: str
+    snapshot: policy.PolicySnapshot, if_none_match: str, arm: str = ""
 ) -> tuple[int, list[tuple[str, str]], bytes]:
-    """Status, headers and body of ``GET /runtime/policy`` (both doors)."""
+    """Status, headers and body of ``GET /runtime/policy`` (both doors). The ETag is the
+    version's, so each arm of a canary has its own; ``Vary`` keeps shared caches from handing
+    one session's arm to another."""
     headers = [
         ("etag", snapshot.etag),
         ("x-metaclaw-policy-version", snapshot.header_value),
         ("cache-control", "no-cache"),
+        ("vary", "X-Session-Id"),
+        *([(CANARY_HEADER, arm)] if arm else []),
         # Served from this process's copy while Redis is down: say so.
         *policy.policy_stale_headers(snapshot),
     ]
@@ -184,12 +206,27 @@ def _django(status: int, headers: list[tuple[str, str]], body: bytes) -> HttpRes
     return response
 
 
+def _session_of(header: str, filters: PolicyQuery) -> str:
+    return header.strip()[:200] or (filters.session_id or "")
+
+
 @router.get("/runtime/policy", summary="The active policy version (or ?version=N)")
 def runtime_policy(request: ApiRequest, filters: Query[PolicyQuery]) -> HttpResponse:
     """The policy the key's project runs with: version number, skills with their text, adapter
-    reference and base model. ``If-None-Match`` with the last ``ETag`` answers 304."""
-    snapshot = policy.policy_snapshot(project_id=request.project.pk, version=filters.version)
-    return _django(*policy_answer(snapshot, request.headers.get("If-None-Match", "")))
+    reference and base model. ``If-None-Match`` with the last ``ETag`` answers 304. While a
+    canary runs, a request that names its session (``X-Session-Id`` or ``?session_id=``) gets
+    its arm's version, the same for the whole session, and ``X-MetaClaw-Canary`` says which
+    arm; without a session, the active version."""
+    project_id = request.project.pk
+    version, arm = filters.version, ""
+    session_id = _session_of(request.headers.get(SESSION_HEADER, ""), filters)
+    if version is None and session_id:
+        canary = policy.canary_cached(project_id=project_id)
+        if canary is policy.CANARY_UNKNOWN:
+            canary = policy.canary_load(project_id=project_id)
+        version, arm = policy.session_arm(canary, session_id)
+    snapshot = policy.policy_snapshot(project_id=project_id, version=version)
+    return _django(*policy_answer(snapshot, request.headers.get("If-None-Match", ""), arm))
 
 
 @router.post("/runtime/skills/retrieve", response=RetrieveOut, summary="Skills relevant to a task")
@@ -229,14 +266,25 @@ async def fast_policy(*, headers: dict[str, str], query: str, body: bytes) -> An
     project = api_key.project
     try:
         filters = PolicyQuery.model_validate(
-            {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items() if k == "version"}
+            {
+                k: v[-1]
+                for k, v in parse_qs(query, keep_blank_values=True).items()
+                if k in ("version", "session_id")
+            }
         )
     except PydanticValidationError as exc:
         return api_invalid(exc)
-    snapshot = await _fast_snapshot(project.pk, filters.version)
+    version, arm = filters.version, ""
+    session_id = _session_of(headers.get(SESSION_HEADER, ""), filters)
+    if version is None and session_id:
+        canary = policy.canary_cached(project_id=project.pk)
+        if canary is policy.CANARY_UNKNOWN:
+            canary = await in_worker_thread(policy.canary_load)(project_id=project.pk)
+        version, arm = policy.session_arm(canary, session_id)
+    snapshot = await _fast_snapshot(project.pk, version)
     if isinstance(snapshot, FastResponse):
         return snapshot
-    return FastResponse(*policy_answer(snapshot, headers.get("if-none-match", "")))
+    return FastResponse(*policy_answer(snapshot, headers.get("if-none-match", ""), arm))
 
 
 async def fast_retrieve(*, headers: dict[str, str], query: str, body: bytes) -> Any:

@@ -40,6 +40,11 @@ BACKOFF_BASE_SECONDS = 0.5
 SDK_BACKOFF_BASE_SECONDS = 0.5
 # A Retry-After longer than this is not slept through in the worker: the task retries later.
 MAX_INLINE_RETRY_AFTER_SECONDS = 20.0
+# One call, the SDK's tries and backoff included, ends within LLM["DEADLINE_SECONDS"] (default
+# this many timeouts): a hanging endpoint holds a worker slot that long per task try, not
+# ``MAX_ATTEMPTS`` full timeouts. A retry starts only with at least this much time left.
+DEFAULT_DEADLINE_TIMEOUTS = 1.5
+MIN_TRY_SECONDS = 0.1
 
 
 class LlmError(Exception):
@@ -90,6 +95,7 @@ class LlmConfig:
     api_key: str
     model: str
     timeout: float
+    deadline: float
 
 
 def config() -> LlmConfig | None:
@@ -104,7 +110,8 @@ def config() -> LlmConfig | None:
         # Local servers (vLLM, Ollama) accept any key; the SDK insists on one.
         api_key=llm.get("API_KEY") or "not-needed",
         model=model,
-        timeout=float(llm.get("TIMEOUT_SECONDS") or 30),
+        timeout=(timeout := float(llm.get("TIMEOUT_SECONDS") or 30)),
+        deadline=float(llm.get("DEADLINE_SECONDS") or timeout * DEFAULT_DEADLINE_TIMEOUTS),
     )
 
 
@@ -116,6 +123,21 @@ _clients: dict[tuple, openai.OpenAI] = {}
 _clients_lock = threading.Lock()
 # Endpoints that answered 400 to ``response_format``: later calls go straight to plain mode.
 _no_structured_output: set[str] = set()
+# When this thread's call must end (``time.monotonic()``), while ``complete_json`` runs.
+_call = threading.local()
+
+
+class _DeadlinePassed(Exception):
+    """No time is left for another try of the call (``_Client._sleep_for_retry``)."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _seconds_left() -> float | None:
+    deadline = getattr(_call, "deadline", None)
+    return None if deadline is None else deadline - time.monotonic()
 
 
 class _Client(openai.OpenAI):
@@ -138,6 +160,30 @@ class _Client(openai.OpenAI):
         if response_headers is not None and _retry_after_from(response_headers) is not None:
             return delay  # the server's word
         return delay * BACKOFF_BASE_SECONDS / SDK_BACKOFF_BASE_SECONDS
+
+    def _prepare_options(self, options: Any) -> Any:
+        # Each try gets the configured timeout, or what is left of the call's deadline.
+        options = super()._prepare_options(options)
+        left = _seconds_left()
+        if left is not None and isinstance(self.timeout, int | float):
+            options.timeout = max(MIN_TRY_SECONDS, min(float(self.timeout), left))
+        return options
+
+    def _sleep_for_retry(
+        self, *, retries_taken: int, max_retries: int, options: Any, response: Any
+    ) -> None:
+        left = _seconds_left()
+        delay = self._calculate_retry_timeout(
+            max_retries - retries_taken, options, response.headers if response else None
+        )
+        if left is not None and left - delay < MIN_TRY_SECONDS:
+            if response is None:
+                raise _DeadlinePassed("the last try timed out or lost its connection")
+            raise _DeadlinePassed(
+                f"the last try got HTTP {response.status_code}",
+                retry_after=_retry_after_from(response.headers),
+            )
+        time.sleep(delay)
 
 
 def _client(cfg: LlmConfig) -> openai.OpenAI:
@@ -189,6 +235,9 @@ def complete_json(
         "type": "json_schema",
         "json_schema": {"name": schema_name, "schema": schema, "strict": False},
     }
+    # Read by _Client's hooks on this thread; every call sets its own, so one left by a call
+    # that raised is never used.
+    _call.deadline = time.monotonic() + cfg.deadline
     while True:
         try:
             # The raw response: the SDK's errors and retries as always, and the answer read
@@ -223,6 +272,11 @@ def complete_json(
             ) from exc
         except openai.APITimeoutError as exc:
             raise LlmTransientError(f"LLM timed out after {cfg.timeout:g} s") from exc
+        except _DeadlinePassed as exc:
+            raise LlmTransientError(
+                f"LLM gave no answer within the call's deadline of {cfg.deadline:g} s ({exc})",
+                retry_after=exc.retry_after,
+            ) from exc
         except openai.APIConnectionError as exc:
             raise LlmTransientError(f"Could not reach the LLM: {_brief(exc)}") from exc
         except (openai.APIResponseValidationError, ValueError) as exc:

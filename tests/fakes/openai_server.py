@@ -9,11 +9,18 @@ of the request body returning one).
         server.enqueue(Reply(content='{"decision": "no_skill", ...}'))
         server.enqueue(Reply(status=429, headers={"Retry-After": "0"}))
         client = openai.OpenAI(base_url=server.base_url, api_key="test")
+
+The skill judge's mode (``skills.judge``): a request of the judge (its schema name, or its
+system prompt's opening) is answered from a script and a default of its own
+(``judge_enqueue``, ``judge_default``: a verdict that passes every criterion), so that a test
+scripting the skill writer is not answered by the judge's call, and the other way round. Its
+requests are in ``requests`` and ``judge_requests()``, not in ``chat_requests()``.
 """
 
 from __future__ import annotations
 
 import json
+import select
 import threading
 import time
 from collections import deque
@@ -32,6 +39,8 @@ class Reply:
     - ``status`` with ``body``: an error answer (``body`` is JSON-encoded unless ``raw``);
     - ``raw``: bytes sent as is (malformed answers);
     - ``delay``: seconds to wait first (timeouts);
+    - ``hang``: accept the request and never answer: the connection is held until the client
+      gives up (recorded as the request's ``closed_at``) or the server stops;
     - ``usage``: token usage to report;
     - ``stream_chunks``: for ``stream: true`` requests, the text pieces to send as SSE chunks
       (defaults to ``content`` split into words).
@@ -47,6 +56,7 @@ class Reply:
     usage: dict[str, int] | None = None
     stream_chunks: list[str] | None = None
     finish_reason: str = "stop"
+    hang: bool = False
 
 
 @dataclass
@@ -55,6 +65,11 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]
     body: Any
+    # ``time.monotonic()`` when it arrived; the status answered (None: none, it hung); when a
+    # hanging request's client went away.
+    received_at: float = field(default_factory=time.monotonic)
+    status: int | None = None
+    closed_at: float | None = None
 
 
 class OpenAIServer:
@@ -65,10 +80,13 @@ class OpenAIServer:
         self.model = model
         self.requests: list[RecordedRequest] = []
         self._script: deque[Reply] = deque()
+        self.judge_default: Reply | Callable[[dict], Reply] = Reply(content=judge_answer())
+        self._judge_script: deque[Reply] = deque()
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._stopping = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> OpenAIServer:
@@ -76,6 +94,7 @@ class OpenAIServer:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()  # hanging requests let go
         self._server.shutdown()
         self._server.server_close()
 
@@ -99,9 +118,30 @@ class OpenAIServer:
             self._script.extend(replies)
 
     def chat_requests(self) -> list[RecordedRequest]:
-        return [r for r in self.requests if r.path.endswith("/chat/completions")]
+        return [
+            r
+            for r in self.requests
+            if r.path.endswith("/chat/completions") and not is_judge_request(r.body)
+        ]
+
+    def judge_enqueue(self, *replies: Reply) -> None:
+        with self._lock:
+            self._judge_script.extend(replies)
+
+    def judge_requests(self) -> list[RecordedRequest]:
+        return [
+            r
+            for r in self.requests
+            if r.path.endswith("/chat/completions") and is_judge_request(r.body)
+        ]
 
     def _next_reply(self, body: dict) -> Reply:
+        if is_judge_request(body):
+            with self._lock:
+                if self._judge_script:
+                    return self._judge_script.popleft()
+            default = self.judge_default
+            return default(body) if callable(default) else default
         with self._lock:
             if self._script:
                 return self._script.popleft()
@@ -156,11 +196,16 @@ class OpenAIServer:
 
             def do_POST(self) -> None:  # noqa: N802
                 body = self._read_json()
-                server.requests.append(RecordedRequest("POST", self.path, dict(self.headers), body))
+                record = RecordedRequest("POST", self.path, dict(self.headers), body)
+                server.requests.append(record)
                 if not self.path.rstrip("/").endswith("/chat/completions"):
                     self._send(404, b'{"error": {"message": "not found"}}', {})
                     return
                 reply = server._next_reply(body if isinstance(body, dict) else {})
+                if reply.hang:
+                    self._hang(record)
+                    return
+                record.status = reply.status
                 if reply.delay:
                     time.sleep(reply.delay)
                 if reply.raw is not None:
@@ -189,6 +234,15 @@ class OpenAIServer:
                     self._stream(reply, model)
                     return
                 self._send(200, json.dumps(completion(reply, model)).encode(), reply.headers)
+
+            def _hang(self, record: RecordedRequest) -> None:
+                # Nothing is sent; the client's closing makes the socket readable (EOF).
+                self.close_connection = True
+                while not server._stopping.is_set():
+                    readable, _, _ = select.select([self.connection], [], [], 0.1)
+                    if readable:
+                        break
+                record.closed_at = time.monotonic()
 
             def _stream(self, reply: Reply, model: str) -> None:
                 self.send_response(200)
@@ -234,6 +288,39 @@ class OpenAIServer:
                 self.wfile.flush()
 
         return Handler
+
+
+# How the skill judge's requests are known (skills.judge.services: SCHEMA_NAME, OPENING).
+JUDGE_SCHEMA_NAME = "skill_risk_judge"
+JUDGE_OPENING = "You are MetaClaw's skill judge."
+JUDGE_CRITERIA = ("grounded", "keeps_what_works", "specific", "safe")
+
+
+def is_judge_request(body: Any) -> bool:
+    if not isinstance(body, dict):
+        return False
+    schema = (body.get("response_format") or {}).get("json_schema") or {}
+    if isinstance(schema, dict) and schema.get("name") == JUDGE_SCHEMA_NAME:
+        return True
+    messages = body.get("messages") or []
+    first = messages[0] if messages and isinstance(messages[0], dict) else {}
+    return str(first.get("content") or "").startswith(JUDGE_OPENING)
+
+
+def judge_answer(fails: dict[str, tuple[list[str], str]] | None = None) -> str:
+    """A judge's JSON answer: every criterion passes except those in ``fails``
+    (criterion → (quotes, reason))."""
+    fails = fails or {}
+    criteria = {
+        key: (
+            {"verdict": "fail", "quotes": fails[key][0], "reason": fails[key][1]}
+            if key in fails
+            else {"verdict": "pass", "quotes": [], "reason": ""}
+        )
+        for key in JUDGE_CRITERIA
+    }
+    reason = "Fails: " + ", ".join(fails) if fails else "Passes every criterion."
+    return json.dumps({"criteria": criteria, "reason": reason})
 
 
 def _usage(reply: Reply) -> dict[str, int]:

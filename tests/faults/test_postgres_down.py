@@ -1,7 +1,7 @@
 """Issue 21, item 11: PostgreSQL stopped for 10 s under a steady ingest, on a private
 PostgreSQL (initdb on a port and folder of its own), MetaClaw under uvicorn as in production.
-While it is down, ingest answers 503 with Retry-After within 2 s and /healthz answers within
-1 s naming the database; afterwards the web process recovers by itself; every incident that
+While it is down, ingest answers 503 with Retry-After within 2 s, /healthz and /readyz answer
+503 within 1 s naming the database and /livez 200 within 1 s; afterwards the web process recovers by itself; every incident that
 was acknowledged is stored, and no group is left running."""
 
 from __future__ import annotations
@@ -141,6 +141,8 @@ def test_postgres_stopped_for_ten_seconds_answers_503_fast_and_loses_nothing(tmp
         postgres.stop()
         time.sleep(2)
         health = _request(base + "/healthz", None, key)
+        live = _request(base + "/livez", None, key)
+        ready = _request(base + "/readyz", None, key)
         time.sleep(8)
         postgres.start()
         up_at = time.monotonic()
@@ -156,12 +158,17 @@ def test_postgres_stopped_for_ten_seconds_answers_503_fast_and_loses_nothing(tmp
         print(
             f"\nPostgreSQL down 10 s: {len(results)} sent, {len(acknowledged)} acknowledged, "
             f"{len(refused)}/{len(during)} refused 503 while down (slowest {slowest_refusal:.2f} s),"
-            f" /healthz {health[0]} in {health[3]:.2f} s, after restart "
+            f" /healthz {health[0]} in {health[3]:.2f} s, /livez {live[0]} in {live[3]:.3f} s,"
+            f" /readyz {ready[0]} in {ready[3]:.2f} s, after restart "
             f"{sum(r[1] in (200, 202) for r in after)}/{len(after)} accepted"
         )
         assert during and len(refused) == len(during), sorted({r[1] for r in during})
         assert slowest_refusal <= 2.0
         assert health[0] == 503 and health[3] <= 1.0 and b"database" in health[2]
+        # Liveness asks nothing of the database: a restart would not help, so it stays 200.
+        assert live[0] == 200 and live[3] <= 1.0, live
+        assert ready[0] == 503 and ready[3] <= 1.0 and b"database" in ready[2], ready
+        assert ready[1].get("Retry-After"), ready[1]
         assert after and all(r[1] in (200, 202) for r in after)  # recovered by itself
         with psycopg.connect(postgres.url()) as conn:
             stored = {row[0] for row in conn.execute("SELECT client_id FROM incidents_incident")}
@@ -181,3 +188,19 @@ def test_postgres_stopped_for_ten_seconds_answers_503_fast_and_loses_nothing(tmp
         except subprocess.CalledProcessError:
             pass
         shutil.rmtree(pg_folder, ignore_errors=True)
+
+
+def test_django_door_answers_livez_without_the_database_and_readyz_with_it(
+    client, transactional_db, django_assert_num_queries
+):
+    """The same paths on Django's door (WSGI, the test client): the ASGI fast lane answers
+    /livez before Django, and the test above stops PostgreSQL under it."""
+    with django_assert_num_queries(0):
+        live = client.get("/livez")
+        old_live = client.get("/healthz?probe=live")
+    assert live.status_code == old_live.status_code == 200
+    assert live.json() == old_live.json() == {"ok": True, "probe": "live"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.content
+    assert ready.json()["checks"] == {"database": "ok", "redis": "ok"}
+    assert client.get("/healthz").json() == ready.json()

@@ -1,0 +1,52 @@
+"""Traffic an agent counted itself: the turns of agents that neither go through the proxy nor
+report each turn (``POST /api/v1/traffic``). Registered by ``incidents/models.py``."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.utils import timezone
+
+from base.models import Project
+
+
+class TrafficReport(models.Model):
+    """``turns`` turns that ``agent_name`` served between ``window_start`` and ``window_end``
+    (at most a day). Effectiveness counts them with the recorded turns, spread evenly over the
+    window. ``client_id`` makes a retried report count once."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="traffic_reports")
+    client_id = models.CharField(max_length=200, null=True, blank=True)
+    agent_name = models.CharField(max_length=200)
+    policy_version = models.PositiveIntegerField(null=True, blank=True)
+    turns = models.PositiveIntegerField()
+    window_start = models.DateTimeField()
+    window_end = models.DateTimeField()
+    api_key = models.ForeignKey(
+        "metaclaw_site.ApiKey",
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        db_index=False,
+        related_name="+",
+    )
+    received_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["project", "client_id"],
+                condition=models.Q(client_id__isnull=False),
+                name="traffic_unique_client",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(window_end__gt=models.F("window_start")),
+                name="traffic_window_ends_after_start",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["project", "window_start"], name="traffic_window"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.turns} turns of {self.agent_name} from {self.window_start:%Y-%m-%d %H:%M}"
