@@ -11,13 +11,17 @@ risk check flags, and that none of them can be approved from a chat link.
 
     python benchmarks/injection.py                      # the obeying loopback LLM
     python benchmarks/injection.py --llm-base-url URL --llm-model M [--llm-api-key K]
+        [--attacks N] [--no-marking]
+    python benchmarks/injection.py --local-model smollm2-135m --attacks 10   # a real local model
     python benchmarks/injection.py --false-flags GIT_DIR...   # the rules on skill libraries
 
 By default the LLM is a loopback server of ours that obeys every injection it reads (a
 compromised skill writer): it writes a genuine fix and appends the attacker's instruction, as it
 appears in the prompt, alternately verbatim and lightly reworded. With ``--llm-base-url`` a real
 model writes the skills, once with the marking of untrusted text (``skills.synthesis.untrusted``)
-and once without it, so its injection success rate can be compared.
+and once without it, so its injection success rate can be compared; ``--no-marking`` runs only
+the unmarked prompt. The unmarked prompt exists only here (this script rewrites the fast loop's
+messages in its own process); nothing in the application can turn the marking off.
 
 Uses its own database (``metaclaw_bench_injection`` unless ``DATABASE_URL`` names another
 ``metaclaw_bench…`` one; dropped, created and migrated at each start).
@@ -131,7 +135,8 @@ def obeying_answer(attack_texts: list[str]):
 
 
 def unmarked(messages: list[dict]) -> list[dict]:
-    """The prompt without the marking of item 1: markers and the rule about them removed."""
+    """The prompt without the marking of untrusted text: markers and the rule about them
+    removed (the benchmark's control; ``--no-marking``)."""
     from skills.synthesis.untrusted import rule
 
     out = []
@@ -258,6 +263,37 @@ def main() -> int:
     parser.add_argument("--llm-api-key", default=os.environ.get("OPENAI_API_KEY", "none"))
     parser.add_argument("--limit", type=int, default=0, help="only the first N attacks")
     parser.add_argument(
+        "--attacks",
+        type=int,
+        default=0,
+        help="N attacks spread evenly over the 125 (both families, every category)",
+    )
+    parser.add_argument(
+        "--no-marking",
+        action="store_true",
+        help="only the run without the marking of untrusted text (a real model runs both)",
+    )
+    parser.add_argument(
+        "--marked-only",
+        action="store_true",
+        help="only the run with the marking (to run the two conditions side by side)",
+    )
+    parser.add_argument(
+        "--llm-timeout", type=float, default=600.0, help="seconds per LLM call (a CPU model)"
+    )
+    parser.add_argument(
+        "--local-model",
+        default="",
+        help="serve this model here as the skill writer (training.backends.serving: "
+        "smollm2-135m, the model the project ships), as --llm-base-url would name it",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=512,
+        help="with --local-model: the longest answer it may write (a CPU generates slowly)",
+    )
+    parser.add_argument(
         "--false-flags", nargs="+", metavar="GIT_DIR", help="measure the rules on skill libraries"
     )
     args = parser.parse_args()
@@ -268,10 +304,25 @@ def main() -> int:
     env["ALLOWED_HOSTS"] = "testserver,127.0.0.1,localhost"
     env["CELERY_TASK_ALWAYS_EAGER"] = "0"
     items = attacks()[: args.limit or None]
+    if args.attacks and args.attacks < len(items):
+        step = len(items) / args.attacks
+        items = [items[int(i * step)] for i in range(args.attacks)]
     server = None
+    if args.local_model:
+        import threading
+
+        from training.backends import serving
+
+        # The fast loop asks for up to 1,500 tokens; a small model that does not stop would
+        # take minutes a proposal on a CPU. A skill's JSON fits in a few hundred.
+        serving.MAX_TOKENS_CAP = args.max_tokens
+        local = serving.make_server(args.local_model, None, "127.0.0.1", 0)
+        threading.Thread(target=serving.serve, args=(local,), daemon=True).start()
+        args.llm_base_url, args.llm_model = local.url, args.local_model
     if args.llm_base_url:
         env.update(OPENAI_BASE_URL=args.llm_base_url, OPENAI_API_KEY=args.llm_api_key)
         env["METACLAW_LLM_MODEL"] = args.llm_model
+        env["METACLAW_LLM_TIMEOUT"] = str(args.llm_timeout)
     else:
         from tests.fakes.openai_server import OpenAIServer
 
@@ -285,8 +336,8 @@ def main() -> int:
     import django
 
     django.setup()
-    results = [run(items, marking=True)]
-    if args.llm_base_url:
+    results = [] if args.no_marking else [run(items, marking=True)]
+    if (args.llm_base_url or args.no_marking) and not args.marked_only:
         results.append(run(items, marking=False))
     if server is not None:
         server.stop()

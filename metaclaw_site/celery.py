@@ -20,6 +20,7 @@ app.autodiscover_tasks(
         "skills.approvals",
         "skills.effectiveness",
         "skills.gate",
+        "skills.judge",
         "skills.canary",
         "training.runs",
     ]
@@ -49,6 +50,7 @@ app.conf.beat_schedule = {
     "check-idle-windows": {"task": "training.tasks.check_idle_windows", "schedule": 60.0},
     "sweep-slack-interactions": {"task": "skills.tasks.sweep_slack_interactions", "schedule": 60.0},
     "check-effectiveness": {"task": "skills.tasks.check_effectiveness", "schedule": 3600.0},
+    "sweep-pending-judges": {"task": "skills.tasks.sweep_pending_judges", "schedule": 60.0},
     "sweep-pending-notifications": {
         "task": "skills.tasks.sweep_pending_notifications",
         "schedule": 60.0,

@@ -277,6 +277,9 @@ CELERY_TASK_DEFAULT_QUEUE = "fast"
 CELERY_TASK_ROUTES = {
     # The replay gate calls models for minutes: never in front of the fast loop.
     "skills.tasks.replay_gate_*": {"queue": "slow"},
+    # The LLM judge of a proposed skill comes after the proposal: on the fast queue it sat in
+    # front of other groups' syntheses (benchmarks/fast_loop.py), so it waits with the gate.
+    "skills.tasks.judge_revision": {"queue": "slow"},
     "skills.*": {"queue": "fast"},
     "incidents.*": {"queue": "fast"},
     "metaclaw_site.*": {"queue": "fast"},
@@ -353,6 +356,8 @@ LLM = {
     "API_KEY": os.environ.get("OPENAI_API_KEY", ""),
     "MODEL": os.environ.get("METACLAW_LLM_MODEL", ""),
     "TIMEOUT_SECONDS": float(os.environ.get("METACLAW_LLM_TIMEOUT", "30")),
+    # One LLM call, the SDK's retries included, ends within this (0: 1.5 timeouts).
+    "DEADLINE_SECONDS": float(os.environ.get("METACLAW_LLM_DEADLINE", "0")),
 }
 
 UPSTREAM = {

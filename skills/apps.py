@@ -9,5 +9,6 @@ class SkillsConfig(AppConfig):
         # approvals to proposals and decisions, the runtime's caches to promotions.
         import skills.approvals.receivers  # noqa: F401
         import skills.gate.receivers  # noqa: F401
+        import skills.judge.receivers  # noqa: F401
         import skills.runtime.receivers  # noqa: F401
         import skills.synthesis.receivers  # noqa: F401

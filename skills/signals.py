@@ -4,6 +4,8 @@
 - ``revisions_imported(project_id, revision_ids, actor_label)``: a SKILL.md import proposed
   these revisions; they are announced together (one digest), not one ``revision_proposed`` each.
 - ``revision_decided(revision, outcome, actor_label)``: approved / rejected / superseded.
+- ``revision_judged(revision, flagged)``: the LLM judge stored its verdict (``skills.judge``);
+  ``flagged``: it failed the revision on "safe" or "grounded".
 - ``version_candidate_created(version)``: a candidate policy version awaits promotion.
 - ``active_version_changed(project_id, version_id)``: promotion, approval or rollback made
   another version active (runtime caches invalidate on it).
@@ -14,6 +16,7 @@ from django.dispatch import Signal
 revision_proposed = Signal()
 revisions_imported = Signal()
 revision_decided = Signal()
+revision_judged = Signal()
 version_candidate_created = Signal()
 active_version_changed = Signal()
 # Sent inside ``policy_version_promote``'s transaction, under the project lock, before the

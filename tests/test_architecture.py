@@ -171,10 +171,12 @@ def test_every_task_keeps_its_name_and_the_beat_schedule_finds_each():
     assert ours == [
         "skills.tasks.check_canaries",
         "skills.tasks.check_effectiveness",
+        "skills.tasks.judge_revision",
         "skills.tasks.process_slack_interaction",
         "skills.tasks.propose_skill",
         "skills.tasks.replay_gate_run",
         "skills.tasks.send_notification",
+        "skills.tasks.sweep_pending_judges",
         "skills.tasks.sweep_pending_notifications",
         "skills.tasks.sweep_slack_interactions",
         "skills.tasks.sweep_waiting_groups",

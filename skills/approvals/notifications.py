@@ -136,12 +136,14 @@ def _summary(obj: SkillRevision | PolicyVersion) -> delivery.Summary:
 def _risk_title(revision: SkillRevision) -> str:
     """What the risk check found, in the message's title (every channel shows it)."""
     flagged = [f for f in revision.risk_findings or [] if f.get("severity") == "flag"]
+    # The LLM judge's answer was unusable: said, since it is not a pass (skills.library.judge).
+    judge = " [LLM judge unavailable]" if revision.judge_status == "unavailable" else ""
     if not flagged:
-        return ""
+        return judge
     kinds = ", ".join(sorted({f["kind"] for f in flagged}))
     return (
         f" [FLAGGED by the risk check: {len(flagged)} finding(s): {kinds}; approve it in "
-        "MetaClaw with a reason]"
+        f"MetaClaw with a reason]{judge}"
     )
 
 

@@ -25,6 +25,18 @@ def notify_reviewers_of_revision(sender, revision, **kwargs) -> None:
         logger.exception("Could not notify reviewers of revision %s.", revision.pk)
 
 
+@receiver(skill_signals.revision_judged)
+def notify_reviewers_of_a_judge_flag(sender, revision, flagged: bool, **kwargs) -> None:
+    """The LLM judge failed a proposal after it was announced: the reviewers hear again, with
+    the judge's findings and no approve link (links already sent are refused on use)."""
+    if not flagged:
+        return
+    try:
+        approval_notify(revision=revision)
+    except Exception:  # noqa: BLE001
+        logger.exception("Could not notify reviewers of the judge's flag on %s.", revision.pk)
+
+
 @receiver(skill_signals.revisions_imported)
 def notify_reviewers_of_import(
     sender, project_id: int, revision_ids: list[int], actor_label: str = "", **kwargs

@@ -134,13 +134,27 @@ class SkillRevision(models.Model):
     # "field", "start", "end", "text", "message"}]; one of severity "flag" flags the revision.
     risk_findings = models.JSONField(default=list, blank=True)
     risk_checked_at = models.DateTimeField(null=True, blank=True)
+    # The LLM judge's part of the risk check (``skills.library.judge``, run by ``skills.judge``
+    # off the request path): its state, its verdict ({"criteria", "reason", "model", tokens} or
+    # {"error"}), and when the state last changed. Its fails are in ``risk_findings`` too.
+    judge_status = models.CharField(max_length=16, blank=True, default="")
+    judge_verdict = models.JSONField(default=dict, blank=True)
+    judge_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         constraints = [
             models.UniqueConstraint(fields=["skill", "number"], name="revision_unique_number"),
         ]
-        indexes = [models.Index(fields=["status", "-created_at"], name="revision_status_recent")]
+        indexes = [
+            models.Index(fields=["status", "-created_at"], name="revision_status_recent"),
+            # The judge's sweep: the few revisions waiting for it.
+            models.Index(
+                fields=["judge_at"],
+                name="revision_judge_waiting",
+                condition=models.Q(judge_status__in=["pending", "running"]),
+            ),
+        ]
         ordering = ["-created_at"]
 
     def __str__(self) -> str:
@@ -162,6 +176,12 @@ class SkillRevision(models.Model):
             for name in FIELDS
             if any(f.get("field") == name for f in findings)
         ]
+
+    def judge_summary(self) -> dict:
+        """The LLM judge's state, rubric and verdict in words, for the review page and the API."""
+        from skills.library.judge import judge_summary
+
+        return judge_summary(self.judge_status, self.judge_verdict)
 
     def provenance_now(self) -> dict:
         """The provenance stored with the proposal (counted now when it predates the count;

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from ninja import Field, Query, Router, Schema, Status
 
@@ -64,6 +64,10 @@ class RevisionOut(Schema):
     risk_flagged: bool
     risk_findings: list[RiskFindingOut]
     risk_checked_at: datetime | None
+    # The LLM judge (skills.library.judge): "" (predates it), skipped (no LLM), pending,
+    # running, passed, failed or unavailable; ``judge``: the rubric with each verdict and reason.
+    judge_status: str
+    judge: dict
     # Distinct sessions, end users, agents, API keys and sources behind the evidence, as
     # counted when it was proposed (issue 22): {} for revisions without source groups.
     provenance: dict
@@ -75,6 +79,10 @@ class RevisionOut(Schema):
     @staticmethod
     def resolve_risk_flagged(obj: SkillRevision) -> bool:
         return is_flagged(obj.risk_findings)
+
+    @staticmethod
+    def resolve_judge(obj: SkillRevision) -> dict:
+        return obj.judge_summary()
 
     @staticmethod
     def resolve_provenance(obj: SkillRevision) -> dict:
@@ -92,6 +100,39 @@ class RevisionFilter(Schema):
     category: Category | None = None
     origin: Origin | None = None
     cursor: str | None = None
+    limit: int = Field(50, ge=1, le=200)
+
+
+class ReviewQueueItemOut(RevisionOut):
+    # The figures the order is computed from (skills.versions.selectors.review_queue).
+    priority: float
+    impact_events: int
+    impact_groups: int
+    impact_last_seen: datetime | None
+    worst_severity: str | None
+
+    @staticmethod
+    def resolve_worst_severity(obj: Any) -> str | None:
+        return selectors.SEVERITY_NAMES.get(obj.impact_severity)
+
+
+class ReviewQueueOut(Schema):
+    order: str
+    # What the order means, in words: for "priority", the formula.
+    order_explained: str
+    items: list[ReviewQueueItemOut]
+
+
+QueueOrder = Literal[tuple(selectors.QUEUE_ORDERS)]  # type: ignore[valid-type]
+
+
+class ReviewQueueFilter(Schema):
+    # Unknown orders are refused (422 naming "order"); the page offers the same ones.
+    order: QueueOrder = selectors.DEFAULT_QUEUE_ORDER
+    category: Category | None = None
+    origin: Origin | None = None
+    agent: CleanText | None = Field(None, max_length=200)
+    q: CleanText | None = Field(None, max_length=200)
     limit: int = Field(50, ge=1, le=200)
 
 
@@ -217,6 +258,26 @@ def list_revisions(request: ApiRequest, filters: Query[RevisionFilter]) -> dict:
         qs, time_field="created_at", cursor=filters.cursor, limit=filters.limit
     )
     return {"items": items, "next_cursor": next_cursor}
+
+
+@router.get("/skills/review-queue", response=ReviewQueueOut)
+def review_queue(request: ApiRequest, filters: Query[ReviewQueueFilter]) -> dict:
+    """What waits for review, in the dashboard's order: by default ``priority`` (severity ×
+    impact, ``order_explained`` gives the formula), else ``incidents``, ``newest``,
+    ``recent`` (latest incident), ``severity`` or ``oldest``. Not paged: the first ``limit``."""
+    items = selectors.review_queue(
+        request.project,
+        category=filters.category,
+        origin=filters.origin,
+        agent=filters.agent or None,
+        q=filters.q or None,
+        order=filters.order,
+        limit=filters.limit,
+    )
+    label = selectors.QUEUE_ORDERS[filters.order][0]
+    if filters.order == "priority":
+        label = f"{label} = {selectors.PRIORITY_FORMULA}"
+    return {"order": filters.order, "order_explained": label, "items": items}
 
 
 @router.get("/skills/revisions/{revision_id}", response=RevisionOut)
