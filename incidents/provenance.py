@@ -4,11 +4,13 @@ person marked abusive (``incidents.services.abusive_source_mark``)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from django.db.models import Case, CharField, Count, Exists, OuterRef, Q, Value, When
 from django.db.models.functions import Cast, Concat
 
+from base.errors import NotFound
 from base.models import Project
 from incidents.models import AbusiveSource, AbusiveSourceKind, Incident
 
@@ -48,6 +50,29 @@ def groups_provenance(group_ids: Any) -> dict[str, Any]:
 
 def abusive_sources_for_project(project: Project | int) -> list[AbusiveSource]:
     return list(AbusiveSource.objects.filter(project=project).select_related("marked_by"))
+
+
+def abusive_source_for_project(project: Project, mark_id: Any) -> AbusiveSource:
+    """One mark of ``project`` (NotFound for another project's or none)."""
+    mark = AbusiveSource.objects.filter(project=project, pk=mark_id).first()
+    if mark is None:
+        raise NotFound("No such abusive source in this project.")
+    return mark
+
+
+def abusive_marks_of(
+    project: Project, *, sessions: Iterable[str], end_users: Iterable[str]
+) -> dict[tuple[str, str], AbusiveSource]:
+    """The marks on these sessions and end users, by (kind, value), with who marked them.
+    One query (none when there is nothing to look up)."""
+    sessions, end_users = {s for s in sessions if s}, {u for u in end_users if u}
+    if not sessions and not end_users:
+        return {}
+    marks = AbusiveSource.objects.filter(project=project).filter(
+        Q(kind=AbusiveSourceKind.SESSION, value__in=sessions)
+        | Q(kind=AbusiveSourceKind.END_USER, value__in=end_users)
+    )
+    return {(m.kind, m.value): m for m in marks.select_related("marked_by")}
 
 
 def abusive_values(project: Project) -> dict[str, set[str]]:

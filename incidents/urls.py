@@ -13,4 +13,10 @@ urlpatterns = [
     path("groups/<int:group_id>/split/", views.group_split, name="group_split"),
     path("turns/", views.turn_list, name="turn_list"),
     path("turns/<uuid:turn_id>/", views.turn_detail, name="turn_detail"),
+    path("abusive-sources/", views.abusive_source_mark, name="abusive_source_mark"),
+    path(
+        "abusive-sources/<int:mark_id>/unmark/",
+        views.abusive_source_unmark,
+        name="abusive_source_unmark",
+    ),
 ]

@@ -7,6 +7,7 @@ from django.urls import path
 from skills.canary import views as canary_views
 from skills.effectiveness import views as effectiveness_views
 from skills.gate import views as gate_views
+from skills.skillmd import views as skillmd_views
 from skills.synthesis import views as synthesis_views
 from skills.versions import views
 
@@ -42,6 +43,12 @@ urlpatterns = [
     path(P + "canary/stop/", canary_views.canary_stop, name="canary_stop"),
     path(P + "canary/promote/", canary_views.canary_promote, name="canary_promote"),
     path(P + "skills/", views.skill_library, name="skill_library"),
+    path(P + "skills/import/", skillmd_views.skill_import, name="skill_import"),
+    path(
+        P + "skills/import/<str:import_id>/progress/",
+        skillmd_views.skill_import_progress,
+        name="skill_import_progress",
+    ),
     path(
         P + "groups/<int:group_id>/retry-synthesis/",
         synthesis_views.group_retry_synthesis,

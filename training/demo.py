@@ -1,6 +1,8 @@
 """Demo data for the slow loop: a few hundred support-desk turns with rewards, across sessions,
 including duplicates, near duplicates, secrets and corrected answers, so the cleaning report
-has something to show. Loaded through the same ingestion service agents use."""
+has something to show. Loaded through the same ingestion service agents use. And the demo's
+training settings: "Train now" trains the shipped SmolLM2-135M on this machine's CPU for a
+few steps, with no search."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from base.models import Project
 from incidents.ingest import trajectories_ingest
 from incidents.schemas import TrajectoryIn
 from skills.versions.models import PolicyVersion, VersionStatus
+from training.policy.models import IdleWindowPolicy
+from training.policy.services import idle_policy_update
 
 SYSTEM = "You are Clawdesk, the support assistant of Acme Cloud. Answer briefly, in steps."
 
@@ -168,3 +172,32 @@ def demo_trajectories_load(project: Project, *, count: int = 320) -> int:
     """Ingest the demo turns; idempotent (client ids). Returns how many were new."""
     results = trajectories_ingest(project=project, items=demo_trajectories(project, count=count))
     return sum(1 for _, duplicate in results if not duplicate)
+
+
+# Short enough to watch on a laptop's CPU (SmolLM2-135M: a few seconds a step at these sizes
+# on two idle cores, far more on a busy machine), long enough for the loss curve to fall. No
+# learning-rate search: pinned by hand. Automatic training off: in the demo a person presses
+# "Train now" (and the beat does not spend the day's run before they do).
+DEMO_TRAINING_SETTINGS = {
+    "auto_train": False,
+    "backend": "local",
+    "base_model": "smollm2-135m",
+    "objective": "sft",
+    "search_budget_minutes": 0,
+    "total_steps": 12,
+    "batch_size": 2,
+    "learning_rate": 1e-3,
+    "lora_rank": 8,
+    "max_sample_tokens": 256,
+}
+
+
+def demo_training_policy_set(project: Project, **overrides: object) -> bool:
+    """Save the demo's training settings (``DEMO_TRAINING_SETTINGS`` with ``overrides``) when the
+    project has none yet; settings a person saved since are kept. True when it saved them."""
+    if IdleWindowPolicy.objects.filter(project=project).exists():
+        return False
+    idle_policy_update(
+        project=project, actor_label="demo", **{**DEMO_TRAINING_SETTINGS, **overrides}
+    )
+    return True

@@ -10,6 +10,11 @@ urlpatterns = [
     path("p/<slug:project_slug>/training/runs/", views.run_create, name="run_create"),
     path("p/<slug:project_slug>/training/runs/<int:run_id>/", views.run_detail, name="run_detail"),
     path(
+        "p/<slug:project_slug>/training/runs/<int:run_id>/progress/",
+        views.run_progress,
+        name="run_progress",
+    ),
+    path(
         "p/<slug:project_slug>/training/runs/<int:run_id>/<str:action>/",
         views.run_action,
         name="run_action",

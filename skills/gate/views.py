@@ -1,5 +1,6 @@
 """The replay gate on the dashboard: the panel a version's page (and the review page) loads,
-and the button that runs the gate. Thin: ``skills.gate.services`` and ``.selectors``."""
+polled while a gate runs (pairs replayed of the sample), and the button that runs the gate.
+Thin: ``skills.gate.services`` and ``.selectors``."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from skills.gate import selectors, services
 from skills.versions.selectors import version_for_project
 
 TEMPLATE = "skills/_replay_gate.html"
+# While a gate runs, its panel asks for itself again this often (pairs appear as judged).
+POLL_SECONDS = 2
 
 
 def _panel(
@@ -26,6 +29,8 @@ def _panel(
     context = {
         "version": version,
         "gate": gate,
+        "progress": selectors.gate_progress(gate, request.project) if gate else None,
+        "poll_seconds": POLL_SECONDS,
         "pairs": pairs[:10],
         "mode": request.project.replay_gate_mode,
         "can_admin": request.membership.has_role(Role.ADMIN),

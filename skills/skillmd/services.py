@@ -9,14 +9,17 @@ reviewers hear of an import once, with the list of its proposals (``revisions_im
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
+from django.core.cache import cache
 from django.db import transaction
 
 from base.errors import DomainError
-from base.models import Project
+from base.models import Project, Role
+from base.permissions import require_role
 from base.services import audit_record
 from skills import signals
 from skills.library.models import Author, Origin, RevisionStatus, SkillFile, SkillRevision
@@ -61,6 +64,12 @@ __all__ = [
 MAX_SKILLS = 2000
 MAX_FILES_PER_SKILL = 1000
 MAX_PATH = 255  # SkillFile.path
+
+# ``progress(done, total, current_path)``: files of the import settled so far, of all of them.
+Progress = Callable[[int, int, str], None]
+# A page's import records its progress here for the page's poll, a request beside the upload's;
+# an hour outlives any import and lets an abandoned entry go.
+PROGRESS_SECONDS = 3600
 
 
 # --- Export ---------------------------------------------------------------------------------
@@ -274,21 +283,83 @@ def library_import(
     all_or_nothing: bool = False,
     actor: Any = None,
     actor_label: str = "",
+    progress: Progress | None = None,
 ) -> ImportReport:
     """Import SKILL.md files and the files beside them as PROPOSED revisions (origin
     ``import``), file by file: what is refused is reported and the rest imported; with
     ``all_or_nothing`` a refusal raises ``ImportRefused`` and nothing is written. A skill whose
     standing revision would export exactly this folder is left alone (re-importing an export is
-    a no-op). ``actor`` None is a machine actor whose permission the caller checked."""
+    a no-op). ``actor`` None is a machine actor whose permission the caller checked.
+    ``progress`` hears how many files are settled after each skill written, ending at all.
+    A person importing needs the admin role, as an API key needs the admin scope."""
+    require_role(actor, project, Role.ADMIN)
     planned, settled = _plan(entries)
     report = ImportReport()
     if all_or_nothing and any(f.outcome == "refused" for f in settled.values()):
         report.files = sorted(settled.values(), key=lambda f: f.path)
         raise ImportRefused(report)
     with transaction.atomic():
-        _write(project, planned, settled, report, actor=actor, actor_label=actor_label)
+        _write(
+            project,
+            planned,
+            settled,
+            report,
+            actor=actor,
+            actor_label=actor_label,
+            skill_written=_counted(progress, len(entries), planned),
+        )
     report.files = sorted(settled.values(), key=lambda f: f.path)
+    if progress is not None:
+        progress(len(entries), len(entries), "")
     return report
+
+
+def _counted(
+    progress: Progress | None, total: int, planned: list[_Planned]
+) -> Callable[[_Planned], None]:
+    """What ``_write`` calls per skill written, feeding ``progress``: the files settled while
+    planning (ignored, refused) count from the start, each skill adds its SKILL.md and the
+    files beside it."""
+    done = max(0, total - sum(1 + len(p.files) for p in planned))
+    if progress is not None:
+        progress(done, total, "")
+
+    def skill_written(item: _Planned) -> None:
+        nonlocal done
+        done = min(total, done + 1 + len(item.files))
+        if progress is not None:
+            progress(done, total, item.path)
+
+    return skill_written
+
+
+def import_progress_key(project: Project, import_id: str) -> str:
+    return f"skillmd-import:{project.pk}:{import_id}"
+
+
+def import_progress_recorder(project: Project, import_id: str) -> Progress:
+    """A ``progress`` for ``library_import`` that records under ``import_id`` what
+    ``selectors.import_progress`` reads from another request while the import runs."""
+    key = import_progress_key(project, import_id)
+
+    def record(done: int, total: int, current: str) -> None:
+        state = {"done": done, "total": total, "current": current, "finished": False}
+        cache.set(key, state, PROGRESS_SECONDS)
+
+    return record
+
+
+def library_import_tracked(*, project: Project, import_id: str, **kwargs: Any) -> ImportReport:
+    """``library_import`` recording its progress under ``import_id`` (the page's), marked
+    finished however it ends (a refusal too), so that the page's poll stops."""
+    key = import_progress_key(project, import_id)
+    record = import_progress_recorder(project, import_id)
+    record(0, len(kwargs.get("entries", [])), "")
+    try:
+        return library_import(project=project, progress=record, **kwargs)
+    finally:
+        state = cache.get(key) or {"done": 0, "total": 0}
+        cache.set(key, {**state, "current": "", "finished": True}, PROGRESS_SECONDS)
 
 
 def _write(
@@ -299,6 +370,7 @@ def _write(
     *,
     actor: Any,
     actor_label: str,
+    skill_written: Callable[[_Planned], None],
 ) -> None:
     standing = {r.skill.slug: r for r in library_revisions(project, include_pending=True)}
     standing_files = _standing_files(list(standing.values()))
@@ -353,6 +425,7 @@ def _write(
             path = folder + bundled.path
             kept = "kept" if outcome == "created" else "unchanged"
             settled[path] = FileOutcome(path, kept, skill=doc.slug, size=len(bundled.content))
+        skill_written(item)
     for path, outcome in settled.items():
         if outcome.outcome == "refused" and PurePosixPath(path).name == FILE_NAME:
             report.skills.append(

@@ -13,6 +13,8 @@ from django.db.models import (
     Count,
     Exists,
     F,
+    FloatField,
+    Func,
     IntegerField,
     Max,
     OuterRef,
@@ -23,7 +25,8 @@ from django.db.models import (
     Value,
     When,
 )
-from django.db.models.functions import Coalesce
+from django.db.models.fields.json import KeyTextTransform
+from django.db.models.functions import Cast, Coalesce, Ln, Power
 
 from base.errors import DomainError, NotFound
 from base.models import Project
@@ -32,12 +35,29 @@ from skills.library.models import RevisionStatus, Skill, SkillRevision
 from skills.versions import diff as diffs
 from skills.versions.models import PolicyVersion, VersionStatus
 
-QUEUE_ORDERS = {
-    "impact": ("-impact_events", F("impact_last_seen").desc(nulls_last=True), "-impact_severity"),
-    "recent": (F("impact_last_seen").desc(nulls_last=True), "-created_at"),
-    "severity": ("-impact_severity", "-impact_events"),
-    "oldest": ("created_at",),
+# The review queue's orders: value, label (the switch on the page lists them in this order) and
+# the sort. The first is the default. ``priority`` is explained in ``_priority``.
+QUEUE_ORDERS: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "priority": ("priority: severity × impact", ("-priority", "-impact_events", "-created_at")),
+    "incidents": (
+        "most incidents",
+        ("-impact_events", F("impact_last_seen").desc(nulls_last=True), "-impact_severity"),
+    ),
+    "newest": ("newest proposal", ("-created_at",)),
+    "recent": ("latest incident", (F("impact_last_seen").desc(nulls_last=True), "-created_at")),
+    "severity": ("worst severity", ("-impact_severity", "-impact_events")),
+    "oldest": ("oldest proposal", ("created_at",)),
 }
+DEFAULT_QUEUE_ORDER = "priority"
+# How much a level of severity outweighs the one below it, and after how many days without an
+# incident a proposal's impact counts half.
+SEVERITY_STEP = 3.0
+RECENCY_HALF_DAYS = 7.0
+PRIORITY_FORMULA = (
+    f"severity weight (low 1, medium {SEVERITY_STEP:g}, high {SEVERITY_STEP**2:g}, "
+    f"critical {SEVERITY_STEP**3:g}) × (ln(1 + incidents) + ln(1 + distinct sources)) × "
+    f"recency (1 / (1 + days since the last incident / {RECENCY_HALF_DAYS:g}))"
+)
 
 
 def revisions_for_project(
@@ -83,6 +103,54 @@ def _severity_rank() -> Case:
     )
 
 
+class _DaysSince(Func):
+    """Days from a time to now, never below 0 (null for null): PostgreSQL, and SQLite for the
+    embedded mode (which stores UTC times as text that ``julianday`` reads)."""
+
+    template = "GREATEST(0, EXTRACT(EPOCH FROM (NOW() - %(expressions)s)) / 86400.0)"
+    output_field = FloatField()
+
+    def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        template = "MAX(0, julianday('now') - julianday(%(expressions)s))"
+        return self.as_sql(compiler, connection, template=template, **extra)
+
+
+def _priority() -> Any:
+    """A proposal's priority, from the annotations of ``review_queue`` (``PRIORITY_FORMULA``):
+
+        SEVERITY_STEP ** (worst severity rank - 1)
+        × (ln(1 + incidents in its source groups) + ln(1 + distinct sources))
+        × 1 / (1 + days since its groups' last incident / RECENCY_HALF_DAYS)
+
+    Severity multiplies while the counts add in logarithms, so a critical leak with 3 incidents
+    from 3 sources (27 × 2.8 = 75) stays above a low-severity chart fix with 10 incidents from
+    one source (1 × 3.1): making up one level of severity takes about cubing the incidents
+    (3 → 63), and a flood from one source counts less than the same number from many. Distinct
+    sources are the provenance counted when it was proposed (0 before it was counted);
+    proposals without evidence (written by a person, imported) score 0 and follow, newest
+    first."""
+    as_float = FloatField()
+    severity_weight = Power(
+        Value(SEVERITY_STEP), F("impact_severity") - Value(1), output_field=as_float
+    )
+    sources = Coalesce(Cast(KeyTextTransform("sources", "provenance"), as_float), Value(0.0))
+    breadth = Ln(Cast("impact_events", as_float) + Value(1.0)) + Ln(sources + Value(1.0))
+    days = Coalesce(_DaysSince("impact_last_seen"), Value(0.0))
+    recency = Value(1.0) / (Value(1.0) + days / Value(RECENCY_HALF_DAYS))
+    return severity_weight * breadth * recency
+
+
+def queue_order_check(order: str | None) -> str:
+    """The review queue's order by name (the default for none); DomainError naming ``order``
+    for a name it does not know."""
+    order = order or DEFAULT_QUEUE_ORDER
+    if order not in QUEUE_ORDERS:
+        raise DomainError(
+            f"Unknown order '{order[:40]}': one of {', '.join(QUEUE_ORDERS)}.", field="order"
+        )
+    return order
+
+
 def review_queue(
     project: Project,
     *,
@@ -90,12 +158,14 @@ def review_queue(
     origin: str | None = None,
     agent: str | None = None,
     q: str | None = None,
-    order: str = "impact",
+    order: str | None = None,
     limit: int = 50,
 ) -> list[SkillRevision]:
     """Proposed revisions, and live ones that the effectiveness check sent back (flagged, with
-    their figures), most impactful first: incidents in their source groups, then how recently
-    those groups saw one, then the worst severity. One query."""
+    their figures), in ``order`` (``QUEUE_ORDERS``; by default ``priority``, see ``_priority``):
+    each annotated with its impact (incidents, groups, last incident, worst severity rank) and
+    its priority. DomainError naming ``order`` for an unknown order. One query."""
+    sort = QUEUE_ORDERS[queue_order_check(order)][1]
     qs = (
         revisions_for_project(project, category=category, origin=origin, agent=agent, q=q)
         .filter(
@@ -109,7 +179,8 @@ def review_queue(
             impact_last_seen=Max("source_groups__last_seen"),
             impact_severity=Coalesce(Max(_severity_rank()), 0),
         )
-        .order_by(*QUEUE_ORDERS.get(order, QUEUE_ORDERS["impact"]), "-id")
+        .annotate(priority=_priority())
+        .order_by(*sort, "-id")
     )
     return list(qs[:limit])
 

@@ -63,22 +63,27 @@ def _review_context(
         "can_review": _can(request, Role.REVIEWER),
         "categories": Category.choices,
         "origins": Origin.choices,
-        "orders": [("impact", "Impact"), ("recent", "Most recent"), ("severity", "Severity"),
-                   ("oldest", "Oldest first")],
         **extra,
-    }  # fmt: skip
+    }
     query = request.GET.urlencode()
     # Detail links are built from one reversed URL: reversing per row costs more than the query.
     context["queue_url"] = reverse("skills:review_queue", kwargs={"project_slug": project.slug})
     context["query_suffix"] = f"?{query}" if query else ""
     if queue:
+        try:
+            order = selectors.queue_order_check(filters["order"])
+        except DomainError as exc:
+            # Shown beside the switch (the page answers 400); the queue in the default order.
+            context["order_error"] = str(exc)
+            order = selectors.DEFAULT_QUEUE_ORDER
+        context.update(_order_context(request, order))
         rows = selectors.review_queue(
             project,
             category=filters["category"] or None,
             origin=filters["origin"] or None,
             agent=filters["agent"] or None,
             q=filters["q"] or None,
-            order=filters["order"] or "impact",
+            order=order,
             limit=QUEUE_LIMIT + 1,
         )
         context["queue"] = rows[:QUEUE_LIMIT]
@@ -98,13 +103,36 @@ def _review_context(
     return context
 
 
+def _order_context(request: ProjectRequest, order: str) -> dict[str, Any]:
+    """Which order the queue is in, said on the page, and a link to each other order that keeps
+    the filters."""
+    others = []
+    for value, (label, _sort) in selectors.QUEUE_ORDERS.items():
+        if value == order:
+            continue
+        query = request.GET.copy()
+        query["order"] = value
+        others.append({"value": value, "label": label, "query": query.urlencode()})
+    return {
+        "order": order,
+        "order_label": selectors.QUEUE_ORDERS[order][0],
+        "orders": [(value, label) for value, (label, _sort) in selectors.QUEUE_ORDERS.items()],
+        "other_orders": others,
+        "priority_formula": selectors.PRIORITY_FORMULA,
+    }
+
+
 @require_GET
 @project_view()
 def review_queue(request: ProjectRequest) -> HttpResponse:
+    """The queue, by default in priority order (``selectors._priority``); ``?order=`` picks
+    another (``selectors.QUEUE_ORDERS``), and an unknown one answers 400 with the error beside
+    the switch."""
     context = _review_context(request)
+    status = 400 if context.get("order_error") else 200
     if request.htmx:
-        return render(request, "skills/review.html#queue", context)
-    return render(request, "skills/review.html", context)
+        return render(request, "skills/review.html#queue", context, status=status)
+    return render(request, "skills/review.html", context, status=status)
 
 
 @require_GET

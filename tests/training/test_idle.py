@@ -56,6 +56,13 @@ def _policy(project, **fields) -> IdleWindowPolicy:
     return policy_services.idle_policy_update(project=project, **defaults)
 
 
+def _run(project, status: str, **fields) -> TrainingRun:
+    """A run row in ``status``, written directly (no service puts a run there at once)."""
+    return TrainingRun.objects.create(
+        project=project, backend="local", base_model="m", status=status, **fields
+    )
+
+
 def _traffic(project, at: datetime, per_minute: list[int]) -> None:
     """``per_minute[-1]`` requests in the minute of ``at``, earlier entries in earlier minutes."""
     for back, count in enumerate(reversed(per_minute)):
@@ -196,9 +203,7 @@ def test_readiness_counts_new_usable_samples_and_the_daily_budget(project):
     assert readiness.new_samples == usable + corrected
     assert readiness.ready is (usable + corrected >= 100)
     policy_services.idle_policy_update(project=project, min_new_samples=10)
-    TrainingRun.objects.create(
-        project=project, backend="local", base_model="m", status=RunStatus.FAILED
-    )
+    _run(project, RunStatus.FAILED, step=3)  # failed after training a while: it counts
     assert run_services.project_training_readiness(project=project).ready is False
     policy_services.idle_policy_update(project=project, max_runs_per_day=2)
     assert run_services.project_training_readiness(project=project).ready is True
@@ -240,13 +245,7 @@ def test_the_beat_task_resumes_a_run_paused_by_the_window_but_not_one_paused_by_
 ):
     _policy(project, mode="traffic", traffic_threshold_rpm=1000)
     monkeypatch.setattr("training.runs.tasks.training_run_execute.delay", lambda run_id: None)
-    run = TrainingRun.objects.create(
-        project=project,
-        backend="local",
-        base_model="m",
-        status=RunStatus.PAUSED,
-        pause_reason=PauseReason.REQUESTED,
-    )
+    run = _run(project, RunStatus.PAUSED, pause_reason=PauseReason.REQUESTED)
 
     assert runs_execute.training_schedule_tick(project=project) is None
     TrainingRun.objects.filter(pk=run.pk).update(pause_reason=PauseReason.NOT_IDLE)
@@ -261,24 +260,16 @@ def test_the_beat_task_resumes_a_run_paused_by_the_window_but_not_one_paused_by_
 def test_a_run_without_heartbeat_is_marked_stale_and_resumable(project):
     _policy(project, stale_after_minutes=10)
     now = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
-    stale = TrainingRun.objects.create(
-        project=project,
-        backend="local",
-        base_model="m",
-        status=RunStatus.TRAINING,
+    stale = _run(
+        project,
+        RunStatus.TRAINING,
         heartbeat_at=now - timedelta(minutes=11),
         state_ref="/tmp/ckpt",
         state_step=4,
         step=6,
     )
     other = factories.make_project(name="fresh")
-    fresh = TrainingRun.objects.create(
-        project=other,
-        backend="local",
-        base_model="m",
-        status=RunStatus.TRAINING,
-        heartbeat_at=now - timedelta(minutes=3),
-    )
+    fresh = _run(other, RunStatus.TRAINING, heartbeat_at=now - timedelta(minutes=3))
 
     marked = run_services.training_runs_mark_stale(now=now)
 

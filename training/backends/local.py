@@ -497,14 +497,20 @@ class LocalBackend:
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
             optimizer.step()
-            train_seconds += time.perf_counter() - started
-            tokens_seen += int(batch["attention_mask"].sum())
+            step_seconds = time.perf_counter() - started
+            step_tokens = int(batch["attention_mask"].sum())
+            train_seconds += step_seconds
+            tokens_seen += step_tokens
             step += 1
             loss_value = float(loss.detach())
+            # Per step, so the run page can show throughput and the time left as it goes.
             metrics = {
                 "loss": loss_value,
                 "grad_norm": float(grad_norm),
                 "assistant_tokens": float(mask.sum()),
+                "tokens": float(step_tokens),
+                "seconds": step_seconds,
+                "tokens_per_second": step_tokens / step_seconds if step_seconds else 0.0,
             }
             if rl:
                 metrics["mean_advantage"] = float(batch["advantages"].mean())

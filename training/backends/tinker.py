@@ -481,7 +481,12 @@ class TinkerBackend:
                         metrics=metrics,
                     )
                 batch = self._batch(examples, order, step, config.batch_size)
+                started = time.monotonic()
                 metrics = self._train_step(trainer, batch, loss_fn, adam, step + 1)
+                # Per step, so the run page can show throughput and the time left as it goes.
+                seconds = time.monotonic() - started
+                metrics["seconds"] = seconds
+                metrics["tokens_per_second"] = metrics["tokens"] / seconds if seconds else 0.0
                 step += 1
                 on_step(StepReport(step=step, total_steps=config.total_steps, metrics=metrics))
 

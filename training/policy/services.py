@@ -22,6 +22,7 @@ from base.redaction import MARK, Redactor
 from base.services import audit_record
 from training.policy import windows
 from training.policy.models import Backend, IdleMode, IdleWindowPolicy, Objective
+from training.policy.selectors import auto_training_on
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ def idle_policy_settings(policy: IdleWindowPolicy) -> dict[str, Any]:
     text form and secrets in the backend options masked (send them back as they are to keep
     them)."""
     values = {name: getattr(policy, name) for name in POLICY_FIELDS}
+    values["auto_train"] = auto_training_on(policy)
     values["weekly_windows"] = windows.format_weekly_windows(policy.weekly_windows or [])
     values["backend_options"] = Redactor().json(dict(policy.backend_options or {}))
     return values

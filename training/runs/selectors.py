@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from django.db.models import Prefetch, QuerySet
@@ -40,18 +41,86 @@ def run_for_project(project: Project, run_id: int) -> TrainingRun:
     return run
 
 
+# What the progress partial shows, polled every 2 s: one row without its dataset, log, answers
+# or evaluation (the snapshot's samples are megabytes; the metrics a few KB per 100 steps).
+_PROGRESS_FIELDS = (
+    "id",
+    "project_id",
+    "status",
+    "status_changed_at",
+    "pause_requested",
+    "pause_reason",
+    "step",
+    "total_steps",
+    "metrics",
+    "heartbeat_at",
+    "started_at",
+    "finished_at",
+)
+# Time left is read from the pace of the last few steps (the first ones load the model).
+_PACE_STEPS = 10
+
+
+def run_progress_for_project(project: Project, run_id: int) -> TrainingRun:
+    """The run ``run_id`` of ``project`` with only the fields its progress shows; another
+    project's run is NotFound."""
+    run = TrainingRun.objects.filter(project=project, pk=run_id).only(*_PROGRESS_FIELDS).first()
+    if run is None:
+        raise NotFound("No such training run.")
+    return run
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """A run's progress as its page shows it: steps, the last loss, throughput, time left."""
+
+    step: int
+    total_steps: int
+    percent: int
+    loss: float | None
+    tokens_per_second: float | None
+    seconds_left: float | None
+    # [(step, loss), ...] in step order, for the chart.
+    losses: list[tuple[int, float]]
+    polling: bool
+    heartbeat_at: datetime | None
+
+
+def run_progress(run: TrainingRun) -> RunProgress:
+    """Figures from the per-step metrics the backend reported (``loss``, ``tokens_per_second``
+    and ``seconds``: older runs lack the last two, and show none)."""
+    metrics = [m for m in run.metrics or [] if isinstance(m, dict)]
+    losses = [
+        (int(m["step"]), float(m["loss"]))
+        for m in metrics
+        if isinstance(m.get("step"), int) and isinstance(m.get("loss"), (int, float))
+    ]
+    recent = metrics[-_PACE_STEPS:]
+    rates = [m["tokens_per_second"] for m in recent if _number(m.get("tokens_per_second"))]
+    paces = [m["seconds"] for m in recent if _number(m.get("seconds"))]
+    seconds_left = None
+    if run.status == RunStatus.TRAINING and paces and run.total_steps >= run.step:
+        seconds_left = sum(paces) / len(paces) * (run.total_steps - run.step)
+    return RunProgress(
+        step=run.step,
+        total_steps=run.total_steps,
+        percent=run.progress_percent,
+        loss=losses[-1][1] if losses else None,
+        tokens_per_second=rates[-1] if rates else None,
+        seconds_left=seconds_left,
+        losses=losses,
+        # A paused run waits for a person or the next idle window: nothing moves until then.
+        polling=run.is_active and run.status != RunStatus.PAUSED,
+        heartbeat_at=run.heartbeat_at,
+    )
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def active_run_for_project(project: Project) -> TrainingRun | None:
     return runs_for_project(project).filter(status__in=ACTIVE_RUN_STATUSES).first()
-
-
-def dataset_sample_preview(run: TrainingRun, limit: int = 5) -> list[dict]:
-    """A few cleaned samples of the run's snapshot (what the model actually sees)."""
-    if run.dataset_id is None:
-        return []
-    samples = (
-        DatasetSnapshot.objects.filter(pk=run.dataset_id).values_list("samples", flat=True).first()
-    )
-    return list(samples or [])[:limit]
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""Training pages: runs with live progress, the loss chart, the dataset report, the evaluation,
-actions, and the idle-window settings. Thin: selectors for reads, services for writes."""
+"""Training pages: runs with live progress (a small polled region: steps, loss, tokens/s, time
+left and the loss chart), the dataset report, the evaluation, actions, and the idle-window
+settings. Thin: selectors for reads, services for writes."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from base.models import Role
 from base.requests import ProjectRequest
 from training.policy import services as policy_services
 from training.policy.forms import IdlePolicyForm
+from training.policy.selectors import auto_training_on
 from training.runs import selectors
 from training.runs import services as run_services
-from training.runs.models import FINAL_RUN_STATUSES, PauseReason, RunStatus
+from training.runs.models import PauseReason, TrainingRun
 
 RECENT_RUNS = 20
 POLL_SECONDS = 2
@@ -30,7 +32,12 @@ def _is_admin(request: ProjectRequest) -> bool:
 
 def _home_context(request: ProjectRequest) -> dict[str, Any]:
     project = request.project
-    runs = list(selectors.runs_for_project(project)[:RECENT_RUNS])
+    # Polled every 2 s while a run is in flight: the table needs none of the per-step data.
+    runs = list(
+        selectors.runs_for_project(project).defer(
+            "metrics", "log", "sample_answers", "outcomes", "search"
+        )[:RECENT_RUNS]
+    )
     policy = policy_services.idle_policy_get(project)
     return {
         "runs": runs,
@@ -39,6 +46,7 @@ def _home_context(request: ProjectRequest) -> dict[str, Any]:
         "idle_status": policy_services.project_idle_status(project=project, policy=policy),
         "readiness": run_services.project_training_readiness(project=project, policy=policy),
         "policy": policy,
+        "auto_training": auto_training_on(policy),
         "can_act": _is_admin(request),
     }
 
@@ -52,15 +60,26 @@ def training_home(request: ProjectRequest) -> HttpResponse:
     return render(request, template, _home_context(request))
 
 
-def loss_chart(metrics: list[dict], width: int = 640, height: int = 180) -> dict[str, Any] | None:
-    """Geometry of an inline SVG line chart of the loss per step (None with under two points)."""
-    points = [(m["step"], m["loss"]) for m in metrics if isinstance(m.get("loss"), (int, float))]
+# The chart keeps at most this many points: a 10,000-step run would otherwise send 10,000 on
+# every poll.
+CHART_POINTS = 200
+
+
+def loss_chart(
+    losses: list[tuple[int, float]], width: int = 640, height: int = 180
+) -> dict[str, Any] | None:
+    """Geometry of an inline SVG line chart of the loss per step (None with under two points).
+    Long runs are thinned to ``CHART_POINTS`` evenly spaced steps, the last one always kept."""
+    points = losses
+    if len(points) > CHART_POINTS:
+        stride = -(-len(points) // CHART_POINTS)
+        points = points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
     if len(points) < 2:
         return None
     pad_left, pad_right, pad_top, pad_bottom = 44, 10, 10, 22
     steps = [s for s, _ in points]
-    losses = [v for _, v in points]
-    lo, hi = min(losses), max(losses)
+    values = [v for _, v in points]
+    lo, hi = min(values), max(values)
     span = (hi - lo) or 1.0
     first, last = min(steps), max(steps)
     step_span = (last - first) or 1
@@ -86,7 +105,17 @@ def loss_chart(metrics: list[dict], width: int = 640, height: int = 180) -> dict
         "x1": width - pad_right,
         "y0": pad_top,
         "y1": height - pad_bottom,
-        "last": losses[-1],
+        "last": values[-1],
+    }
+
+
+def _progress_context(run: TrainingRun) -> dict[str, Any]:
+    progress = selectors.run_progress(run)
+    return {
+        "run": run,
+        "progress": progress,
+        "chart": loss_chart(progress.losses),
+        "poll_seconds": POLL_SECONDS,
     }
 
 
@@ -100,16 +129,12 @@ def _run_context(request: ProjectRequest, run_id: int) -> dict[str, Any]:
     before = (run.eval_before or {}).get("loss")
     after = (run.eval_after or {}).get("loss")
     return {
-        "run": run,
-        "chart": loss_chart(run.metrics),
+        **_progress_context(run),
         "report": report,
         "dropped": sorted((report.get("dropped") or {}).items()),
         "eval_before": before,
         "eval_after": after,
         "eval_change": (after - before) / before * 100 if before and after is not None else None,
-        "preview": selectors.dataset_sample_preview(run, limit=3),
-        "polling": run.status not in FINAL_RUN_STATUSES and run.status != RunStatus.PAUSED,
-        "poll_seconds": POLL_SECONDS,
         "can_act": _is_admin(request),
         "pause_reasons": dict(PauseReason.choices),
     }
@@ -122,6 +147,24 @@ def run_detail(request: ProjectRequest, run_id: int) -> HttpResponse:
     if request.htmx:
         template += "#live"
     return render(request, template, _run_context(request, run_id))
+
+
+@require_GET
+@project_view()
+def run_progress(request: ProjectRequest, run_id: int) -> HttpResponse:
+    """The run page's progress region, polled every 2 s while the run moves: one narrow row
+    read (no dataset, no log), a few KB of HTML. ``seen`` is the status the page was drawn
+    with: once the run has left it, everything else on the page (actions, evaluation, dataset)
+    changed too, so htmx reloads the page once instead of this region alone."""
+    try:
+        run = selectors.run_progress_for_project(request.project, run_id)
+    except NotFound as exc:
+        raise Http404(str(exc)) from exc
+    response = render(request, "training/_run_progress.html", _progress_context(run))
+    seen = request.GET.get("seen")
+    if request.htmx and seen and seen != run.status:
+        response["HX-Refresh"] = "true"
+    return response
 
 
 @require_POST
@@ -197,6 +240,7 @@ def training_settings(request: ProjectRequest) -> HttpResponse:
     context = {
         "form": form,
         "policy": policy,
+        "auto_training": auto_training_on(policy),
         "idle_status": policy_services.project_idle_status(project=project, policy=policy),
     }
     return render(request, "training/settings.html", context, status=status)

@@ -18,7 +18,7 @@ from base import services
 from base.models import ApiKey, Project, Role
 from metaclaw_site.projects import project_create
 from skills.demo import demo_incidents_load, demo_proposals_load
-from training.demo import demo_trajectories_load
+from training.demo import demo_training_policy_set, demo_trajectories_load
 
 
 class Command(BaseCommand):
@@ -57,6 +57,7 @@ class Command(BaseCommand):
         count = demo_incidents_load(project=project)
         proposals = demo_proposals_load(project=project)
         trajectories = demo_trajectories_load(project=project)
+        demo_training_policy_set(project)
         path.write_text(json.dumps({"username": username, "password": password, "api_key": key}))
         path.chmod(0o600)
         if not quiet:
