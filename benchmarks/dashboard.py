@@ -1,13 +1,14 @@
 #!/usr/bin/env python
-"""Server time of the dashboard's busiest pages on a realistic data set.
+"""Server time of the dashboard's busiest pages on a realistic data set, at two sizes.
 
-Loads 100,000 incidents in 2,000 groups, 500 skills (with proposals waiting in the review
+Loads 10,000 incidents in 2,000 groups, 500 skills (with proposals waiting in the review
 queue, policy versions holding them) and 20,000 audit events into a PostgreSQL database of its
 own (`metaclaw_bench_dash`, bulk inserts), then requests each page in-process through Django's
 test client (no network, so the time is the server's: middleware, queries, templates) and prints
-p50/p99 per page.
+p50/p99 per page; then copies the incidents inside PostgreSQL up to the next size (``--sizes``,
+default 10k and 1M: ``_growth.py``) and measures again, so that growth shows.
 
-    python benchmarks/dashboard.py [--requests 100] [--reload]
+    python benchmarks/dashboard.py [--requests 100] [--reload] [--sizes 10k,1M]
 
 Target on this 2-core machine: p99 ≤ 150 ms for each page.
 """
@@ -23,9 +24,9 @@ import time
 import uuid
 from datetime import timedelta
 
+from _growth import grow_incidents, parse_sizes
 from _harness import bench_env, django_setup, ensure_database
 
-INCIDENTS = 100_000
 GROUPS = 2_000
 SKILLS = 500
 PROPOSALS = 200  # pending revisions in the review queue
@@ -47,7 +48,7 @@ def _messages(n: int) -> list[dict]:
     ]  # fmt: skip
 
 
-def load() -> None:
+def load(incidents: int) -> None:
     from django.db import connection, transaction
     from django.utils import timezone
 
@@ -59,6 +60,8 @@ def load() -> None:
 
     rng = random.Random(7)
     now = timezone.now()
+    # Releases protect the versions they name: remove them before the project.
+    Release.objects.filter(project__slug=SLUG).delete()
     Project.objects.filter(slug=SLUG).delete()
     project = project_create(name="Bench dashboard", slug=SLUG)
     started = time.perf_counter()
@@ -77,7 +80,7 @@ def load() -> None:
                     tool_name="search_orders",
                     normalized_message="search_orders: invalid value <str> for 'since'",
                     severity=severities[g % 4],
-                    event_count=INCIDENTS // GROUPS,
+                    event_count=incidents // GROUPS,
                     first_seen=now - timedelta(days=30),
                     last_seen=now - timedelta(minutes=g),
                     synthesis_status="proposed" if g < PROPOSALS else "none",
@@ -87,7 +90,7 @@ def load() -> None:
             batch_size=1000,
         )
         batch: list[Incident] = []
-        for n in range(INCIDENTS):
+        for n in range(incidents):
             group = groups[n % GROUPS]
             batch.append(
                 Incident(
@@ -268,7 +271,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--reload", action="store_true", help="reload the data set")
+    parser.add_argument("--sizes", default="10k,1M", help="incidents at each measurement")
     args = parser.parse_args()
+    sizes = parse_sizes(args.sizes)
     env = bench_env("metaclaw_bench_dash", redis_db=2)
     ensure_database(env)
     django_setup(env)
@@ -282,26 +287,42 @@ def main() -> None:
     if (
         args.reload
         or project is None
-        or Incident.objects.filter(project=project).count() < INCIDENTS
+        or Incident.objects.filter(project=project).count() != sizes[0]
     ):
-        print(f"Loading {INCIDENTS:,} incidents in {GROUPS:,} groups, {SKILLS} skills…", flush=True)
-        load()
-    results = measure(args.requests)
-    load1, load5, _ = os.getloadavg()
-    print(f"\nServer time over {args.requests} requests per page (PostgreSQL, in-process; "
-          f"load average {load1:.1f}/{load5:.1f} on {os.cpu_count()} cores):")  # fmt: skip
-    print(
-        f"{'page':22} {'p50 ms':>8} {'p99 ms':>8} {'CPU p50':>8} {'bytes':>9}  target p99 ≤ 150 ms"
-    )
+        print(f"Loading {sizes[0]:,} incidents in {GROUPS:,} groups, {SKILLS} skills…", flush=True)
+        load(sizes[0])
     ok = True
-    for name, path, p50, p99, cpu, size in results:
-        if size == 0:
-            print(f"{name:22} {path}")
-            continue
-        verdict = "ok" if p99 <= 150 else "OVER"
-        ok = ok and p99 <= 150
-        print(f"{name:22} {p50:8.1f} {p99:8.1f} {cpu:8.1f} {size:9,}  {verdict}")
+    per_size = []
+    for size in sizes:
+        project = Project.objects.get(slug=SLUG)
+        if Incident.objects.filter(project=project).count() < size:
+            seconds = grow_incidents(project.pk, size)
+            print(f"  grew to {size:,} incidents in {seconds:.1f} s", flush=True)
+        results = measure(args.requests)
+        per_size.append((size, results))
+        load1, load5, _ = os.getloadavg()
+        print(f"\nServer time over {args.requests} requests per page, {size:,} incidents "
+              f"(PostgreSQL, in-process; load average {load1:.1f}/{load5:.1f} on "
+              f"{os.cpu_count()} cores):")  # fmt: skip
+        print(
+            f"{'page':22} {'p50 ms':>8} {'p99 ms':>8} {'CPU p50':>8} {'bytes':>9}  target p99 ≤ 150 ms"
+        )
+        for name, path, p50, p99, cpu, size_bytes in results:
+            if size_bytes == 0:
+                print(f"{name:22} {path}")
+                continue
+            verdict = "ok" if p99 <= 150 else "OVER"
+            ok = ok and p99 <= 150
+            print(f"{name:22} {p50:8.1f} {p99:8.1f} {cpu:8.1f} {size_bytes:9,}  {verdict}")
     print("CPU p50: this process's CPU time per request (the part other load cannot inflate much).")
+    if len(per_size) > 1:
+        (small, first), (large, last) = per_size[0], per_size[-1]
+        print(
+            f"\ngrowth, {small:,} → {large:,} incidents ({large / small:.0f}× the rows), p50 ratio:"
+        )
+        for (name, _, p50a, *_rest), (_, _, p50b, *_rest2) in zip(first, last, strict=True):
+            if p50a:
+                print(f"  {name:22} {p50a:7.1f} → {p50b:7.1f} ms  ×{p50b / p50a:.2f}")
     sys.exit(0 if ok else 1)
 
 

@@ -7,7 +7,11 @@ gunicorn with ``--server sync|gthread``) on PostgreSQL + Redis (a database of it
 incidents/s and p50/p99 latency for the single and the batch endpoint.
 
     python benchmarks/ingest.py [--server uvicorn] [--workers N] [--clients 16] [--duration 10]
-                                [--door fast|django|both]
+                                [--door fast|django|both] [--sizes 10k,1M]
+
+``--sizes``: the figures are printed with the project already holding each of these numbers of
+incidents (copied inside PostgreSQL, ``_growth.py``), so that the cost of a bigger table shows;
+``--sizes 0`` measures on an empty one.
 
 ``--door`` picks what serves the routes under uvicorn: the ASGI fast lane (the default, as in
 production), Django's own async stack (``METACLAW_FAST_LANE=0``), or both one after the other on
@@ -26,6 +30,7 @@ import os
 import sys
 import uuid
 
+from _growth import grow_incidents, parse_sizes
 from _harness import (
     Server,
     bench_env,
@@ -83,6 +88,11 @@ def main() -> None:
         "gunicorn gthread (keep-alive connections stick to one process)",
     )  # fmt: skip
     parser.add_argument("--door", choices=["fast", "django", "both"], default="fast")
+    parser.add_argument(
+        "--sizes",
+        default="10k,1M",
+        help="incidents stored before each measurement (default 10k,1M)",
+    )
     args = parser.parse_args()
     if args.workers is None:
         args.workers = (os.cpu_count() or 2) if args.server == "uvicorn" else 4
@@ -93,26 +103,60 @@ def main() -> None:
     run_id = uuid.uuid4().hex[:8]
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     doors = ["fast", "django"] if args.door == "both" else [args.door]
-    for door in doors:
-        port = free_port()
-        if args.server == "uvicorn":
-            command = [
-                sys.executable, "-m", "uvicorn", "metaclaw_site.asgi:application", "--host", "127.0.0.1",
-                "--port", str(port), "--workers", str(args.workers), "--no-access-log",
-                "--log-level", "warning", "--loop", "uvloop", "--http", "httptools",
-            ]  # fmt: skip
-        else:
-            command = [
-                sys.executable, "-m", "gunicorn", "metaclaw_site.wsgi:application",
-                "--bind", f"127.0.0.1:{port}", "--workers", str(args.workers),
-                "--worker-class", args.server, "--log-level", "warning", "--preload",
-            ] + (["--threads", "4", "--keep-alive", "30"] if args.server == "gthread" else [])  # fmt: skip
-        # The door is read at boot (metaclaw_site/asgi.py); the WSGI servers have only Django's.
-        env["METACLAW_FAST_LANE"] = "1" if door == "fast" else "0"
-        _measure(args, command, env, port, headers, f"{run_id}-{door}", label=f"{door} door")
+    summary: list[tuple[int, str, dict]] = []
+    for size in parse_sizes(args.sizes):
+        if size:
+            print(f"\n== with {size:,} incidents stored ==", flush=True)
+            preload(size)
+        for door in doors:
+            port = free_port()
+            if args.server == "uvicorn":
+                command = [
+                    sys.executable, "-m", "uvicorn", "metaclaw_site.asgi:application", "--host", "127.0.0.1",
+                    "--port", str(port), "--workers", str(args.workers), "--no-access-log",
+                    "--log-level", "warning", "--loop", "uvloop", "--http", "httptools",
+                ]  # fmt: skip
+            else:
+                command = [
+                    sys.executable, "-m", "gunicorn", "metaclaw_site.wsgi:application",
+                    "--bind", f"127.0.0.1:{port}", "--workers", str(args.workers),
+                    "--worker-class", args.server, "--log-level", "warning", "--preload",
+                ] + (["--threads", "4", "--keep-alive", "30"] if args.server == "gthread" else [])  # fmt: skip
+            # The door is read at boot (metaclaw_site/asgi.py); the WSGI servers have only Django's.
+            env["METACLAW_FAST_LANE"] = "1" if door == "fast" else "0"
+            figures = _measure(
+                args, command, env, port, headers, f"{run_id}-{size}-{door}", label=f"{door} door"
+            )
+            summary.append((size, door, figures))
+    if len(summary) > 1:
+        print("\ngrowth (the same load at each size; flat is what the issue asks for):")
+        for size, door, figures in summary:
+            print(
+                f"  {size:>10,} incidents stored, {door} door: single {figures['single_rps']:6.0f}/s "
+                f"p99 {figures['single_p99']:5.1f} ms; batch {figures['batch_rps']:7.0f}/s"
+            )
 
 
-def _measure(args, command, env, port, headers, run_id, *, label: str) -> None:
+def preload(size: int) -> None:
+    """Bring the benchmark project to ``size`` stored incidents: 1,000 through the ingest
+    service (real groups and fingerprints), the rest copies of them (``grow_incidents``)."""
+    from base.models import Project
+    from incidents.ingest import incidents_ingest
+    from incidents.models import Incident
+    from incidents.schemas import IncidentIn
+
+    project = Project.objects.get(slug="bench")
+    have = Incident.objects.filter(project=project).count()
+    if have < min(size, 1_000):
+        seed = [IncidentIn(**incident(f"preload-{n}", n)) for n in range(min(size, 1_000) - have)]
+        for start in range(0, len(seed), 500):
+            incidents_ingest(project=project, items=seed[start : start + 500])
+    if size > 1_000:
+        seconds = grow_incidents(project.pk, size)
+        print(f"  grew to {size:,} incidents in {seconds:.1f} s", flush=True)
+
+
+def _measure(args, command, env, port, headers, run_id, *, label: str) -> dict[str, float]:
     print(
         f"server: {args.server}, {args.workers} workers, {label}; PostgreSQL + Redis; "
         f"{os.cpu_count()} cores"
@@ -127,6 +171,7 @@ def _measure(args, command, env, port, headers, run_id, *, label: str) -> None:
         result = asyncio.run(
             run_load(port, single, concurrency=args.clients, duration=args.duration, warmup=3)
         )
+        figures = {"single_rps": result.rps, "single_p99": result.pct(99)}
         print(
             f"single  /api/v1/incidents        clients={args.clients:>3}  "
             f"{result.rps:8.0f} incidents/s  p50={result.p50:6.1f} ms  p99={result.pct(99):6.1f} ms  "
@@ -152,6 +197,8 @@ def _measure(args, command, env, port, headers, run_id, *, label: str) -> None:
             f"{args.batch_size})  p50={result.p50:6.1f} ms  p99={result.pct(99):6.1f} ms  "
             f"statuses={result.statuses}"
         )
+        figures["batch_rps"] = result.rps * args.batch_size
+    return figures
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ not the bottleneck). Prints:
     one client, and 32 clients' streamed answers per second.
 
     python benchmarks/runtime.py [--workers 2] [--requests 2000] [--duration 10] [--litellm]
+                                 [--retrieval-sizes 1k,100k]
+
+``--retrieval-sizes``: (c) is measured again with a project of each further size of live skills
+(default 1,000 and 100,000), so that the cost of a bigger library shows.
 
 ``--door both`` runs it all twice, on the ASGI fast lane and on Django's own async stack
 (``METACLAW_FAST_LANE=0``): the A/B of what the fast lane still buys.
@@ -40,6 +44,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from _growth import parse_sizes
 from _harness import (
     ROOT,
     LoadResult,
@@ -209,8 +214,9 @@ def chat_body(i: int, stream: bool = False) -> bytes:
     ).encode()
 
 
-def setup_project(env: dict[str, str]) -> str:
-    """The benchmark project with 1,000 approved skills in its active version; a runtime key."""
+def setup_project(env: dict[str, str], skills: int = SKILLS, slug: str = PROJECT_SLUG) -> str:
+    """The benchmark project with ``skills`` approved skills in its active version; a runtime
+    key."""
     django_setup(env)
     from base import services
     from base.models import Project
@@ -219,20 +225,20 @@ def setup_project(env: dict[str, str]) -> str:
     from skills.versions.models import PolicyVersion, VersionStatus
     from skills.versions.services import policy_version_create_candidate, policy_version_promote
 
-    project = Project.objects.filter(slug=PROJECT_SLUG).first() or project_create(
-        name="Runtime bench", slug=PROJECT_SLUG
+    project = Project.objects.filter(slug=slug).first() or project_create(
+        name=f"Runtime bench ({skills:,} skills)", slug=slug
     )
     active = PolicyVersion.objects.get(project=project, status=VersionStatus.ACTIVE)
-    if active.revisions.count() != SKILLS:
+    if active.revisions.count() != skills:
         # Benchmark data only: rows made in bulk (1,000 approvals through the service would
         # make 1,000 versions); the version itself goes through the services.
         rng = random.Random(7)
         Skill.objects.filter(project=project).delete()
-        skills = Skill.objects.bulk_create(
-            Skill(project=project, slug=f"skill-{n:04d}") for n in range(SKILLS)
+        rows = Skill.objects.bulk_create(
+            (Skill(project=project, slug=f"skill-{n:06d}") for n in range(skills)), batch_size=5000
         )
         revisions = []
-        for n, skill in enumerate(skills):
+        for n, skill in enumerate(rows):
             topic, situation = _TOPICS[n % len(_TOPICS)], rng.choice(_SITUATIONS)
             action = rng.choice(_ACTIONS)
             revisions.append(
@@ -251,12 +257,12 @@ def setup_project(env: dict[str, str]) -> str:
                     status=RevisionStatus.APPROVED,
                 )
             )
-        SkillRevision.objects.bulk_create(revisions)
+        SkillRevision.objects.bulk_create(revisions, batch_size=5000)
         candidate = policy_version_create_candidate(
             project=project,
             adapter_ref="",
             base_model="",
-            changelog="1,000 skills for the runtime benchmark",
+            changelog=f"{skills:,} skills for the runtime benchmark",
             actor_label="benchmark",
             revisions=list(SkillRevision.objects.filter(skill__project=project)),
         )
@@ -424,14 +430,14 @@ def measure_streaming(label: str, port: int, key: str, up_port: int, args) -> fl
     return len(many) / elapsed
 
 
-def measure_api(port: int, key: str, args) -> None:
+def measure_api(port: int, key: str, args, skills: int = SKILLS) -> tuple[float, float]:
     auth = {"Authorization": f"Bearer {key}"}
     status, body = asyncio.run(
         _one(port, build_request("GET", "/api/v1/runtime/policy", b"", auth))
     )
     etag = json.loads(body)["etag"]
     size = len(body) / 1024
-    print(f"    policy body without ETag: {size:.0f} KiB, {SKILLS} skills (status {status})")
+    print(f"    policy body without ETag: {size:.0f} KiB, {skills:,} skills (status {status})")
 
     def retrieve(i: int) -> bytes:
         payload = {
@@ -454,13 +460,14 @@ def measure_api(port: int, key: str, args) -> None:
     _, r, rs = asyncio.run(sequential_pair(None, (port, retrieve), args.requests))
     _, p, ps = asyncio.run(sequential_pair(None, (port, policy), args.requests))
     print(
-        f"(c) retrieve (k=5 of {SKILLS}), 1 client: p50 {pct(r, 50):.2f} ms, p99 {pct(r, 99):.2f}"
+        f"(c) retrieve (k=5 of {skills:,}), 1 client: p50 {pct(r, 50):.2f} ms, p99 {pct(r, 99):.2f}"
         f" ms   statuses {rs}"
     )
     print(
         f"(c) policy with If-None-Match, 1 client: p50 {pct(p, 50):.2f} ms, p99 {pct(p, 99):.2f}"
         f" ms   statuses {ps}"
     )
+    return pct(r, 50), pct(r, 99)
 
 
 async def _one(port: int, request: bytes) -> tuple[int, bytes]:
@@ -489,6 +496,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--litellm", action="store_true")
+    parser.add_argument(
+        "--retrieval-sizes", default="1k,100k",
+        help="live skills for (c): the first is the main project's, the others get their own",
+    )  # fmt: skip
     parser.add_argument(
         "--door", choices=["fast", "django", "both"], default="fast",
         help="what serves the routes: the ASGI fast lane (production's default), Django's own "
@@ -529,7 +540,17 @@ def main() -> None:
                 door_stream_rps = measure_streaming(
                     f"MetaClaw proxy ({door} door)", port, key, up_port, args
                 )
-                measure_api(port, key, args)
+                retrieval = {SKILLS: measure_api(port, key, args)}
+                for size in parse_sizes(args.retrieval_sizes):
+                    if size == SKILLS:
+                        continue
+                    print(f"    (loading a project with {size:,} live skills…)", flush=True)
+                    big_key = setup_project(env, skills=size, slug=f"{PROJECT_SLUG}-{size}")
+                    retrieval[size] = measure_api(port, big_key, args, skills=size)
+                if len(retrieval) > 1:
+                    print("    growth of retrieve (k=5), p50 / p99:")
+                    for size, (p50, p99) in sorted(retrieval.items()):
+                        print(f"      {size:>9,} skills: {p50:7.2f} / {p99:7.2f} ms")
             if door == doors[0]:
                 rps, stream_rps = door_rps, door_stream_rps
         if args.litellm:

@@ -12,6 +12,7 @@ a process of its own (its CPU is not counted), with the same answers as ``fast_l
 from __future__ import annotations
 
 import argparse
+import cProfile
 import secrets
 import time
 from collections import Counter
@@ -23,6 +24,9 @@ from fast_loop import _payload, start_llm
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--groups", type=int, default=100, help="3 of them warm up")
+    parser.add_argument(
+        "--profile", metavar="FILE", help="write cProfile's statistics of the measured syntheses"
+    )
     args = parser.parse_args()
 
     env = bench_env("metaclaw_bench_synthesis", redis_db=9)
@@ -56,8 +60,14 @@ def main() -> None:
 
     backend_cpu = backend_cpu_clock(connection)
     pg_started, cpu_started, started = backend_cpu(), time.process_time(), time.perf_counter()
+    profiler = cProfile.Profile() if args.profile else None
+    if profiler:
+        profiler.enable()
     outcomes = [group_synthesize(group_id=group_id) for group_id in group_ids[3:]]
     wall = time.perf_counter() - started
+    if profiler:
+        profiler.disable()
+        profiler.dump_stats(args.profile)
     cpu, pg = time.process_time() - cpu_started, backend_cpu() - pg_started
     stop.set()
 

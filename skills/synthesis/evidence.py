@@ -28,6 +28,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,8 +183,62 @@ def gather_evidence(group: IncidentGroup, regressed: SkillRevision | None) -> Ev
     if regressed is not None:
         since = regressed.status_changed_at or regressed.created_at
     ranked = _ranked(candidates, since)[: max(1, most)]
-    redactor = Redactor(personal_data=True)
+    redactor = _BatchRedactor()
+    # Assembled twice: first to learn which texts it shows, which the PII detector then
+    # analyses in one batch, then for real from those results. One call per excerpt made the
+    # detector (and its cache's round trips) most of a synthesis's CPU.
+    with redactor.recording():
+        _assemble(group, ranked, since, redactor, budget)
+    kept, text = _assemble(group, ranked, since, redactor, budget)
+    # What the LLM is shown: excerpts redacted and then left out for space do not count.
+    report = redactor.report_for(text)
+    return Evidence(
+        incidents=[block.incident for block in kept],
+        text=text,
+        redactions=report,
+        tokens=estimate_tokens(text),
+        budget=budget,
+        redaction_note=redaction_summary(report).text,
+    )
 
+
+class _BatchRedactor(Redactor):
+    """A redactor (personal data included) that remembers what it redacted and, while
+    ``recording``, only notes what it is asked for (returning it unredacted), to redact all
+    of it in one batch when the recording ends. A text asked for later is redacted then."""
+
+    def __init__(self) -> None:
+        super().__init__(personal_data=True)
+        self._redacted: dict[str, str] = {}
+        self._asked: list[str] | None = None
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        self._asked = []
+        try:
+            yield
+        finally:
+            asked, self._asked = self._asked, None
+        self.many(asked)
+
+    def many(self, values: list[str]) -> list[str]:
+        if self._asked is not None:
+            self._asked.extend(values)
+            return list(values)
+        todo = [v for v in dict.fromkeys(values) if v not in self._redacted]
+        if todo:
+            self._redacted.update(zip(todo, super().many(todo), strict=True))
+        return [self._redacted[v] for v in values]
+
+
+def _assemble(
+    group: IncidentGroup,
+    ranked: list[Incident],
+    since: Any | None,
+    redactor: Redactor,
+    budget: int,
+) -> tuple[list[_Block], str]:
+    """The incidents kept and the evidence text (see the module's docstring)."""
     blocks = [_Block(incident, redactor, since) for incident in ranked]
     policy = _policy_section(group, blocks, redactor, int(budget * POLICY_SHARE))
     remaining = budget - estimate_tokens(policy) if policy else budget
@@ -200,17 +256,7 @@ def gather_evidence(group: IncidentGroup, regressed: SkillRevision | None) -> Ev
         remaining -= block.add_context(share)
     parts = [policy] if policy else []
     parts += [block.render(number) for number, block in enumerate(kept, start=1)]
-    text = "\n\n".join(parts)
-    # What the LLM is shown: excerpts redacted and then left out for space do not count.
-    report = redactor.report_for(text)
-    return Evidence(
-        incidents=[block.incident for block in kept],
-        text=text,
-        redactions=report,
-        tokens=estimate_tokens(text),
-        budget=budget,
-        redaction_note=redaction_summary(report).text,
-    )
+    return kept, "\n\n".join(parts)
 
 
 # --- The policy -------------------------------------------------------------------------------
