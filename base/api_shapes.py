@@ -11,12 +11,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import orjson
+from django.db.models import QuerySet
+from ninja import Schema
 from ninja.responses import NinjaJSONEncoder
 from pydantic import AfterValidator, BeforeValidator, Strict, WithJsonSchema
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_core import PydanticCustomError
 
 from base.errors import Conflict, DomainError, NotFound, PermissionDenied
+from base.pagination import paginate
 
 
 def parse_json(body: bytes) -> Any:
@@ -246,6 +249,29 @@ ApiDateTime = Annotated[
 ]
 """A timestamp an API client sends: RFC 3339 text only, with any UTC offset (stored in UTC when
 PostgreSQL would refuse it)."""
+
+
+class PagedFilter(Schema):
+    """The query of a list the API pages newest first: a time range, the cursor the last page
+    gave and a ``limit`` of 1 to 200. A list's filter adds its own fields."""
+
+    since: ApiDateTime | None = None
+    until: ApiDateTime | None = None
+    cursor: str | None = None
+    limit: int = 50
+
+    def narrowing(self) -> dict[str, Any]:
+        """The filters, as the list's selector takes them (the paging left out)."""
+        return self.model_dump(exclude={"cursor", "limit"})
+
+    def page(self, queryset: QuerySet, *, time_field: str) -> dict[str, Any]:
+        """This query's page of ``queryset``: its ``items`` and the ``next_cursor``."""
+        if not 1 <= self.limit <= 200:
+            raise DomainError("limit must be between 1 and 200.", field="limit")
+        items, next_cursor = paginate(
+            queryset, time_field=time_field, cursor=self.cursor, limit=self.limit
+        )
+        return {"items": items, "next_cursor": next_cursor}
 
 
 # --- Numbers in a JSON body: JSON numbers only ---------------------------------------------------

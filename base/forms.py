@@ -13,6 +13,16 @@ from base.errors import DomainError
 from base.models import Project
 
 
+def _plain_text_area(*, label: str, help_text: str) -> forms.CharField:
+    """An optional field of a few lines of names or JSON, which spell checking only marks up."""
+    return forms.CharField(
+        label=label,
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 3, "spellcheck": "false"}),
+        help_text=help_text,
+    )
+
+
 class ProjectSettingsForm(forms.Form):
     name = forms.CharField(max_length=200)
     upstream_base_url = forms.CharField(
@@ -31,10 +41,8 @@ class ProjectSettingsForm(forms.Form):
         help_text="Write-only and stored encrypted. Leave empty to keep the stored key.",
     )
     upstream_api_key_clear = forms.BooleanField(label="Clear the stored key", required=False)
-    upstream_model_map = forms.CharField(
+    upstream_model_map = _plain_text_area(
         label="Upstream model map",
-        required=False,
-        widget=forms.Textarea(attrs={"rows": 3, "spellcheck": "false"}),
         help_text='JSON: the model an agent asks for → the upstream\'s name for it; "*" '
         'matches any, e.g. {"gpt-4o-mini": "my-deployment", "*": "fallback-model"}.',
     )
@@ -46,17 +54,13 @@ class ProjectSettingsForm(forms.Form):
         help_text="Cosine similarity (0–1) at which a new group joins an open group of the "
         "same failure mode; 0 = the site default.",
     )
-    incidental_tools = forms.CharField(
+    incidental_tools = _plain_text_area(
         label="Incidental tools",
-        required=False,
-        widget=forms.Textarea(attrs={"rows": 3, "spellcheck": "false"}),
         help_text="One tool name a line (* as a wildcard) that never decides a failure's "
         "group, beside the built-in ones.",
     )
-    risk_allowed_domains = forms.CharField(
+    risk_allowed_domains = _plain_text_area(
         label="Domains skills may name",
-        required=False,
-        widget=forms.Textarea(attrs={"rows": 3, "spellcheck": "false"}),
         help_text="One domain a line (subdomains included). A skill text that links to or "
         "names an e-mail address of any other domain is flagged by the risk check.",
     )
@@ -139,22 +143,14 @@ class ProjectSettingsForm(forms.Form):
         model_map = (
             project.upstream_model_map if isinstance(project.upstream_model_map, dict) else {}
         )
+        # Every field shows the project's value; the key is write-only, the map is JSON.
         return {
-            "name": project.name,
-            "upstream_base_url": project.upstream_base_url,
+            **{
+                name: getattr(project, name)
+                for name in cls.base_fields
+                if name not in ("upstream_api_key", "upstream_api_key_clear")
+            },
             "upstream_model_map": json.dumps(model_map, indent=1) if model_map else "",
-            "group_merge_threshold": project.group_merge_threshold,
-            "incidental_tools": project.incidental_tools,
-            "require_second_approver": project.require_second_approver,
-            "approval_link_ttl_hours": project.approval_link_ttl_hours,
-            "approval_links_require_login": project.approval_links_require_login,
-            "llm_daily_token_budget": project.llm_daily_token_budget,
-            "rate_limit_per_minute": project.rate_limit_per_minute,
-            "min_sources_for_synthesis": project.min_sources_for_synthesis,
-            "risk_allowed_domains": project.risk_allowed_domains,
-            "replay_gate_mode": project.replay_gate_mode,
-            "replay_gate_max_calls": project.replay_gate_max_calls,
-            "replay_gate_max_tokens": project.replay_gate_max_tokens,
         }
 
     def __init__(self, *args: Any, project: Project, **kwargs: Any) -> None:

@@ -6,15 +6,13 @@ from typing import Any
 from uuid import UUID
 
 from django.conf import settings
-from django.db.models import QuerySet
-from ninja import Query, Router, Schema, Status
+from ninja import Query, Router, Status
 from pydantic import ValidationError as PydanticValidationError
 
-from base.api_shapes import ApiDateTime, pydantic_errors
+from base.api_shapes import PagedFilter, pydantic_errors
 from base.auth import admin_auth, ingest_auth, read_auth
 from base.errors import DomainError
 from base.models import Project
-from base.pagination import paginate
 from base.permissions import api_key_label
 from base.requests import ApiRequest
 from incidents import ingest, provenance, selectors, services
@@ -234,50 +232,29 @@ def _batch_body(stored: list[dict], invalid: dict[int, list]) -> dict:
     }
 
 
-class IncidentFilter(Schema):
+class _ListFilter(PagedFilter):
+    """What both lists filter on."""
+
     status: str | None = None
     kind: str | None = None
     agent: str | None = None
+
+
+class IncidentFilter(_ListFilter):
     group: int | None = None
-    since: ApiDateTime | None = None
-    until: ApiDateTime | None = None
-    cursor: str | None = None
-    limit: int = 50
 
 
-class GroupFilter(Schema):
-    status: str | None = None
-    kind: str | None = None
-    agent: str | None = None
+class GroupFilter(_ListFilter):
     synthesis_status: str | None = None
-    since: ApiDateTime | None = None
-    until: ApiDateTime | None = None
-    cursor: str | None = None
-    limit: int = 50
-
-
-def _page(qs: QuerySet, *, time_field: str, filters: IncidentFilter | GroupFilter) -> dict:
-    """The page of ``qs`` that ``filters`` asks for (its cursor, a limit of 1 to 200)."""
-    if not 1 <= filters.limit <= 200:
-        raise DomainError("limit must be between 1 and 200.", field="limit")
-    items, next_cursor = paginate(
-        qs, time_field=time_field, cursor=filters.cursor, limit=filters.limit
-    )
-    return {"items": items, "next_cursor": next_cursor}
 
 
 @router.get("/incidents", auth=read_auth, response=IncidentPage, summary="List incidents")
 def list_incidents(request: ApiRequest, filters: Query[IncidentFilter]):
+    narrowing = filters.narrowing()
     qs = selectors.incidents_for_project(
-        request.project,
-        status=filters.status,
-        kind=filters.kind,
-        agent=filters.agent,
-        group_id=filters.group,
-        since=filters.since,
-        until=filters.until,
+        request.project, group_id=narrowing.pop("group"), **narrowing
     )
-    return _page(qs, time_field="occurred_at", filters=filters)
+    return filters.page(qs, time_field="occurred_at")
 
 
 @router.get("/incidents/{incident_id}", auth=read_auth, response=IncidentOut)
@@ -287,16 +264,8 @@ def get_incident(request: ApiRequest, incident_id: UUID):
 
 @router.get("/groups", auth=read_auth, response=GroupPage, summary="List incident groups")
 def list_groups(request: ApiRequest, filters: Query[GroupFilter]):
-    qs = selectors.groups_for_project(
-        request.project,
-        status=filters.status,
-        kind=filters.kind,
-        agent=filters.agent,
-        synthesis_status=filters.synthesis_status,
-        since=filters.since,
-        until=filters.until,
-    )
-    return _page(qs, time_field="last_seen", filters=filters)
+    qs = selectors.groups_for_project(request.project, **filters.narrowing())
+    return filters.page(qs, time_field="last_seen")
 
 
 @router.get("/groups/{group_id}", auth=read_auth, response=GroupOut)

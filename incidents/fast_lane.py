@@ -53,38 +53,29 @@ async def post_incident(*, headers: dict[str, str], query: str, body: bytes) -> 
 
 
 async def post_incident_batch(*, headers: dict[str, str], query: str, body: bytes) -> FastResponse:
-    admitted = await _admitted(headers, BatchIn, body)
-    if isinstance(admitted, FastResponse):
-        return admitted
-    api_key, payload = admitted
-    return await _batch(
-        incident_batch_answer,
-        project=api_key.project,
-        items=payload.items,
-        actor=api_key_label(api_key),
-        api_key_id=api_key.pk,
-    )
+    return await _batch(headers, body, incident_batch_answer, with_actor=True)
 
 
 async def post_trajectory_batch(
     *, headers: dict[str, str], query: str, body: bytes
 ) -> FastResponse:
+    return await _batch(headers, body, trajectory_batch_answer, with_actor=False)
+
+
+async def _batch(
+    headers: dict[str, str], body: bytes, answer_batch: Any, *, with_actor: bool
+) -> FastResponse:
+    """A batch's 207 with one result per item, or the refusal of the whole batch (or of its
+    key). ``with_actor``: the answer also takes the key's label as the actor."""
     admitted = await _admitted(headers, BatchIn, body)
     if isinstance(admitted, FastResponse):
         return admitted
     api_key, payload = admitted
-    return await _batch(
-        trajectory_batch_answer,
-        project=api_key.project,
-        items=payload.items,
-        api_key_id=api_key.pk,
-    )
-
-
-async def _batch(answer_batch: Any, **kwargs: Any) -> FastResponse:
-    """A batch's 207 with one result per item, or the refusal of the whole batch."""
+    actor = {"actor": api_key_label(api_key)} if with_actor else {}
     try:
-        answer = await in_worker_thread(answer_batch)(**kwargs)
+        answer = await in_worker_thread(answer_batch)(
+            project=api_key.project, items=payload.items, api_key_id=api_key.pk, **actor
+        )
     except DomainError as exc:
         return api_domain_error(exc)
     return api_answer(207, _out(BatchOut, answer))

@@ -12,10 +12,8 @@ from uuid import UUID
 
 from ninja import Field, Query, Router, Schema
 
-from base.api_shapes import ApiDateTime
+from base.api_shapes import PagedFilter
 from base.auth import read_auth
-from base.errors import DomainError
-from base.pagination import paginate
 from base.requests import ApiRequest
 from incidents import selectors
 from incidents.models import Trajectory
@@ -60,17 +58,13 @@ class TurnPage(Schema):
     next_cursor: str | None
 
 
-class TurnFilter(Schema):
+class TurnFilter(PagedFilter):
     source: str | None = None
     policy_version: int | None = None
     skill: str | None = Field(None, description="The slug of a skill injected into the turn.")
     model: str | None = None
     status: int | None = Field(None, description="The upstream's HTTP status code.")
     session_id: str | None = None
-    since: ApiDateTime | None = None
-    until: ApiDateTime | None = None
-    cursor: str | None = None
-    limit: int = 50
 
 
 def _turn(turn: Trajectory) -> dict[str, Any]:
@@ -105,23 +99,9 @@ def _turn(turn: Trajectory) -> dict[str, Any]:
 def list_turns(request: ApiRequest, filters: Query[TurnFilter]):
     """Newest first, with what each turn ran with. `skill` keeps the turns a skill was injected
     into; `next_cursor` pages on (as for incidents)."""
-    if not 1 <= filters.limit <= 200:
-        raise DomainError("limit must be between 1 and 200.", field="limit")
-    qs = selectors.turns_for_project(
-        request.project,
-        source=filters.source,
-        policy_version=filters.policy_version,
-        skill=filters.skill,
-        model=filters.model,
-        status=filters.status,
-        session_id=filters.session_id,
-        since=filters.since,
-        until=filters.until,
-    ).defer("messages", "response", "tools")
-    items, next_cursor = paginate(
-        qs, time_field="occurred_at", cursor=filters.cursor, limit=filters.limit
-    )
-    return {"items": [_turn(t) for t in items], "next_cursor": next_cursor}
+    qs = selectors.turns_for_project(request.project, **filters.narrowing())
+    page = filters.page(qs.defer("messages", "response", "tools"), time_field="occurred_at")
+    return {**page, "items": [_turn(t) for t in page["items"]]}
 
 
 @router.get("/turns/{turn_id}", auth=read_auth, response=TurnOut, summary="Get a recorded turn")

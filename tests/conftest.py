@@ -89,8 +89,40 @@ def ingest_key(project):
 
 
 @pytest.fixture
+def runtime_key(project):
+    return factories.make_key(project, scopes=["runtime"])
+
+
+@pytest.fixture
 def admin_key(project):
     return factories.make_key(project, scopes=["ingest", "runtime", "admin"])
+
+
+@pytest.fixture
+def effectiveness_thresholds(settings):
+    """Effectiveness judged over a week, from 100 turns and 8 incidents on a side."""
+    settings.METACLAW = {
+        **settings.METACLAW,
+        "EFFECTIVENESS_WINDOW_DAYS": 7,
+        "EFFECTIVENESS_MIN_TURNS": 100,
+        "EFFECTIVENESS_MIN_INCIDENTS": 8,
+    }
+
+
+@pytest.fixture
+def page_queries_do_not_grow(client, django_assert_num_queries):
+    """``check(url, queries, add_rows)``: the page takes ``queries`` queries (once the session
+    is warm), and as many again after ``add_rows()``; returns the last response."""
+
+    def check(url: str, queries: int, add_rows):
+        client.get(url)  # warm the session
+        with django_assert_num_queries(queries):
+            client.get(url)
+        add_rows()
+        with django_assert_num_queries(queries):
+            return client.get(url)
+
+    return check
 
 
 @pytest.fixture

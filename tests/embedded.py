@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import last_line_of_success
 
 
 def run_embedded(script: str, var_dir: Path, **env: str) -> Any:
@@ -27,13 +26,4 @@ def run_embedded(script: str, var_dir: Path, **env: str) -> Any:
         ALLOWED_HOSTS="testserver",
         **env,
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(last_line_of_success([sys.executable, "-c", script], environment, 240))

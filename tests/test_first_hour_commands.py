@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import last_line_of_success, run_in_checkout
+
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "scripts" / "run.py"
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -239,9 +241,7 @@ def test_the_readmes_manage_py_commands_work_as_printed_after_the_runner(runner)
             words += ["--noinput", "--username", "alice", "--email", "alice@example.com"]
         # A system python3, outside .venv, in the checkout's folder, as the README prints it.
         words = [system_python(), *(w if w != "..." else "bob-first-hour-pw" for w in words[1:])]
-        done = subprocess.run(
-            words, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120
-        )
+        done = run_in_checkout(words, environment)
         assert done.returncode == 0, f"{line}\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
         outputs.append(done.stdout)
     key = outputs[-1].strip().splitlines()[-1]
@@ -261,14 +261,7 @@ def test_every_readme_manage_py_command_is_printed_as_python3():
 def test_manage_py_without_the_runners_settings_says_where_they_come_from(tmp_path):
     if not VENV_PYTHON.exists():
         pytest.skip("no .venv")
-    done = subprocess.run(
-        [system_python(), "manage.py", "check"],
-        cwd=ROOT,
-        env=plain_environment(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_in_checkout([system_python(), "manage.py", "check"], plain_environment(tmp_path))
     assert done.returncode != 0
     assert "SECRET_KEY must be set" in done.stderr
     assert "var/run.env" in done.stderr
@@ -278,16 +271,10 @@ def test_the_environment_wins_over_the_runners_settings(runner, tmp_path):
     environment = plain_environment(runner.var_dir)
     environment["METACLAW_PUBLIC_URL"] = "https://metaclaw.example"
     script = "from django.conf import settings; print(settings.METACLAW_PUBLIC_URL)"
-    done = subprocess.run(
-        [system_python(), "manage.py", "shell", "-c", script],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    printed = last_line_of_success(
+        [system_python(), "manage.py", "shell", "-c", script], environment
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "https://metaclaw.example"
+    assert printed == "https://metaclaw.example"
 
 
 # --- A second runner (item 3) ----------------------------------------------------------------
@@ -297,12 +284,9 @@ def test_a_second_runner_in_the_same_folder_changes_nothing_and_exits_non_zero(r
     web_log = runner.var_dir / "log" / "web.log"
     settings_before = (runner.var_dir / "run.env").read_text()
     log_before = web_log.stat()
-    done = subprocess.run(
+    done = run_in_checkout(
         [system_python(), str(RUN), "--skip-install", "--port", str(free_port())],
-        cwd=ROOT,
-        env=plain_environment(runner.var_dir),
-        capture_output=True,
-        text=True,
+        plain_environment(runner.var_dir),
         timeout=60,
     )
     assert done.returncode == 1
@@ -318,12 +302,9 @@ def test_a_second_runner_in_the_same_folder_changes_nothing_and_exits_non_zero(r
 
 
 def test_a_runner_on_a_port_in_use_exits_non_zero_before_starting_anything(runner, tmp_path):
-    done = subprocess.run(
+    done = run_in_checkout(
         [system_python(), str(RUN), "--skip-install", "--port", str(runner.port)],
-        cwd=ROOT,
-        env=plain_environment(tmp_path),
-        capture_output=True,
-        text=True,
+        plain_environment(tmp_path),
         timeout=60,
     )
     assert done.returncode == 1
@@ -430,14 +411,9 @@ def test_the_api_docs_render_without_internet_in_a_browser(runner):
         if os.environ.get("METACLAW_REQUIRE_BROWSER") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
-    done = subprocess.run(
-        [sys.executable, "-c", OFFLINE_BROWSER, chromium, runner.url],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    seen = json.loads(
+        last_line_of_success([sys.executable, "-c", OFFLINE_BROWSER, chromium, runner.url])
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["refused"] == []
     assert seen["operations"] > 10
     assert "MetaClaw API" in seen["title"]

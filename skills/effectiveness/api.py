@@ -4,14 +4,16 @@ incident group's (``ingest`` or ``admin`` keys, like the other group reads)."""
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Any
+from typing import Any, get_type_hints
 
 from ninja import Router, Schema
+from pydantic import create_model
 
 from base.auth import admin_auth, read_auth
 from base.requests import ApiRequest
 from incidents.selectors import group_for_project
 from skills.effectiveness import services
+from skills.effectiveness.stats import RateComparison
 from skills.versions import selectors
 
 OPENAPI_OPERATION_PREFIX = "skills_api_effectiveness"
@@ -19,18 +21,13 @@ OPENAPI_OPERATION_PREFIX = "skills_api_effectiveness"
 router = Router(tags=["effectiveness"])
 
 
-class ComparisonOut(Schema):
-    incidents_before: int
-    turns_before: int
-    incidents_after: int
-    turns_after: int
-    rate_before: float | None
-    rate_after: float | None
-    ratio: float | None
-    ratio_low: float | None
-    ratio_high: float | None
-    verdict: str
-    verdict_label: str
+# Every figure of a ``RateComparison`` (its ``as_dict``), so the two cannot drift apart.
+ComparisonOut = create_model(
+    "ComparisonOut",
+    __base__=Schema,
+    **{name: (hint, ...) for name, hint in get_type_hints(RateComparison).items()},
+    verdict_label=(str, ...),
+)
 
 
 class DayOut(Schema):

@@ -462,26 +462,7 @@ def test_the_training_settings_refuse_an_ftp_or_private_calendar_url_naming_the_
     guarded, client, project, url, error
 ):
     client.force_login(factories.make_member(project, "admin"))
-    form = {
-        "mode": "either",
-        "timezone": "UTC",
-        "ical_url": url,
-        "traffic_threshold_rpm": "5",
-        "traffic_idle_minutes": "30",
-        "min_new_samples": "50",
-        "max_runs_per_day": "1",
-        "max_tokens_per_run": "500000",
-        "max_sample_tokens": "1024",
-        "eval_fraction": "0.2",
-        "stale_after_minutes": "10",
-        "backend": "local",
-        "base_model": "smollm2-135m",
-        "objective": "sft",
-        "lora_rank": "8",
-        "learning_rate": "0.0001",
-        "batch_size": "4",
-        "total_steps": "20",
-    }
+    form = factories.training_settings_form(timezone="UTC", ical_url=url)
 
     response = client.post(f"/p/{project.slug}/training/settings/", form)
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+from tests.helpers import last_line_of_success
 
 # A fresh process, where nothing has discovered the apps' tasks yet (as in a web process before
 # its boot code or a management command): many threads look a task up at the same moment.
@@ -43,14 +41,7 @@ def test_a_task_is_found_by_name_from_many_threads_at_once_on_first_use():
         **{k: v for k, v in os.environ.items() if not k.startswith("PYTEST")},
         "DJANGO_SETTINGS_MODULE": "metaclaw_site.settings_test",
     }
-    done = subprocess.run(
-        [sys.executable, "-c", FIRST_LOOKUPS_AT_ONCE],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = json.loads(
+        last_line_of_success([sys.executable, "-c", FIRST_LOOKUPS_AT_ONCE], environment)
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"found": ["skills.tasks.propose_skill"] * 8, "failed": []}

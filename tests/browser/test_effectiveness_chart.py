@@ -15,16 +15,6 @@ pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 SLOW_PAGE_MS = 120_000
 
 
-@pytest.fixture
-def thresholds(settings):
-    settings.METACLAW = {
-        **settings.METACLAW,
-        "EFFECTIVENESS_WINDOW_DAYS": 7,
-        "EFFECTIVENESS_MIN_TURNS": 100,
-        "EFFECTIVENESS_MIN_INCIDENTS": 8,
-    }
-
-
 def _chart(page):
     panel = page.locator("#effectiveness")
     panel.wait_for(state="visible")
@@ -33,7 +23,7 @@ def _chart(page):
 
 
 def test_an_ineffective_skill_shows_its_chart_and_waits_in_the_review_queue(
-    project, person, log_in, page, screenshot, thresholds
+    project, person, log_in, page, screenshot, effectiveness_thresholds
 ):
     person("reviewer", "rita")
     revision, group, _admin = _live_skill(project, "nothing")
@@ -68,7 +58,7 @@ def test_an_ineffective_skill_shows_its_chart_and_waits_in_the_review_queue(
 
 
 def test_an_effective_skill_shows_improved_and_is_not_in_the_queue(
-    project, person, log_in, page, thresholds
+    project, person, log_in, page, effectiveness_thresholds
 ):
     person("reviewer", "rita")
     revision, _group, _admin = _live_skill(project, "fixes")

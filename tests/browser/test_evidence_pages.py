@@ -31,20 +31,7 @@ def _ingest(client, project) -> IncidentGroup:
             {"role": "system", "content": "You are the travel desk."},
             {"role": "user", "content": TASK},
             {"role": "user", "content": "I'm Mia Li, born 1975-07-05, at 225 Cedar Avenue."},
-            {
-                "role": "assistant",
-                "content": None,
-                "tool_calls": [
-                    {
-                        "id": "c1",
-                        "type": "function",
-                        "function": {
-                            "name": "cancel_reservation",
-                            "arguments": '{"reservation_id": "ZX81QK"}',
-                        },
-                    }
-                ],
-            },
+            factories.tool_call_message("cancel_reservation", '{"reservation_id": "ZX81QK"}'),
             {
                 "role": "tool",
                 "tool_call_id": "c1",
@@ -58,6 +45,14 @@ def _ingest(client, project) -> IncidentGroup:
     return IncidentGroup.objects.get(pk=response.json()["group_id"])
 
 
+def _open_first_conversation(page, project, group):
+    """The group page's first incident, with its conversation unfolded."""
+    page.goto(f"/p/{project.slug}/groups/{group.pk}/")
+    incident = page.locator("article.incident").first
+    incident.locator("details.conversation summary").click()
+    return incident
+
+
 def test_a_viewer_sees_the_task_reward_and_conversation_with_personal_data_masked(
     page, project, person, log_in, client, screenshot
 ):
@@ -65,9 +60,7 @@ def test_a_viewer_sees_the_task_reward_and_conversation_with_personal_data_maske
     person("viewer", "vera")
     log_in("vera")
 
-    page.goto(f"/p/{project.slug}/groups/{group.pk}/")
-    incident = page.locator("article.incident").first
-    incident.locator("details.conversation summary").click()
+    incident = _open_first_conversation(page, project, group)
     screenshot("group-viewer")
 
     text = incident.inner_text()
@@ -95,9 +88,7 @@ def test_an_admin_sees_personal_data_and_the_page_says_it_was_not_masked(
     person("admin", "ada")
     log_in("ada")
 
-    page.goto(f"/p/{project.slug}/groups/{group.pk}/")
-    incident = page.locator("article.incident").first
-    incident.locator("details.conversation summary").click()
+    incident = _open_first_conversation(page, project, group)
 
     assert "Mia Li" in incident.inner_text()
     note = incident.locator(".redaction-note").inner_text()

@@ -5,14 +5,12 @@ flagged on the review page and cannot be approved from a chat link."""
 from __future__ import annotations
 
 import pytest
-from django.urls import reverse
 
 from base.models import AuditEvent
 from incidents.models import AbusiveSource, IncidentGroup
-from skills.approvals import links as approvals
-from skills.approvals.models import ApprovalAction
-from skills.library.models import RevisionStatus, SkillRevision
+from skills.library.models import SkillRevision
 from tests import factories
+from tests.helpers import chat_link_approval_refused, review_page
 
 pytestmark = pytest.mark.django_db
 
@@ -91,19 +89,8 @@ def test_a_proposal_from_an_abusive_session_is_flagged_and_no_chat_link_approves
 
     reviewer = factories.make_member(project, "reviewer", "rita")
     client.force_login(reviewer)
-    page = client.get(
-        reverse(
-            "skills:revision_detail",
-            kwargs={"project_slug": project.slug, "revision_id": revision.pk},
-        )
-    ).content.decode()
+    page = review_page(client, revision)
     assert "Flagged:" in page
     assert "s-bad" in page and "prompt injection" in page
 
-    request, token = approvals.approval_request_create(
-        action=ApprovalAction.APPROVE_REVISION, addressee=reviewer, revision=revision
-    )
-    refused = client.post(f"/a/{token}")
-    assert refused.status_code == 409
-    revision.refresh_from_db()
-    assert revision.status == RevisionStatus.PROPOSED
+    chat_link_approval_refused(client, revision, reviewer)

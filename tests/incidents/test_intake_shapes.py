@@ -26,6 +26,15 @@ def _fields(response) -> set[str]:
 # --- error
 
 
+def _stored_as(api, ingest_key, field: str, sent) -> set:
+    """Report one incident with ``field`` set to ``sent``: the values its row and its group's
+    row hold for ``field``."""
+    response = api.post(SINGLE, factories.incident_payload("sent", **{field: sent}), key=ingest_key)
+    assert response.status_code == 202, response.content
+    incident = Incident.objects.get(client_id="sent")
+    return {getattr(incident, field), getattr(IncidentGroup.objects.get(), field)}
+
+
 def test_a_string_error_is_stored_as_its_message(api, ingest_key):
     payload = factories.incident_payload("s-1", error="search_orders: invalid value 'x'")
 
@@ -179,13 +188,7 @@ def test_a_top_level_reward_out_of_bounds_is_refused(api, ingest_key):
     ],
 )
 def test_logging_levels_map_onto_the_severity_scale(api, ingest_key, sent, stored):
-    payload = factories.incident_payload("lvl", severity=sent)
-
-    response = api.post(SINGLE, payload, key=ingest_key)
-
-    assert response.status_code == 202, response.content
-    assert Incident.objects.get(client_id="lvl").severity == stored
-    assert IncidentGroup.objects.get().severity == stored
+    assert _stored_as(api, ingest_key, "severity", sent) == {stored}
 
 
 @pytest.mark.parametrize("sent", ["huge", "", 40])
@@ -221,13 +224,7 @@ def test_an_unknown_severity_is_refused_naming_it(api, ingest_key, sent):
     ],
 )
 def test_failure_kinds_and_their_common_names_are_accepted(api, ingest_key, sent, stored):
-    payload = factories.incident_payload("kind", kind=sent)
-
-    response = api.post(SINGLE, payload, key=ingest_key)
-
-    assert response.status_code == 202, response.content
-    assert Incident.objects.get(client_id="kind").kind == stored
-    assert IncidentGroup.objects.get().kind == stored
+    assert _stored_as(api, ingest_key, "kind", sent) == {stored}
 
 
 def test_an_unknown_kind_is_refused_naming_it(api, ingest_key):

@@ -32,16 +32,6 @@ DATES_ERROR = {"type": "ToolArgumentError", "message": "search_orders: invalid v
 OTHER_ERROR = {"type": "RefundError", "message": "issue_refund: amount exceeds the order total"}
 
 
-@pytest.fixture
-def thresholds(settings):
-    settings.METACLAW = {
-        **settings.METACLAW,
-        "EFFECTIVENESS_WINDOW_DAYS": 7,
-        "EFFECTIVENESS_MIN_TURNS": 100,
-        "EFFECTIVENESS_MIN_INCIDENTS": 8,
-    }
-
-
 class FakeAgent:
     """An agent behind MetaClaw. Without the skill it fails ``FAILURES_PER_DAY`` times a day
     with the date error; with it, ``effect`` decides: "fixes" (no more date errors), "nothing"
@@ -129,7 +119,7 @@ def _effectiveness(admin: Client, revision: SkillRevision) -> dict:
     return answer.json()
 
 
-def test_a_skill_that_fixes_its_failure_shows_improved_and_is_not_flagged(thresholds):
+def test_a_skill_that_fixes_its_failure_shows_improved_and_is_not_flagged(effectiveness_thresholds):
     project = factories.make_project()
     project.notify_emails = "team@example.com"
     project.save(update_fields=["notify_emails"])
@@ -158,7 +148,7 @@ def test_a_skill_that_fixes_its_failure_shows_improved_and_is_not_flagged(thresh
 
 
 def test_a_skill_that_changes_nothing_is_flagged_back_to_review_and_its_group_regressed(
-    thresholds, django_capture_on_commit_callbacks
+    effectiveness_thresholds, django_capture_on_commit_callbacks
 ):
     project = factories.make_project()
     project.notify_emails = "team@example.com"
@@ -201,7 +191,7 @@ def test_a_skill_that_changes_nothing_is_flagged_back_to_review_and_its_group_re
 
 
 def test_a_skill_whose_activation_coincides_with_a_rise_in_other_groups_is_flagged_harmful(
-    thresholds,
+    effectiveness_thresholds,
 ):
     project = factories.make_project()
     revision, group, admin = _live_skill(project, "harms")
@@ -218,7 +208,7 @@ def test_a_skill_whose_activation_coincides_with_a_rise_in_other_groups_is_flagg
     assert group.status != GroupStatus.REGRESSED  # its own group did improve
 
 
-def test_too_little_traffic_says_so_and_flags_nothing(thresholds, settings):
+def test_too_little_traffic_says_so_and_flags_nothing(effectiveness_thresholds, settings):
     settings.METACLAW = {**settings.METACLAW, "EFFECTIVENESS_MIN_TURNS": 1000}
     project = factories.make_project()
     revision, _group, admin = _live_skill(project, "nothing", after_days=2)
@@ -234,7 +224,7 @@ def test_too_little_traffic_says_so_and_flags_nothing(thresholds, settings):
     assert revision.effectiveness_flagged_at is None
 
 
-def test_version_and_group_effectiveness_in_the_api_and_on_their_pages(thresholds):
+def test_version_and_group_effectiveness_in_the_api_and_on_their_pages(effectiveness_thresholds):
     project = factories.make_project()
     revision, group, admin = _live_skill(project, "fixes")
     number = revision.policy_versions.get().number
@@ -259,7 +249,7 @@ def test_version_and_group_effectiveness_in_the_api_and_on_their_pages(threshold
     assert page.get(f"/p/{project.slug}/versions/{number}/effectiveness/").status_code == 200
 
 
-def test_effectiveness_is_refused_across_projects(thresholds):
+def test_effectiveness_is_refused_across_projects(effectiveness_thresholds):
     project = factories.make_project()
     revision, group, _admin_client = _live_skill(project, "fixes", after_days=1)
     stranger = _admin(factories.make_project())

@@ -10,10 +10,10 @@ from django.urls import reverse
 
 from incidents.models import Incident, IncidentGroup, SynthesisStatus
 from skills.approvals import links as approvals
-from skills.approvals.models import ApprovalAction
-from skills.library.models import RevisionStatus, SkillRevision
+from skills.library.models import SkillRevision
 from tests import factories
 from tests.fakes.openai_server import Reply
+from tests.helpers import chat_link_approval_refused, review_page
 from tests.skills.test_synthesis import answer
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fast_llm_retries")]
@@ -58,28 +58,14 @@ def test_a_single_session_proposal_is_labelled_and_a_chat_link_cannot_approve_it
     # On the review page.
     reviewer = factories.make_member(project, "reviewer", "rita")
     client.force_login(reviewer)
-    page = client.get(
-        reverse(
-            "skills:revision_detail",
-            kwargs={"project_slug": project.slug, "revision_id": revision.pk},
-        )
-    ).content.decode()
+    page = review_page(client, revision)
     assert "Single source" in page
     assert "1 distinct source" in page
     # In notifications: the title says so.
     evidence = approvals.revision_evidence(revision)
     assert approvals.provenance_note(evidence["provenance"]).startswith(" · single source")
     # A chat link refuses to approve it, and nothing changes.
-    request, token = approvals.approval_request_create(
-        action=ApprovalAction.APPROVE_REVISION, addressee=reviewer, revision=revision
-    )
-    response = client.post(f"/a/{token}")
-    assert response.status_code == 409
-    assert "single source" in response.content.decode()
-    revision.refresh_from_db()
-    request.refresh_from_db()
-    assert revision.status == RevisionStatus.PROPOSED
-    assert request.used_at is None
+    assert "single source" in chat_link_approval_refused(client, revision, reviewer)
 
 
 def test_a_group_waits_for_the_projects_minimum_of_sources_then_is_taken(

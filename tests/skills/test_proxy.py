@@ -7,13 +7,11 @@ received."""
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from asgiref.sync import async_to_sync
 from django.test import AsyncClient
 
@@ -30,44 +28,24 @@ from skills.versions.services import (
     skill_revision_approve,
 )
 from tests import factories
+from tests.asgi_server import asgi_server
 from tests.fakes.openai_server import OpenAIServer, Reply
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-DATES = (
-    "search-orders-dates",
-    "Search orders with ISO dates",
-    "When the search_orders tool rejects a relative date like 'last week' or 'yesterday'.",
-    "Convert relative dates to ISO 8601 (YYYY-MM-DD) before calling search_orders.",
-)
 REFUNDS = (
     "refund-policy",
     "Check refund eligibility",
     "When a customer asks for a refund or their money back.",
     "Look up the order age first: refunds are possible within 30 days.",
 )
-DATE_QUESTION = "Find my orders since last week, the search_orders tool says invalid date"
-REFUND_QUESTION = "I want a refund, give me my money back for this order"
 
 
 @pytest.fixture(scope="module")
 def proxy_url():
     """The production ASGI application (``metaclaw_site.asgi``) under uvicorn."""
-    from metaclaw_site.asgi import application
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(application, lifespan="off", log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(5)
+    with asgi_server() as url:
+        yield url
 
 
 @pytest.fixture
@@ -107,7 +85,7 @@ def approve(project, skill):
 @pytest.fixture
 def skills(project):
     """v2: dates; v3 (active): dates + refunds."""
-    return [approve(project, DATES), approve(project, REFUNDS)]
+    return [approve(project, factories.SEARCH_ORDERS_DATES), approve(project, REFUNDS)]
 
 
 def system_text(recorded) -> str:
@@ -121,7 +99,7 @@ def test_relevant_skills_are_appended_to_the_agents_system_message(client, upstr
         model="gpt-test",
         messages=[
             {"role": "system", "content": "You are the support bot of Example Shop."},
-            {"role": "user", "content": REFUND_QUESTION},
+            {"role": "user", "content": factories.REFUND_QUESTION},
         ],
     )
 
@@ -137,14 +115,14 @@ def test_relevant_skills_are_appended_to_the_agents_system_message(client, upstr
     assert "### Check refund eligibility" in section
     assert REFUNDS[3] in section
     assert "Search orders with ISO dates" not in section  # not relevant to this request
-    assert sent.body["messages"][1] == {"role": "user", "content": REFUND_QUESTION}
+    assert sent.body["messages"][1] == {"role": "user", "content": factories.REFUND_QUESTION}
     assert {k.lower(): v for k, v in sent.headers.items()}["authorization"] == "Bearer up-key"
     assert sent.body["model"] == "gpt-test"
 
 
 def test_a_system_message_is_created_when_the_agent_sends_none(client, upstream, skills):
     client.chat.completions.create(
-        model="gpt-test", messages=[{"role": "user", "content": DATE_QUESTION}]
+        model="gpt-test", messages=[{"role": "user", "content": factories.DATE_QUESTION}]
     )
 
     sent = upstream.chat_requests()[-1].body["messages"]
@@ -152,7 +130,7 @@ def test_a_system_message_is_created_when_the_agent_sends_none(client, upstream,
     assert sent[0]["role"] == "system"
     assert sent[0]["content"].startswith(retrieval.SKILLS_BEGIN)
     assert "### Search orders with ISO dates" in sent[0]["content"]
-    assert sent[1] == {"role": "user", "content": DATE_QUESTION}
+    assert sent[1] == {"role": "user", "content": factories.DATE_QUESTION}
 
 
 def test_no_section_is_added_when_no_skill_is_relevant(client, upstream, skills):
@@ -184,7 +162,7 @@ def test_tools_tool_calls_response_format_images_and_extra_fields_pass_through(
     upstream.enqueue(Reply(content=None, tool_calls=[tool_call]))
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
     history = [
-        {"role": "user", "content": [{"type": "text", "text": DATE_QUESTION}, image]},
+        {"role": "user", "content": [{"type": "text", "text": factories.DATE_QUESTION}, image]},
         {"role": "assistant", "content": None, "tool_calls": [tool_call]},
         {"role": "tool", "tool_call_id": "call_1", "content": "error: invalid date"},
     ]
@@ -219,7 +197,7 @@ def test_streaming_is_relayed_chunk_by_chunk(client, upstream, skills):
 
     stream = client.chat.completions.create(
         model="gpt-test",
-        messages=[{"role": "user", "content": DATE_QUESTION}],
+        messages=[{"role": "user", "content": factories.DATE_QUESTION}],
         stream=True,
         stream_options={"include_usage": True},
     )
@@ -284,12 +262,12 @@ def test_each_turn_is_recorded_as_a_trajectory_off_the_response_path(
 ):
     client.chat.completions.create(
         model="gpt-test",
-        messages=[{"role": "user", "content": REFUND_QUESTION}],
+        messages=[{"role": "user", "content": factories.REFUND_QUESTION}],
         extra_headers={"X-Session-Id": "sess-42", "X-Turn-Type": "side", "X-Agent-Name": "bot"},
     )
     stream = client.chat.completions.create(
         model="gpt-test",
-        messages=[{"role": "user", "content": DATE_QUESTION}],
+        messages=[{"role": "user", "content": factories.DATE_QUESTION}],
         stream=True,
         extra_headers={"X-Session-Id": "sess-42"},
     )
@@ -304,7 +282,7 @@ def test_each_turn_is_recorded_as_a_trajectory_off_the_response_path(
     assert side.policy_version == 3
     assert [s["slug"] for s in side.skills_injected] == [REFUNDS[0]]
     assert side.skills_injected[0]["score"] > 0
-    assert side.messages == [{"role": "user", "content": REFUND_QUESTION}]
+    assert side.messages == [{"role": "user", "content": factories.REFUND_QUESTION}]
     assert side.response == {"role": "assistant", "content": "ok"}
     assert (side.prompt_tokens, side.completion_tokens, side.status_code) == (10, 1, 200)
     assert side.latency_ms > 0
@@ -312,7 +290,7 @@ def test_each_turn_is_recorded_as_a_trajectory_off_the_response_path(
     assert main.turn_type == "main"
     assert main.response["content"] == "ok"
     assert main.metadata["stream"] is True
-    assert [s["slug"] for s in main.skills_injected] == [DATES[0]]
+    assert [s["slug"] for s in main.skills_injected] == [factories.SEARCH_ORDERS_DATES[0]]
 
 
 def test_the_proxy_hands_pooled_database_connections_back_after_each_use(
@@ -325,7 +303,7 @@ def test_the_proxy_hands_pooled_database_connections_back_after_each_use(
         pytest.skip("the connection pool is turned off (METACLAW_DB_POOL=0)")
     for _ in range(5):
         client.chat.completions.create(
-            model="gpt-test", messages=[{"role": "user", "content": REFUND_QUESTION}]
+            model="gpt-test", messages=[{"role": "user", "content": factories.REFUND_QUESTION}]
         )
     assert recording.recordings_wait(10)
     time.sleep(0.2)  # the recorder returns its connection right after the batch it wrote
@@ -339,7 +317,7 @@ def test_the_proxy_hands_pooled_database_connections_back_after_each_use(
 def test_a_pinned_version_is_served_and_named_in_the_header(client, upstream, skills):
     raw = client.chat.completions.with_raw_response.create(
         model="gpt-test",
-        messages=[{"role": "user", "content": REFUND_QUESTION}],
+        messages=[{"role": "user", "content": factories.REFUND_QUESTION}],
         extra_headers={"X-MetaClaw-Policy-Version": "2"},
     )
 
@@ -355,7 +333,10 @@ def test_a_pinned_version_is_served_and_named_in_the_header(client, upstream, sk
 
 
 def test_a_rollback_changes_what_the_next_request_gets(client, upstream, project, skills):
-    ask = {"model": "gpt-test", "messages": [{"role": "user", "content": REFUND_QUESTION}]}
+    ask = {
+        "model": "gpt-test",
+        "messages": [{"role": "user", "content": factories.REFUND_QUESTION}],
+    }
     before = client.chat.completions.with_raw_response.create(**ask)
     assert "Check refund eligibility" in system_text(upstream.chat_requests()[-1])
 
@@ -455,7 +436,10 @@ def test_the_django_view_serves_the_same_proxy(upstream, key, skills):
     """The URL mounted in urls.py (what runs when the fast lane is not in front)."""
     response = async_to_sync(AsyncClient().post)(
         "/v1/chat/completions",
-        data={"model": "gpt-test", "messages": [{"role": "user", "content": REFUND_QUESTION}]},
+        data={
+            "model": "gpt-test",
+            "messages": [{"role": "user", "content": factories.REFUND_QUESTION}],
+        },
         content_type="application/json",
         headers={"Authorization": f"Bearer {key}", "X-Session-Id": "django-door"},
     )
@@ -483,7 +467,7 @@ def test_the_production_app_serves_policy_and_retrieval_like_the_api(proxy_url, 
     anonymous = httpx.get(f"{proxy_url}/api/v1/runtime/policy")
     found = httpx.post(
         f"{proxy_url}/api/v1/runtime/skills/retrieve",
-        json={"messages": [{"role": "user", "content": REFUND_QUESTION}], "k": 1},
+        json={"messages": [{"role": "user", "content": factories.REFUND_QUESTION}], "k": 1},
         headers=auth,
     )
     no_task = httpx.post(f"{proxy_url}/api/v1/runtime/skills/retrieve", json={}, headers=auth)

@@ -50,20 +50,7 @@ def report_failures(api, key, n: int = 6, **extra) -> None:
                     "content": f"Find my orders since last week, the search_orders "
                     f"tool says invalid date (customer {i})",
                 },  # fmt: skip
-                {
-                    "role": "assistant",
-                    "content": None,
-                    "tool_calls": [
-                        {
-                            "id": "c1",
-                            "type": "function",
-                            "function": {
-                                "name": "search_orders",
-                                "arguments": '{"since": "last week"}',
-                            },
-                        }
-                    ],
-                },  # fmt: skip
+                factories.tool_call_message("search_orders", '{"since": "last week"}'),
                 {"role": "tool", "tool_call_id": "c1", "content": "error: invalid date"},
             ],
             **extra,

@@ -9,12 +9,12 @@ import json
 import pytest
 
 from base.models import AuditEvent
-from skills.approvals import links as approvals
 from skills.approvals.models import ApprovalAction, ApprovalRequest
 from skills.library.models import RevisionStatus, SkillRevision
 from skills.library.risk import is_flagged, risk_check
 from tests import factories
 from tests.fakes.openai_server import Reply
+from tests.helpers import chat_link_approval_refused
 
 pytestmark = pytest.mark.django_db
 
@@ -101,17 +101,10 @@ def test_a_flagged_revision_cannot_be_approved_from_a_chat_link(client, project)
     flagged = factories.make_revision(project, instructions=f"Use ISO dates. {ATTACK}")
     assert is_flagged(flagged.risk_findings)
     reviewer = factories.make_member(project, "reviewer", "rita")
-    request, token = approvals.approval_request_create(
-        action=ApprovalAction.APPROVE_REVISION, addressee=reviewer, revision=flagged
-    )
 
-    response = client.post(f"/a/{token}")
+    answer = chat_link_approval_refused(client, flagged, reviewer)
 
-    assert response.status_code == 409
-    assert "flagged by the risk check" in response.content.decode()
-    flagged.refresh_from_db()
-    request.refresh_from_db()
-    assert flagged.status == RevisionStatus.PROPOSED and request.used_at is None
+    assert "flagged by the risk check" in answer
 
 
 def test_notifications_name_the_findings_and_offer_no_approve_link(project, flagged):

@@ -47,11 +47,6 @@ def approve(project, skill, django_capture_on_commit_callbacks):
 
 
 @pytest.fixture
-def runtime_key(project):
-    return factories.make_key(project, scopes=["runtime"])
-
-
-@pytest.fixture
 def library(project, django_capture_on_commit_callbacks):
     """Three approved skills: versions 2, 3 and 4 (4 active)."""
     return [

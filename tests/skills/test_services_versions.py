@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from django.db import connection
@@ -35,6 +37,14 @@ def snapshot(project) -> dict:
         "releases": Release.objects.filter(project=project).count(),
         "audit": AuditEvent.objects.filter(project=project).count(),
     }
+
+
+@contextmanager
+def nothing_changes(project) -> Iterator[None]:
+    """The block (a refused decision) leaves ``snapshot(project)`` as it was."""
+    before = snapshot(project)
+    yield
+    assert snapshot(project) == before
 
 
 def active(project) -> PolicyVersion:
@@ -117,12 +127,9 @@ def test_approve_refuses_a_revision_that_is_not_proposed_and_changes_nothing(
     project, reviewer, status
 ):
     revision = revision_in(project, status)
-    before = snapshot(project)
 
-    with pytest.raises(Conflict, match=f"already {status}"):
+    with nothing_changes(project), pytest.raises(Conflict, match=f"already {status}"):
         version_services.skill_revision_approve(revision=revision, actor=reviewer)
-
-    assert snapshot(project) == before
 
 
 def test_second_approval_says_who_approved_first_and_when(project, reviewer):
@@ -139,12 +146,9 @@ def test_second_approval_says_who_approved_first_and_when(project, reviewer):
 def test_a_viewer_cannot_approve_and_nothing_changes(project):
     viewer = factories.make_member(project, "viewer")
     revision = factories.make_revision(project)
-    before = snapshot(project)
 
-    with pytest.raises(PermissionDenied):
+    with nothing_changes(project), pytest.raises(PermissionDenied):
         version_services.skill_revision_approve(revision=revision, actor=viewer)
-
-    assert snapshot(project) == before
 
 
 def test_a_member_of_another_project_cannot_approve(project, other_project):
@@ -184,12 +188,9 @@ def test_with_a_second_approver_required_the_same_person_cannot_approve_twice(pr
     project.save()
     revision = factories.make_revision(project)
     version_services.skill_revision_approve(revision=revision, actor=reviewer)
-    before = snapshot(project)
 
-    with pytest.raises(Conflict, match="second, different reviewer"):
+    with nothing_changes(project), pytest.raises(Conflict, match="second, different reviewer"):
         version_services.skill_revision_approve(revision=revision, actor=reviewer)
-
-    assert snapshot(project) == before
 
 
 def test_with_a_second_approver_required_a_different_reviewer_makes_it_live(project, reviewer):
@@ -237,13 +238,11 @@ def test_approval_announces_the_decision_and_the_new_active_version_after_commit
 
 def test_rejecting_needs_a_reason_naming_the_field(project, reviewer):
     revision = factories.make_revision(project)
-    before = snapshot(project)
 
-    with pytest.raises(DomainError) as exc:
+    with nothing_changes(project), pytest.raises(DomainError) as exc:
         version_services.skill_revision_reject(revision=revision, actor=reviewer, reason="  ")
 
     assert exc.value.field == "reason"
-    assert snapshot(project) == before
 
 
 def test_rejecting_a_proposal_records_who_and_why(project, reviewer):
@@ -261,12 +260,9 @@ def test_rejecting_a_proposal_records_who_and_why(project, reviewer):
 @pytest.mark.parametrize("status", DECIDED_STATUSES)
 def test_reject_refuses_a_revision_that_is_not_proposed(project, reviewer, status):
     revision = revision_in(project, status)
-    before = snapshot(project)
 
-    with pytest.raises(Conflict):
+    with nothing_changes(project), pytest.raises(Conflict):
         version_services.skill_revision_reject(revision=revision, actor=reviewer, reason="no")
-
-    assert snapshot(project) == before
 
 
 def test_editing_makes_a_new_human_proposal_and_supersedes_the_edited_one(project, reviewer):
@@ -292,29 +288,24 @@ def test_editing_makes_a_new_human_proposal_and_supersedes_the_edited_one(projec
 @pytest.mark.parametrize("status", DECIDED_STATUSES)
 def test_edit_refuses_a_revision_that_is_not_proposed(project, reviewer, status):
     revision = revision_in(project, status)
-    before = snapshot(project)
 
-    with pytest.raises(Conflict):
+    with nothing_changes(project), pytest.raises(Conflict):
         version_services.skill_revision_edit(
             revision=revision, actor=reviewer, name="x", description="y", instructions="z",
             category="general",
         )  # fmt: skip
 
-    assert snapshot(project) == before
-
 
 def test_edit_with_empty_instructions_names_the_field_and_changes_nothing(project, reviewer):
     revision = factories.make_revision(project)
-    before = snapshot(project)
 
-    with pytest.raises(DomainError) as exc:
+    with nothing_changes(project), pytest.raises(DomainError) as exc:
         version_services.skill_revision_edit(
             revision=revision, actor=reviewer, name="x", description="y", instructions=" ",
             category="general",
         )  # fmt: skip
 
     assert exc.value.field == "instructions"
-    assert snapshot(project) == before
 
 
 # --- versions: candidate, promote, reject, roll back ----------------------------------------
@@ -360,44 +351,32 @@ def test_promote_refuses_a_candidate_built_before_skills_were_approved(project, 
     version_services.skill_revision_approve(
         revision=factories.make_revision(project), actor=reviewer
     )
-    before = snapshot(project)
 
-    with pytest.raises(Conflict, match="would undo those changes"):
+    with nothing_changes(project), pytest.raises(Conflict, match="would undo those changes"):
         version_services.policy_version_promote(version=candidate, actor=admin)
 
-    assert snapshot(project) == before
     candidate.refresh_from_db()
     assert candidate.status == "candidate"
 
 
 def test_a_reviewer_cannot_promote(project, reviewer):
     candidate = make_candidate(project)
-    before = snapshot(project)
 
-    with pytest.raises(PermissionDenied):
+    with nothing_changes(project), pytest.raises(PermissionDenied):
         version_services.policy_version_promote(version=candidate, actor=reviewer)
-
-    assert snapshot(project) == before
 
 
 @pytest.mark.parametrize("status", [VersionStatus.RETIRED, VersionStatus.REJECTED])
 def test_promote_refuses_a_version_that_is_not_a_candidate(project, admin, status):
     version = version_in(project, status)
-    before = snapshot(project)
 
-    with pytest.raises(Conflict):
+    with nothing_changes(project), pytest.raises(Conflict):
         version_services.policy_version_promote(version=version, actor=admin)
-
-    assert snapshot(project) == before
 
 
 def test_promote_refuses_the_active_version_saying_it_is_active_already(project, admin):
-    before = snapshot(project)
-
-    with pytest.raises(Conflict, match="already active"):
+    with nothing_changes(project), pytest.raises(Conflict, match="already active"):
         version_services.policy_version_promote(version=active(project), actor=admin)
-
-    assert snapshot(project) == before
 
 
 def test_rejecting_a_candidate_needs_a_reason_and_keeps_the_active_one(project, admin):
@@ -440,43 +419,38 @@ def test_rolling_back_reactivates_an_earlier_version_and_marks_what_was_dropped(
 @pytest.mark.parametrize("status", [VersionStatus.CANDIDATE, VersionStatus.REJECTED])
 def test_rollback_refuses_a_version_that_was_never_active(project, admin, status):
     version = version_in(project, status)
-    before = snapshot(project)
 
-    with pytest.raises(Conflict):
+    with nothing_changes(project), pytest.raises(Conflict):
         version_services.policy_version_rollback(to_version=version, actor=admin, reason="r")
-
-    assert snapshot(project) == before
 
 
 def test_rollback_refuses_the_active_version_and_a_missing_reason(project, admin, reviewer):
     approved(project, reviewer, "iso-dates")
-    before = snapshot(project)
 
-    with pytest.raises(Conflict):
-        version_services.policy_version_rollback(
-            to_version=active(project), actor=admin, reason="r"
-        )
-    with pytest.raises(DomainError) as exc:
-        version_services.policy_version_rollback(
-            to_version=PolicyVersion.objects.get(project=project, number=1), actor=admin, reason=""
-        )
+    with nothing_changes(project):
+        with pytest.raises(Conflict):
+            version_services.policy_version_rollback(
+                to_version=active(project), actor=admin, reason="r"
+            )
+        with pytest.raises(DomainError) as exc:
+            version_services.policy_version_rollback(
+                to_version=PolicyVersion.objects.get(project=project, number=1),
+                actor=admin,
+                reason="",
+            )
 
     assert exc.value.field == "reason"
-    assert snapshot(project) == before
 
 
 def test_a_reviewer_cannot_roll_back(project, reviewer):
     approved(project, reviewer, "iso-dates")
-    before = snapshot(project)
 
-    with pytest.raises(PermissionDenied):
+    with nothing_changes(project), pytest.raises(PermissionDenied):
         version_services.policy_version_rollback(
             to_version=PolicyVersion.objects.get(project=project, number=1),
             actor=reviewer,
             reason="r",
         )
-
-    assert snapshot(project) == before
 
 
 def test_approving_after_a_rollback_builds_on_the_rolled_back_to_version(project, reviewer, admin):

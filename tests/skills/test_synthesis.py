@@ -203,16 +203,37 @@ def test_a_rate_limit_is_retried_after_the_servers_retry_after(
     assert len(llm_server.chat_requests()) == 3
 
 
-def test_server_errors_that_never_stop_fail_the_group_with_the_reason(
-    api, project, ingest_key, llm_server, django_capture_on_commit_callbacks
+@pytest.mark.parametrize(
+    ("status", "reason", "attempts", "requests"),
+    [
+        pytest.param(
+            500,
+            "server error (500)",
+            synthesis.MAX_ATTEMPTS,
+            synthesis.MAX_ATTEMPTS * llm.MAX_ATTEMPTS,
+            id="server-errors-that-never-stop-are-retried",
+        ),
+        pytest.param(401, "refused the request (401)", 1, 1, id="a-refusal-is-not-retried"),
+    ],
+)
+def test_an_llm_that_keeps_answering_an_error_fails_the_group_with_the_reason(
+    api,
+    project,
+    ingest_key,
+    llm_server,
+    django_capture_on_commit_callbacks,
+    status,
+    reason,
+    attempts,
+    requests,
 ):
-    llm_server.default = Reply(status=500)
+    llm_server.default = Reply(status=status)
 
     group = ingest(api, ingest_key, django_capture_on_commit_callbacks)
 
-    assert_failed_because(group, "server error (500)")
-    assert group.synthesis_attempts == synthesis.MAX_ATTEMPTS
-    assert len(llm_server.chat_requests()) == synthesis.MAX_ATTEMPTS * llm.MAX_ATTEMPTS
+    assert_failed_because(group, reason)
+    assert group.synthesis_attempts == attempts
+    assert len(llm_server.chat_requests()) == requests
     assert not SkillRevision.objects.exists()
 
 
@@ -228,17 +249,6 @@ def test_a_slow_answer_past_the_timeout_fails_the_group_as_a_timeout(
 
     assert_failed_because(group, "timed out")
     assert len(llm_server.chat_requests()) == 2
-
-
-def test_a_refused_request_fails_at_once_without_retrying(
-    api, project, ingest_key, llm_server, django_capture_on_commit_callbacks
-):
-    llm_server.default = Reply(status=401)
-
-    group = ingest(api, ingest_key, django_capture_on_commit_callbacks)
-
-    assert_failed_because(group, "refused the request (401)")
-    assert len(llm_server.chat_requests()) == 1
 
 
 def test_more_incidents_in_a_group_with_a_pending_proposal_make_no_more_llm_calls(

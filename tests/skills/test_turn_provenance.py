@@ -20,20 +20,12 @@ from tests.fakes.openai_server import OpenAIServer, Reply
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-DATES = (
-    "search-orders-dates",
-    "Search orders with ISO dates",
-    "When the search_orders tool rejects a relative date like 'last week' or 'yesterday'.",
-    "Convert relative dates to ISO 8601 (YYYY-MM-DD) before calling search_orders.",
-)
 REFUNDS = (
     "refund-policy",
     "Check refund eligibility",
     "When a customer asks to be reimbursed or wants their payment back for an order.",
     "Look up the order age first: orders older than 30 days are past the return window.",
 )
-REFUND_QUESTION = "I want a refund, give me my money back for this order"
-DATE_QUESTION = "Find my orders since last week, the search_orders tool says invalid date"
 
 
 @pytest.fixture(autouse=True)
@@ -55,20 +47,11 @@ def project(db, upstream):
         upstream_api_key="up-key",
         upstream_model_map={"gpt-test": "real-model-b"},
     )
-    for skill in (DATES, REFUNDS):  # v2: dates; v3 (active): dates + refunds
+    # v2: dates; v3 (active): dates + refunds
+    for skill in (factories.SEARCH_ORDERS_DATES, REFUNDS):
         revision = factories.make_human_revision(project, skill)
         skill_revision_approve(revision=revision, actor=None, actor_label="test")
     return project
-
-
-@pytest.fixture
-def runtime_key(project):
-    return factories.make_key(project, scopes=["runtime"])
-
-
-@pytest.fixture
-def read_key(project):
-    return factories.make_key(project, scopes=["ingest"])
 
 
 def proxy(client, key: str, question: str, *, model: str = "gpt-test", **headers: str):
@@ -84,14 +67,14 @@ def proxy(client, key: str, question: str, *, model: str = "gpt-test", **headers
 
 
 @pytest.fixture
-def turns(client, project, runtime_key, read_key, api):
+def turns(client, project, runtime_key, ingest_key, api):
     """A refund turn on the active version (v3) through the model map, a date turn pinned to
     v2 under another model, and a turn reported through the API."""
-    proxy(client, runtime_key, REFUND_QUESTION, **{"X-Session-Id": "s-1"})
+    proxy(client, runtime_key, factories.REFUND_QUESTION, **{"X-Session-Id": "s-1"})
     proxy(
         client,
         runtime_key,
-        DATE_QUESTION,
+        factories.DATE_QUESTION,
         model="other-model",
         **{"X-MetaClaw-Policy-Version": "2", "X-Session-Id": "s-2"},
     )
@@ -99,7 +82,7 @@ def turns(client, project, runtime_key, read_key, api):
     answer = api.post(
         "/api/v1/trajectories/batch",
         {"items": [{"session_id": "s-3", "messages": [{"role": "user", "content": "hi"}]}]},
-        key=read_key,
+        key=ingest_key,
     )
     assert answer.status_code == 207
     refund = Trajectory.objects.get(project=project, session_id="s-1")
@@ -124,7 +107,7 @@ def test_a_proxied_turn_keeps_its_version_skills_with_scores_and_the_model_sent(
         range(1, len(refund.skills_injected) + 1)
     )
     assert refund.metadata["retrieval"] == {
-        "query": REFUND_QUESTION,
+        "query": factories.REFUND_QUESTION,
         "min_score": settings.METACLAW["RETRIEVAL_MIN_SCORE"],
         "margin": settings.METACLAW["RETRIEVAL_MARGIN"],
     }
@@ -132,11 +115,11 @@ def test_a_proxied_turn_keeps_its_version_skills_with_scores_and_the_model_sent(
     assert [s["slug"] for s in dates.skills_injected] == ["search-orders-dates"]
 
 
-def test_the_api_lists_turns_with_filters(api, turns, read_key):
+def test_the_api_lists_turns_with_filters(api, turns, ingest_key):
     refund, dates, reported = turns
 
     def ids(**params) -> list[str]:
-        response = api.get("/api/v1/turns", key=read_key, **params)
+        response = api.get("/api/v1/turns", key=ingest_key, **params)
         assert response.status_code == 200, response.content
         return [item["id"] for item in response.json()["items"]]
 
@@ -154,17 +137,17 @@ def test_the_api_lists_turns_with_filters(api, turns, read_key):
     assert ids(since=dates.occurred_at.isoformat()) == [str(reported.id), str(dates.id)]
     assert ids(until=dates.occurred_at.isoformat()) == [str(refund.id)]
 
-    first = api.get("/api/v1/turns", key=read_key, limit=2).json()
-    second = api.get("/api/v1/turns", key=read_key, limit=2, cursor=first["next_cursor"]).json()
+    first = api.get("/api/v1/turns", key=ingest_key, limit=2).json()
+    second = api.get("/api/v1/turns", key=ingest_key, limit=2, cursor=first["next_cursor"]).json()
     assert [i["id"] for i in first["items"] + second["items"]] == ids()
     assert second["next_cursor"] is None
-    assert api.get("/api/v1/turns", key=read_key, limit=0).status_code == 422
+    assert api.get("/api/v1/turns", key=ingest_key, limit=0).status_code == 422
 
 
-def test_the_api_shows_one_turn_with_what_it_ran_with(api, turns, read_key, settings):
+def test_the_api_shows_one_turn_with_what_it_ran_with(api, turns, ingest_key, settings):
     refund, _, reported = turns
 
-    body = api.get(f"/api/v1/turns/{refund.id}", key=read_key).json()
+    body = api.get(f"/api/v1/turns/{refund.id}", key=ingest_key).json()
 
     assert body["policy_version"] == 3
     assert body["model"] == "real-model-b" and body["requested_model"] == "gpt-test"
@@ -172,14 +155,14 @@ def test_the_api_shows_one_turn_with_what_it_ran_with(api, turns, read_key, sett
     assert body["skills_injected"][0]["score"] == refund.skills_injected[0]["score"]
     assert body["skills_injected"][0]["rank"] == 1
     assert body["min_score"] == settings.METACLAW["RETRIEVAL_MIN_SCORE"]
-    assert body["retrieval_query"] == REFUND_QUESTION
+    assert body["retrieval_query"] == factories.REFUND_QUESTION
     assert body["status_code"] == 200 and body["prompt_tokens"] == 11
-    api_turn = api.get(f"/api/v1/turns/{reported.id}", key=read_key).json()
+    api_turn = api.get(f"/api/v1/turns/{reported.id}", key=ingest_key).json()
     assert api_turn["source"] == "api" and api_turn["skills_injected"] == []
     assert api_turn["min_score"] is None
 
 
-def test_turns_are_read_with_a_read_key_of_their_own_project_only(
+def test_turns_are_read_with_a_ingest_key_of_their_own_project_only(
     api, turns, runtime_key, other_project
 ):
     refund, _, _ = turns
@@ -218,7 +201,7 @@ def test_the_turn_pages_show_the_injected_skills_with_scores_and_the_threshold(
     assert "refund-policy" in html and f"{score:.3f}" in html
     assert f"Retrieval threshold: <strong>{settings.METACLAW['RETRIEVAL_MIN_SCORE']}" in html
     assert "v3" in html and "gpt-test" in html
-    assert REFUND_QUESTION.split(",")[0] in html  # what retrieval looked at
+    assert factories.REFUND_QUESTION.split(",")[0] in html  # what retrieval looked at
 
 
 def test_another_projects_turn_page_is_404(client, project, turns, other_project):
@@ -236,7 +219,7 @@ def test_a_failed_upstream_turn_is_recorded_with_its_status(
     project.upstream_base_url = ""
     project.save(update_fields=["upstream_base_url"])
     admission.runtime_key_cache_clear()
-    read_key = factories.make_key(project, scopes=["admin"])
+    ingest_key = factories.make_key(project, scopes=["admin"])
 
     response = client.post(
         "/v1/chat/completions",
@@ -246,6 +229,6 @@ def test_a_failed_upstream_turn_is_recorded_with_its_status(
     )
     assert recording.recordings_wait(5)
 
-    turns = api.get("/api/v1/turns", key=read_key, status=response.status_code).json()["items"]
+    turns = api.get("/api/v1/turns", key=ingest_key, status=response.status_code).json()["items"]
     assert [t["status_code"] for t in turns] == [response.status_code]
     assert turns[0]["policy_version"] == 3

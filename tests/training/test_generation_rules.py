@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from incidents.models import Trajectory
-from skills.library import services as library_services
+from tests import factories
 from tests.fakes.tinker_server import FakeTinkerServer
 from training.datasets import generations
 from training.policy import services as policy_services
@@ -50,15 +50,13 @@ def _corrected_turns(count: int, *, version: int | None = 1) -> list[dict]:
 
 
 def _approve_a_skill_through_the_api(api, project, admin_key) -> int:
-    revision = library_services.skill_revision_propose(
-        project=project,
-        draft=library_services.RevisionDraft(
-            slug="check-order-id",
-            name="Check the order id",
-            description="When a customer asks about an order.",
-            instructions="Ask for the order id first.",
-            origin="human",
-            author="human",
+    revision = factories.make_human_revision(
+        project,
+        (
+            "check-order-id",
+            "Check the order id",
+            "When a customer asks about an order.",
+            "Ask for the order id first.",
         ),
     )
     response = api.post(f"/api/v1/skills/revisions/{revision.pk}/approve", {}, key=admin_key)
@@ -70,20 +68,7 @@ def _approve_a_skill_through_the_api(api, project, admin_key) -> int:
 def test_approving_a_skill_between_corrected_turns_and_train_now_keeps_them(
     api, project, admin_key, tinker, django_capture_on_commit_callbacks
 ):
-    policy_services.idle_policy_update(
-        project=project,
-        backend="tinker",
-        base_model="fake/tiny-model",
-        backend_options={
-            "base_url": tinker.url,
-            "api_key": "tml-test-key",
-            "tokenizer": "byte",
-            "timeout": 10,
-        },
-        batch_size=4,
-        total_steps=2,
-        min_new_samples=50,
-    )
+    factories.tinker_policy(project, tinker, batch_size=4, total_steps=2, min_new_samples=50)
     posted = api.post("/api/v1/trajectories/batch", {"items": _corrected_turns(60)}, key=admin_key)
     assert posted.status_code == 207, posted.content
     assert Trajectory.objects.filter(project=project).count() == 60

@@ -6,7 +6,6 @@ in a few steps: its loss falls, its outcomes do not, and it is not offered."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -99,16 +98,7 @@ def test_a_candidate_that_changes_no_outcome_is_not_offered_though_its_loss_fell
     pytest.importorskip("peft")
     # Pinned settings: a few steps of the tiny random model, which lower its loss and cannot
     # teach it the rule.
-    body = {
-        "backend": "local",
-        "base_model": "tiny-random-smollm2",
-        "backend_options": {"num_threads": min(2, os.cpu_count() or 1)},
-        "learning_rate": 2e-2,
-        "total_steps": 3,
-        "max_sample_tokens": 96,
-        "eval_fraction": 0.3,
-        "min_new_samples": 1,
-    }
+    body = factories.tiny_local_training(total_steps=3, max_sample_tokens=96, eval_fraction=0.3)
     assert patch_settings(client, admin_key, body).status_code == 200
     report_house_rule_conversations(api, admin_key, 12)
     versions_before = PolicyVersion.objects.filter(project=project).count()

@@ -3,7 +3,6 @@ the improvement check, state transitions, and the Tinker backend against our loo
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -43,22 +42,16 @@ def no_enqueue(monkeypatch):
 
 
 def _local_policy(project, **overrides):
-    fields = {
-        "backend": "local",
-        "base_model": "tiny-random-smollm2",
-        "backend_options": {"num_threads": min(2, os.cpu_count() or 1)},
-        "learning_rate": 2e-2,
-        "batch_size": 4,
-        "total_steps": 6,
-        "max_sample_tokens": 128,
-        "eval_fraction": 0.25,
-        "min_new_samples": 1,
-        "mode": "calendar",
-        "timezone": "Europe/Berlin",
-        "weekly_windows": "mon-fri 01:00-05:00",
-    }
-    fields.update(overrides)
-    return policy_services.idle_policy_update(project=project, **fields)
+    fields = factories.tiny_local_training(
+        batch_size=4,
+        total_steps=6,
+        max_sample_tokens=128,
+        eval_fraction=0.25,
+        mode="calendar",
+        timezone="Europe/Berlin",
+        weekly_windows="mon-fri 01:00-05:00",
+    )
+    return policy_services.idle_policy_update(project=project, **{**fields, **overrides})
 
 
 def _state_changes(run: TrainingRun) -> list[str]:
@@ -240,29 +233,12 @@ def _successful_turns(project, count: int) -> None:
     )
 
 
-def _tinker_policy(project, server: FakeTinkerServer):
-    return policy_services.idle_policy_update(
-        project=project,
-        backend="tinker",
-        base_model="fake/tiny-model",
-        backend_options={
-            "base_url": server.url,
-            "api_key": "tml-test-key",
-            "tokenizer": "byte",
-            "timeout": 10,
-        },
-        batch_size=2,
-        total_steps=4,
-        min_new_samples=1,
-    )
-
-
 @pytest.mark.timeout(120)
 def test_train_now_runs_on_tinker_through_the_task_and_offers_a_tinker_adapter(
     project, tinker, django_capture_on_commit_callbacks
 ):
     admin = factories.make_member(project, "admin")
-    _tinker_policy(project, tinker)
+    factories.tinker_policy(project, tinker)
     # Successful turns only: nothing to judge by outcome (the fake sampler answers the same
     # text whatever it learned), so the run is judged by held-out loss, as it says. With
     # corrected answers it would offer no candidate: test_outcome_judging covers that.
@@ -286,7 +262,7 @@ def test_train_now_runs_on_tinker_through_the_task_and_offers_a_tinker_adapter(
 def test_cancel_during_training_stops_the_worker_after_the_current_step(
     project, tinker, no_enqueue, monkeypatch
 ):
-    _tinker_policy(project, tinker)
+    factories.tinker_policy(project, tinker)
     policy_services.idle_policy_update(project=project, total_steps=50)
     demo_trajectories_load(project, count=30)
     run = run_services.training_run_create(project=project)
@@ -309,7 +285,7 @@ def test_cancel_during_training_stops_the_worker_after_the_current_step(
 
 @pytest.mark.timeout(120)
 def test_a_tinker_error_answer_fails_the_run_with_the_reason(project, tinker, no_enqueue):
-    _tinker_policy(project, tinker)
+    factories.tinker_policy(project, tinker)
     demo_trajectories_load(project, count=30)
     tinker.fail_next("create_model", status=403, message="project is read-only")
     run = run_services.training_run_create(project=project)

@@ -5,15 +5,12 @@ local adapter is the name its server reports."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
-import time
 import urllib.request
 from io import StringIO
 
 import openai
 import pytest
-import uvicorn
 from django.core.management import CommandError, call_command
 
 from incidents.models import Trajectory
@@ -22,6 +19,7 @@ from skills.runtime import policy as runtime_policy
 from skills.runtime.upstream import adapter_model_name
 from skills.versions import services as version_services
 from tests import factories
+from tests.asgi_server import asgi_server
 from training.backends import serving
 from training.policy import services as policy_services
 from training.runs import selectors
@@ -169,20 +167,8 @@ def test_a_tinker_adapter_is_still_refused_unless_the_base_is_asked_for(project)
 @pytest.fixture
 def proxy_url():
     """The production ASGI application (``metaclaw_site.asgi``) under uvicorn."""
-    from metaclaw_site.asgi import application
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(application, lifespan="off", log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(5)
+    with asgi_server() as url:
+        yield url
 
 
 @pytest.fixture

@@ -193,11 +193,11 @@ def test_settings_need_an_admin_key_of_the_project(api, project, other_project, 
 
 
 def test_the_dashboard_form_and_the_api_refuse_the_same_values(client, api, project, admin_key):
-    from tests.training.test_views import _settings_form
-
     client.force_login(factories.make_member(project, "admin"))
 
-    page = client.post(f"/p/{project.slug}/training/settings/", _settings_form(lora_rank="300"))
+    page = client.post(
+        f"/p/{project.slug}/training/settings/", factories.training_settings_form(lora_rank="300")
+    )
     answer = _send(api, "patch", {"lora_rank": 300}, admin_key)
 
     assert page.status_code == 422 and answer.status_code == 422

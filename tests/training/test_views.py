@@ -163,39 +163,10 @@ def test_a_reviewer_may_not_start_runs(client, project):
     assert not TrainingRun.objects.exists()
 
 
-def _settings_form(**overrides) -> dict:
-    data = {
-        "auto_train": "on",
-        "mode": "either",
-        "timezone": "Europe/Berlin",
-        "weekly_windows": "mon-fri 01:00-05:00\nsat,sun 00:00-08:00",
-        "ical_url": "",
-        "ical_text": "",
-        "traffic_threshold_rpm": "5",
-        "traffic_idle_minutes": "30",
-        "min_new_samples": "50",
-        "max_runs_per_day": "1",
-        "max_tokens_per_run": "500000",
-        "max_sample_tokens": "1024",
-        "eval_fraction": "0.2",
-        "stale_after_minutes": "10",
-        "backend": "local",
-        "base_model": "smollm2-135m",
-        "objective": "sft",
-        "lora_rank": "8",
-        "learning_rate": "0.0001",
-        "batch_size": "4",
-        "total_steps": "20",
-        "backend_options": '{"num_threads": 2}',
-    }
-    data.update(overrides)
-    return data
-
-
 def test_the_settings_form_saves_windows_in_the_projects_time_zone(client, project):
     login(client, project, "admin")
 
-    response = client.post(_url(project, "settings/"), _settings_form())
+    response = client.post(_url(project, "settings/"), factories.training_settings_form())
 
     assert response.status_code == 302
     policy = IdleWindowPolicy.objects.get(project=project)
@@ -212,7 +183,7 @@ def test_the_settings_form_shows_a_bad_window_next_to_its_field(client, project)
     login(client, project, "admin")
 
     response = client.post(
-        _url(project, "settings/"), _settings_form(weekly_windows="weekdays 1-5")
+        _url(project, "settings/"), factories.training_settings_form(weekly_windows="weekdays 1-5")
     )
 
     assert response.status_code == 422

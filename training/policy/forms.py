@@ -10,6 +10,7 @@ from django import forms
 
 from training.policy import windows
 from training.policy.models import Backend, IdleMode, IdleWindowPolicy, Objective
+from training.policy.selectors import auto_training_on
 from training.policy.services import NUMBER_BOUNDS
 
 
@@ -62,6 +63,7 @@ class IdlePolicyForm(forms.Form):
     @classmethod
     def for_policy(cls, policy: IdleWindowPolicy) -> IdlePolicyForm:
         initial = {name: getattr(policy, name) for name in cls.base_fields}
+        initial["auto_train"] = auto_training_on(policy)  # what the beat does, not the default
         initial["weekly_windows"] = windows.format_weekly_windows(policy.weekly_windows or [])
         initial["backend_options"] = json.dumps(policy.backend_options or {})
         return cls(initial=initial)
