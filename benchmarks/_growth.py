@@ -33,9 +33,7 @@ def grow_incidents(project_id: int, target: int) -> float:
         have = cursor.fetchone()[0]
         if have == 0:
             raise ValueError("grow_incidents copies existing rows: load at least one first")
-        round_ = 0
         while have < target:
-            round_ += 1
             take = min(have, target - have)
             cursor.execute(
                 f"""
@@ -43,7 +41,8 @@ def grow_incidents(project_id: int, target: int) -> float:
                 SELECT gen_random_uuid(), client_id || '~' || %s, {columns}
                 FROM {table} WHERE project_id = %s LIMIT %s
                 """,
-                [round_, project_id, take],
+                # The count before this round: unique across rounds and calls.
+                [have, project_id, take],
             )
             have += take
         cursor.execute(

@@ -230,7 +230,8 @@ def measure(requests: int) -> list[tuple[str, str, float, float, float, int]]:
     user = get_user_model().objects.filter(username="bench-admin").first()
     if user is None:
         user = site_services.user_create(username="bench-admin", password="bench-password-1")
-        site_services.membership_set(project=project, user=user, role="admin")
+    # Every time: a reload makes the project anew, and its members with it.
+    site_services.membership_set(project=project, user=user, role="admin")
     client = Client(HTTP_HOST="127.0.0.1")
     client.force_login(user)
     kwargs = {"project_slug": SLUG}
