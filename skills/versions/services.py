@@ -25,7 +25,7 @@ from base.errors import Conflict, DomainError, NotFound
 from base.models import ApiKey, Project, Role
 from base.services import audit_record
 from skills import signals
-from skills.library import risk
+from skills.library import judge, risk
 from skills.library.models import Author, Origin, RevisionStatus, SkillRevision
 from skills.library.services import RevisionDraft, skill_revision_propose
 from skills.versions.models import PolicyVersion, Release, ReleaseKind, VersionStatus
@@ -392,6 +392,14 @@ def _supersede_older_proposals(
     return older
 
 
+# Judge states in which a chat link may not approve: no verdict yet, or none to be had.
+_JUDGE_NOT_PASSED_YET = {
+    judge.PENDING: "it is waiting for one",
+    judge.RUNNING: "it is reading the skill now",
+    judge.UNAVAILABLE: "it could not give one",
+}
+
+
 def _risk_override(
     project: Project,
     revision: SkillRevision,
@@ -404,6 +412,15 @@ def _risk_override(
     given where the findings are shown (the dashboard, the API), never from a chat link: a
     one-click approval of text that may carry an attacker's instruction. The override is
     audited with the findings it overrode. Under the approval's locks."""
+    if via_link and revision.judge_status in _JUDGE_NOT_PASSED_YET:
+        # The first notification goes out before the LLM judge has read the skill (it runs on
+        # the slow queue); until it passes, a one-click approval would skip its verdict.
+        raise Conflict(
+            f"{revision.skill.slug} r{revision.number} has no verdict from the LLM judge "
+            f"({_JUDGE_NOT_PASSED_YET[revision.judge_status]}), so it cannot be approved from "
+            "a link. Open it in MetaClaw to read it and approve it there.",
+            code="judge_pending",
+        )
     flagged = [f for f in revision.risk_findings or [] if f.get("severity") == risk.FLAG]
     if not flagged:
         return

@@ -292,3 +292,38 @@ def test_without_an_llm_the_judge_is_skipped_and_the_page_says_so(
     client.force_login(factories.make_member(project, "reviewer", "rita"))
     html = client.get(f"/p/{project.slug}/review/{edited}/").content.decode()
     assert "LLM judge: " in html and "no LLM is configured" in html
+
+
+def test_a_chat_link_cannot_approve_before_the_judge_has_passed_it(
+    api, client, admin_key, ingest_key, project, llm_server, django_capture_on_commit_callbacks
+):
+    _team(project)
+    Project.objects.filter(pk=project.pk).update(min_sources_for_synthesis=2)
+    revision = _propose(
+        api, ingest_key, llm_server, django_capture_on_commit_callbacks, ("sam", "kim")
+    )
+    [notice] = [m for m in mail.outbox if m.to == ["rex@example.com"]]
+    approve = re.search(r"Approve: http://[^/]+(/a/\S+)", notice.body).group(1)
+    # The notification goes out at once; the judge runs later on the slow queue (here: as if
+    # its worker had not reached it yet, then as if it could not answer).
+    for status in ("pending", "unavailable"):
+        SkillRevision.objects.filter(pk=revision.pk).update(
+            judge_status=status, judge_at=timezone.now() - timedelta(hours=1)
+        )
+        refused = client.post(approve)
+        assert refused.status_code == 409, status
+        assert "no verdict from the LLM judge" in refused.content.decode()
+        revision.refresh_from_db()
+        assert revision.status == RevisionStatus.PROPOSED
+
+    # Once the judge has passed it, the same link approves it.
+    SkillRevision.objects.filter(pk=revision.pk).update(
+        judge_status="pending", judge_at=timezone.now() - timedelta(hours=1)
+    )
+    assert judge_tasks.sweep_pending_judges.delay().get() == 1
+    revision.refresh_from_db()
+    assert revision.judge_status == "passed"
+    with django_capture_on_commit_callbacks(execute=True):
+        assert client.post(approve).status_code == 200
+    revision.refresh_from_db()
+    assert revision.status == RevisionStatus.APPROVED
