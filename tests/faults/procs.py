@@ -29,8 +29,9 @@ def test_database_url() -> str:
     return f"postgres://{db.get('USER') or 'postgres'}{password}@{host}:{port}/{db['NAME']}"
 
 
-def start_redis(folder: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def start_redis(folder: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A private redis-server; ``port``: the one an earlier server had (a restart)."""
+    port = port or free_port()
     process = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
          "--appendonly", "no", "--dir", str(folder)],
