@@ -1,6 +1,7 @@
 """What the LLM is shown of a group: its most informative incidents, redacted (secrets and
 personal data, see ``base.redaction``), within a stated token budget; and the group's text for
-similarity.
+similarity. A little past 500 lines on purpose: choosing, redacting (in one detector call per
+group) and trimming are one pass over the same incidents under one budget.
 
 The budget: ``METACLAW["EVIDENCE_TOKEN_BUDGET"]`` tokens (default 6,000) for the whole evidence
 section, over at most ``METACLAW["EVIDENCE_INCIDENTS"]`` incidents (default 4). Tokens are

@@ -1,4 +1,6 @@
-"""The fast loop's service: turn an incident group into a proposed skill revision.
+"""The fast loop's service: turn an incident group into a proposed skill revision. A little
+past 500 lines on purpose: the claim, the LLM exchange and the outcome share one lease and one
+retry policy, read best in order.
 
 ``group_synthesize`` claims the group (one synthesis in flight per group), gathers its evidence
 (the most informative incidents, redacted, trimmed to a token budget) and the most similar

@@ -29,6 +29,30 @@ def test_database_url() -> str:
     return f"postgres://{db.get('USER') or 'postgres'}{password}@{host}:{port}/{db['NAME']}"
 
 
+def process_env(
+    redis_url: str, *, database_url: str = "", llm=None, **settings: object
+) -> dict[str, str]:
+    """The environment of a test's own web and worker processes: the test settings, the test
+    database (or ``database_url``), the test's private Redis as broker and counters, real
+    queues, and the loopback LLM (``tests.fakes.openai_server``) when one is given; more
+    settings by their environment names."""
+    env = {
+        "DJANGO_SETTINGS_MODULE": "metaclaw_site.settings_test",
+        "DATABASE_URL": database_url or test_database_url(),
+        "REDIS_URL": redis_url,
+        "CELERY_TASK_ALWAYS_EAGER": "0",
+        "ALLOWED_HOSTS": "127.0.0.1",
+    }
+    if llm is not None:
+        env.update(
+            OPENAI_BASE_URL=llm.base_url,
+            OPENAI_API_KEY="test-key",
+            METACLAW_LLM_MODEL="loopback-model",
+        )
+    env.update({name: str(value) for name, value in settings.items()})
+    return env
+
+
 def start_redis(folder: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
     """A private redis-server; ``port``: the one an earlier server had (a restart)."""
     port = port or free_port()

@@ -139,18 +139,13 @@ def test_every_group_outlives_an_llm_outage_of_each_kind(api, tmp_path, monkeypa
 
     redis, redis_url = procs.start_redis(tmp_path)
     llm = OpenAIServer(default=reply, model="loopback-model").start()
-    env = {
-        "DJANGO_SETTINGS_MODULE": "metaclaw_site.settings_test",
-        "DATABASE_URL": procs.test_database_url(),
-        "REDIS_URL": redis_url,
-        "CELERY_TASK_ALWAYS_EAGER": "0",
-        "OPENAI_BASE_URL": llm.base_url,
-        "OPENAI_API_KEY": "test-key",
-        "METACLAW_LLM_MODEL": "loopback-model",
-        "METACLAW_LLM_TIMEOUT": str(LLM_TIMEOUT),
-        "METACLAW_LLM_DEADLINE": str(LLM_DEADLINE),
-        "METACLAW_OUTBOX_SWEEP_AFTER_SECONDS": "5",
-    }
+    env = procs.process_env(
+        redis_url,
+        llm=llm,
+        METACLAW_LLM_TIMEOUT=LLM_TIMEOUT,
+        METACLAW_LLM_DEADLINE=LLM_DEADLINE,
+        METACLAW_OUTBOX_SWEEP_AFTER_SECONDS=5,
+    )
     broker = Connection(redis_url)
     eager = celery_app.conf.task_always_eager
     celery_app.conf.task_always_eager = False

@@ -88,14 +88,7 @@ def test_postgres_stopped_for_ten_seconds_answers_503_fast_and_loses_nothing(tmp
     pg_folder = Path(tempfile.mkdtemp(prefix="metaclaw-faults-pg-"))
     postgres = PrivatePostgres(pg_folder)
     redis, redis_url = procs.start_redis(tmp_path)
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "metaclaw_site.settings_test",
-        "DATABASE_URL": postgres.url(),
-        "REDIS_URL": redis_url,
-        "CELERY_TASK_ALWAYS_EAGER": "0",
-        "ALLOWED_HOSTS": "127.0.0.1",
-    }
+    env = {**os.environ, **procs.process_env(redis_url, database_url=postgres.url())}
     web = None
     try:
         manage = [sys.executable, "manage.py"]

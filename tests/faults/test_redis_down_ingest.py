@@ -65,17 +65,7 @@ def test_redis_stopped_for_twenty_seconds_loses_no_incident_and_no_group(project
                        model="loopback-model").start()  # fmt: skip
     redis, redis_url = procs.start_redis(tmp_path)
     redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-    env = {
-        "DJANGO_SETTINGS_MODULE": "metaclaw_site.settings_test",
-        "DATABASE_URL": procs.test_database_url(),
-        "REDIS_URL": redis_url,
-        "CELERY_TASK_ALWAYS_EAGER": "0",
-        "ALLOWED_HOSTS": "127.0.0.1",
-        "OPENAI_BASE_URL": llm.base_url,
-        "OPENAI_API_KEY": "test-key",
-        "METACLAW_LLM_MODEL": "loopback-model",
-        "METACLAW_OUTBOX_SWEEP_AFTER_SECONDS": str(SWEEP_AFTER),
-    }
+    env = procs.process_env(redis_url, llm=llm, METACLAW_OUTBOX_SWEEP_AFTER_SECONDS=SWEEP_AFTER)
     port = procs.free_port()
     web_log = open(tmp_path / "web.log", "w")  # noqa: SIM115 - closed below
     web = subprocess.Popen(

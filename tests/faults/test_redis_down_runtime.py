@@ -22,14 +22,7 @@ def test_the_policy_is_served_from_the_process_copy_while_redis_is_down(project,
     redis, redis_url = procs.start_redis(tmp_path)
     key = factories.make_key(project, ["runtime"])
     factories.make_revision(project)  # something in the policy
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "metaclaw_site.settings_test",
-        "DATABASE_URL": procs.test_database_url(),
-        "REDIS_URL": redis_url,
-        "CELERY_TASK_ALWAYS_EAGER": "0",
-        "ALLOWED_HOSTS": "127.0.0.1",
-    }
+    env = {**os.environ, **procs.process_env(redis_url)}
     port = procs.free_port()
     log = open(tmp_path / "web.log", "w")  # noqa: SIM115 - closed with the process
     web = subprocess.Popen(

@@ -51,17 +51,12 @@ def test_a_worker_killed_mid_synthesis_leaves_no_group_running(
 ):
     redis, redis_url = procs.start_redis(tmp_path)
     llm = OpenAIServer(default=_answer, model="loopback-model").start()
-    env = {
-        "DJANGO_SETTINGS_MODULE": "metaclaw_site.settings_test",
-        "DATABASE_URL": procs.test_database_url(),
-        "REDIS_URL": redis_url,
-        "CELERY_TASK_ALWAYS_EAGER": "0",
-        "OPENAI_BASE_URL": llm.base_url,
-        "OPENAI_API_KEY": "test-key",
-        "METACLAW_LLM_MODEL": "loopback-model",
-        "METACLAW_SYNTHESIS_LEASE_SECONDS": str(LEASE_SECONDS),
-        "METACLAW_OUTBOX_SWEEP_AFTER_SECONDS": "5",
-    }
+    env = procs.process_env(
+        redis_url,
+        llm=llm,
+        METACLAW_SYNTHESIS_LEASE_SECONDS=LEASE_SECONDS,
+        METACLAW_OUTBOX_SWEEP_AFTER_SECONDS=5,
+    )
     # This process publishes to the private Redis too (the suite's broker is another).
     broker = Connection(redis_url)
     eager = celery_app.conf.task_always_eager
