@@ -141,6 +141,9 @@ def test_a_connection_refused_is_transient(settings):
         "API_KEY": "k",
         "MODEL": "m",
         "TIMEOUT_SECONDS": 1,
+        # Room for the SDK's retries and their backoff on a busy machine: with the default
+        # (1.5 x the timeout) the deadline could end the call first, a different error.
+        "DEADLINE_SECONDS": 30,
     }
 
     with pytest.raises(llm.LlmTransientError, match="Could not reach"):
