@@ -7,6 +7,16 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.utils import timezone
 
+from base.model_fields import person_field
+
+
+class ReplayGateMode(models.TextChoices):
+    """``Project.replay_gate_mode``; the gate itself (``skills.gate``) reads it as ``GateMode``."""
+
+    OFF = "off", "Off"
+    ADVISORY = "advisory", "Advisory"
+    REQUIRED = "required", "Required"
+
 
 class Project(models.Model):
     name = models.CharField(max_length=200)
@@ -69,8 +79,8 @@ class Project(models.Model):
     # the active version's system prompt, judged, before the candidate may be promoted.
     replay_gate_mode = models.CharField(
         max_length=16,
-        choices=[("off", "Off"), ("advisory", "Advisory"), ("required", "Required")],
-        default="off",
+        choices=ReplayGateMode.choices,
+        default=ReplayGateMode.OFF,
         help_text="Off: no replay. Advisory: replayed and shown. Required: promotion waits for "
         "a passed gate.",
     )
@@ -133,9 +143,7 @@ class ApiKey(models.Model):
     prefix = models.CharField(max_length=16, unique=True)
     hashed_secret = models.CharField(max_length=64)
     scopes = models.JSONField(default=list)
-    created_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
-    )
+    created_by = person_field()
     created_at = models.DateTimeField(default=timezone.now)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
@@ -169,9 +177,7 @@ class AuditEvent(models.Model):
     project = models.ForeignKey(
         Project, null=True, blank=True, on_delete=models.CASCADE, related_name="audit_events"
     )
-    actor = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
-    )
+    actor = person_field()
     # Who acted when there is no user: "api-key:mc_ab12", "system", "slack:U123".
     actor_label = models.CharField(max_length=200, blank=True, default="")
     action = models.CharField(max_length=100, db_index=True)

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import uuid
 
-from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+from base.model_fields import person_field
 from base.models import Project
+from incidents.model_fields import (
+    optional_client_id_field,
+    reporting_api_key_field,
+    unique_client_id,
+)
 from incidents.traffic_models import TrafficReport  # noqa: F401 - registered with the app
 
 
@@ -156,15 +161,7 @@ class Incident(models.Model):
     # Who the agent served, when it says (``end_user``, or ``user`` at the top or in metadata),
     # and the API key that reported it: the provenance a proposal's evidence is counted by.
     end_user = models.CharField(max_length=200, blank=True, default="")
-    api_key = models.ForeignKey(
-        "metaclaw_site.ApiKey",
-        null=True,
-        blank=True,
-        on_delete=models.DO_NOTHING,
-        db_constraint=False,
-        db_index=False,
-        related_name="+",
-    )
+    api_key = reporting_api_key_field()
     fingerprint = models.CharField(max_length=64)
     status = models.CharField(
         max_length=16, choices=IncidentStatus.choices, default=IncidentStatus.NEW
@@ -208,18 +205,10 @@ class Trajectory(models.Model):
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="trajectories")
-    client_id = models.CharField(max_length=200, null=True, blank=True)
+    client_id = optional_client_id_field()
     session_id = models.CharField(max_length=200, blank=True, default="", db_index=True)
     end_user = models.CharField(max_length=200, blank=True, default="")
-    api_key = models.ForeignKey(
-        "metaclaw_site.ApiKey",
-        null=True,
-        blank=True,
-        on_delete=models.DO_NOTHING,
-        db_constraint=False,
-        db_index=False,
-        related_name="+",
-    )
+    api_key = reporting_api_key_field()
     turn_type = models.CharField(max_length=8, choices=TurnType.choices, default=TurnType.MAIN)
     source = models.CharField(
         max_length=8, choices=TrajectorySource.choices, default=TrajectorySource.API
@@ -245,11 +234,7 @@ class Trajectory(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(
-                fields=["project", "client_id"],
-                condition=models.Q(client_id__isnull=False),
-                name="trajectory_unique_client",
-            ),
+            unique_client_id(name="trajectory_unique_client"),
         ]
         indexes = [
             models.Index(fields=["project", "-occurred_at"], name="trajectory_recent"),
@@ -273,9 +258,7 @@ class AbusiveSource(models.Model):
     kind = models.CharField(max_length=16, choices=AbusiveSourceKind.choices)
     value = models.CharField(max_length=200)
     reason = models.TextField(blank=True, default="")
-    marked_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
-    )
+    marked_by = person_field()
     marked_by_label = models.CharField(max_length=200, blank=True, default="")
     created_at = models.DateTimeField(default=timezone.now)
 

@@ -7,6 +7,11 @@ from django.db import models
 from django.utils import timezone
 
 from base.models import Project
+from incidents.model_fields import (
+    optional_client_id_field,
+    reporting_api_key_field,
+    unique_client_id,
+)
 
 
 class TrafficReport(models.Model):
@@ -15,30 +20,18 @@ class TrafficReport(models.Model):
     window. ``client_id`` makes a retried report count once."""
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="traffic_reports")
-    client_id = models.CharField(max_length=200, null=True, blank=True)
+    client_id = optional_client_id_field()
     agent_name = models.CharField(max_length=200)
     policy_version = models.PositiveIntegerField(null=True, blank=True)
     turns = models.PositiveIntegerField()
     window_start = models.DateTimeField()
     window_end = models.DateTimeField()
-    api_key = models.ForeignKey(
-        "metaclaw_site.ApiKey",
-        null=True,
-        blank=True,
-        on_delete=models.DO_NOTHING,
-        db_constraint=False,
-        db_index=False,
-        related_name="+",
-    )
+    api_key = reporting_api_key_field()
     received_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(
-                fields=["project", "client_id"],
-                condition=models.Q(client_id__isnull=False),
-                name="traffic_unique_client",
-            ),
+            unique_client_id(name="traffic_unique_client"),
             models.CheckConstraint(
                 condition=models.Q(window_end__gt=models.F("window_start")),
                 name="traffic_window_ends_after_start",

@@ -6,6 +6,7 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+from base.model_fields import person_field
 from base.models import Project
 from skills.library.models import SkillRevision
 from skills.versions.models import PolicyVersion
@@ -42,9 +43,7 @@ class ApprovalRequest(models.Model):
     object_state = models.CharField(max_length=64, blank=True, default="")
     expires_at = models.DateTimeField()
     used_at = models.DateTimeField(null=True, blank=True)
-    decided_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
-    )
+    decided_by = person_field()
     outcome = models.CharField(max_length=32, blank=True, default="")
     channel = models.CharField(max_length=16, blank=True, default="link")
     created_at = models.DateTimeField(default=timezone.now)

@@ -5,15 +5,12 @@ from __future__ import annotations
 from django.db import models
 from django.utils import timezone
 
-from base.models import Project
+from base.models import Project, ReplayGateMode
 from incidents.models import Incident
 from skills.versions.models import PolicyVersion
 
-
-class GateMode(models.TextChoices):
-    OFF = "off", "Off"
-    ADVISORY = "advisory", "Advisory"
-    REQUIRED = "required", "Required"
+# The modes are the project setting's (``Project.replay_gate_mode``): one list for both.
+GateMode = ReplayGateMode
 
 
 class GateStatus(models.TextChoices):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+from base.model_fields import person_field
 from base.models import Project
 from incidents.models import Incident, IncidentGroup
 
@@ -87,9 +87,7 @@ class SkillRevision(models.Model):
     category = models.CharField(max_length=32, choices=Category.choices, default=Category.GENERAL)
     author = models.CharField(max_length=8, choices=Author.choices)
     origin = models.CharField(max_length=16, choices=Origin.choices)
-    created_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
-    )
+    created_by = person_field()
     source_groups = models.ManyToManyField(
         IncidentGroup, blank=True, related_name="skill_revisions"
     )
@@ -111,15 +109,11 @@ class SkillRevision(models.Model):
     status_changed_at = models.DateTimeField(null=True, blank=True)
     # With ``require_second_approver``: the first approval, kept until the second arrives. The
     # labels name any actor (a person, an API key, a Slack user); the user fields only people.
-    first_approved_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
-    )
+    first_approved_by = person_field()
     first_approved_by_label = models.CharField(max_length=200, blank=True, default="")
     first_approved_at = models.DateTimeField(null=True, blank=True)
     # Who approved, rejected or superseded it (with ``status_changed_at``: when).
-    decided_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
-    )
+    decided_by = person_field()
     decided_by_label = models.CharField(max_length=200, blank=True, default="")
     decision_reason = models.TextField(blank=True, default="")
     # Set when a policy version containing this revision was rolled back: the fast loop must not

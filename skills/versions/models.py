@@ -3,10 +3,10 @@ releases that record each promotion and rollback."""
 
 from __future__ import annotations
 
-from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+from base.model_fields import person_field
 from base.models import Project
 from skills.library.models import SkillRevision
 
@@ -33,9 +33,7 @@ class PolicyVersion(models.Model):
     adapter_ref = models.CharField(max_length=500, blank=True, default="")
     base_model = models.CharField(max_length=200, blank=True, default="")
     changelog = models.TextField(blank=True, default="")
-    created_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
-    )
+    created_by = person_field()
     status = models.CharField(
         max_length=16, choices=VersionStatus.choices, default=VersionStatus.CANDIDATE
     )
@@ -73,9 +71,7 @@ class Release(models.Model):
         PolicyVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )
     to_version = models.ForeignKey(PolicyVersion, on_delete=models.PROTECT, related_name="releases")
-    actor = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
-    )
+    actor = person_field()
     actor_label = models.CharField(max_length=200, blank=True, default="")
     reason = models.TextField(blank=True, default="")
     created_at = models.DateTimeField(default=timezone.now)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from django.conf import settings
 from django.db import models
 from django.utils import timezone as dj_timezone
 
+from base.model_fields import person_field
 from base.models import Project
 from skills.versions.models import PolicyVersion
 from training.datasets.models import DatasetSnapshot
@@ -49,9 +49,7 @@ class Trigger(models.TextChoices):
 class TrainingRun(models.Model):
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="training_runs")
     trigger = models.CharField(max_length=16, choices=Trigger.choices, default=Trigger.SCHEDULE)
-    requested_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
-    )
+    requested_by = person_field()
     actor_label = models.CharField(max_length=200, blank=True, default="")
     backend = models.CharField(max_length=16, choices=Backend.choices)
     backend_options = models.JSONField(default=dict, blank=True)
