@@ -1,5 +1,6 @@
 """Forms of the project administration pages. They parse what a person typed; the rules live in
-``base.services``, whose refusals come back onto the field they name."""
+``base.services``, whose refusals come back onto the field they name. ``json_object`` parses a
+typed JSON object for any app's form."""
 
 from __future__ import annotations
 
@@ -21,6 +22,21 @@ def _plain_text_area(*, label: str, help_text: str) -> forms.CharField:
         widget=forms.Textarea(attrs={"rows": 3, "spellcheck": "false"}),
         help_text=help_text,
     )
+
+
+def json_object(text: str, *, not_json: str, not_object: str) -> dict:
+    """What a person typed as a JSON object ({} when blank). A refusal says ``not_json`` (its
+    ``{}`` filled with the parser's complaint) or ``not_object``."""
+    text = text.strip()
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise forms.ValidationError(not_json.format(exc)) from exc
+    if not isinstance(value, dict):
+        raise forms.ValidationError(not_object)
+    return value
 
 
 class ProjectSettingsForm(forms.Form):
@@ -160,18 +176,11 @@ class ProjectSettingsForm(forms.Form):
         self.key_state = selectors.project_upstream_api_key_state(project)
 
     def clean_upstream_model_map(self) -> dict:
-        text = self.cleaned_data["upstream_model_map"].strip()
-        if not text:
-            return {}
-        try:
-            value = json.loads(text)
-        except ValueError as exc:
-            raise forms.ValidationError(f"Not valid JSON: {exc}.") from exc
-        if not isinstance(value, dict):
-            raise forms.ValidationError(
-                'The model map is a JSON object, e.g. {"gpt-4o-mini": "my-deployment"}.'
-            )
-        return value
+        return json_object(
+            self.cleaned_data["upstream_model_map"],
+            not_json="Not valid JSON: {}.",
+            not_object='The model map is a JSON object, e.g. {"gpt-4o-mini": "my-deployment"}.',
+        )
 
     def clean_min_sources_for_synthesis(self) -> int:
         # Left empty (or a form that predates the field): the setting stays as it is.

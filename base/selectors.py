@@ -10,6 +10,7 @@ from django.db.models import QuerySet
 from base import crypto
 from base.errors import NotFound, PermissionDenied
 from base.models import ApiKey, AuditEvent, Membership, Project, Role
+from base.querysets import narrowed
 
 logger = logging.getLogger(__name__)
 
@@ -78,15 +79,13 @@ def audit_events_filtered(
             if action.endswith(".")
             else qs.filter(action=action)
         )
-    if actor:
-        qs = qs.filter(actor_label__icontains=actor)
-    if object_type:
-        qs = qs.filter(object_type=object_type)
-    if since is not None:
-        qs = qs.filter(created_at__gte=since)
-    if until is not None:
-        qs = qs.filter(created_at__lt=until)
-    return qs
+    return narrowed(
+        qs,
+        actor_label__icontains=actor,
+        object_type=object_type,
+        created_at__gte=since,
+        created_at__lt=until,
+    )
 
 
 AUDIT_CHOICES_WINDOW = 2000

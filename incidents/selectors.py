@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -18,6 +19,7 @@ from django.utils import timezone
 
 from base.errors import NotFound
 from base.models import Project
+from base.querysets import narrowed
 from base.redaction import Redactor, head, redaction_summary
 from incidents.models import Incident, IncidentGroup, Trajectory
 from incidents.similarity import shared_terms
@@ -34,12 +36,7 @@ def _narrowed(
 ) -> QuerySet[_Row]:
     """``qs`` narrowed to the fields in ``equal_to`` that were given (an empty filter matches
     everything, as it does in the query string) and to ``since <= time_field < until``."""
-    conditions = {field: value for field, value in equal_to.items() if value}
-    if since:
-        conditions[f"{time_field}__gte"] = since
-    if until:
-        conditions[f"{time_field}__lt"] = until
-    return qs.filter(**conditions)
+    return narrowed(qs, **equal_to, **{f"{time_field}__gte": since, f"{time_field}__lt": until})
 
 
 def incidents_for_project(
@@ -315,6 +312,18 @@ def message_text(message: dict[str, Any]) -> str:
     return content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
 
 
+def tool_calls(message: dict[str, Any]) -> Iterator[tuple[dict[str, Any], dict[str, Any], str]]:
+    """A chat message's well-formed tool calls: each call, its function, and the function's
+    arguments as text (JSON when they came as an object)."""
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            arguments = function.get("arguments", "")
+            if not isinstance(arguments, str):
+                arguments = json.dumps(arguments, ensure_ascii=False)
+            yield call, function, arguments
+
+
 def incident_messages(incident: Incident) -> list[dict[str, Any]]:
     return [m for m in incident.messages or [] if isinstance(m, dict)]
 
@@ -348,14 +357,9 @@ def failing_step(incident: Incident) -> FailingStep | None:
     messages = incident_messages(incident)
     calls: list[tuple[int, str, str, str]] = []  # (index, call id, name, arguments)
     for index, message in enumerate(messages):
-        for call in message.get("tool_calls") or []:
-            function = call.get("function") if isinstance(call, dict) else None
-            if isinstance(function, dict):
-                arguments = function.get("arguments", "")
-                if not isinstance(arguments, str):
-                    arguments = json.dumps(arguments, ensure_ascii=False)
-                calls.append((index, str(call.get("id") or ""), str(function.get("name") or ""),
-                              arguments))  # fmt: skip
+        for call, function, arguments in tool_calls(message):
+            calls.append((index, str(call.get("id") or ""), str(function.get("name") or ""),
+                          arguments))  # fmt: skip
     results = [i for i, m in enumerate(messages) if m.get("role") == "tool"]
 
     def result_of(call: tuple[int, str, str, str]) -> int | None:

@@ -20,6 +20,7 @@ from django.utils import timezone
 
 from base.errors import Conflict, DomainError
 from base.models import Project
+from base.querysets import narrowed
 from incidents.traffic_models import TrafficReport
 
 # A report covers at most this long: the daily figures and the before/after windows spread it
@@ -98,14 +99,12 @@ def traffic_reports_for_project(
     until: datetime | None = None,
 ) -> QuerySet[TrafficReport]:
     """The project's reports whose window overlaps [since, until)."""
-    qs = TrafficReport.objects.filter(project=project)
-    if agent:
-        qs = qs.filter(agent_name=agent)
-    if since is not None:
-        qs = qs.filter(window_end__gt=since)
-    if until is not None:
-        qs = qs.filter(window_start__lt=until)
-    return qs
+    return narrowed(
+        TrafficReport.objects.filter(project=project),
+        agent_name=agent,
+        window_end__gt=since,
+        window_start__lt=until,
+    )
 
 
 def _overlapping(project: Project, start: datetime, end: datetime) -> list[tuple]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import wraps
 from urllib.parse import urlencode
 from uuid import UUID
 
@@ -19,9 +21,16 @@ from base.decorators import project_view
 from base.errors import DomainError
 from base.models import Project, Role
 from base.pagination import paginate
+from base.partials import render_page
 from base.requests import ProjectRequest
 from incidents import provenance, selectors, services
-from incidents.models import AbusiveSource, GroupStatus, IncidentKind, TrajectorySource
+from incidents.models import (
+    AbusiveSource,
+    GroupStatus,
+    IncidentGroup,
+    IncidentKind,
+    TrajectorySource,
+)
 
 PAGE_SIZE = 50
 
@@ -51,10 +60,7 @@ def group_list(request: ProjectRequest) -> HttpResponse:
         "kinds": IncidentKind.choices,
         "agents": selectors.agents_for_project(project),
     }
-    template = "incidents/group_list.html"
-    if request.htmx:
-        template += "#group-table"
-    return render(request, template, context)
+    return render_page(request, "incidents/group_list.html", "group-table", context)
 
 
 @require_GET
@@ -87,19 +93,32 @@ def group_detail(request: ProjectRequest, group_id: int) -> HttpResponse:
     )
 
 
-@require_POST
-@project_view(role=Role.REVIEWER)
-def group_status(request: ProjectRequest, group_id: int) -> HttpResponse:
-    project = request.project
-    group = selectors.group_for_project(project, group_id)
-    try:
-        services.group_set_status(
-            group=group, status=request.POST.get("status", ""), actor=request.user
+def _group_action(act: Callable[[ProjectRequest, IncidentGroup], str]) -> Callable:
+    """A reviewer's plain POST on a group's page: ``act`` calls the service and says what it
+    did, or its refusal is shown instead; either way back to the group's page."""
+
+    @require_POST
+    @project_view(role=Role.REVIEWER)
+    @wraps(act)
+    def view(request: ProjectRequest, group_id: int) -> HttpResponse:
+        group = selectors.group_for_project(request.project, group_id)
+        try:
+            messages.success(request, act(request, group))
+        except DomainError as exc:
+            messages.error(request, str(exc))
+        return redirect(
+            "incidents:group_detail", project_slug=request.project.slug, group_id=group.id
         )
-        messages.success(request, "Group updated.")
-    except DomainError as exc:
-        messages.error(request, str(exc))
-    return redirect("incidents:group_detail", project_slug=project.slug, group_id=group.id)
+
+    return view
+
+
+@_group_action
+def group_status(request: ProjectRequest, group: IncidentGroup) -> str:
+    services.group_set_status(
+        group=group, status=request.POST.get("status", ""), actor=request.user
+    )
+    return "Group updated."
 
 
 def _group_ids(text: str) -> list[int]:
@@ -111,41 +130,26 @@ def _group_ids(text: str) -> list[int]:
     return [int(part) for part in ids]
 
 
-@require_POST
-@project_view(role=Role.REVIEWER)
-def group_merge(request: ProjectRequest, group_id: int) -> HttpResponse:
+@_group_action
+def group_merge(request: ProjectRequest, group: IncidentGroup) -> str:
     """Merge the groups named in the form (checked boxes or typed numbers) into this one."""
-    project = request.project
-    group = selectors.group_for_project(project, group_id)
-    try:
-        chosen = request.POST.getlist("group_ids")
-        ids = _group_ids(" ".join(chosen))
-        services.groups_merge(
-            project=project, target_id=group.pk, source_ids=ids, actor=request.user
-        )
-        messages.success(request, f"Merged {len(ids)} group{'s' if len(ids) != 1 else ''} here.")
-    except DomainError as exc:
-        messages.error(request, str(exc))
-    return redirect("incidents:group_detail", project_slug=project.slug, group_id=group.id)
+    ids = _group_ids(" ".join(request.POST.getlist("group_ids")))
+    services.groups_merge(
+        project=request.project, target_id=group.pk, source_ids=ids, actor=request.user
+    )
+    return f"Merged {len(ids)} group{'s' if len(ids) != 1 else ''} here."
 
 
-@require_POST
-@project_view(role=Role.REVIEWER)
-def group_split(request: ProjectRequest, group_id: int) -> HttpResponse:
+@_group_action
+def group_split(request: ProjectRequest, group: IncidentGroup) -> str:
     """Split the incidents of one fingerprint off this group."""
-    project = request.project
-    group = selectors.group_for_project(project, group_id)
-    try:
-        parts = services.group_split(
-            project=project,
-            group_id=group.pk,
-            fingerprints=request.POST.getlist("fingerprint"),
-            actor=request.user,
-        )
-        messages.success(request, "Split off: " + ", ".join(f"group {p.pk}" for p in parts) + ".")
-    except DomainError as exc:
-        messages.error(request, str(exc))
-    return redirect("incidents:group_detail", project_slug=project.slug, group_id=group.id)
+    parts = services.group_split(
+        project=request.project,
+        group_id=group.pk,
+        fingerprints=request.POST.getlist("fingerprint"),
+        actor=request.user,
+    )
+    return "Split off: " + ", ".join(f"group {p.pk}" for p in parts) + "."
 
 
 # --- Onboarding: from an empty project to the first proxied request and the first incident ----
@@ -236,10 +240,7 @@ def turn_list(request: ProjectRequest) -> HttpResponse:
         "next_query": urlencode({**filters, "cursor": next_cursor}) if next_cursor else "",
         "sources": TrajectorySource.choices,
     }
-    template = "incidents/turn_list.html"
-    if request.htmx:
-        template += "#turn-table"
-    return render(request, template, context)
+    return render_page(request, "incidents/turn_list.html", "turn-table", context)
 
 
 @require_GET

@@ -47,6 +47,7 @@ from incidents.selectors import (
     incident_reward,
     incident_text,
     message_text,
+    tool_calls,
 )
 from skills.library.models import SkillRevision
 from skills.synthesis.passages import Passage, relevant_passages, render_passages
@@ -419,14 +420,9 @@ class _Block:
         text = message_text(message)
         if text.strip():
             parts.append(f"[{label}] {_excerpt(self.redactor, text, TURN_TOKENS)}")
-        for call in message.get("tool_calls") or []:
-            function = call.get("function") if isinstance(call, dict) else None
-            if isinstance(function, dict):
-                arguments = function.get("arguments", "")
-                if not isinstance(arguments, str):
-                    arguments = json.dumps(arguments, ensure_ascii=False)
-                arguments = _excerpt(self.redactor, arguments, TURN_TOKENS // 2)
-                parts.append(f"[{role} → tool call] {function.get('name', '?')}({arguments})")
+        for _call, function, arguments in tool_calls(message):
+            arguments = _excerpt(self.redactor, arguments, TURN_TOKENS // 2)
+            parts.append(f"[{role} → tool call] {function.get('name', '?')}({arguments})")
         return "\n".join(parts)
 
     def _metadata(self) -> str:

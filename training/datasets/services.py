@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -25,7 +25,6 @@ from base.redaction import Redactor
 from training.datasets.dedup import near_duplicates
 from training.datasets.generations import (
     RULES,
-    GenerationRule,
     generation_verdict,
     policy_generation,
     rule_for,
@@ -151,6 +150,18 @@ class _Candidate:
         return f"session:{self.session}"
 
 
+# Both tables' columns that make a sample, read after each table's own (``dataset_build``).
+_SAMPLE_COLUMNS = ("id", "session_id", "policy_version", "messages", "reward")
+# Where and when a sample came from, read last: ``_Candidate`` field -> column.
+_ORIGIN_FIELDS = {
+    "received_at": "received_at",
+    "occurred_at": "occurred_at",
+    "end_user": "end_user",
+    "api_key_id": "api_key_id",
+    "agent": "agent_name",
+}
+
+
 # An incident is a failure: without a reward of its own it counts as this for the RL objective.
 INCIDENT_DEFAULT_REWARD = -1.0
 
@@ -236,22 +247,29 @@ def dataset_build(
     incidents_considered = 0
     candidates: list[_Candidate] = []
 
-    def seen_by_snapshot(model: Any) -> Any:
-        """The project's rows received by the cutoff, oldest first: trajectories and incidents
-        share one timeline."""
-        return model.objects.filter(project=project, received_at__lte=now).order_by(
+    def rows_of(model: Any, *own: str) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
+        """The project's rows received by the cutoff, oldest first (trajectories and incidents
+        share one timeline): each as its ``own`` columns then ``_SAMPLE_COLUMNS``, and its
+        ``_ORIGIN_FIELDS``. Asks ``check`` before each row."""
+        rows = model.objects.filter(project=project, received_at__lte=now).order_by(
             "occurred_at", "received_at", "id"
         )
+        columns = (*own, *_SAMPLE_COLUMNS, *_ORIGIN_FIELDS.values())
+        origin_at = -len(_ORIGIN_FIELDS)
+        for row in rows.values_list(*columns).iterator(chunk_size=chunk_size):
+            check()
+            yield row[:origin_at], dict(zip(_ORIGIN_FIELDS, row[origin_at:], strict=True))
 
-    def admitted(version: int | None, rule: GenerationRule) -> tuple[bool, bool]:
-        """Whether the generation rule admits data gathered under ``version``, and whether it
-        is from an older generation."""
+    def admitted(version: int | None, kind: str) -> dict[str, Any] | None:
+        """The candidate's generation fields when the rule of ``kind`` admits data gathered
+        under ``version``; None (the drop counted) when it does not."""
+        rule = rule_for(kind, objective)
         tally.considered[rule.name] += 1
         reason, older = generation_verdict(version, generation, rule)
         if reason:
             tally.drop(reason, rule.name)
-            return False, False
-        return True, older
+            return None
+        return {"kind": kind, "rule": rule.name, "older_generation": older}
 
     def keep(messages: Any, response: Any, corrected: str, **candidate: Any) -> None:
         """Cut and redact the chat and keep it as a candidate, or count why it is dropped."""
@@ -283,28 +301,10 @@ def dataset_build(
         tally.drop("abusive_source")
         return True
 
-    rows = seen_by_snapshot(Trajectory).values_list(
-        "id",
-        "session_id",
-        "policy_version",
-        "messages",
-        "response",
-        "reward",
-        "outcome",
-        "corrected_answer",
-        "received_at",
-        "occurred_at",
-        "end_user",
-        "api_key_id",
-        "agent_name",
-    )
-    for row in rows.iterator(chunk_size=chunk_size):
-        check()
-        tid, session, version, messages, response, reward, outcome, corrected, received, at = row[
-            :10
-        ]
+    for row, origin in rows_of(Trajectory, "response", "outcome", "corrected_answer"):
+        response, outcome, corrected, tid, session, version, messages, reward = row
         considered += 1
-        if abusive(session, row[10]):
+        if abusive(session, origin["end_user"]):
             continue
         if corrected:
             kind = "corrected"
@@ -315,9 +315,7 @@ def dataset_build(
         else:
             tally.drop("no_positive_signal")
             continue
-        rule = rule_for(kind, objective)
-        ok, older = admitted(version, rule)
-        if not ok:
+        if (fields := admitted(version, kind)) is None:
             continue
         keep(
             messages,
@@ -325,37 +323,15 @@ def dataset_build(
             corrected,
             trajectory_id=str(tid),
             session=session or f"trajectory:{tid}",
-            end_user=row[10],
-            api_key_id=row[11],
-            agent=row[12],
-            kind=kind,
-            rule=rule.name,
-            older_generation=older,
             reward=(1.0 if kind == "corrected" and reward is None else reward),
-            received_at=received,
-            occurred_at=at,
+            **fields,
+            **origin,
         )
 
-    incident_rows = seen_by_snapshot(Incident).values_list(
-        "id",
-        "session_id",
-        "group_id",
-        "policy_version",
-        "messages",
-        "reward",
-        "status",
-        "metadata",
-        "received_at",
-        "occurred_at",
-        "end_user",
-        "api_key_id",
-        "agent_name",
-    )
-    for row in incident_rows.iterator(chunk_size=chunk_size):
-        check()
-        iid, session, group_id, version, messages, reward, status, metadata, received, at = row[:10]
+    for row, origin in rows_of(Incident, "group_id", "status", "metadata"):
+        group_id, status, metadata, iid, session, version, messages, reward = row
         incidents_considered += 1
-        if abusive(session, row[10]):
+        if abusive(session, origin["end_user"]):
             continue
         if status == IncidentStatus.IGNORED:
             tally.drop("ignored_incident")
@@ -370,9 +346,7 @@ def dataset_build(
         else:
             tally.drop("incident_not_corrected")
             continue
-        rule = rule_for(kind, objective)
-        ok, older = admitted(version, rule)
-        if not ok:
+        if (fields := admitted(version, kind)) is None:
             continue
         keep(
             messages,
@@ -381,15 +355,9 @@ def dataset_build(
             trajectory_id=None,
             incident_id=str(iid),
             session=session or f"incident-group:{group_id}",
-            end_user=row[10],
-            api_key_id=row[11],
-            agent=row[12],
-            kind=kind,
-            rule=rule.name,
-            older_generation=older,
             reward=sample_reward,
-            received_at=received,
-            occurred_at=at,
+            **fields,
+            **origin,
         )
     # One timeline, so the token budget below keeps the newest of both.
     candidates.sort(key=lambda c: (c.occurred_at or c.received_at, c.received_at))

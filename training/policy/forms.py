@@ -8,6 +8,7 @@ import json
 
 from django import forms
 
+from base.forms import json_object
 from training.policy import windows
 from training.policy.models import Backend, IdleMode, IdleWindowPolicy, Objective
 from training.policy.selectors import auto_training_on
@@ -69,13 +70,8 @@ class IdlePolicyForm(forms.Form):
         return cls(initial=initial)
 
     def clean_backend_options(self) -> dict:
-        raw = (self.cleaned_data.get("backend_options") or "").strip()
-        if not raw:
-            return {}
-        try:
-            value = json.loads(raw)
-        except ValueError as exc:
-            raise forms.ValidationError(f"Not JSON: {exc}") from exc
-        if not isinstance(value, dict):
-            raise forms.ValidationError("Write a JSON object.")
-        return value
+        return json_object(
+            self.cleaned_data.get("backend_options") or "",
+            not_json="Not JSON: {}",
+            not_object="Write a JSON object.",
+        )

@@ -14,6 +14,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from base.decorators import project_view
 from base.errors import DomainError, NotFound
 from base.models import Role
+from base.partials import render_page
 from base.requests import ProjectRequest
 from training.policy import services as policy_services
 from training.policy.forms import IdlePolicyForm
@@ -54,10 +55,7 @@ def _home_context(request: ProjectRequest) -> dict[str, Any]:
 @require_GET
 @project_view()
 def training_home(request: ProjectRequest) -> HttpResponse:
-    template = "training/home.html"
-    if request.htmx:
-        template += "#runs"
-    return render(request, template, _home_context(request))
+    return render_page(request, "training/home.html", "runs", _home_context(request))
 
 
 # The chart keeps at most this many points: a 10,000-step run would otherwise send 10,000 on
@@ -143,10 +141,7 @@ def _run_context(request: ProjectRequest, run_id: int) -> dict[str, Any]:
 @require_GET
 @project_view()
 def run_detail(request: ProjectRequest, run_id: int) -> HttpResponse:
-    template = "training/run_detail.html"
-    if request.htmx:
-        template += "#live"
-    return render(request, template, _run_context(request, run_id))
+    return render_page(request, "training/run_detail.html", "live", _run_context(request, run_id))
 
 
 @require_GET
