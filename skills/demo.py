@@ -14,23 +14,42 @@ from base.models import Project
 from incidents.ingest import incidents_ingest
 from incidents.schemas import IncidentIn
 
+SUPPORT_BOT = {"name": "support-bot", "version": "2.3.1"}
+DATA_ANALYST = {"name": "data-analyst", "version": "0.9.0"}
+
 
 def _tool_call(name: str, arguments: str, call_id: str) -> dict:
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
+def _incident(
+    agent: dict, kind: str, severity: str, error: tuple[str, str], messages: list, **extra: dict
+) -> dict:
+    """One incident as the intake API takes it; ``error`` is its (type, message)."""
+    error_type, message = error
+    return {
+        "agent": dict(agent),
+        "kind": kind,
+        "severity": severity,
+        "error": {"type": error_type, "message": message},
+        "messages": messages,
+        **extra,
+    }
+
+
 def _support_date_format(i: int) -> dict:
     order = 40000 + i * 37
-    return {
-        "agent": {"name": "support-bot", "version": "2.3.1"},
-        "kind": "tool_error",
-        "severity": "high",
-        "error": {
-            "type": "ToolArgumentError",
-            "message": f"search_orders: invalid value '{['last week', 'yesterday', '03/11/2026'][i % 3]}' "
-            f"for 'since' (expected ISO 8601 date), request {order}",
-        },
-        "messages": [
+    since = ["last week", "yesterday", "03/11/2026"][i % 3]
+    return _incident(
+        SUPPORT_BOT,
+        "tool_error",
+        "high",
+        (
+            "ToolArgumentError",
+            f"search_orders: invalid value '{since}' for 'since' (expected ISO 8601 date), "
+            f"request {order}",
+        ),
+        [
             {
                 "role": "system",
                 "content": "You are Acme's support assistant. Use tools to look up orders.",
@@ -58,21 +77,18 @@ def _support_date_format(i: int) -> dict:
             },
             {"role": "assistant", "content": "Sorry, I couldn't look up your orders right now."},
         ],
-        "feedback": {"text": "The bot couldn't find my order.", "score": 1},
-    }
+        feedback={"text": "The bot couldn't find my order.", "score": 1},
+    )
 
 
 def _support_refund_policy(i: int) -> dict:
     days = [14, 30, 45][i % 3]
-    return {
-        "agent": {"name": "support-bot", "version": "2.3.1"},
-        "kind": "wrong_answer",
-        "severity": "medium",
-        "error": {
-            "type": "PolicyMismatch",
-            "message": f"Stated a {days}-day refund window; policy is 60 days for members",
-        },
-        "messages": [
+    return _incident(
+        SUPPORT_BOT,
+        "wrong_answer",
+        "medium",
+        ("PolicyMismatch", f"Stated a {days}-day refund window; policy is 60 days for members"),
+        [
             {
                 "role": "user",
                 "content": "I'm a member. Can I still return the blender I bought 5 weeks ago?",
@@ -82,23 +98,20 @@ def _support_refund_policy(i: int) -> dict:
                 "content": f"Unfortunately our refund window is {days} days, so it's too late to return it.",
             },
         ],
-        "feedback": {
+        feedback={
             "text": "Wrong! Members get 60 days. Reviewer: answer should cite the member policy.",
             "reward": -1,
         },
-    }
+    )
 
 
 def _analyst_timeout(i: int) -> dict:
-    return {
-        "agent": {"name": "data-analyst", "version": "0.9.0"},
-        "kind": "timeout",
-        "severity": "high",
-        "error": {
-            "type": "QueryTimeout",
-            "message": f"warehouse.query exceeded 30000 ms (scanned {120 + i * 7} GB)",
-        },
-        "messages": [
+    return _incident(
+        DATA_ANALYST,
+        "timeout",
+        "high",
+        ("QueryTimeout", f"warehouse.query exceeded 30000 ms (scanned {120 + i * 7} GB)"),
+        [
             {"role": "user", "content": "Revenue by region for the last 3 years, monthly."},
             {
                 "role": "assistant",
@@ -114,17 +127,17 @@ def _analyst_timeout(i: int) -> dict:
                 "content": "timeout after 30s",
             },
         ],
-        "metadata": {"warehouse": "bq-prod", "api_key": "sk-live-51H8abcdefghijklmnop"},
-    }
+        metadata={"warehouse": "bq-prod", "api_key": "sk-live-51H8abcdefghijklmnop"},
+    )
 
 
 def _analyst_complaint(i: int) -> dict:
-    return {
-        "agent": {"name": "data-analyst", "version": "0.9.0"},
-        "kind": "user_complaint",
-        "severity": "low",
-        "error": {"type": "", "message": "User said the chart had no units on the axes"},
-        "messages": [
+    return _incident(
+        DATA_ANALYST,
+        "user_complaint",
+        "low",
+        ("", "User said the chart had no units on the axes"),
+        [
             {"role": "user", "content": "Plot weekly active users."},
             {"role": "assistant", "content": "Here is the chart: [chart.png] (x: week, y: value)"},
             {
@@ -132,21 +145,21 @@ def _analyst_complaint(i: int) -> dict:
                 "content": "What's the unit on the y axis?? Thousands? This is useless.",
             },
         ],
-        "feedback": {"text": "No units on the axes again.", "score": 2},
-    }
+        feedback={"text": "No units on the axes again.", "score": 2},
+    )
 
 
 def _support_guardrail(i: int) -> dict:
-    return {
-        "agent": {"name": "support-bot", "version": "2.3.1"},
-        "kind": "guardrail",
-        "severity": "critical",
-        "error": {"type": "PIIGuardrail", "message": "Response contained a full card number"},
-        "messages": [
+    return _incident(
+        SUPPORT_BOT,
+        "guardrail",
+        "critical",
+        ("PIIGuardrail", "Response contained a full card number"),
+        [
             {"role": "user", "content": "Which card did I pay with?"},
             {"role": "assistant", "content": "You paid with card 4242 4242 4242 4242."},
         ],
-    }
+    )
 
 
 SCENARIOS = [

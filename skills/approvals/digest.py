@@ -20,10 +20,10 @@ from skills.approvals.models import (
     NotificationKind,
 )
 from skills.approvals.notifications import (
-    _enqueue,
     _slack_webhook,
     _team_emails,
     mail_configured,
+    notifications_create,
 )
 from skills.library.models import RevisionStatus, SkillRevision
 
@@ -92,18 +92,9 @@ def approval_import_notify(
     for address in [*team, *members]:
         payloads.append((NotificationChannel.EMAIL, address, {**mail, "to": [address]}))
     with transaction.atomic():
-        rows = [
-            Notification.objects.create(
-                project=project,
-                channel=channel,
-                kind=NotificationKind.APPROVAL_REQUEST,
-                recipient=recipient[:300],
-                payload=payload,
-            )
-            for channel, recipient, payload in payloads
-        ]
-        _enqueue([n.pk for n in rows])
-    return rows
+        return notifications_create(
+            project=project, kind=NotificationKind.APPROVAL_REQUEST, rows=payloads
+        )
 
 
 def _cut(text: str, limit: int) -> str:

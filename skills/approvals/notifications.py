@@ -70,6 +70,28 @@ def _enqueue(notification_ids: list[int]) -> None:
     enqueue_on_commit("skills.tasks.send_notification", *[(nid,) for nid in notification_ids])
 
 
+def notifications_create(
+    *, project: Project, kind: str, rows: list[tuple[str, str, dict]], **target: Any
+) -> list[Notification]:
+    """One notification of ``kind`` per (channel, recipient, payload) row, about ``target``
+    (``revision=`` or ``version=``, or nothing), sent by ``skills.tasks.send_notification``
+    after commit. The announcements of this module, the import digest and the canary's notices
+    all write their rows here."""
+    created = [
+        Notification.objects.create(
+            project=project,
+            channel=channel,
+            kind=kind,
+            recipient=recipient[:300],
+            payload=payload,
+            **target,
+        )
+        for channel, recipient, payload in rows
+    ]
+    _enqueue([n.pk for n in created])
+    return created
+
+
 SMTP_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
 
 
@@ -108,28 +130,28 @@ def _links_for(obj: SkillRevision | PolicyVersion, *, addressee: Any, channel: s
 
 def _summary(obj: SkillRevision | PolicyVersion) -> delivery.Summary:
     project = project_of(obj)
+    about = {
+        "project_name": project.name,
+        "object_id": obj.pk,
+        "project_id": project.pk,
+        "state": object_state(obj)[:16],
+    }
     if isinstance(obj, SkillRevision):
         evidence = revision_evidence(obj)
+        title = f"Skill proposal: {obj.name}{provenance_note(evidence['provenance'])}"
         return delivery.Summary(
-            project_name=project.name,
             kind="revision",
-            object_id=obj.pk,
-            project_id=project.pk,
-            state=object_state(obj)[:16],
-            title=f"Skill proposal: {obj.name}{provenance_note(evidence['provenance'])}"
-            f"{_risk_title(obj)}",
+            title=f"{title}{_risk_title(obj)}",
             revision=obj,
             evidence=evidence,
+            **about,
         )
     return delivery.Summary(
-        project_name=project.name,
         kind="version",
-        object_id=obj.pk,
-        project_id=project.pk,
-        state=object_state(obj)[:16],
         title=f"Candidate policy v{obj.number}",
         version=obj,
         diff=version_diff(obj),
+        **about,
     )
 
 
@@ -222,19 +244,10 @@ def _approval_notify_rows(
     members: list[Membership],
 ) -> list[Notification]:
     summary = _summary(obj)
-    rows: list[Notification] = []
+    rows: list[tuple[str, str, dict]] = []
 
     def add(channel: str, recipient: str, payload: dict) -> None:
-        rows.append(
-            Notification.objects.create(
-                project=project,
-                channel=channel,
-                kind=NotificationKind.APPROVAL_REQUEST,
-                recipient=recipient[:300],
-                payload=payload,
-                **target,
-            )
-        )
+        rows.append((channel, recipient, payload))
 
     channel_links = (
         _links_for(obj, addressee=None, channel=CHANNEL_LINK)
@@ -257,8 +270,9 @@ def _approval_notify_rows(
         links = _links_for(obj, addressee=membership.user, channel="email")
         mail = delivery.approval_email(summary, links, personal=True)
         add(NotificationChannel.EMAIL, address, {**mail, "to": [address]})
-    _enqueue([n.pk for n in rows])
-    return rows
+    return notifications_create(
+        project=project, kind=NotificationKind.APPROVAL_REQUEST, rows=rows, **target
+    )
 
 
 @transaction.atomic
@@ -404,14 +418,9 @@ def effectiveness_flag_notify(*, revision: SkillRevision) -> list[Notification]:
     for address in _team_emails(project):
         mail = {"subject": subject, "text": text, "to": [address]}
         rows.append((NotificationChannel.EMAIL, address, mail))
-    created = [
-        Notification.objects.create(project=project, channel=channel, recipient=recipient,
-                                    kind=NotificationKind.EFFECTIVENESS_FLAG, payload=payload,
-                                    revision=revision)
-        for channel, recipient, payload in rows
-    ]  # fmt: skip
-    _enqueue([n.pk for n in created])
-    return created
+    return notifications_create(
+        project=project, kind=NotificationKind.EFFECTIVENESS_FLAG, rows=rows, revision=revision
+    )
 
 
 # Delivery bookkeeping, called by the ``send_notification`` task around each attempt.

@@ -1,4 +1,5 @@
-"""Approval links, Slack's endpoints and the integration settings (mounted at the site root)."""
+"""Approval links, Slack's endpoints and the integration settings (mounted at the site root).
+Each route's URL name is its view's name, as in ``skills.urls``."""
 
 from __future__ import annotations
 
@@ -8,14 +9,12 @@ from skills.approvals import views
 
 app_name = "approvals"
 
-urlpatterns = [
-    path("a/<str:token>", views.link, name="link"),
-    path("integrations/slack/interactions", views.slack_interactions, name="slack_interactions"),
-    path("integrations/slack/link/<str:signed>", views.slack_link, name="slack_link"),
-    path("p/<slug:project_slug>/integrations/", views.integrations, name="integrations"),
-    path(
-        "p/<slug:project_slug>/integrations/test",
-        views.integrations_test,
-        name="integrations_test",
-    ),
+ROUTES = [
+    ("a/<str:token>", views.link),
+    ("integrations/slack/interactions", views.slack_interactions),
+    ("integrations/slack/link/<str:signed>", views.slack_link),
+    ("p/<slug:project_slug>/integrations/", views.integrations),
+    ("p/<slug:project_slug>/integrations/test", views.integrations_test),
 ]
+
+urlpatterns = [path(route, view, name=view.__name__) for route, view in ROUTES]

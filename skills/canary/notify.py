@@ -10,7 +10,7 @@ from typing import Any
 from base.models import Project
 from skills.approvals import delivery
 from skills.approvals.models import Notification, NotificationChannel, NotificationKind
-from skills.approvals.notifications import _enqueue, _slack_webhook, _team_emails
+from skills.approvals.notifications import _slack_webhook, _team_emails, notifications_create
 
 
 def automatic_decision_notify(
@@ -35,15 +35,4 @@ def automatic_decision_notify(
     for address in _team_emails(project):
         rows.append((NotificationChannel.EMAIL, address,
                      {"to": [address], "subject": f"MetaClaw: {title}", "text": text}))  # fmt: skip
-    created = [
-        Notification.objects.create(
-            project=project,
-            channel=channel,
-            kind=NotificationKind.DECISION,
-            recipient=recipient[:300],
-            payload=payload,
-        )
-        for channel, recipient, payload in rows
-    ]
-    _enqueue([n.pk for n in created])
-    return created
+    return notifications_create(project=project, kind=NotificationKind.DECISION, rows=rows)

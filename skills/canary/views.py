@@ -97,30 +97,27 @@ def canary_start(request: ProjectRequest) -> HttpResponse:
     return _act(request, start, "Canary started.")
 
 
-def _running(request: ProjectRequest) -> Any:
-    canary = selectors.running_canary(request.project)
-    if canary is None:
-        raise Conflict("No canary is running.")
-    return canary
+def _end(request: ProjectRequest, end: Callable[..., Any], done: str) -> HttpResponse:
+    """Stop or promote the running canary (``end``: the service) with the form's reason."""
+
+    def act() -> None:
+        canary = selectors.running_canary(request.project)
+        if canary is None:
+            raise Conflict("No canary is running.")
+        end(canary=canary, actor=request.user, reason=request.POST.get("reason", ""))
+
+    return _act(request, act, done)
 
 
 @require_POST
 @project_view(role=Role.ADMIN)
 def canary_stop(request: ProjectRequest) -> HttpResponse:
-    def stop() -> None:
-        services.canary_stop(
-            canary=_running(request), actor=request.user, reason=request.POST.get("reason", "")
-        )
-
-    return _act(request, stop, "Canary stopped: every session gets the active version.")
+    return _end(
+        request, services.canary_stop, "Canary stopped: every session gets the active version."
+    )
 
 
 @require_POST
 @project_view(role=Role.ADMIN)
 def canary_promote(request: ProjectRequest) -> HttpResponse:
-    def promote() -> None:
-        services.canary_promote(
-            canary=_running(request), actor=request.user, reason=request.POST.get("reason", "")
-        )
-
-    return _act(request, promote, "Promoted to every session.")
+    return _end(request, services.canary_promote, "Promoted to every session.")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from django.db import connection, transaction
 from django.db.models import Max
@@ -66,6 +66,26 @@ def skill_content_validate(
             )
     if category not in Category.values:
         raise DomainError(f"Unknown category '{category}'.", field="category")
+
+
+class SkillContent(Protocol):
+    slug: str
+    name: str
+    description: str
+    instructions: str
+    category: str
+
+
+def skill_content_check(content: SkillContent) -> None:
+    """``skill_content_validate`` on whatever holds a skill's content: a draft, a parsed
+    SKILL.md, an LLM's proposal."""
+    skill_content_validate(
+        slug=content.slug,
+        name=content.name,
+        description=content.description,
+        instructions=content.instructions,
+        category=content.category,
+    )
 
 
 def _skill_lock(*, project: Project, slug: str, category: str) -> tuple[Skill, bool]:
@@ -160,13 +180,7 @@ def skill_revision_propose(
     Revisions are immutable: editing, revising after a regression, and importing all come
     through here and make a new row. Announces ``revision_proposed`` after commit unless
     ``announce`` is off (an import announces all its revisions at once instead)."""
-    skill_content_validate(
-        slug=draft.slug,
-        name=draft.name,
-        description=draft.description,
-        instructions=draft.instructions,
-        category=draft.category,
-    )
+    skill_content_check(draft)
     parent = draft.parent
     if draft.skill_md is not None:
         skill_md = draft.skill_md

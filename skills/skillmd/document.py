@@ -19,7 +19,7 @@ import yaml
 
 from base.errors import DomainError
 from skills.library.models import Category, SkillRevision
-from skills.library.services import SLUG_RE, skill_content_validate
+from skills.library.services import SLUG_RE, skill_content_check
 
 FILE_NAME = "SKILL.md"
 KNOWN_KEYS = {"name", "description", "category", "metadata"}
@@ -125,13 +125,7 @@ def parse(text: str, *, folder: str = "", path: str = "") -> SkillDocument:
     if not doc.slug:
         raise DomainError(f"{where}: 'name' is missing.", field=where)
     try:
-        skill_content_validate(
-            slug=doc.slug,
-            name=doc.name,
-            description=doc.description,
-            instructions=doc.instructions,
-            category=doc.category,
-        )
+        skill_content_check(doc)
     except DomainError as exc:
         raise DomainError(f"{where}: {exc}", field=where) from exc
     return doc

@@ -11,7 +11,7 @@ from base.errors import DomainError
 from base.models import Project
 from incidents.models import IncidentGroup
 from skills.library.models import Category, RevisionStatus, SkillRevision
-from skills.library.services import LIMITS, skill_content_validate
+from skills.library.services import LIMITS, skill_content_check
 from skills.synthesis.evidence import Evidence, clip
 from skills.synthesis.similar import KnownSkill
 from skills.synthesis.untrusted import UntrustedMarker, rule
@@ -187,13 +187,7 @@ def validate(parsed: dict[str, Any], project: Project, known: list[KnownSkill]) 
         examples=[clip(str(e), 1000) for e in examples[:5] if str(e).strip()],
     )
     try:
-        skill_content_validate(
-            slug=proposal.slug,
-            name=proposal.name,
-            description=proposal.description,
-            instructions=proposal.instructions,
-            category=proposal.category,
-        )
+        skill_content_check(proposal)
     except DomainError as exc:
         raise InvalidAnswer(f"skill.{exc.field}: {exc}") from exc
     # One query for everything this slug already has, in the columns the checks read (a skill

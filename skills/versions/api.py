@@ -42,7 +42,15 @@ class RiskFindingOut(Schema):
     message: str
 
 
-class RevisionOut(Schema):
+class _SkillSlugOut(Schema):
+    """A revision's ``skill`` field is its skill's slug (declared by each schema, in its order)."""
+
+    @staticmethod
+    def resolve_skill(obj: SkillRevision) -> str:
+        return obj.skill.slug
+
+
+class RevisionOut(_SkillSlugOut):
     id: int
     skill: str
     number: int
@@ -71,10 +79,6 @@ class RevisionOut(Schema):
     # Distinct sessions, end users, agents, API keys and sources behind the evidence, as
     # counted when it was proposed (issue 22): {} for revisions without source groups.
     provenance: dict
-
-    @staticmethod
-    def resolve_skill(obj: SkillRevision) -> str:
-        return obj.skill.slug
 
     @staticmethod
     def resolve_risk_flagged(obj: SkillRevision) -> bool:
@@ -203,15 +207,11 @@ class VersionOut(Schema):
         return len(getattr(obj, "revision_list", []))
 
 
-class VersionRevisionOut(Schema):
+class VersionRevisionOut(_SkillSlugOut):
     id: int
     skill: str
     number: int
     name: str
-
-    @staticmethod
-    def resolve_skill(obj: SkillRevision) -> str:
-        return obj.skill.slug
 
 
 class VersionDetailOut(VersionOut):
