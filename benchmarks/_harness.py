@@ -1,6 +1,7 @@
-"""Shared pieces of the benchmarks: a PostgreSQL database of their own, a production server
-started as a subprocess, and a low-overhead asyncio HTTP/1.1 load generator (the client runs on
-the same 2 cores as the server, so it must cost as little CPU as possible)."""
+"""Shared pieces of the benchmarks: a PostgreSQL database of their own, a throwaway project in
+it, the words their generated support traffic is made of, a production server started as a
+subprocess (and stopping one), and a low-overhead asyncio HTTP/1.1 load generator (the client
+runs on the same 2 cores as the server, so it must cost as little CPU as possible)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +70,41 @@ def django_setup(env: dict[str, str]) -> None:
     django.setup()
 
 
+def django_ready(db_name: str, redis_db: int = 9, *, fresh: bool = False) -> dict[str, str]:
+    """For a benchmark that runs MetaClaw's code in its own process: its environment
+    (``bench_env``), its database created and migrated (``ensure_database``), Django set up."""
+    env = bench_env(db_name, redis_db)
+    ensure_database(env, fresh=fresh)
+    django_setup(env)
+    return env
+
+
+@contextmanager
+def throwaway_project(name: str) -> Iterator:
+    """A new project named ``name`` and a random suffix, deleted with all it holds at the end."""
+    from base.models import Project
+    from metaclaw_site.projects import project_create
+    from skills.versions.models import Release
+
+    project = project_create(name=f"{name} {uuid.uuid4().hex[:8]}")
+    try:
+        yield project
+    finally:
+        Release.objects.filter(project=project).delete()  # releases protect their versions
+        Project.objects.filter(pk=project.pk).delete()
+
+
+# The words of the support questions and answers that the dataset benchmarks generate.
+NOUNS = (
+    "invoice refund password webhook export invitation billing token domain backup alert "
+    "dashboard report quota region bucket log metric trace queue schedule reminder calendar "
+    "contact payment subscription discount coupon tax shipment return warranty repair upgrade "
+    "migration archive cluster node replica snapshot certificate firewall route gateway"
+).split()
+VERBS = "reset download renew rotate delete restore move export import enable disable".split()
+PLACES = "Settings Billing Security Members Data Webhooks Integrations Admin Console".split()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -92,12 +130,29 @@ class Server:
         raise RuntimeError(f"server did not start: {' '.join(self.command)}")
 
     def __exit__(self, *exc: object) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+        if self.process:
+            stop(self.process, timeout=10, group=True)
+
+
+def stop(process: subprocess.Popen, *, timeout: float, group: bool = False) -> None:
+    """SIGTERM, then SIGKILL if it has not ended within ``timeout`` seconds. ``group``: the
+    signals go to its whole process group (one started with ``start_new_session``, so that a
+    server's forked workers stop with it)."""
+    if process.poll() is not None:
+        return
+
+    def send(sig: int) -> None:
+        if group:
+            os.killpg(process.pid, sig)
+        else:
+            process.send_signal(sig)
+
+    send(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        process.wait()
 
 
 @dataclass

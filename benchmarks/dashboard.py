@@ -25,7 +25,7 @@ import uuid
 from datetime import timedelta
 
 from _growth import grow_incidents, parse_sizes
-from _harness import bench_env, django_setup, ensure_database
+from _harness import django_ready
 
 GROUPS = 2_000
 SKILLS = 500
@@ -275,9 +275,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10k,1M", help="incidents at each measurement")
     args = parser.parse_args()
     sizes = parse_sizes(args.sizes)
-    env = bench_env("metaclaw_bench_dash", redis_db=2)
-    ensure_database(env)
-    django_setup(env)
+    django_ready("metaclaw_bench_dash", redis_db=2)
     from django.test.utils import setup_test_environment
 
     from base.models import Project

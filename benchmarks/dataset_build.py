@@ -24,34 +24,23 @@ import random
 import resource
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 
 import numpy as np
-from _harness import bench_env, django_setup, ensure_database
+from _harness import NOUNS, PLACES, VERBS, django_ready, throwaway_project
 
-ENV = bench_env("metaclaw_bench_dataset", redis_db=2)
-ensure_database(ENV)
-django_setup(ENV)
+django_ready("metaclaw_bench_dataset", redis_db=2)
 
 from django.utils import timezone  # noqa: E402
 
 from base.models import Project  # noqa: E402
 from incidents.ingest import trajectories_store  # noqa: E402
 from incidents.models import Trajectory  # noqa: E402
-from metaclaw_site.projects import project_create  # noqa: E402
-from skills.versions.models import Release  # noqa: E402
 from training.datasets import dedup  # noqa: E402
 from training.datasets import services as datasets_services  # noqa: E402
 from training.policy import services as policy_services  # noqa: E402
 
-NOUNS = (
-    "invoice refund password webhook export invitation billing token domain backup alert "
-    "dashboard report quota region bucket log metric trace queue schedule reminder calendar "
-    "contact payment subscription discount coupon tax shipment return warranty repair upgrade "
-    "migration archive cluster node replica snapshot certificate firewall route gateway"
-).split()
-VERBS = "reset download renew rotate delete restore move export import enable disable".split()
-PLACES = "Settings Billing Security Members Data Webhooks Integrations Admin Console".split()
 ADVERBS = "quickly safely again today now first manually automatically".split()
 SECRETS = ["sk-live-4f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c", "jane.doe@example.com"]
 SYSTEM = {"role": "system", "content": "You are the support assistant."}
@@ -158,9 +147,21 @@ def _build(project: Project, *, before: bool) -> tuple[float, dict, list[str]]:
     return seconds, report, texts
 
 
+def _timed_detection(detect: Callable[[list[str]], list[bool]], texts: list[str]) -> dict:
+    """One near-duplicate detection alone over ``texts``: its time and what it found."""
+    started = time.perf_counter()
+    flags = detect(texts)
+    seconds = time.perf_counter() - started
+    return {
+        "texts": len(texts),
+        "seconds": round(seconds, 3),
+        "ms_per_text": round(1000 * seconds / max(1, len(texts)), 4),
+        "near_duplicates": sum(flags),
+    }
+
+
 def measure(count: int, before_max: int) -> dict:
-    project = project_create(name=f"dataset bench {uuid.uuid4().hex[:8]}")
-    try:
+    with throwaway_project("dataset bench") as project:
         started = time.perf_counter()
         rows = _rows(project, count)
         for start in range(0, len(rows), 20_000):
@@ -181,25 +182,14 @@ def measure(count: int, before_max: int) -> dict:
             "kept": report["kept"],
             "dropped": report["dropped"],
         }
-        started = time.perf_counter()
-        flags = dedup.near_duplicates(texts, datasets_services.NEAR_DUPLICATE_THRESHOLD)
-        minhash_seconds = time.perf_counter() - started
-        result["dedup_after_minhash_lsh"] = {
-            "texts": len(texts),
-            "seconds": round(minhash_seconds, 3),
-            "ms_per_text": round(1000 * minhash_seconds / max(1, len(texts)), 4),
-            "near_duplicates": sum(flags),
-        }
+        result["dedup_after_minhash_lsh"] = _timed_detection(
+            lambda found: dedup.near_duplicates(found, datasets_services.NEAR_DUPLICATE_THRESHOLD),
+            texts,
+        )
         if report["considered"] <= before_max:
-            started = time.perf_counter()
-            flags = embedding_near_duplicates_before(texts)
-            quadratic_seconds = time.perf_counter() - started
-            result["dedup_before_embeddings_all_pairs"] = {
-                "texts": len(texts),
-                "seconds": round(quadratic_seconds, 3),
-                "ms_per_text": round(1000 * quadratic_seconds / max(1, len(texts)), 4),
-                "near_duplicates": sum(flags),
-            }
+            result["dedup_before_embeddings_all_pairs"] = _timed_detection(
+                embedding_near_duplicates_before, texts
+            )
             seconds, report, _ = _build(project, before=True)
             result["build_before"] = {
                 "build_seconds": round(seconds, 2),
@@ -208,9 +198,6 @@ def measure(count: int, before_max: int) -> dict:
             }
         result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return result
-    finally:
-        Release.objects.filter(project=project).delete()  # releases protect their versions
-        Project.objects.filter(pk=project.pk).delete()
 
 
 def main() -> None:

@@ -38,6 +38,9 @@ LoRA adapter otherwise, under the model name the proxy sends for it.
 Both halves print failures/n, the rate with a Wilson 95 % interval, and the cut (target for
 the slow loop: at least half). Database ``metaclaw_bench_efficacy`` unless ``DATABASE_URL``
 names one (its name must begin with ``metaclaw_bench``: it is dropped and migrated first).
+
+One file past 500 lines: ``main`` runs the four steps above in order on the servers and the
+project it started (split, the pieces would pass all of that around); nothing else imports it.
 """
 
 from __future__ import annotations

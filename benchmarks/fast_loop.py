@@ -32,7 +32,6 @@ import multiprocessing
 import os
 import random
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from _harness import ROOT, ensure_database, free_port
+from _harness import ROOT, ensure_database, free_port, stop
 
 VERBS = [
     "search",
@@ -577,12 +576,7 @@ def main() -> int:
         return 0 if ok else 1
     finally:
         for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop(process, timeout=20)
         llm_stop.set()
         llm.join(timeout=10)
 

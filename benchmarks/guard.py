@@ -15,7 +15,6 @@ seen are beside them in the test), so that a loaded 2-core CI machine does not f
 from __future__ import annotations
 
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _harness import ROOT, stop
 
 
 @dataclass
@@ -107,12 +106,7 @@ def probe_worker(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Pop
         try:
             yield process
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process, timeout=15)
 
 
 def empty_task_round_trip(app, redis_client, timeout: float = 60.0) -> float:

@@ -31,19 +31,11 @@ import sys
 import uuid
 
 from _growth import grow_incidents, parse_sizes
-from _harness import (
-    Server,
-    bench_env,
-    build_request,
-    django_setup,
-    ensure_database,
-    free_port,
-    run_load,
-)
+from _harness import Server, build_request, django_ready, free_port, run_load
 
 
-def setup_project(env: dict[str, str]) -> str:
-    django_setup(env)
+def setup_project() -> str:
+    """A new ingest key of the benchmark project (made if missing). Django must be set up."""
     from base import services
     from base.models import Project
     from metaclaw_site.projects import project_create
@@ -97,9 +89,8 @@ def main() -> None:
     if args.workers is None:
         args.workers = (os.cpu_count() or 2) if args.server == "uvicorn" else 4
 
-    env = bench_env("metaclaw_bench", redis_db=9)
-    ensure_database(env, fresh=True)
-    key = setup_project(env)
+    env = django_ready("metaclaw_bench", redis_db=9, fresh=True)
+    key = setup_project()
     run_id = uuid.uuid4().hex[:8]
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     doors = ["fast", "django"] if args.door == "both" else [args.door]

@@ -39,7 +39,7 @@ from datetime import UTC, datetime, timedelta
 from unittest import mock
 
 import orjson
-from _harness import backend_cpu_clock, bench_env, django_setup, ensure_database, median_spread
+from _harness import backend_cpu_clock, django_ready, median_spread
 from ingest import incident as incident_payload
 
 # --- The ORM versions of incidents.ingest_sql's statements -----------------------------------
@@ -53,6 +53,7 @@ def orm_upsert_groups(project, incidents, now) -> dict[str, dict]:
     A group this call created carries ``created_at == now``, as in the SQL version."""
     from django.db.models import F
 
+    from incidents.ingest_sql import GROUP_COUNTED_FIELDS
     from incidents.models import SEVERITY_RANK, GroupStatus, IncidentGroup, SynthesisStatus
 
     batches: dict[str, list] = {}
@@ -103,21 +104,8 @@ def orm_upsert_groups(project, incidents, now) -> dict[str, dict]:
             "count": len(batch),
         }
     if older:
-        IncidentGroup.objects.bulk_update(older, _GROUP_UPDATED)
+        IncidentGroup.objects.bulk_update(older, GROUP_COUNTED_FIELDS)
     return result
-
-
-_GROUP_UPDATED = [
-    "event_count",
-    "first_seen",
-    "last_seen",
-    "severity",
-    "status",
-    "regressed_at",
-    "status_changed_at",
-    "synthesis_status",
-    "synthesis_requested_at",
-]
 
 
 def _new_group(project, batch: list, now: datetime):
@@ -431,9 +419,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=50, help="recorded turns per batch")
     args = parser.parse_args()
 
-    env = bench_env("metaclaw_bench_ingest_orm", redis_db=9)
-    ensure_database(env, fresh=True)
-    django_setup(env)
+    django_ready("metaclaw_bench_ingest_orm", redis_db=9, fresh=True)
 
     from django.db import connection, transaction
 

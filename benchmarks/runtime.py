@@ -28,6 +28,9 @@ upstream, measured in the same harness, and the ratio printed.
 
 Targets on this 2-core machine: (a) added p50 <= 2 ms, p99 <= 5 ms; (b) >= 5x LiteLLM (~130-150
 requests/s there); (c) retrieve p99 <= 5 ms, policy with ETag p99 <= 3 ms.
+
+One file past 500 lines: the instant upstream, the benchmark's data and the four measurements
+serve one run against one server and read best together; nothing else imports them.
 """
 
 from __future__ import annotations
@@ -50,10 +53,8 @@ from _harness import (
     LoadResult,
     Server,
     _read_response,
-    bench_env,
     build_request,
-    django_setup,
-    ensure_database,
+    django_ready,
     free_port,
     run_load,
 )
@@ -214,10 +215,9 @@ def chat_body(i: int, stream: bool = False) -> bytes:
     ).encode()
 
 
-def setup_project(env: dict[str, str], skills: int = SKILLS, slug: str = PROJECT_SLUG) -> str:
+def setup_project(skills: int = SKILLS, slug: str = PROJECT_SLUG) -> str:
     """The benchmark project with ``skills`` approved skills in its active version; a runtime
-    key."""
-    django_setup(env)
+    key. Django must be set up."""
     from base import services
     from base.models import Project
     from metaclaw_site.projects import project_create
@@ -321,12 +321,17 @@ def load(port: int, make, concurrency: int, duration: float) -> LoadResult:
     )
 
 
-def measure_proxy(label: str, port: int, key: str, up_port: int, args) -> tuple[float, float]:
+def chat_requests(
+    key: str, *, stream: bool = False
+) -> tuple[Callable[[int], bytes], Callable[[int], bytes]]:
+    """``(via, direct)``: request ``i``'s bytes through the proxy (runtime ``key``, 50 sessions
+    in turn) and the same chat completion sent to the upstream directly."""
+
     def via(i: int) -> bytes:
         return build_request(
             "POST",
             "/v1/chat/completions",
-            chat_body(i),
+            chat_body(i, stream=stream),
             {
                 "Authorization": f"Bearer {key}",
                 "Content-Type": "application/json",
@@ -338,18 +343,30 @@ def measure_proxy(label: str, port: int, key: str, up_port: int, args) -> tuple[
         return build_request(
             "POST",
             "/v1/chat/completions",
-            chat_body(i),
+            chat_body(i, stream=stream),
             {"Authorization": "Bearer up", "Content-Type": "application/json"},
         )
 
-    d, p, statuses = asyncio.run(sequential_pair((up_port, direct), (port, via), args.requests))
-    added50 = pct(p, 50) - pct(d, 50)
-    added99 = pct(p, 99) - pct(d, 99)
-    print(
-        f"(a) {label}, 1 client, {args.requests} requests: upstream direct p50 {pct(d, 50):.2f} ms"
-        f" p99 {pct(d, 99):.2f} ms | through {label} p50 {pct(p, 50):.2f} ms p99 {pct(p, 99):.2f}"
-        f" ms | added p50 {added50:.2f} ms, p99 {added99:.2f} ms   statuses {statuses}"
+    return via, direct
+
+
+def added_latency(direct: list[float], via: list[float], label: str) -> tuple[float, str]:
+    """What going through ``label`` adds to calling the upstream directly (latencies in s):
+    the added p50 in ms, and the text of both sides' p50 and p99 and of the added ones."""
+    added50 = pct(via, 50) - pct(direct, 50)
+    added99 = pct(via, 99) - pct(direct, 99)
+    return added50, (
+        f"upstream direct p50 {pct(direct, 50):.2f} ms p99 {pct(direct, 99):.2f} ms | through "
+        f"{label} p50 {pct(via, 50):.2f} ms p99 {pct(via, 99):.2f} ms | added p50 "
+        f"{added50:.2f} ms, p99 {added99:.2f} ms"
     )
+
+
+def measure_proxy(label: str, port: int, key: str, up_port: int, args) -> tuple[float, float]:
+    via, direct = chat_requests(key)
+    d, p, statuses = asyncio.run(sequential_pair((up_port, direct), (port, via), args.requests))
+    added50, figures = added_latency(d, p, label)
+    print(f"(a) {label}, 1 client, {args.requests} requests: {figures}   statuses {statuses}")
     result = load(port, via, args.clients, args.duration)
     print(
         f"(b) {label}, {args.clients} clients, {args.duration:.0f} s: {result.rps:.0f} requests/s,"
@@ -398,26 +415,13 @@ async def _stream_clients(port: int, make, clients: int, per_client: int) -> lis
 def measure_streaming(label: str, port: int, key: str, up_port: int, args) -> float:
     """(d) ``stream: true``: the time to first token the proxy adds over the upstream called
     directly, one client (alternating, as in (a)) and 32 clients; streamed answers per second."""
-
-    def via(i: int) -> bytes:
-        return build_request("POST", "/v1/chat/completions", chat_body(i, stream=True),
-                             {"Authorization": f"Bearer {key}", "Content-Type": "application/json",
-                              "X-Session-Id": f"bench-{i % 50}"})  # fmt: skip
-
-    def direct(i: int) -> bytes:
-        return build_request("POST", "/v1/chat/completions", chat_body(i, stream=True),
-                             {"Authorization": "Bearer up", "Content-Type": "application/json"})  # fmt: skip
-
+    via, direct = chat_requests(key, stream=True)
     n = max(200, args.requests // 4)
     direct_ttft = asyncio.run(_stream_clients(up_port, direct, 1, n))
     via_ttft = asyncio.run(_stream_clients(port, via, 1, n))
-    added50 = pct(via_ttft, 50) - pct(direct_ttft, 50)
-    added99 = pct(via_ttft, 99) - pct(direct_ttft, 99)
+    _, figures = added_latency(direct_ttft, via_ttft, label)
     print(
-        f"(d) {label}, stream: true, {STREAM_CHUNKS} chunks, 1 client, {n} answers: TTFT upstream "
-        f"direct p50 {pct(direct_ttft, 50):.2f} ms p99 {pct(direct_ttft, 99):.2f} ms | through "
-        f"{label} p50 {pct(via_ttft, 50):.2f} ms p99 {pct(via_ttft, 99):.2f} ms | added p50 "
-        f"{added50:.2f} ms, p99 {added99:.2f} ms"
+        f"(d) {label}, stream: true, {STREAM_CHUNKS} chunks, 1 client, {n} answers: TTFT {figures}"
     )
     per_client = max(20, args.requests // args.clients)
     started = time.perf_counter()
@@ -507,9 +511,8 @@ def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
 
-    env = bench_env("metaclaw_rt_bench", redis_db=5)
-    ensure_database(env)
-    key = setup_project(env)
+    env = django_ready("metaclaw_rt_bench", redis_db=5)
+    key = setup_project()
     up_port = free_port()
     upstream = multiprocessing.get_context("spawn").Process(
         target=_upstream_main, args=(up_port,), daemon=True
@@ -545,7 +548,7 @@ def main() -> None:
                     if size == SKILLS:
                         continue
                     print(f"    (loading a project with {size:,} live skills…)", flush=True)
-                    big_key = setup_project(env, skills=size, slug=f"{PROJECT_SLUG}-{size}")
+                    big_key = setup_project(skills=size, slug=f"{PROJECT_SLUG}-{size}")
                     retrieval[size] = measure_api(port, big_key, args, skills=size)
                 if len(retrieval) > 1:
                     print("    growth of retrieve (k=5), p50 / p99:")

@@ -17,28 +17,14 @@ import json
 import random
 import resource
 import time
-import uuid
 
-from _harness import bench_env, django_setup, ensure_database
+from _harness import NOUNS, PLACES, VERBS, django_ready, throwaway_project
 
-ENV = bench_env("metaclaw_bench_slow")
-ensure_database(ENV)
-django_setup(ENV)
+django_ready("metaclaw_bench_slow")
 
-from base.models import Project  # noqa: E402
 from incidents.ingest import trajectories_ingest  # noqa: E402
 from incidents.schemas import TrajectoryIn  # noqa: E402
-from metaclaw_site.projects import project_create  # noqa: E402
-from skills.versions.models import Release  # noqa: E402
 
-NOUNS = (
-    "invoice refund password webhook export invitation billing token domain backup alert "
-    "dashboard report quota region bucket log metric trace queue schedule reminder calendar "
-    "contact payment subscription discount coupon tax shipment return warranty repair upgrade "
-    "migration archive cluster node replica snapshot certificate firewall route gateway"
-).split()
-VERBS = "reset download renew rotate delete restore move export import enable disable".split()
-PLACES = "Settings Billing Security Members Data Webhooks Integrations Admin Console".split()
 SECRETS = [
     "sk-live-4f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c",
     "jane.doe@example.com",
@@ -102,8 +88,7 @@ def measure_dataset_build(count: int) -> dict:
     from training.datasets import services as datasets_services
     from training.policy import services as policy_services
 
-    project = project_create(name=f"slow-loop bench {uuid.uuid4().hex[:8]}")
-    try:
+    with throwaway_project("slow-loop bench") as project:
         payloads = _payloads(count)
         started = time.perf_counter()
         for start in range(0, len(payloads), 1000):
@@ -128,9 +113,6 @@ def measure_dataset_build(count: int) -> dict:
             "ingest_seconds": round(ingest_seconds, 2),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
-    finally:
-        Release.objects.filter(project=project).delete()  # releases protect their versions
-        Project.objects.filter(pk=project.pk).delete()
 
 
 def main() -> None:

@@ -5,30 +5,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from django.core.management.base import BaseCommand, CommandError
-
 from base.models import Project
+from skills.management.commands._project import ProjectCommand
 from skills.skillmd import services as skillmd
 
 
-class Command(BaseCommand):
+class Command(ProjectCommand):
     help = (
         "Write skills/<slug>/SKILL.md and the files bundled with it for every skill of a project "
         "(approved and pending)."
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--project", required=True, help="The project's slug.")
+        super().add_arguments(parser)
         parser.add_argument("destination", help="A folder, or a file ending in .zip.")
         parser.add_argument(
             "--approved-only", action="store_true", help="Leave out skills still pending review."
         )
 
-    def handle(self, *args, project: str, destination: str, approved_only: bool, **options):
-        target = Project.objects.filter(slug=project).first()
-        if target is None:
-            raise CommandError(f"No project with the slug '{project}'.")
-        files = skillmd.library_export(target, include_pending=not approved_only)
+    def handle_project(self, project: Project, *, destination: str, approved_only: bool, **options):
+        files = skillmd.library_export(project, include_pending=not approved_only)
         path = Path(destination)
         if path.suffix == ".zip":
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,21 +5,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from base.errors import DomainError
 from base.models import Project
+from skills.management.commands._project import ProjectCommand
 from skills.skillmd import services as skillmd
 
 
-class Command(BaseCommand):
+class Command(ProjectCommand):
     help = (
         "Import SKILL.md folders into a project as proposed revisions (origin: import), file by "
         "file: a refused file is reported and the rest imported, unless --all-or-nothing."
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--project", required=True, help="The project's slug.")
+        super().add_arguments(parser)
         parser.add_argument(
             "source", help="A folder holding */SKILL.md (a repository checkout), or a .zip."
         )
@@ -29,10 +30,7 @@ class Command(BaseCommand):
             help="Import nothing when any file is refused.",
         )
 
-    def handle(self, *args, project: str, source: str, all_or_nothing: bool, **options):
-        target = Project.objects.filter(slug=project).first()
-        if target is None:
-            raise CommandError(f"No project with the slug '{project}'.")
+    def handle_project(self, project: Project, *, source: str, all_or_nothing: bool, **options):
         path = Path(source)
         if not path.exists():
             raise CommandError(f"{path} does not exist.")
@@ -41,7 +39,7 @@ class Command(BaseCommand):
                 skillmd.read_zip(path.read_bytes()) if path.is_file() else skillmd.read_folder(path)
             )
             report = skillmd.library_import(
-                project=target,
+                project=project,
                 entries=entries,
                 all_or_nothing=all_or_nothing,
                 actor_label="manage.py import_skills",
