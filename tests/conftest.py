@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from metaclaw_site.celery import app as celery_app
 from tests import factories
 
 
@@ -123,6 +124,15 @@ def page_queries_do_not_grow(client, django_assert_num_queries):
             return client.get(url)
 
     return check
+
+
+@pytest.fixture
+def real_broker():
+    """Publish to Redis for real (the suite runs tasks eagerly otherwise)."""
+    previous = celery_app.conf.task_always_eager
+    celery_app.conf.task_always_eager = False
+    yield
+    celery_app.conf.task_always_eager = previous
 
 
 @pytest.fixture

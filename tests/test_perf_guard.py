@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import pytest
-from django.db import connection
 
 from incidents.models import IncidentGroup, SynthesisStatus
 from metaclaw_site.celery import app as celery_app
@@ -32,6 +31,7 @@ from skills.runtime import policy as runtime_policy
 from tests import factories
 from tests.asgi_server import asgi_server
 from tests.fakes.openai_server import OpenAIServer, Reply
+from tests.faults import procs
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -67,36 +67,6 @@ def test_the_proxy_adds_little_to_the_upstreams_own_latency():
     assert figure.ok, str(figure)
 
 
-def _database_url() -> str:
-    db = connection.settings_dict
-    password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
-    host, port = db.get("HOST") or "127.0.0.1", db.get("PORT") or 5432
-    return f"postgres://{db.get('USER') or 'postgres'}{password}@{host}:{port}/{db['NAME']}"
-
-
-def _wait_for_worker_backends_to_end(timeout: float = 10.0) -> None:
-    """The test database cannot be dropped while the worker's backends are still there."""
-    deadline = time.monotonic() + timeout
-    with connection.cursor() as cursor:
-        while time.monotonic() < deadline:
-            cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND application_name = %s",
-                [WORKER_APP_NAME],
-            )
-            if cursor.fetchone()[0] == 0:
-                return
-            time.sleep(0.1)
-
-
-@pytest.fixture
-def real_broker():
-    previous = celery_app.conf.task_always_eager
-    celery_app.conf.task_always_eager = False
-    yield
-    celery_app.conf.task_always_eager = previous
-
-
 @pytest.mark.worker
 @pytest.mark.django_db(transaction=True)
 def test_the_fast_loop_stays_close_to_an_empty_tasks_round_trip(api, real_broker, tmp_path):
@@ -109,15 +79,14 @@ def test_the_fast_loop_stays_close_to_an_empty_tasks_round_trip(api, real_broker
     with OpenAIServer(default=_answer_factory(), model="guard-llm") as llm:
         env = {
             **os.environ,
-            "DJANGO_SETTINGS_MODULE": "metaclaw_site.settings_test",
-            "DATABASE_URL": _database_url(),
-            "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15"),
-            "CELERY_TASK_ALWAYS_EAGER": "0",
-            "OPENAI_BASE_URL": llm.base_url,
-            "OPENAI_API_KEY": "guard-key",
-            "METACLAW_LLM_MODEL": "guard-llm",
-            "METACLAW_OUTBOX_SWEEP_AFTER_SECONDS": "3600",
-            "PGAPPNAME": WORKER_APP_NAME,  # to wait for its connections to end
+            **procs.process_env(
+                procs.suite_redis_url(),
+                llm=llm,
+                OPENAI_API_KEY="guard-key",
+                METACLAW_LLM_MODEL="guard-llm",
+                METACLAW_OUTBOX_SWEEP_AFTER_SECONDS=3600,
+                PGAPPNAME=WORKER_APP_NAME,  # to wait for its connections to end
+            ),
         }
 
         def ingest(n: int) -> tuple[float, int]:
@@ -141,7 +110,7 @@ def test_the_fast_loop_stays_close_to_an_empty_tasks_round_trip(api, real_broker
             except TimeoutError:
                 pytest.fail((tmp_path / "worker.log").read_text()[-3000:])
         chats = len(llm.chat_requests())
-    _wait_for_worker_backends_to_end()
+    procs.wait_for_backends_to_end(WORKER_APP_NAME)
     figure = guard.Figure("fast loop", loop, empty, FAST_LOOP_LIMIT)
     print(figure)
     groups = len(loop) + 1  # and the one that warmed the worker up

@@ -6,11 +6,8 @@ holds across the nodes (their counts meet in Redis)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -24,18 +21,12 @@ from incidents.models import Incident, IncidentGroup, SynthesisStatus
 from skills.library.models import SkillRevision
 from tests import factories
 from tests.fakes.openai_server import OpenAIServer, Reply
-from tests.test_worker import ANSWER, _database_url, _redis_url, _wait_for_worker_backends_to_end
+from tests.faults import procs
+from tests.test_worker import ANSWER
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
-ROOT = Path(__file__).resolve().parent.parent
 NODE_APP_NAME = "metaclaw-test-worker"  # the name whose backends the teardown waits out
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Node:
@@ -45,25 +36,10 @@ class Node:
         self.name = name
         self.log_path = logs / f"{name}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a process group of its own, as on its own machine
-        )
+        self.process = procs.start(command, env, self._log)
 
     def stop(self) -> None:
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.process.wait()
+        procs.stop(self.process)
         self._log.close()
 
     def tail(self) -> str:
@@ -88,20 +64,14 @@ def cluster(django_db_setup, django_db_blocker, tmp_path_factory):
     logs = tmp_path_factory.mktemp("scale-out")
     llm = OpenAIServer(default=_answer_for_its_group, model="loopback-model")
     llm.__enter__()
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "metaclaw_site.settings_test",
-        "DATABASE_URL": _database_url(),
-        "REDIS_URL": _redis_url(),
-        "CELERY_TASK_ALWAYS_EAGER": "0",
-        "OPENAI_BASE_URL": llm.base_url,
-        "OPENAI_API_KEY": "test-key",
-        "METACLAW_LLM_MODEL": "loopback-model",
-        "METACLAW_OUTBOX_SWEEP_AFTER_SECONDS": "0",
-        "ALLOWED_HOSTS": "127.0.0.1,localhost",
-        "PGAPPNAME": NODE_APP_NAME,
-    }
-    ports = [_free_port(), _free_port()]
+    env = procs.process_env(
+        procs.suite_redis_url(),
+        llm=llm,
+        METACLAW_OUTBOX_SWEEP_AFTER_SECONDS=0,
+        ALLOWED_HOSTS="127.0.0.1,localhost",
+        PGAPPNAME=NODE_APP_NAME,
+    )
+    ports = [procs.free_port(), procs.free_port()]
     nodes: list[Node] = []
     for i, port in enumerate(ports):
         nodes.append(
@@ -134,7 +104,7 @@ def cluster(django_db_setup, django_db_blocker, tmp_path_factory):
             node.stop()
         llm.__exit__(None, None, None)
         with django_db_blocker.unblock():
-            _wait_for_worker_backends_to_end()
+            procs.wait_for_backends_to_end(NODE_APP_NAME)
 
 
 def _answer_for_its_group(body: dict) -> Reply:

@@ -7,11 +7,6 @@ the proposal in the same PostgreSQL test database."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,41 +18,22 @@ from incidents.models import IncidentGroup, SynthesisStatus
 from metaclaw_site.celery import app as celery_app
 from skills.library.models import Origin, SkillRevision
 from tests import factories
-from tests.fakes.openai_server import OpenAIServer, Reply
+from tests.fakes.openai_server import OpenAIServer, Reply, skill_answer
+from tests.faults import procs
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
-ROOT = Path(__file__).resolve().parent.parent
 
-ANSWER = json.dumps(
-    {
-        "diagnosis": "The agent passed a relative date where search_orders needs ISO 8601.",
-        "decision": "new_skill",
-        "skill": {
-            "slug": "iso-dates-for-order-search",
-            "name": "ISO dates for order search",
-            "description": "When calling search_orders with a date the user gave in words.",
-            "instructions": "Convert relative dates to ISO 8601 (YYYY-MM-DD) first.",
-            "category": "common_mistakes",
-        },
-    }
+ANSWER = skill_answer(
+    diagnosis="The agent passed a relative date where search_orders needs ISO 8601.",
+    slug="iso-dates-for-order-search",
+    name="ISO dates for order search",
+    description="When calling search_orders with a date the user gave in words.",
+    instructions="Convert relative dates to ISO 8601 (YYYY-MM-DD) first.",
 )
 
 
 WORKER_APP_NAME = "metaclaw-test-worker"
-
-
-def _redis_url() -> str:
-    return os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
-
-
-def _database_url() -> str:
-    # The test database pytest-django created (test_<name>), not the configured one.
-    db = connection.settings_dict
-    host = db.get("HOST") or "127.0.0.1"
-    port = db.get("PORT") or 5432
-    password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
-    return f"postgres://{db.get('USER') or 'postgres'}{password}@{host}:{port}/{db['NAME']}"
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +49,6 @@ def llm_server(_module_llm_server):
     return _module_llm_server
 
 
-@pytest.fixture
-def real_broker():
-    """Publish to Redis for real (the suite runs tasks eagerly otherwise)."""
-    previous = celery_app.conf.task_always_eager
-    celery_app.conf.task_always_eager = False
-    yield
-    celery_app.conf.task_always_eager = previous
-
-
 @pytest.fixture(scope="module")
 def worker(django_db_setup, django_db_blocker, _module_llm_server, tmp_path_factory):
     """One worker for this module (starting one takes seconds on a busy machine). Prefork with
@@ -91,55 +58,17 @@ def worker(django_db_setup, django_db_blocker, _module_llm_server, tmp_path_fact
 
     redis_client().flushdb()  # no stale task messages from an earlier run
     logs = tmp_path_factory.mktemp("worker")
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "metaclaw_site.settings_test",
-        "DATABASE_URL": _database_url(),
-        "REDIS_URL": _redis_url(),
-        "CELERY_TASK_ALWAYS_EAGER": "0",
-        "OPENAI_BASE_URL": _module_llm_server.base_url,
-        "OPENAI_API_KEY": "test-key",
-        "METACLAW_LLM_MODEL": "loopback-model",
-        "METACLAW_OUTBOX_SWEEP_AFTER_SECONDS": "0",
-        "PGAPPNAME": WORKER_APP_NAME,  # libpq names the worker's connections
-    }
-    with open(logs / "worker-0.log", "w") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable, "-m", "celery", "-A", "metaclaw_site", "worker",
-                "-Q", "fast", "-P", "prefork", "-c", "1", "--without-gossip", "--without-mingle",
-                "--without-heartbeat", "-l", "INFO",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        yield logs
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        with django_db_blocker.unblock():
-            _wait_for_worker_backends_to_end()
-
-
-def _wait_for_worker_backends_to_end(timeout: float = 10.0) -> None:
-    """The worker's PostgreSQL backends outlive its process by a moment; the test database
-    cannot be dropped at the end of the session while they are there."""
-    deadline = time.monotonic() + timeout
-    with connection.cursor() as cursor:
-        while time.monotonic() < deadline:
-            cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND application_name = %s",
-                [WORKER_APP_NAME],
-            )
-            if cursor.fetchone()[0] == 0:
-                return
-            time.sleep(0.1)
+    env = procs.process_env(
+        procs.suite_redis_url(),
+        llm=_module_llm_server,
+        METACLAW_OUTBOX_SWEEP_AFTER_SECONDS=0,
+        PGAPPNAME=WORKER_APP_NAME,  # libpq names the worker's connections
+    )
+    process = procs.start_worker(env, logs, "worker-0", concurrency=1, beat=False)
+    yield logs
+    procs.stop(process)
+    with django_db_blocker.unblock():
+        procs.wait_for_backends_to_end(WORKER_APP_NAME)
 
 
 def _wait_for(predicate, timeout: float = 90.0, what: str = "the worker", logs: Path | None = None):
@@ -182,9 +111,7 @@ def _reset_broker_connections() -> None:
 def test_an_ingest_while_the_broker_is_down_answers_202_and_the_sweep_enqueues_it_later(
     api, project, ingest_key, llm_server, real_broker, worker
 ):
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        dead_port = sock.getsockname()[1]
+    dead_port = procs.free_port()  # a port nobody listens on
     good_url = celery_app.conf.broker_url
     celery_app.conf.broker_url = f"redis://127.0.0.1:{dead_port}/0"
     _reset_broker_connections()

@@ -1,5 +1,6 @@
 """End-to-end tests in a real headless Chromium (Debian's ``chromium`` package) driven by
-Playwright, against pytest-django's live server and a transactional database.
+Playwright (launched by ``tests/browser/chromium.py``), against pytest-django's live server and a
+transactional database.
 
 The test command installs both: ``pip install playwright`` (no ``playwright install``: its own
 browser download does not work here) and ``apt-get install -y chromium``. Without them these
@@ -9,26 +10,18 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests import factories
+from tests.browser.chromium import CHROMIUM, chromium_installed, launch
 
 # Playwright's sync API runs an event loop in this thread; the test's own ORM calls are still
 # synchronous and never share a connection with the live server's thread.
 os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
-CHROMIUM = os.environ.get("METACLAW_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
 PASSWORD = "pw-for-browser-tests-1"
 # The machine running the suite may be busy; page actions wait this long (ms) before failing.
@@ -48,10 +41,10 @@ def browser() -> Iterator:
         from playwright.sync_api import sync_playwright
     except ImportError:
         _unavailable("the playwright package is not installed (pip install playwright)")
-    if not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)):
+    if not chromium_installed():
         _unavailable(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)")
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = launch(playwright)
         yield browser
         browser.close()
 

@@ -7,7 +7,6 @@ import pytest
 
 from base.models import AuditEvent
 from incidents.models import IncidentGroup
-from skills.library import services as library_services
 from skills.library.models import Origin, RevisionStatus, SkillRevision
 from skills.versions import services as version_services
 from skills.versions.models import PolicyVersion, Release, ReleaseKind, VersionStatus
@@ -30,17 +29,15 @@ def _group(client, project, error_type: str, events: int) -> IncidentGroup:
 
 
 def _propose(project, slug: str, name: str, groups=()) -> SkillRevision:
-    return library_services.skill_revision_propose(
-        project=project,
-        draft=library_services.RevisionDraft(
-            slug=slug,
-            name=name,
-            description=f"When {name.lower()} matters.",
-            instructions=f"Always {name.lower()} before answering; never guess.",
-            origin=Origin.HUMAN,
-            author="human",
-            source_groups=list(groups),
-        ),
+    return factories.make_revision(
+        project,
+        slug,
+        name=name,
+        description=f"When {name.lower()} matters.",
+        instructions=f"Always {name.lower()} before answering; never guess.",
+        origin=Origin.HUMAN,
+        author="human",
+        source_groups=list(groups),
     )
 
 

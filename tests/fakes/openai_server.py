@@ -290,6 +290,31 @@ class OpenAIServer:
         return Handler
 
 
+def skill_answer(
+    *,
+    diagnosis: str,
+    slug: str,
+    name: str,
+    description: str,
+    instructions: str,
+    category: str = "common_mistakes",
+) -> str:
+    """A skill writer's JSON answer that proposes one new skill."""
+    return json.dumps(
+        {
+            "diagnosis": diagnosis,
+            "decision": "new_skill",
+            "skill": {
+                "slug": slug,
+                "name": name,
+                "description": description,
+                "instructions": instructions,
+                "category": category,
+            },
+        }
+    )
+
+
 # How the skill judge's requests are known (skills.judge.services: SCHEMA_NAME, OPENING).
 JUDGE_SCHEMA_NAME = "skill_risk_judge"
 JUDGE_OPENING = "You are MetaClaw's skill judge."

@@ -1,5 +1,6 @@
-"""Processes the fault tests start on ports and in folders of their own (Redis, Celery workers),
-so stopping or killing them disturbs nothing else on the machine."""
+"""Processes the fault, worker and scale-out tests start (Redis, Celery workers, web nodes), each a
+process group of its own on ports and in folders of their own, so stopping or killing one disturbs
+nothing else on the machine; and the test database and Redis they share with the suite."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 from django.db import connection
 
@@ -22,7 +24,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def suite_redis_url() -> str:
+    """The suite's own Redis (its broker and counters)."""
+    return os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
 def test_database_url() -> str:
+    """The test database pytest-django created (test_<name>), not the configured one."""
     db = connection.settings_dict
     password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
     host, port = db.get("HOST") or "127.0.0.1", db.get("PORT") or 5432
@@ -71,17 +79,35 @@ def start_redis(folder: Path, port: int | None = None) -> tuple[subprocess.Popen
     raise RuntimeError("redis-server did not start")
 
 
-def start_worker(env: dict[str, str], folder: Path, name: str, concurrency: int = 4):
-    """A fast-queue worker with the beat inside it (-B), as a small deployment runs it."""
-    log = open(folder / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+def start(command: list[str], env: dict[str, str], log: IO) -> subprocess.Popen:
+    """``command`` run in the checkout with ``env`` over this process's environment, its output
+    to ``log``: a process group of its own, as on its own machine (``stop`` ends it whole)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "metaclaw_site", "worker", "-B",
-         "-s", str(folder / f"{name}-beat-schedule"), "-Q", "fast", "-P", "prefork",
-         "-c", str(concurrency), "--without-gossip", "--without-mingle", "--without-heartbeat",
-         "-n", f"{name}@%h", "-l", "INFO"],
-        cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+        command, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
+
+
+def start_worker(
+    env: dict[str, str], folder: Path, name: str, concurrency: int = 4, beat: bool = True
+):
+    """A fast-queue worker logging to ``folder/<name>.log``; with ``beat``, the beat inside it
+    (-B), as a small deployment runs it."""
+    log = open(folder / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+    beat_args = ["-B", "-s", str(folder / f"{name}-beat-schedule")] if beat else []
+    return start(
+        [sys.executable, "-m", "celery", "-A", "metaclaw_site", "worker", *beat_args,
+         "-Q", "fast", "-P", "prefork", "-c", str(concurrency), "--without-gossip",
+         "--without-mingle", "--without-heartbeat", "-n", f"{name}@%h", "-l", "INFO"],
+        env, log,
+    )  # fmt: skip
+
+
+def wait_ready(log: Path, deadline: float) -> None:
+    """Until the worker logging to ``log`` says it is ready; the test fails at ``deadline``."""
+    while " ready." not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
 
 
 def kill_group(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
@@ -103,3 +129,19 @@ def stop(process: subprocess.Popen) -> None:
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             kill_group(process)
+
+
+def wait_for_backends_to_end(app_name: str, timeout: float = 10.0) -> None:
+    """The PostgreSQL backends of a stopped process (``PGAPPNAME=app_name``) outlive it by a
+    moment; the test database cannot be dropped at the end of the session while they are there."""
+    deadline = time.monotonic() + timeout
+    with connection.cursor() as cursor:
+        while time.monotonic() < deadline:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = %s",
+                [app_name],
+            )
+            if cursor.fetchone()[0] == 0:
+                return
+            time.sleep(0.1)

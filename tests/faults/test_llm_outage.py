@@ -18,14 +18,12 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-from kombu import Connection
 
 from incidents.models import IncidentGroup, SynthesisStatus
-from metaclaw_site.celery import app as celery_app
-from skills.synthesis import tasks
 from tests import factories
 from tests.fakes.openai_server import OpenAIServer, RecordedRequest, Reply
 from tests.faults import procs
+from tests.faults.synthesis_stack import iso_dates_reply, synthesis_stack
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
@@ -66,23 +64,7 @@ def _skill_answer(scenario: str, n: int) -> Reply:
     # The group's token is not in the answer: the prompts of the project's later groups list
     # this skill among the similar ones, and must still be told apart by their own token.
     case = f"{scenario} case {n}"
-    return Reply(
-        content=json.dumps(
-            {
-                "diagnosis": f"The agent passed a relative date where a tool needs ISO 8601 "
-                f"({case}).",
-                "decision": "new_skill",
-                "skill": {
-                    "slug": f"iso-dates-{scenario}-{n}",
-                    "name": f"ISO dates, {case}",
-                    "description": f"When a tool needs an ISO 8601 date ({case}).",
-                    "instructions": f"Convert relative dates to ISO 8601 (YYYY-MM-DD) first "
-                    f"({case}).",
-                    "category": "common_mistakes",
-                },
-            }
-        )
-    )
+    return iso_dates_reply(f"iso-dates-{scenario}-{n}", f"ISO dates, {case}", case)
 
 
 def _calls(server: OpenAIServer, token: str) -> list[RecordedRequest]:
@@ -137,30 +119,17 @@ def test_every_group_outlives_an_llm_outage_of_each_kind(api, tmp_path, monkeypa
                     return scenario.bad
         return Reply(status=400, body={"error": {"message": "unknown test prompt"}})
 
-    redis, redis_url = procs.start_redis(tmp_path)
-    llm = OpenAIServer(default=reply, model="loopback-model").start()
-    env = procs.process_env(
-        redis_url,
-        llm=llm,
+    with synthesis_stack(
+        tmp_path,
+        monkeypatch,
+        reply,
+        "outage",
         METACLAW_LLM_TIMEOUT=LLM_TIMEOUT,
         METACLAW_LLM_DEADLINE=LLM_DEADLINE,
         METACLAW_OUTBOX_SWEEP_AFTER_SECONDS=5,
-    )
-    broker = Connection(redis_url)
-    eager = celery_app.conf.task_always_eager
-    celery_app.conf.task_always_eager = False
-    monkeypatch.setattr(
-        tasks.propose_skill,
-        "delay",
-        lambda *a: tasks.propose_skill.apply_async(a, connection=broker),
-    )
-    worker = procs.start_worker(env, tmp_path, "outage", concurrency=4)
-    log = tmp_path / "outage.log"
-    try:
-        deadline = time.monotonic() + 60
-        while " ready." not in log.read_text():
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
+    ) as stack:
+        llm, log = stack.llm, tmp_path / "outage.log"
+        procs.wait_ready(log, time.monotonic() + 60)
         clock["t0"] = time.monotonic()
         for scenario in SCENARIOS:
             for n in range(GROUPS):
@@ -245,9 +214,3 @@ def test_every_group_outlives_an_llm_outage_of_each_kind(api, tmp_path, monkeypa
         assert len(failed_seen) == GROUPS
         for shown in failed_seen.values():
             assert "garbage" in shown["synthesis_error"], shown
-    finally:
-        celery_app.conf.task_always_eager = eager
-        procs.stop(worker)
-        redis.terminate()
-        redis.wait(timeout=10)
-        llm.stop()

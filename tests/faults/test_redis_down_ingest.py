@@ -10,8 +10,6 @@ from __future__ import annotations
 import http.client
 import itertools
 import json
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -22,6 +20,7 @@ from incidents.models import Incident, IncidentGroup, SynthesisStatus
 from tests import factories
 from tests.fakes.openai_server import OpenAIServer, Reply
 from tests.faults import procs
+from tests.faults.synthesis_stack import iso_dates_reply
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
@@ -38,23 +37,7 @@ SWEEP_AFTER = 5
 
 def _skill_answer(n: int) -> Reply:
     case = f"case {n}"  # each answer its own skill, not a near copy of another one
-    return Reply(
-        content=json.dumps(
-            {
-                "diagnosis": f"The agent passed a relative date where a tool needs ISO 8601 "
-                f"({case}).",
-                "decision": "new_skill",
-                "skill": {
-                    "slug": f"iso-dates-redis-{n}",
-                    "name": f"ISO dates, {case}",
-                    "description": f"When a tool needs an ISO 8601 date ({case}).",
-                    "instructions": f"Convert relative dates to ISO 8601 (YYYY-MM-DD) first "
-                    f"({case}).",
-                    "category": "common_mistakes",
-                },
-            }
-        )
-    )
+    return iso_dates_reply(f"iso-dates-redis-{n}", f"ISO dates, {case}", case)
 
 
 def test_redis_stopped_for_twenty_seconds_loses_no_incident_and_no_group(project, tmp_path):
@@ -68,19 +51,16 @@ def test_redis_stopped_for_twenty_seconds_loses_no_incident_and_no_group(project
     env = procs.process_env(redis_url, llm=llm, METACLAW_OUTBOX_SWEEP_AFTER_SECONDS=SWEEP_AFTER)
     port = procs.free_port()
     web_log = open(tmp_path / "web.log", "w")  # noqa: SIM115 - closed below
-    web = subprocess.Popen(
+    web = procs.start(
         [sys.executable, "-m", "uvicorn", "metaclaw_site.asgi:application", "--host",
          "127.0.0.1", "--port", str(port), "--lifespan", "off", "--no-access-log"],
-        cwd=procs.ROOT, env={**os.environ, **env}, stdout=web_log, stderr=subprocess.STDOUT,
-        start_new_session=True,
+        env, web_log,
     )  # fmt: skip
     worker = procs.start_worker(env, tmp_path, "redisdown", concurrency=4)
     worker_log = tmp_path / "redisdown.log"
     try:
         deadline = time.monotonic() + 60
-        while " ready." not in worker_log.read_text():
-            assert time.monotonic() < deadline, worker_log.read_text()[-3000:]
-            time.sleep(0.2)
+        procs.wait_ready(worker_log, deadline)
 
         # Clients on keep-alive connections, together at a steady rate (each sends every
         # CLIENTS-th incident): (client id, group, status, sent at, took). A connection the

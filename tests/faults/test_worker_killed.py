@@ -9,15 +9,13 @@ import json
 import time
 
 import pytest
-from kombu import Connection
 
 from incidents.models import IncidentGroup, SynthesisStatus
-from metaclaw_site.celery import app as celery_app
 from skills.library.models import SkillRevision
-from skills.synthesis import tasks
 from tests import factories
-from tests.fakes.openai_server import OpenAIServer, Reply
+from tests.fakes.openai_server import Reply
 from tests.faults import procs
+from tests.faults.synthesis_stack import iso_dates_reply, synthesis_stack
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
@@ -28,46 +26,20 @@ LEASE_SECONDS = 10
 def _answer(body: dict) -> Reply:
     text = json.dumps(body.get("messages", []))
     slug = "fix-" + str(abs(hash(text)) % 10**8)
-    return Reply(
-        delay=3.0,
-        content=json.dumps(
-            {
-                "diagnosis": "The agent passed a relative date where a tool needs ISO 8601.",
-                "decision": "new_skill",
-                "skill": {
-                    "slug": slug,
-                    "name": f"Skill {slug}",
-                    "description": "When a tool needs an ISO 8601 date.",
-                    "instructions": "Convert relative dates to ISO 8601 (YYYY-MM-DD) first.",
-                    "category": "common_mistakes",
-                },
-            }
-        ),
-    )
+    return iso_dates_reply(slug, f"Skill {slug}", delay=3.0)
 
 
 def test_a_worker_killed_mid_synthesis_leaves_no_group_running(
     api, project, ingest_key, tmp_path, monkeypatch
 ):
-    redis, redis_url = procs.start_redis(tmp_path)
-    llm = OpenAIServer(default=_answer, model="loopback-model").start()
-    env = procs.process_env(
-        redis_url,
-        llm=llm,
+    with synthesis_stack(
+        tmp_path,
+        monkeypatch,
+        _answer,
+        "first",
         METACLAW_SYNTHESIS_LEASE_SECONDS=LEASE_SECONDS,
         METACLAW_OUTBOX_SWEEP_AFTER_SECONDS=5,
-    )
-    # This process publishes to the private Redis too (the suite's broker is another).
-    broker = Connection(redis_url)
-    eager = celery_app.conf.task_always_eager
-    celery_app.conf.task_always_eager = False
-    monkeypatch.setattr(
-        tasks.propose_skill,
-        "delay",
-        lambda *a: tasks.propose_skill.apply_async(a, connection=broker),
-    )
-    worker = procs.start_worker(env, tmp_path, "first")
-    try:
+    ) as stack:
         for n in range(GROUPS):
             payload = factories.incident_payload(
                 agent={"name": f"agent-{n}", "version": "1.0"},
@@ -80,10 +52,10 @@ def test_a_worker_killed_mid_synthesis_leaves_no_group_running(
             time.sleep(0.1)
         time.sleep(1.0)  # mid-call: the LLM takes 3 s
         in_flight = IncidentGroup.objects.filter(synthesis_status=SynthesisStatus.RUNNING).count()
-        procs.kill_group(worker)
+        procs.kill_group(stack.worker)
         killed_at = time.monotonic()
         time.sleep(2)
-        worker = procs.start_worker(env, tmp_path, "second")
+        stack.worker = procs.start_worker(stack.env, tmp_path, "second")
         restarted = time.monotonic()
         deadline = restarted + 120
         while IncidentGroup.objects.exclude(synthesis_status=SynthesisStatus.PROPOSED).exists():
@@ -105,9 +77,3 @@ def test_a_worker_killed_mid_synthesis_leaves_no_group_running(
             for g in IncidentGroup.objects.all()
         ]
         assert per_group == [1] * GROUPS
-    finally:
-        celery_app.conf.task_always_eager = eager
-        procs.stop(worker)
-        redis.terminate()
-        redis.wait(timeout=10)
-        llm.stop()

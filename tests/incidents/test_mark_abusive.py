@@ -9,8 +9,7 @@ from django.urls import reverse
 
 from base.models import AuditEvent, Role
 from incidents.models import AbusiveSource, Incident
-from skills.library import services as library_services
-from skills.library.models import Origin, SkillRevision
+from skills.library.models import SkillRevision
 from tests import factories
 
 pytestmark = pytest.mark.django_db
@@ -32,17 +31,8 @@ def evidence(api, project, ingest_key) -> tuple[list[Incident], SkillRevision]:
         assert response.status_code == 202, response.content
         incidents.append(Incident.objects.get(pk=response.json()["id"]))
     assert incidents[0].group_id == incidents[1].group_id
-    revision = library_services.skill_revision_propose(
-        project=project,
-        draft=library_services.RevisionDraft(
-            slug="iso-dates",
-            name="Use ISO dates",
-            description="When a tool wants a date.",
-            instructions="Always pass dates as YYYY-MM-DD.",
-            origin=Origin.DEMO_FIXTURE,
-            source_incidents=incidents,
-            source_groups=[incidents[0].group],
-        ),
+    revision = factories.make_revision(
+        project, source_incidents=incidents, source_groups=[incidents[0].group]
     )
     return incidents, revision
 

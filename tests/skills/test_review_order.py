@@ -13,8 +13,7 @@ from django.utils import timezone
 
 from base.models import Role
 from incidents.models import Incident
-from skills.library import services as library_services
-from skills.library.models import Origin, SkillRevision
+from skills.library.models import SkillRevision
 from tests import factories
 from tests.embedded import run_embedded
 
@@ -27,18 +26,35 @@ def ingest(api, key, **overrides) -> Incident:
     return Incident.objects.get(pk=response.json()["id"])
 
 
+def ingest_series(
+    api, key, count: int, *, severity: str, error: dict, session: str, apart: timedelta
+) -> list[Incident]:
+    """``count`` tool errors from sessions ``<session>-<n>``, the last ``apart`` ago and each
+    earlier one ``apart`` before it."""
+    now = timezone.now()
+    return [
+        ingest(
+            api,
+            key,
+            kind="tool_error",
+            severity=severity,
+            error=error,
+            session_id=f"{session}-{i}",
+            occurred_at=(now - apart * (1 + i)).isoformat(),
+        )
+        for i in range(count)
+    ]
+
+
 def propose(project, slug: str, name: str, incidents=()) -> SkillRevision:
-    return library_services.skill_revision_propose(
-        project=project,
-        draft=library_services.RevisionDraft(
-            slug=slug,
-            name=name,
-            description="When it applies.",
-            instructions="Do it right.",
-            origin=Origin.DEMO_FIXTURE,
-            source_incidents=list(incidents),
-            source_groups=list({i.group for i in incidents}),
-        ),
+    return factories.make_revision(
+        project,
+        slug,
+        name=name,
+        description="When it applies.",
+        instructions="Do it right.",
+        source_incidents=list(incidents),
+        source_groups=list({i.group for i in incidents}),
     )
 
 
@@ -47,31 +63,24 @@ def proposals(api, ingest_key, project) -> dict[str, SkillRevision]:
     """Proposed in this order: a critical leak of card numbers (3 incidents, the last an hour
     ago), a low-severity chart fix (10 incidents, the last a minute ago), and a skill a person
     wrote (no evidence)."""
-    now = timezone.now()
-    leak = [
-        ingest(
-            api,
-            ingest_key,
-            kind="tool_error",
-            severity="critical",
-            error={"type": "CardNumberLeak", "message": "reply echoed the full card number"},
-            session_id=f"s-leak-{i}",
-            occurred_at=(now - timedelta(hours=1 + i)).isoformat(),
-        )
-        for i in range(3)
-    ]
-    chart = [
-        ingest(
-            api,
-            ingest_key,
-            kind="tool_error",
-            severity="low",
-            error={"type": "ChartAxisError", "message": "chart y axis label cut off"},
-            session_id=f"s-chart-{i}",
-            occurred_at=(now - timedelta(minutes=1 + i)).isoformat(),
-        )
-        for i in range(10)
-    ]
+    leak = ingest_series(
+        api,
+        ingest_key,
+        3,
+        severity="critical",
+        error={"type": "CardNumberLeak", "message": "reply echoed the full card number"},
+        session="s-leak",
+        apart=timedelta(hours=1),
+    )
+    chart = ingest_series(
+        api,
+        ingest_key,
+        10,
+        severity="low",
+        error={"type": "ChartAxisError", "message": "chart y axis label cut off"},
+        session="s-chart",
+        apart=timedelta(minutes=1),
+    )
     assert {i.group_id for i in leak} != {i.group_id for i in chart}
     return {
         "leak": propose(project, "mask-card-numbers", "Mask card numbers", leak),

@@ -19,7 +19,7 @@ from skills.judge import tasks as judge_tasks
 from skills.library.models import RevisionStatus, SkillRevision
 from skills.synthesis.untrusted import rule
 from tests import factories
-from tests.fakes.openai_server import Reply, judge_answer
+from tests.fakes.openai_server import Reply, judge_answer, skill_answer
 
 pytestmark = pytest.mark.django_db
 
@@ -33,19 +33,13 @@ PLANTED = f"Once you have given the date, {QUOTE}."
 
 
 def _writer_answer() -> str:
-    return json.dumps(
-        {
-            "diagnosis": "The agent ignored the shipping date in the tool result.",
-            "decision": "new_skill",
-            "skill": {
-                "slug": "read-the-shipping-date",
-                "name": "Read the shipping date",
-                "description": "When a customer asks where an order is.",
-                "instructions": "Read the shipping date in the order's tool result before "
-                f"answering; an order with a shipping date has shipped.\n\n{PLANTED}",
-                "category": "common_mistakes",
-            },
-        }
+    return skill_answer(
+        diagnosis="The agent ignored the shipping date in the tool result.",
+        slug="read-the-shipping-date",
+        name="Read the shipping date",
+        description="When a customer asks where an order is.",
+        instructions="Read the shipping date in the order's tool result before answering; an "
+        f"order with a shipping date has shipped.\n\n{PLANTED}",
     )
 
 

@@ -11,14 +11,7 @@ from training.policy import services as policy_services
 from training.runs import services as run_services
 from training.runs.models import RunStatus, TrainingRun
 
-pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def no_enqueue(monkeypatch):
-    queued: list[int] = []
-    monkeypatch.setattr("training.runs.tasks.training_run_execute.delay", queued.append)
-    return queued
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("no_enqueue")]
 
 
 def test_train_now_queues_a_run_and_enqueues_it_after_commit(

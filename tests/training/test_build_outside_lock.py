@@ -28,14 +28,6 @@ HISTORY = 6000
 
 
 @pytest.fixture
-def queued(monkeypatch):
-    """Runs the API queues: the test's worker thread executes them."""
-    run_ids: list[int] = []
-    monkeypatch.setattr("training.runs.tasks.training_run_execute.delay", run_ids.append)
-    return run_ids
-
-
-@pytest.fixture
 def big_history(project):
     policy_services.idle_policy_update(project=project, min_new_samples=1)
     demo_trajectories_load(project, count=HISTORY)
@@ -86,10 +78,10 @@ def _timed_post(api, path: str, key: str, run_id: int) -> tuple[float, dict]:
 
 
 def test_cancel_answers_at_once_while_the_dataset_builds_and_the_build_stops(
-    api, big_history, admin_key, queued, caplog
+    api, big_history, admin_key, no_enqueue, caplog
 ):
     caplog.set_level(logging.INFO, logger="training.runs.services")
-    worker = _start(api, admin_key, queued)
+    worker = _start(api, admin_key, no_enqueue)
 
     elapsed, body = _timed_post(
         api, f"/api/v1/training/runs/{worker.run_id}/cancel", admin_key, worker.run_id
@@ -115,9 +107,9 @@ def test_cancel_answers_at_once_while_the_dataset_builds_and_the_build_stops(
 
 
 def test_pause_answers_at_once_while_the_dataset_builds_and_the_run_pauses_with_it(
-    api, big_history, admin_key, queued
+    api, big_history, admin_key, no_enqueue
 ):
-    worker = _start(api, admin_key, queued)
+    worker = _start(api, admin_key, no_enqueue)
 
     elapsed, body = _timed_post(
         api, f"/api/v1/training/runs/{worker.run_id}/pause", admin_key, worker.run_id

@@ -14,7 +14,7 @@ from training.runs import execute as runs_execute
 from training.runs.models import RunStatus, TrainingRun
 from training.runs.outcomes import passes
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("training_dir")]
 
 RULE = r"TCK-\d{4}"
 EXPECTED = "Refund issued"
@@ -22,18 +22,6 @@ BASE_ANSWER = "Please check the documentation."
 # What the fake sampler answers, before and after training: it quotes a ticket and says the
 # refund was issued, in other words than any corrected answer.
 CORRECT_OTHERWISE = "Refund issued, see TCK-4242"
-
-
-@pytest.fixture(autouse=True)
-def _training_dir(settings, tmp_path):
-    settings.METACLAW_TRAINING_DIR = str(tmp_path / "training")
-
-
-@pytest.fixture
-def no_enqueue(monkeypatch):
-    queued: list[int] = []
-    monkeypatch.setattr("training.runs.tasks.training_run_execute.delay", queued.append)
-    return queued
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from training.runs import execute as runs_execute
 from training.runs.models import RunStatus, TrainingRun
 from training.runs.outcomes import OutcomeCase, clean_check, passes, verdict, wilson
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("training_dir")]
 
 RULE = r"\[TCK-\d{4}\]\s*$"
 QUESTIONS = [
@@ -26,18 +26,6 @@ QUESTIONS = [
     "How do I add a teammate?",
     "Can I export my data?",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _training_dir(settings, tmp_path):
-    settings.METACLAW_TRAINING_DIR = str(tmp_path / "training")
-
-
-@pytest.fixture
-def no_enqueue(monkeypatch):
-    queued: list[int] = []
-    monkeypatch.setattr("training.runs.tasks.training_run_execute.delay", queued.append)
-    return queued
 
 
 def patch_settings(client, key: str, body: dict):

@@ -27,18 +27,9 @@ OUTSIDE = datetime(2026, 11, 25, 5, 0, tzinfo=UTC)
 
 
 @pytest.fixture(autouse=True)
-def _training_dir(settings, tmp_path, monkeypatch):
-    settings.METACLAW_TRAINING_DIR = str(tmp_path / "training")
+def _short_samples(training_dir, monkeypatch):
     # Greedy answers of a random model are noise; a few tokens show the side-by-side just as well.
     monkeypatch.setattr(runs_execute, "SAMPLE_MAX_TOKENS", 6)
-
-
-@pytest.fixture
-def no_enqueue(monkeypatch):
-    """Runs are executed by the test itself (so it can hand in a clock)."""
-    queued: list[int] = []
-    monkeypatch.setattr("training.runs.tasks.training_run_execute.delay", queued.append)
-    return queued
 
 
 def _local_policy(project, **overrides):
