@@ -19,6 +19,7 @@ import functools
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -52,14 +53,24 @@ STEPS = [
     ("skills.synthesis.similar", "link_related_groups", "link related"),
 ]
 
-_current: dict = {}
-_depth = [0]
+# Per thread: a worker with ``-P threads`` runs several tasks at once in one process.
+_state = threading.local()
+
+
+def _task_state() -> tuple[dict, list[int]]:
+    """This thread's record of its current task, and how deep in timed steps it is."""
+    if not hasattr(_state, "current"):
+        _state.current, _state.depth = {}, [0]
+    return _state.current, _state.depth
+
+
 _redis = []
 
 
 def _timed(function, step: str):
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
+        _current, _depth = _task_state()
         if _depth[0]:
             return function(*args, **kwargs)
         _depth[0] += 1
@@ -86,6 +97,7 @@ def _install(**kwargs) -> None:
 
 @task_prerun.connect
 def _started(task_id=None, task=None, args=None, **kwargs) -> None:
+    _current, _depth = _task_state()
     _current.clear()
     _current.update(task=task.name, args=list(args or ()), start=time.time(), stages={})
     _depth[0] = 0
@@ -93,6 +105,7 @@ def _started(task_id=None, task=None, args=None, **kwargs) -> None:
 
 @task_postrun.connect
 def _ended(task_id=None, task=None, **kwargs) -> None:
+    _current, _ = _task_state()
     if "start" not in _current:
         return
     _current["end"] = time.time()
@@ -107,7 +120,7 @@ def _ended(task_id=None, task=None, **kwargs) -> None:
 @app.task(name="bench.empty", ignore_result=True)
 def empty(sent: float) -> None:
     """Nothing: the baseline's round trip is the broker, the pick-up and the pool's hand-over."""
-    _current["sent"] = sent
+    _task_state()[0]["sent"] = sent
 
 
 def records(client) -> list[dict]:

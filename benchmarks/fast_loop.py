@@ -100,7 +100,7 @@ def _payload(group: int, n: int) -> dict:
     }
 
 
-def _answer_factory(calls=None):
+def _answer_factory(calls=None, latency: float = 0.0):
     counter = iter(range(1, 10**9))
     lock = threading.Lock()
 
@@ -127,28 +127,30 @@ def _answer_factory(calls=None):
                 }
             ),
             usage={"prompt_tokens": 800, "completion_tokens": 90, "total_tokens": 890},
+            delay=latency,
         )
 
     return answer
 
 
-def _serve_llm(port_out, calls, stop) -> None:
+def _serve_llm(port_out, calls, stop, latency) -> None:
     """The loopback LLM in its own process, so the load generator's threads never slow its
     answers down (they would share one GIL)."""
     from tests.fakes.openai_server import OpenAIServer
 
-    server = OpenAIServer(default=_answer_factory(calls), model="loopback-instant").start()
+    server = OpenAIServer(default=_answer_factory(calls, latency), model="loopback-instant").start()
     port_out.value = server.port
     stop.wait()
     server.stop()
 
 
-def start_llm(env: dict[str, str]):
-    """Start the loopback LLM in a process of its own and point ``env`` at it. Returns the
-    process, its shared count of chat calls and the event that stops it."""
+def start_llm(env: dict[str, str], latency: float = 0.0):
+    """Start the loopback LLM in a process of its own and point ``env`` at it; it answers after
+    ``latency`` seconds (0: at once). Returns the process, its shared count of chat calls and
+    the event that stops it."""
     context = multiprocessing.get_context("fork")
     port, calls, stop = context.Value("i", 0), context.Value("i", 0), context.Event()
-    process = context.Process(target=_serve_llm, args=(port, calls, stop), daemon=True)
+    process = context.Process(target=_serve_llm, args=(port, calls, stop, latency), daemon=True)
     process.start()
     while not port.value:
         time.sleep(0.05)
@@ -255,7 +257,16 @@ def main() -> int:
         default=4,
         help="the fast worker's processes (4: the README's production command)",
     )
-    parser.add_argument("--worker-pool", default="prefork", choices=["prefork", "solo"])
+    parser.add_argument("--worker-pool", default="prefork", choices=["prefork", "threads", "solo"])
+    parser.add_argument(
+        "--worker-nodes", type=int, default=1, help="fast worker processes started (each a node)"
+    )
+    parser.add_argument(
+        "--llm-latency",
+        type=float,
+        default=0.0,
+        help="seconds the loopback LLM takes to answer (0: at once; a hosted model takes 1-10 s)",
+    )
     parser.add_argument("--web-workers", type=int, default=2)
     parser.add_argument(
         "--web-server",
@@ -314,7 +325,7 @@ def main() -> int:
     warm_project = project_create(name=f"Warm-up {run}", slug=f"warm-{run}")
     warm_key = services.api_key_create(project=warm_project, name="warm", scopes=["ingest"]).secret
 
-    llm, llm_calls, llm_stop = start_llm(env)
+    llm, llm_calls, llm_stop = start_llm(env, args.llm_latency)
     web_port = free_port()
     if args.web_server == "uvicorn":
         web_command = [
@@ -329,22 +340,26 @@ def main() -> int:
         ]  # fmt: skip
     processes = [
         subprocess.Popen(web_command, cwd=ROOT, env=env),
-        # The production worker, with timers on the synthesis's steps and an empty task for
-        # the baseline (``_probe.py``).
-        subprocess.Popen(
-            [
-                sys.executable, "benchmarks/_probe.py", "-A", "metaclaw_site", "worker",
-                "-Q", "fast", "-P", args.worker_pool, "-c", str(args.worker_concurrency),
-                "--without-gossip", "--without-mingle", "--without-heartbeat",
-                "-l", os.environ.get("BENCH_WORKER_LOG", "WARNING"),
-            ],
-            cwd=ROOT, env=env,
+        # The production worker (or ``--worker-nodes`` of them), with timers on the
+        # synthesis's steps and an empty task for the baseline (``_probe.py``).
+        *(
+            subprocess.Popen(
+                [
+                    sys.executable, "benchmarks/_probe.py", "-A", "metaclaw_site", "worker",
+                    "-Q", "fast", "-P", args.worker_pool, "-c", str(args.worker_concurrency),
+                    "-n", f"fast{node}@%h",
+                    "--without-gossip", "--without-mingle", "--without-heartbeat",
+                    "-l", os.environ.get("BENCH_WORKER_LOG", "WARNING"),
+                ],
+                cwd=ROOT, env=env,
+            )
+            for node in range(args.worker_nodes)
         ),
     ]  # fmt: skip
     meter = CpuMeter(
         {
             "web": [processes[0].pid],
-            "worker": [processes[1].pid],
+            "worker": [process.pid for process in processes[1:]],
             "loopback LLM": [llm.pid],
             "load generator": [os.getpid()],
         },
@@ -495,15 +510,19 @@ def main() -> int:
         if len(wait_for_proposals(warm_groups, 120)) < len(warm_groups):
             print("Warm-up did not finish; is the worker running?", file=sys.stderr)
             return 2
-        empty_task_round_trips(args.worker_concurrency * 2)  # every child ran one
+        empty_task_round_trips(
+            args.worker_nodes * args.worker_concurrency * 2
+        )  # each child ran one
         time.sleep(1)
         records(broker)
 
         print(f"fast loop benchmark: {args.repeats} bursts of {args.incidents} incidents in "
               f"{args.groups} groups at {args.rate:.0f}/s ({args.clients} clients); "
               f"{args.web_server} x{args.web_workers}, "
-              f"celery {args.worker_pool} x{args.worker_concurrency}, Redis broker, "
-              "PostgreSQL, loopback LLM answering instantly")  # fmt: skip
+              f"celery {args.worker_nodes} x {args.worker_pool} x{args.worker_concurrency}, "
+              "Redis broker, "
+              "PostgreSQL, loopback LLM answering "
+              f"{f'after {args.llm_latency:g} s' if args.llm_latency else 'instantly'}")  # fmt: skip
         firsts_p50, firsts_p99, baselines, ok = [], [], [], True
         all_stages: dict[str, list[float]] = {}
         cpu_totals: dict[str, float] = {}

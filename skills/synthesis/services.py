@@ -395,6 +395,7 @@ def _decide(
         return SynthesisStatus.BUDGET
 
     messages = prompt_messages(group, evidence, known, regressed)
+    _connection_hand_back()
     usage = llm.Usage()
     model = ""
     proposal: Proposal | None = None
@@ -486,6 +487,17 @@ def _decide(
     # (the vector as stored, as every other process reads it).
     similar.revision_vector_cache_put(embedder.name, revision.pk, stored_vector)
     return SynthesisStatus.PROPOSED
+
+
+def _connection_hand_back() -> None:
+    """Before the LLM call, which takes seconds with a hosted model: give this thread's database
+    connection back to the pool. A fast worker that runs many syntheses at once (``-P threads
+    -c 32``, docs/deploy.md) then needs a connection for each query, not one for each synthesis
+    waiting on the LLM. Only with a pool (without one, closing would cost a new connection for
+    the next query) and outside a transaction (eager tasks in tests)."""
+    connection = transaction.get_connection()
+    if getattr(connection, "pool", None) is not None and not connection.in_atomic_block:
+        connection.close()
 
 
 # --- Costs ----------------------------------------------------------------------------------

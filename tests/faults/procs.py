@@ -89,15 +89,20 @@ def start(command: list[str], env: dict[str, str], log: IO) -> subprocess.Popen:
 
 
 def start_worker(
-    env: dict[str, str], folder: Path, name: str, concurrency: int = 4, beat: bool = True
+    env: dict[str, str],
+    folder: Path,
+    name: str,
+    concurrency: int = 4,
+    beat: bool = True,
+    pool: str = "prefork",
 ):
     """A fast-queue worker logging to ``folder/<name>.log``; with ``beat``, the beat inside it
-    (-B), as a small deployment runs it."""
+    (-B), as a small deployment runs it; ``pool``: Celery's (``threads`` for a hosted LLM)."""
     log = open(folder / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
     beat_args = ["-B", "-s", str(folder / f"{name}-beat-schedule")] if beat else []
     return start(
         [sys.executable, "-m", "celery", "-A", "metaclaw_site", "worker", *beat_args,
-         "-Q", "fast", "-P", "prefork", "-c", str(concurrency), "--without-gossip",
+         "-Q", "fast", "-P", pool, "-c", str(concurrency), "--without-gossip",
          "--without-mingle", "--without-heartbeat", "-n", f"{name}@%h", "-l", "INFO"],
         env, log,
     )  # fmt: skip

@@ -48,10 +48,14 @@ def synthesis_stack(
     monkeypatch: pytest.MonkeyPatch,
     reply: Callable[[dict], Reply],
     worker_name: str,
+    *,
+    pool: str = "prefork",
+    concurrency: int = 4,
     **settings: object,
 ) -> Iterator[Stack]:
     """A private Redis, the loopback LLM answering ``reply(body)`` and a fast worker with its
-    beat logging to ``folder/<worker_name>.log`` (``settings`` by their environment names); this
+    beat logging to ``folder/<worker_name>.log`` (Celery's ``pool`` with ``concurrency`` slots;
+    ``settings`` by their environment names); this
     process publishes ``propose_skill`` to that Redis for real (the suite's broker is another,
     and runs tasks eagerly). Every process is stopped on the way out."""
     redis, redis_url = procs.start_redis(folder)
@@ -65,7 +69,8 @@ def synthesis_stack(
         "delay",
         lambda *a: tasks.propose_skill.apply_async(a, connection=broker),
     )
-    stack = Stack(llm=llm, env=env, worker=procs.start_worker(env, folder, worker_name))
+    worker = procs.start_worker(env, folder, worker_name, concurrency=concurrency, pool=pool)
+    stack = Stack(llm=llm, env=env, worker=worker)
     try:
         yield stack
     finally:
