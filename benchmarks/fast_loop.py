@@ -255,7 +255,8 @@ def main() -> int:
         "--worker-concurrency",
         type=int,
         default=4,
-        help="the fast worker's processes (4: the README's production command)",
+        help="each fast worker's processes, or threads with --worker-pool threads (4: the "
+        "README's production command)",
     )
     parser.add_argument("--worker-pool", default="prefork", choices=["prefork", "threads", "solo"])
     parser.add_argument(

@@ -152,6 +152,9 @@ class RevisionDraft:
     source_incidents: list[Incident] | None = None
     diagnosis: str = ""
     redactions: list | None = None
+    # How many sessions, end users, agents and keys its incidents came from
+    # (``incidents.provenance``), when the fast loop counted them.
+    provenance: dict | None = None
     # The LLM's part, when it wrote the draft.
     llm_model: str = ""
     prompt_version: str = ""
@@ -204,6 +207,7 @@ def skill_revision_propose(
         created_by=created_by if getattr(created_by, "is_authenticated", False) else None,
         diagnosis=draft.diagnosis,
         redactions=draft.redactions or [],
+        provenance=draft.provenance or {},
         llm_model=draft.llm_model,
         prompt_version=draft.prompt_version,
         tokens_in=draft.tokens_in,

@@ -22,7 +22,10 @@ logger = logging.getLogger(__name__)
 
 
 def propose_evidence_draft(
-    group: IncidentGroup, evidence: Evidence, regressed: SkillRevision | None
+    group: IncidentGroup,
+    evidence: Evidence,
+    regressed: SkillRevision | None,
+    provenance: dict[str, Any],
 ) -> str:
     """NEEDS_SKILL with a draft built from the evidence, for a person to complete. No LLM."""
     existing = SkillRevision.objects.filter(
@@ -89,6 +92,7 @@ def propose_evidence_draft(
                 source_incidents=evidence.incidents,
                 diagnosis="No LLM is configured: a person should diagnose this group.",
                 redactions=_merge_reports(evidence.redactions, redactor.report()),
+                provenance=provenance,
                 prompt_version="",
             ),
             actor_label="fast-loop",

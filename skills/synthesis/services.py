@@ -363,12 +363,7 @@ def _synthesize_claimed(group: IncidentGroup, provenance: dict[str, Any]) -> str
     group_vector = similar.group_vectors([(group.pk, group_text(group))])[0]
     standing = similar.latest_revisions(project)
     known = similar.similar_skills(project, standing, group_vector, regressed)
-    status = _decide(group, evidence, standing, known, regressed)
-    # Stamped on what this synthesis proposed (the LLM's revision or the evidence draft), in
-    # the transaction's wake: the notifications fall back to counting live until then.
-    SkillRevision.objects.filter(
-        source_groups=group, provenance={}, created_at__gte=group.synthesis_claimed_at
-    ).update(provenance=provenance)
+    status = _decide(group, evidence, standing, known, regressed, provenance)
     # Linking does not feed the prompt: it runs after the outcome is stored, so the reviewer's
     # wait does not include it, and a failure here costs only the links.
     try:
@@ -384,12 +379,13 @@ def _decide(
     standing: list[similar.Standing],
     known: list[similar.KnownSkill],
     regressed: SkillRevision | None,
+    provenance: dict[str, Any],
 ) -> str:
     project = group.project
     embedder = get_embedder()
 
     if not llm.is_configured():
-        return propose_evidence_draft(group, evidence, regressed)
+        return propose_evidence_draft(group, evidence, regressed, provenance)
     if _budget_exceeded(project):
         finish(group, SynthesisStatus.BUDGET, "The project's daily LLM token budget is spent.")
         return SynthesisStatus.BUDGET
@@ -472,6 +468,7 @@ def _decide(
                 source_incidents=evidence.incidents,
                 diagnosis=diagnosis,
                 redactions=evidence.redactions,
+                provenance=provenance,
                 llm_model=model,
                 prompt_version=PROMPT_VERSION,
                 tokens_in=usage.tokens_in,

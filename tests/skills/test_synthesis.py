@@ -304,6 +304,8 @@ def test_without_an_llm_the_group_needs_a_skill_with_a_draft_from_its_evidence(
     assert "bob@example.org" not in draft.instructions
     assert "[REDACTED:email]" in draft.instructions
     assert list(draft.source_groups.all()) == [group]
+    # Where its evidence came from, stored with the draft as with an LLM's proposal.
+    assert draft.provenance["incidents"] == 1 and draft.provenance["single_source"] is True
     assert not LlmUsage.objects.exists()
 
 
