@@ -17,9 +17,6 @@ group back in WAITING, due after a backoff that honours Retry-After, and raise
 ``METACLAW["SYNTHESIS_GIVE_UP_SECONDS"]``, or on a permanent error, the group is FAILED with the
 reason (and a person can retry it). A worker renews its claim's lease while it synthesises; a
 group whose lease ran out lost its worker and goes back to the queue (the sweep).
-
-A little past 500 lines on purpose: the claim, its lease, the decision and the retry all act on
-one claimed group and must release it on every path; split, those paths would be in two places.
 """
 
 from __future__ import annotations

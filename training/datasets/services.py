@@ -150,16 +150,20 @@ class _Candidate:
         return f"session:{self.session}"
 
 
-# Both tables' columns that make a sample, read after each table's own (``dataset_build``).
-_SAMPLE_COLUMNS = ("id", "session_id", "policy_version", "messages", "reward")
-# Where and when a sample came from, read last: ``_Candidate`` field -> column.
-_ORIGIN_FIELDS = {
-    "received_at": "received_at",
-    "occurred_at": "occurred_at",
-    "end_user": "end_user",
-    "api_key_id": "api_key_id",
-    "agent": "agent_name",
-}
+# The columns of either table (trajectories, incidents) that every sample reads.
+_SAMPLE_COLUMNS = ("id", "session_id", "policy_version", "messages", "reward", "received_at",
+                   "occurred_at", "end_user", "api_key_id", "agent_name")  # fmt: skip
+
+
+def _origin(row: dict[str, Any]) -> dict[str, Any]:
+    """Where and when a sample came from, in ``_Candidate``'s names."""
+    return {
+        "received_at": row["received_at"],
+        "occurred_at": row["occurred_at"],
+        "end_user": row["end_user"],
+        "api_key_id": row["api_key_id"],
+        "agent": row["agent_name"],
+    }
 
 
 # An incident is a failure: without a reward of its own it counts as this for the RL objective.
@@ -247,18 +251,17 @@ def dataset_build(
     incidents_considered = 0
     candidates: list[_Candidate] = []
 
-    def rows_of(model: Any, *own: str) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
+    def rows_of(model: Any, *own: str) -> Iterator[dict[str, Any]]:
         """The project's rows received by the cutoff, oldest first (trajectories and incidents
-        share one timeline): each as its ``own`` columns then ``_SAMPLE_COLUMNS``, and its
-        ``_ORIGIN_FIELDS``. Asks ``check`` before each row."""
+        share one timeline), each by column: its ``own`` and ``_SAMPLE_COLUMNS``. Asks ``check``
+        before each row."""
+        columns = (*own, *_SAMPLE_COLUMNS)
         rows = model.objects.filter(project=project, received_at__lte=now).order_by(
             "occurred_at", "received_at", "id"
         )
-        columns = (*own, *_SAMPLE_COLUMNS, *_ORIGIN_FIELDS.values())
-        origin_at = -len(_ORIGIN_FIELDS)
-        for row in rows.values_list(*columns).iterator(chunk_size=chunk_size):
+        for values in rows.values_list(*columns).iterator(chunk_size=chunk_size):
             check()
-            yield row[:origin_at], dict(zip(_ORIGIN_FIELDS, row[origin_at:], strict=True))
+            yield dict(zip(columns, values, strict=True))
 
     def admitted(version: int | None, kind: str) -> dict[str, Any] | None:
         """The candidate's generation fields when the rule of ``kind`` admits data gathered
@@ -301,39 +304,41 @@ def dataset_build(
         tally.drop("abusive_source")
         return True
 
-    for row, origin in rows_of(Trajectory, "response", "outcome", "corrected_answer"):
-        response, outcome, corrected, tid, session, version, messages, reward = row
+    for row in rows_of(Trajectory, "response", "outcome", "corrected_answer"):
+        tid, session, reward, corrected = (
+            row["id"], row["session_id"], row["reward"], row["corrected_answer"]
+        )  # fmt: skip
         considered += 1
-        if abusive(session, origin["end_user"]):
+        if abusive(session, row["end_user"]):
             continue
         if corrected:
             kind = "corrected"
-        elif (reward is not None and reward > 0) or outcome == "success":
+        elif (reward is not None and reward > 0) or row["outcome"] == "success":
             kind = "sft"
         elif objective == Objective.RL and reward is not None:
             kind = "rl"
         else:
             tally.drop("no_positive_signal")
             continue
-        if (fields := admitted(version, kind)) is None:
+        if (fields := admitted(row["policy_version"], kind)) is None:
             continue
         keep(
-            messages,
-            response,
+            row["messages"],
+            row["response"],
             corrected,
             trajectory_id=str(tid),
             session=session or f"trajectory:{tid}",
             reward=(1.0 if kind == "corrected" and reward is None else reward),
             **fields,
-            **origin,
+            **_origin(row),
         )
 
-    for row, origin in rows_of(Incident, "group_id", "status", "metadata"):
-        group_id, status, metadata, iid, session, version, messages, reward = row
+    for row in rows_of(Incident, "group_id", "status", "metadata"):
+        session, reward, metadata = row["session_id"], row["reward"], row["metadata"]
         incidents_considered += 1
-        if abusive(session, origin["end_user"]):
+        if abusive(session, row["end_user"]):
             continue
-        if status == IncidentStatus.IGNORED:
+        if row["status"] == IncidentStatus.IGNORED:
             tally.drop("ignored_incident")
             continue
         corrected = (metadata or {}).get("corrected_answer") if isinstance(metadata, dict) else ""
@@ -346,18 +351,18 @@ def dataset_build(
         else:
             tally.drop("incident_not_corrected")
             continue
-        if (fields := admitted(version, kind)) is None:
+        if (fields := admitted(row["policy_version"], kind)) is None:
             continue
         keep(
-            messages,
+            row["messages"],
             None,
             corrected,
             trajectory_id=None,
-            incident_id=str(iid),
-            session=session or f"incident-group:{group_id}",
+            incident_id=str(row["id"]),
+            session=session or f"incident-group:{row['group_id']}",
             reward=sample_reward,
             **fields,
-            **origin,
+            **_origin(row),
         )
     # One timeline, so the token budget below keeps the newest of both.
     candidates.sort(key=lambda c: (c.occurred_at or c.received_at, c.received_at))
