@@ -94,7 +94,7 @@ class ProjectSettingsForm(forms.Form):
     llm_daily_token_budget = forms.IntegerField(
         label="Daily LLM token budget",
         min_value=0,
-        help_text="Tokens in + out per day for skill synthesis; 0 = unlimited.",
+        help_text="Tokens in + out per day for skill synthesis and the LLM judge; 0 = unlimited.",
     )
     min_sources_for_synthesis = forms.IntegerField(
         label="Distinct sources before a skill is proposed",

@@ -35,7 +35,8 @@ class Project(models.Model):
     approval_links_require_login = models.BooleanField(default=False)
     # Fast loop
     llm_daily_token_budget = models.PositiveIntegerField(
-        default=0, help_text="Tokens in + out per day for skill synthesis; 0 = unlimited."
+        default=0,
+        help_text="Tokens in + out per day for skill synthesis and the LLM judge; 0 = unlimited.",
     )
     min_sources_for_synthesis = models.PositiveSmallIntegerField(
         default=1,

@@ -1,4 +1,5 @@
-"""The LLM judge's prompt, its one call per revision, and the stored verdict.
+"""The LLM judge's prompt, its one call per revision (counted against the project's daily LLM
+budget, as the fast loop's calls are), and the stored verdict.
 
 States (``skills.library.judge``): a new revision is SKIPPED when no LLM is configured, else
 PENDING; a worker claims it (RUNNING, a lease), asks once, and stores PASSED, FAILED or
@@ -25,6 +26,7 @@ from skills import signals
 from skills.library import judge
 from skills.library.models import SkillRevision
 from skills.synthesis import llm, untrusted
+from skills.synthesis.budget import budget_exceeded, usage_record
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,11 @@ MAX_ANSWER_TOKENS = 800
 # sends it. Longer than the task's longest retry countdown, so the sweep never shortens one.
 LEASE_SECONDS = 300
 SWEEP_AFTER_SECONDS = 600
+# What the review page and the API say of a reading that waits for the project's budget.
+BUDGET_SPENT = (
+    "The project's daily LLM token budget is spent: the judge reads this revision when the "
+    "budget allows again (tomorrow, or once the budget is raised)."
+)
 
 
 def revisions_judge_request(*, revision_ids: list[int]) -> int:
@@ -55,10 +62,15 @@ def revisions_judge_request(*, revision_ids: list[int]) -> int:
     if not llm.is_configured():
         fresh.update(judge_status=judge.SKIPPED, judge_at=now)
         return 0
-    ids = list(fresh.values_list("pk", flat=True))
-    SkillRevision.objects.filter(pk__in=ids, judge_status=judge.NOT_JUDGED).update(
-        judge_status=judge.PENDING, judge_at=now
-    )
+    if len(revision_ids) == 1:
+        # A new proposal, the fast loop's case: one statement, whose count says whether it
+        # was never judged.
+        ids = list(revision_ids) if fresh.update(judge_status=judge.PENDING, judge_at=now) else []
+    else:
+        ids = list(fresh.values_list("pk", flat=True))
+        SkillRevision.objects.filter(pk__in=ids, judge_status=judge.NOT_JUDGED).update(
+            judge_status=judge.PENDING, judge_at=now
+        )
     for pk in ids:
         if not enqueue(TASK, pk):
             break
@@ -179,15 +191,23 @@ def _claim(revision_id: int) -> bool:
 
 def revision_judge(*, revision_id: int) -> str | None:
     """Judge one revision: claim it (PENDING, or RUNNING past the lease → RUNNING; exactly one
-    worker wins), ask the LLM once, store the verdict. Idempotent: a revision already judged
+    worker wins), ask the LLM once, store the verdict. The call's tokens count against the
+    project's daily LLM budget; once that is spent the revision waits (PENDING, saying so)
+    for the sweep to send it again. Idempotent: a revision already judged
     or held by another worker is left alone (None). Returns the stored status.
     ``llm.LlmTransientError`` propagates after the revision is handed back (PENDING), for the
     task to retry. Runs outside a transaction: the call is not made holding a lock."""
     if not _claim(revision_id):
         return None
-    revision = SkillRevision.objects.select_related("parent").get(pk=revision_id)
+    revision = SkillRevision.objects.select_related("parent", "skill__project").get(pk=revision_id)
+    project = revision.skill.project
     if not llm.is_configured():
         return _store(revision_id, judge.SKIPPED, {})
+    if budget_exceeded(project):
+        # Not a verdict: the reading waits (PENDING, with why) and the sweep sends it again,
+        # which reads it once the budget allows (a new day, or a raised budget).
+        _hand_back(revision_id, {"error": BUDGET_SPENT})
+        return judge.PENDING
     marker = untrusted.UntrustedMarker()
     try:
         completion = llm.complete_json(
@@ -198,14 +218,16 @@ def revision_judge(*, revision_id: int) -> str | None:
             max_tokens=MAX_ANSWER_TOKENS,
         )
     except llm.LlmTransientError:
-        SkillRevision.objects.filter(pk=revision_id, judge_status=judge.RUNNING).update(
-            judge_status=judge.PENDING, judge_at=timezone.now()
-        )
+        _hand_back(revision_id)
         raise
     except llm.LlmNotConfigured:
         return _store(revision_id, judge.SKIPPED, {})
+    except llm.LlmInvalidOutput as exc:
+        usage_record(project, exc.usage)
+        return _store(revision_id, judge.UNAVAILABLE, {"error": str(exc)[:500]})
     except llm.LlmError as exc:
         return _store(revision_id, judge.UNAVAILABLE, {"error": str(exc)[:500]})
+    usage_record(project, completion.usage)
     usage = {
         "model": completion.model,
         "tokens_in": completion.usage.tokens_in,
@@ -223,6 +245,14 @@ def revision_judge(*, revision_id: int) -> str | None:
               "instructions": revision.instructions}  # fmt: skip
     findings = judge.verdict_findings(verdict, fields)
     return _store(revision_id, verdict.status, {**verdict.as_dict(), **usage}, findings)
+
+
+def _hand_back(revision_id: int, verdict: dict[str, Any] | None = None) -> None:
+    """RUNNING → PENDING (only while this worker's claim stands), for a later try."""
+    fields: dict[str, Any] = {"judge_status": judge.PENDING, "judge_at": timezone.now()}
+    if verdict is not None:
+        fields["judge_verdict"] = verdict
+    SkillRevision.objects.filter(pk=revision_id, judge_status=judge.RUNNING).update(**fields)
 
 
 def revision_judge_fail(*, revision_id: int, error: str) -> str | None:

@@ -1,4 +1,4 @@
-"""What the fast loop spent on its LLM, per project and day (the daily budget reads it)."""
+"""What a project's LLM calls spent, per day (the daily budget reads it)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from base.models import Project
 
 
 class LlmUsage(models.Model):
-    """Tokens spent on synthesis per project per day (the daily budget reads this)."""
+    """Tokens spent per project per day by syntheses and the judge (the daily budget reads this)."""
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="llm_usage")
     day = models.DateField()

@@ -1,6 +1,6 @@
-"""The fast loop's service: turn an incident group into a proposed skill revision. A little
-past 500 lines on purpose: the claim, the LLM exchange and the outcome share one lease and one
-retry policy, read best in order.
+"""The fast loop's service: turn an incident group into a proposed skill revision. The
+claim, the LLM exchange and the outcome share one lease and one retry policy, read best in
+order, in one module.
 
 ``group_synthesize`` claims the group (one synthesis in flight per group), gathers its evidence
 (the most informative incidents, redacted, trimmed to a token budget) and the most similar
@@ -33,13 +33,12 @@ from typing import Any
 from django.conf import settings
 from django.db import (
     DatabaseError,
-    IntegrityError,
     InterfaceError,
     OperationalError,
     connections,
     transaction,
 )
-from django.db.models import F, Q, Sum
+from django.db.models import Q
 from django.utils import timezone
 
 from base import permissions
@@ -52,6 +51,7 @@ from skills.library.embeddings import get_embedder, skill_text
 from skills.library.models import Author, Origin, SkillRevision
 from skills.library.services import RevisionDraft, skill_revision_propose
 from skills.synthesis import llm, similar
+from skills.synthesis.budget import budget_exceeded, usage_record
 from skills.synthesis.draft import propose_evidence_draft
 from skills.synthesis.evidence import (
     Evidence,
@@ -60,7 +60,6 @@ from skills.synthesis.evidence import (
     group_provenance,
     group_text,
 )
-from skills.synthesis.models import LlmUsage
 from skills.synthesis.outcome import SynthesisClaimLost, audit_outcome, finish
 from skills.synthesis.prompt import (
     ANSWER_SCHEMA,
@@ -304,7 +303,7 @@ def groups_budget_release() -> int:
     )
     released = 0
     for project in Project.objects.filter(pk__in=project_ids):
-        if _budget_exceeded(project):
+        if budget_exceeded(project):
             continue
         for group_id in IncidentGroup.objects.filter(
             project=project, synthesis_status=SynthesisStatus.BUDGET
@@ -383,7 +382,7 @@ def _decide(
 
     if not llm.is_configured():
         return propose_evidence_draft(group, evidence, regressed, provenance)
-    if _budget_exceeded(project):
+    if budget_exceeded(project):
         finish(group, SynthesisStatus.BUDGET, "The project's daily LLM token budget is spent.")
         return SynthesisStatus.BUDGET
 
@@ -398,13 +397,13 @@ def _decide(
             completion = llm.complete_json(messages, ANSWER_SCHEMA, schema_name="skill_synthesis")
         except llm.LlmInvalidOutput as exc:
             usage += exc.usage
-            _usage_record(project, exc.usage)
+            usage_record(project, exc.usage)
             error = str(exc)
             content = exc.content
         else:
             usage += completion.usage
             model = completion.model
-            _usage_record(project, completion.usage)
+            usage_record(project, completion.usage)
             content = completion.content
             try:
                 proposal = validate(completion.parsed, project, known)
@@ -492,42 +491,3 @@ def _connection_hand_back() -> None:
     connection = transaction.get_connection()
     if getattr(connection, "pool", None) is not None and not connection.in_atomic_block:
         connection.close()
-
-
-# --- Costs ----------------------------------------------------------------------------------
-
-
-def _budget_exceeded(project: Project) -> bool:
-    budget = project.llm_daily_token_budget
-    if not budget:
-        return False
-    used = LlmUsage.objects.filter(project=project, day=timezone.localdate()).aggregate(
-        total=Sum(F("tokens_in") + F("tokens_out"))
-    )["total"]
-    return (used or 0) >= budget
-
-
-def _usage_record(project: Project, usage: llm.Usage) -> None:
-    """Add one call's tokens to the project's day, committed at once when no transaction is
-    open (spent tokens count even if the synthesis fails later). Concurrent workers add up
-    correctly: the update adds in the database, and the first call of a day that loses the race
-    to create the row updates the winner's."""
-    day = timezone.localdate()
-    added = {
-        "calls": F("calls") + 1,
-        "tokens_in": F("tokens_in") + usage.tokens_in,
-        "tokens_out": F("tokens_out") + usage.tokens_out,
-    }
-    if LlmUsage.objects.filter(project=project, day=day).update(**added):
-        return
-    try:
-        with transaction.atomic():
-            LlmUsage.objects.create(
-                project=project,
-                day=day,
-                calls=1,
-                tokens_in=usage.tokens_in,
-                tokens_out=usage.tokens_out,
-            )
-    except IntegrityError:
-        LlmUsage.objects.filter(project=project, day=day).update(**added)

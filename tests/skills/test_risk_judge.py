@@ -17,6 +17,7 @@ from django.utils import timezone
 from base.models import AuditEvent, Project
 from skills.judge import tasks as judge_tasks
 from skills.library.models import RevisionStatus, SkillRevision
+from skills.synthesis.models import LlmUsage
 from skills.synthesis.untrusted import rule
 from tests import factories
 from tests.fakes.openai_server import Reply, judge_answer, skill_answer
@@ -260,6 +261,61 @@ def test_the_sweep_sends_a_judge_no_queue_holds(
 
     revision.refresh_from_db()
     assert revision.judge_status == "failed" and revision.risk_flagged
+
+
+def test_the_judge_counts_its_tokens_against_the_projects_daily_budget(
+    api, ingest_key, project, llm_server, django_capture_on_commit_callbacks
+):
+    llm_server.judge_enqueue(
+        Reply(content=judge_answer(), usage={"prompt_tokens": 500, "completion_tokens": 40})
+    )
+
+    _propose(api, ingest_key, llm_server, django_capture_on_commit_callbacks)
+
+    assert len(llm_server.chat_requests()) == 1 and len(llm_server.judge_requests()) == 1
+    usage = LlmUsage.objects.get(project=project, day=timezone.localdate())
+    # The writer's call as the loopback server counts it (10 in, a token a word out), and the
+    # judge's.
+    assert usage.calls == 2
+    assert (usage.tokens_in, usage.tokens_out) == (10 + 500, len(_writer_answer().split()) + 40)
+
+
+def test_a_spent_budget_holds_the_judge_until_the_sweep_finds_budget_again(
+    api, client, admin_key, ingest_key, project, llm_server, django_capture_on_commit_callbacks
+):
+    # One token a day: the writer's call is allowed (nothing spent yet) and spends it all.
+    Project.objects.filter(pk=project.pk).update(llm_daily_token_budget=1)
+
+    revision = _propose(api, ingest_key, llm_server, django_capture_on_commit_callbacks)
+
+    assert llm_server.judge_requests() == []
+    body = api.get(f"/api/v1/skills/revisions/{revision.pk}", key=admin_key).json()
+    assert body["judge_status"] == "pending"
+    assert "daily LLM token budget is spent" in body["judge"]["error"]
+    client.force_login(factories.make_member(project, "reviewer", "rita"))
+    html = client.get(f"/p/{project.slug}/review/{revision.pk}/").content.decode()
+    assert 'data-judge-status="pending"' in html and "daily LLM token budget is spent" in html
+    assert LlmUsage.objects.get().calls == 1  # the writer's only
+
+    # The sweep sends it again while the budget is spent: still no call.
+    SkillRevision.objects.filter(pk=revision.pk).update(
+        judge_at=timezone.now() - timedelta(hours=1)
+    )
+    assert judge_tasks.sweep_pending_judges.delay().get() == 1
+    assert llm_server.judge_requests() == []
+
+    # The next day: yesterday's usage no longer counts, and the sweep's next pass judges it.
+    LlmUsage.objects.update(day=timezone.localdate() - timedelta(days=1))
+    SkillRevision.objects.filter(pk=revision.pk).update(
+        judge_at=timezone.now() - timedelta(hours=1)
+    )
+    llm_server.judge_enqueue(Reply(content=judge_answer()))
+    assert judge_tasks.sweep_pending_judges.delay().get() == 1
+
+    revision.refresh_from_db()
+    assert revision.judge_status == "passed" and "error" not in revision.judge_verdict
+    assert len(llm_server.judge_requests()) == 1
+    assert LlmUsage.objects.get(day=timezone.localdate()).calls == 1
 
 
 def test_without_an_llm_the_judge_is_skipped_and_the_page_says_so(

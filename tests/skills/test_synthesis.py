@@ -19,7 +19,7 @@ from skills.synthesis import services as synthesis
 from skills.synthesis.models import LlmUsage
 from skills.versions.models import PolicyVersion, VersionStatus
 from tests import factories
-from tests.fakes.openai_server import Reply
+from tests.fakes.openai_server import Reply, judge_answer
 
 # Every test, with the loopback LLM (``llm_server``) or without, retries without waiting.
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fast_llm_retries")]
@@ -95,8 +95,15 @@ def test_an_incident_becomes_a_proposed_skill_written_by_the_llm(
     assert list(revision.source_groups.all()) == [group]
     assert revision.source_incidents.count() == 1
     assert revision.embedding and len(revision.embedding) > 0
+    # The project's day counts the writer's call and the judge's (the loopback judge reports
+    # 10 tokens in and a token a word out).
+    judged = judge_answer()
     usage = LlmUsage.objects.get(project=project, day=timezone.localdate())
-    assert (usage.calls, usage.tokens_in, usage.tokens_out) == (1, 700, 120)
+    assert (usage.calls, usage.tokens_in, usage.tokens_out) == (
+        1 + 1,
+        700 + 10,
+        120 + len(judged.split()),
+    )
     # The request asked for structured output and carried the evidence.
     (request,) = llm_server.chat_requests()
     assert request.body["response_format"]["type"] == "json_schema"
@@ -141,7 +148,8 @@ def test_malformed_json_is_retried_once_with_the_error_then_proposed(
     assert "invalid" in second.body["messages"][-1]["content"]
     revision = SkillRevision.objects.get()
     assert (revision.tokens_in, revision.tokens_out) == (1400, 240)
-    assert LlmUsage.objects.get(project=project).calls == 2
+    # The writer's two calls and the judge's.
+    assert LlmUsage.objects.get(project=project).calls == 2 + 1
 
 
 def test_an_answer_invalid_twice_fails_the_group_with_the_reason(

@@ -13,8 +13,7 @@ from incidents.ingest import incidents_ingest
 from incidents.models import Incident, IncidentGroup
 from incidents.schemas import IncidentIn
 from skills.library.models import Skill, SkillRevision
-from skills.synthesis import llm
-from skills.synthesis import services as synthesis
+from skills.synthesis import budget, llm
 from skills.synthesis.models import LlmUsage
 from tests import factories
 from tests.skills.test_services_versions import _race
@@ -29,14 +28,14 @@ def test_tokens_of_a_worker_that_loses_the_race_to_start_the_day_still_count():
         # Its row for the day exists, uncommitted, until ``release``: the second worker finds
         # nothing to add to, and its own insert waits for this one's, then fails.
         with transaction.atomic():
-            synthesis._usage_record(project, llm.Usage(tokens_in=700, tokens_out=120))
+            budget.usage_record(project, llm.Usage(tokens_in=700, tokens_out=120))
             inserted.set()
             release.wait(timeout=10)
 
     def second_worker() -> None:
         inserted.wait(timeout=10)
         threading.Timer(0.3, release.set).start()
-        synthesis._usage_record(project, llm.Usage(tokens_in=300, tokens_out=80))
+        budget.usage_record(project, llm.Usage(tokens_in=300, tokens_out=80))
 
     results = _race([first_worker, second_worker])
 
