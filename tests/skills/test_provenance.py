@@ -136,3 +136,44 @@ def test_the_minimum_is_a_project_setting_on_its_page(client, project):
     assert "Distinct sources before a skill is proposed</a>:" in response.content.decode()
     project.refresh_from_db()
     assert project.min_sources_for_synthesis == 1
+
+
+def test_a_source_is_the_end_user_else_the_session_else_the_key(
+    api, project, django_capture_on_commit_callbacks
+):
+    project.min_sources_for_synthesis = 1000  # nothing is synthesised: only the counts matter
+    project.save(update_fields=["min_sources_for_synthesis"])
+    key_a, key_b = factories.make_key(project, ["ingest"]), factories.make_key(project, ["ingest"])
+    capture = django_capture_on_commit_callbacks
+    for key, fields in [
+        (key_a, {"user": "u1", "session_id": "s1"}),  # user:u1
+        (key_b, {"user": "u1", "session_id": "s2"}),  # user:u1 again
+        (key_a, {"session_id": "s1"}),  # session:s1
+        (key_a, {}),  # key:a
+        (key_b, {}),  # key:b
+    ]:
+        group = report(api, key, capture, **fields)
+
+    expected = {
+        "incidents": 5,
+        "sessions": 2,
+        "end_users": 1,
+        "agents": 1,
+        "api_keys": 2,
+        "sources": 4,
+        "single_source": False,
+    }
+    assert api.get(f"/api/v1/groups/{group.pk}/provenance", key=key_a).json() == expected
+    # Given a query of group ids (a revision's source groups) instead of a list: the same.
+    from incidents.provenance import groups_provenance
+
+    assert groups_provenance(IncidentGroup.objects.filter(pk=group.pk).values("pk")) == expected
+    assert groups_provenance([]) == {
+        "incidents": 0,
+        "sessions": 0,
+        "end_users": 0,
+        "agents": 0,
+        "api_keys": 0,
+        "sources": 0,
+        "single_source": True,
+    }
