@@ -233,7 +233,8 @@ def group_synthesis_claim(*, group_id: int) -> IncidentGroup | None:
     was requested (it may have waited long before its claim).
 
     One statement, the claim and the read together (``RETURNING``), written out: it starts
-    every synthesis, and the ORM's update and select cost more CPU than PostgreSQL's run.
+    every synthesis, and the ORM's update and select cost more CPU than PostgreSQL's run
+    (``benchmarks/synthesis_cost.py`` keeps the ORM's form and compares them).
 
     A WAITING group whose ``synthesis_requested_at`` lies ahead (a retry's backoff) is not
     claimable before that time."""
@@ -284,7 +285,8 @@ def group_synthesis_finish(
         raise DomainError(f"Unknown synthesis status '{status}'.")
     with transaction.atomic(savepoint=False):  # nested in the fast loop's transaction
         # One conditional UPDATE is the check and the change: it takes the row lock, and a
-        # group that left ``from_status`` meanwhile matches nothing. Written out, as the claim.
+        # group that left ``from_status`` meanwhile matches nothing. Written out, as the claim
+        # (``benchmarks/synthesis_cost.py`` compares it with the ORM's form).
         with connection.cursor() as cursor:
             due = ""
             params: list[Any] = [status, error]

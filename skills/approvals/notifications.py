@@ -212,7 +212,8 @@ def approval_notify(
 def _anyone_to_notify(obj: SkillRevision | PolicyVersion) -> bool:
     """Whether the project has a channel, or a member who may decide ``obj`` and has an
     address, as stored now. One written-out query: the fast loop asks this for every proposal,
-    and the ORM's two queries cost it more CPU than the rest of the notifying."""
+    and the ORM's two queries cost it more CPU than the rest of the notifying
+    (``benchmarks/synthesis_cost.py`` compares them)."""
     if settings.SLACK_WEBHOOK_URL:
         return True
     project_id = obj.skill.project_id if isinstance(obj, SkillRevision) else obj.project_id
