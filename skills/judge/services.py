@@ -193,8 +193,8 @@ def revision_judge(*, revision_id: int) -> str | None:
     """Judge one revision: claim it (PENDING, or RUNNING past the lease → RUNNING; exactly one
     worker wins), ask the LLM once, store the verdict. The call's tokens count against the
     project's daily LLM budget; once that is spent the revision waits (PENDING, saying so)
-    for the sweep to send it again. Idempotent: a revision already judged
-    or held by another worker is left alone (None). Returns the stored status.
+    for the sweep to send it again. Idempotent: a revision already judged or held by another
+    worker is left alone (None). Returns the stored status.
     ``llm.LlmTransientError`` propagates after the revision is handed back (PENDING), for the
     task to retry. Runs outside a transaction: the call is not made holding a lock."""
     if not _claim(revision_id):
@@ -206,7 +206,7 @@ def revision_judge(*, revision_id: int) -> str | None:
     if budget_exceeded(project):
         # Not a verdict: the reading waits (PENDING, with why) and the sweep sends it again,
         # which reads it once the budget allows (a new day, or a raised budget).
-        _hand_back(revision_id, {"error": BUDGET_SPENT})
+        _hand_back(revision_id, reason=BUDGET_SPENT)
         return judge.PENDING
     marker = untrusted.UntrustedMarker()
     try:
@@ -247,12 +247,14 @@ def revision_judge(*, revision_id: int) -> str | None:
     return _store(revision_id, verdict.status, {**verdict.as_dict(), **usage}, findings)
 
 
-def _hand_back(revision_id: int, verdict: dict[str, Any] | None = None) -> None:
-    """RUNNING → PENDING (only while this worker's claim stands), for a later try."""
-    fields: dict[str, Any] = {"judge_status": judge.PENDING, "judge_at": timezone.now()}
-    if verdict is not None:
-        fields["judge_verdict"] = verdict
-    SkillRevision.objects.filter(pk=revision_id, judge_status=judge.RUNNING).update(**fields)
+def _hand_back(revision_id: int, reason: str = "") -> None:
+    """RUNNING → PENDING (only while this worker's claim stands), for a later try; ``reason``
+    is what the review page shows meanwhile (none: an earlier one is cleared)."""
+    SkillRevision.objects.filter(pk=revision_id, judge_status=judge.RUNNING).update(
+        judge_status=judge.PENDING,
+        judge_at=timezone.now(),
+        judge_verdict={"error": reason} if reason else {},
+    )
 
 
 def revision_judge_fail(*, revision_id: int, error: str) -> str | None:
