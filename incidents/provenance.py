@@ -40,7 +40,7 @@ def groups_provenance(group_ids: Any) -> dict[str, Any]:
     (the end user, else the session, else the key) behind the incidents of ``group_ids`` (ids,
     or a query of them), in one query. ``single_source``: one source or none."""
     if isinstance(group_ids, QuerySet):
-        subquery, params = group_ids.query.sql_with_params()
+        subquery, params = group_ids.values("pk").query.sql_with_params()
         where, params = f"group_id IN ({subquery})", list(params)
     else:
         ids = [int(pk) for pk in group_ids]

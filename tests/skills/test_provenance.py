@@ -168,6 +168,7 @@ def test_a_source_is_the_end_user_else_the_session_else_the_key(
     from incidents.provenance import groups_provenance
 
     assert groups_provenance(IncidentGroup.objects.filter(pk=group.pk).values("pk")) == expected
+    assert groups_provenance(IncidentGroup.objects.filter(pk=group.pk)) == expected
     assert groups_provenance([]) == {
         "incidents": 0,
         "sessions": 0,
