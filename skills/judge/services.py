@@ -222,10 +222,9 @@ def revision_judge(*, revision_id: int) -> str | None:
         raise
     except llm.LlmNotConfigured:
         return _store(revision_id, judge.SKIPPED, {})
-    except llm.LlmInvalidOutput as exc:
-        usage_record(project, exc.usage)
-        return _store(revision_id, judge.UNAVAILABLE, {"error": str(exc)[:500]})
     except llm.LlmError as exc:
+        if isinstance(exc, llm.LlmInvalidOutput):  # an unusable answer still spent its tokens
+            usage_record(project, exc.usage)
         return _store(revision_id, judge.UNAVAILABLE, {"error": str(exc)[:500]})
     usage_record(project, completion.usage)
     usage = {
