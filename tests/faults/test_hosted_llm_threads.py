@@ -4,7 +4,9 @@ burst of 100 groups with 4 processes). docs/deploy.md runs the fast worker with 
 for such a model; this test runs one (8 threads, the loopback LLM answering in 2 s) on a
 connection pool of 2 and shows that the syntheses wait on the LLM together, each claimed once:
 a synthesis gives its database connection back while the LLM thinks, so 8 waiting syntheses do
-not need 8 connections (holding them, 6 of the 8 would time out on the pool and be retried)."""
+not need 8 connections (holding them, 6 of the 8 would time out on the pool and be retried).
+How long the burst takes is a benchmark's figure (``benchmarks/fast_loop.py``), not this test's:
+the worker starts while the incidents arrive, and its start-up under CI load took 6-12 s."""
 
 from __future__ import annotations
 
@@ -68,14 +70,12 @@ def test_a_thread_pool_worker_waits_on_a_slow_llm_for_many_groups_with_two_conne
                 error={"type": f"Failure{n}Error", "message": f"failure mode {n}"},
             )
             assert api.post("/api/v1/incidents", payload, key=ingest_key).status_code in (200, 202)
-        sent = time.monotonic()
-        deadline = sent + 90
+        deadline = time.monotonic() + 90
         while (
             IncidentGroup.objects.filter(synthesis_status=SynthesisStatus.PROPOSED).count() < GROUPS
         ):
             assert time.monotonic() < deadline, (tmp_path / "threads.log").read_text()[-3000:]
             time.sleep(0.2)
-        took = time.monotonic() - sent
 
     groups = list(IncidentGroup.objects.filter(project=project))
     assert len(groups) == GROUPS
@@ -84,6 +84,6 @@ def test_a_thread_pool_worker_waits_on_a_slow_llm_for_many_groups_with_two_conne
         (g.pk, g.synthesis_attempts, g.synthesis_error) for g in groups
     ]
     assert SkillRevision.objects.filter(skill__project=project).count() == GROUPS
-    # Several waits at once on two connections (one after another, 8 waits would take 16 s).
+    # Several waits at once on two connections: a synthesis that held its connection through
+    # the wait would leave at most 2 of them waiting on the LLM together.
     assert in_flight.most >= 4, in_flight.most
-    assert took < 6 * LLM_SECONDS, took
