@@ -250,6 +250,10 @@ if REDIS_URL:
     CELERY_BROKER_TRANSPORT_OPTIONS: dict = {
         "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 900)
     }
+    if CELERY_BROKER_URL.split("://", 1)[0] in ("redis", "rediss"):
+        # kombu's own, except that a worker losing Redis mid-task reconnects instead of
+        # exiting (metaclaw_site/redis_broker.py).
+        CELERY_BROKER_TRANSPORT = "metaclaw_site.redis_broker:Transport"
 else:
     _broker_dir = VAR_DIR / "broker"
     for _sub in ("queue", "processed", "control"):

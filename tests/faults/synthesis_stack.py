@@ -40,6 +40,7 @@ class Stack:
     llm: OpenAIServer
     env: dict[str, str]  # the worker's: start another one with it
     worker: Popen  # the one ``synthesis_stack`` stops
+    redis: Popen  # the private broker (stopped on the way out unless already)
 
 
 @contextmanager
@@ -70,12 +71,13 @@ def synthesis_stack(
         lambda *a: tasks.propose_skill.apply_async(a, connection=broker),
     )
     worker = procs.start_worker(env, folder, worker_name, concurrency=concurrency, pool=pool)
-    stack = Stack(llm=llm, env=env, worker=worker)
+    stack = Stack(llm=llm, env=env, worker=worker, redis=redis)
     try:
         yield stack
     finally:
         celery_app.conf.task_always_eager = eager
         procs.stop(stack.worker)
-        redis.terminate()
-        redis.wait(timeout=10)
+        if stack.redis.poll() is None:
+            stack.redis.terminate()
+            stack.redis.wait(timeout=10)
         llm.stop()

@@ -131,22 +131,10 @@ def test_redis_stopped_for_twenty_seconds_loses_no_incident_and_no_group(project
         waiting = list(group_ids.values())
         proposed_at: dict[int, float] = {}
         deadline = up_at + SECONDS_TO_PROPOSE
-        crashed = ""
         while len(proposed_at) < len(waiting) and time.monotonic() < deadline:
-            if worker.poll() is not None and not crashed:
-                # Known bug (Celery/kombu 5.7.0): now and then the worker exits on the broker's
-                # loss ("Unrecoverable error ... 'NoneType' object has no attribute 'hostname'"
-                # closing its channel). Started again, as a supervisor would, so the outbox's
-                # part is still checked; the test then reports the crash as an expected failure.
-                crashed = next(
-                    (
-                        line
-                        for line in worker_log.read_text().splitlines()
-                        if "Unrecoverable" in line
-                    ),
-                    f"worker exited with {worker.returncode}",
-                )
-                worker = procs.start_worker(env, tmp_path, "redisdown-again", concurrency=4)
+            # The same worker throughout: losing its broker is not the end of it
+            # (metaclaw_site/redis_broker.py; kombu alone made it exit now and then).
+            assert worker.poll() is None, worker_log.read_text()[-3000:]
             for pk in IncidentGroup.objects.filter(
                 pk__in=waiting, synthesis_status=SynthesisStatus.PROPOSED
             ).values_list("pk", flat=True):
@@ -168,7 +156,7 @@ def test_redis_stopped_for_twenty_seconds_loses_no_incident_and_no_group(project
             f"{sorted({r[2] for r in results})}), {len(set(stored))} stored, "
             f"{len(formed)} groups formed while down, {len(proposed_at)} proposed, the last "
             f"{max(proposed_at.values(), default=0):.1f} s after Redis returned; whole test "
-            f"{time.monotonic() - started:.0f} s{'; WORKER CRASHED: ' + crashed if crashed else ''}"
+            f"{time.monotonic() - started:.0f} s"
         )
         # Ingestion answers anyway while the broker and the counters are gone.
         assert during and all(r[2] == 202 for r in during), sorted({r[2] for r in during})
@@ -183,8 +171,8 @@ def test_redis_stopped_for_twenty_seconds_loses_no_incident_and_no_group(project
             statuses,
             worker_log.read_text()[-3000:],
         )
-        if crashed:
-            pytest.xfail(f"the worker died when Redis went away (celery/kombu bug): {crashed}")
+        assert worker.poll() is None, worker_log.read_text()[-3000:]
+        assert "Unrecoverable" not in worker_log.read_text()
     finally:
         procs.stop(web)
         web_log.close()
