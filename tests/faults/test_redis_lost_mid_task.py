@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 
 import pytest
 
 from incidents.models import IncidentGroup, SynthesisStatus
 from skills.library.models import SkillRevision
 from tests import factories
+from tests.fakes.openai_server import Reply
 from tests.faults import procs
 from tests.faults.synthesis_stack import iso_dates_reply, synthesis_stack
 
@@ -23,13 +25,15 @@ pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 LLM_SECONDS = 5.0
 
 
-_calls = itertools.count()
+def _answers() -> Callable[[dict], Reply]:
+    """The LLM's answers in turn: each group's skill of its own (not a near copy)."""
+    calls = itertools.count()
 
+    def answer(body: dict) -> Reply:
+        case = "first" if next(calls) == 0 else "second"
+        return iso_dates_reply(f"iso-dates-{case}", f"ISO dates, {case}", case, LLM_SECONDS)
 
-def _answer(body: dict) -> object:
-    # Each group's skill of its own (the second is not a near copy of the first).
-    case = "first" if next(_calls) == 0 else "second"
-    return iso_dates_reply(f"iso-dates-{case}", f"ISO dates, {case}", case, delay=LLM_SECONDS)
+    return answer
 
 
 def _wait_proposed(project, error_type: str, log, seconds: float) -> IncidentGroup:
@@ -46,7 +50,7 @@ def test_a_worker_that_loses_redis_mid_synthesis_finishes_it_and_reconnects(
     api, project, ingest_key, tmp_path, monkeypatch
 ):
     log = tmp_path / "midtask.log"
-    with synthesis_stack(tmp_path, monkeypatch, _answer, "midtask") as stack:
+    with synthesis_stack(tmp_path, monkeypatch, _answers(), "midtask") as stack:
         port = int(stack.env["REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
         first = factories.incident_payload(error={"type": "FirstFailureError", "message": "one"})
         assert api.post("/api/v1/incidents", first, key=ingest_key).status_code in (200, 202)
