@@ -27,6 +27,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
+from typing import Any
 
 FLAG = "flag"
 NOTE = "note"
@@ -278,28 +280,48 @@ def _trigrams(text: str) -> set[tuple[str, ...]]:
     return {tuple(words[i : i + 3]) for i in range(len(words) - 2)}
 
 
-def _copied(field: str, text: str, untrusted: Sequence[str]) -> list[Finding]:
+class _Evidence:
+    """The untrusted texts a skill is compared with, cut and measured once for all its fields:
+    their sentences, their trigrams and (on first use) their vectors. Embedding the evidence's
+    sentences is most of the check's cost; it was paid again for each field."""
+
+    def __init__(self, untrusted: Sequence[str]) -> None:
+        self.texts = [u for u in untrusted if u]
+        self.segments = [seg for u in self.texts for _, _, seg in _segments(u)]
+        self._vectors: Any = None
+
+    @cached_property
+    def pool(self) -> set[tuple[str, ...]]:
+        return set().union(*(_trigrams(u) for u in self.texts))
+
+    @cached_property
+    def grams(self) -> list[set[tuple[str, ...]]]:
+        return [g for g in (_trigrams(t) for t in self.segments) if g]
+
+    def vectors(self, embedder: Any) -> Any:
+        if self._vectors is None:
+            self._vectors = embedder.embed(self.segments)
+        return self._vectors
+
+
+def _copied(field: str, text: str, evidence: _Evidence) -> list[Finding]:
     mine = _segments(text)
-    theirs = [seg for u in untrusted for _, _, seg in _segments(u)]
-    if not mine or not theirs:
+    if not mine or not evidence.segments:
         return []
-    pool = set().union(*(_trigrams(u) for u in untrusted))
-    their_grams = [g for g in (_trigrams(t) for t in theirs) if g]
     overlaps = []
     for _, _, segment in mine:
         grams = _trigrams(segment)
         # Either most of the skill's sentence comes from the traffic, or one of the traffic's
         # sentences sits nearly whole inside it (an instruction with words put around it).
-        share = len(grams & pool) / len(grams) if grams else 0.0
-        inside = max((len(g & grams) / len(g) for g in their_grams), default=0.0)
+        share = len(grams & evidence.pool) / len(grams) if grams else 0.0
+        inside = max((len(g & grams) / len(g) for g in evidence.grams), default=0.0)
         overlaps.append(max(share, inside))
     try:
         from skills.library.embeddings import get_embedder
 
         embedder = get_embedder()
         a = embedder.embed([seg for _, _, seg in mine])
-        b = embedder.embed(theirs)
-        cosines = (a @ b.T).max(axis=1).tolist()
+        cosines = (a @ evidence.vectors(embedder).T).max(axis=1).tolist()
     except Exception:  # the overlap alone still catches verbatim copies
         cosines = [0.0] * len(mine)
     found = []
@@ -324,11 +346,12 @@ def risk_check(
     allowed domains; ``untrusted``: the users' turns and tool results of the evidence it was
     written from (empty for an import)."""
     findings: list[Finding] = []
+    evidence = _Evidence(untrusted)
     for field, text in (("name", name), ("description", description),
                         ("instructions", instructions)):  # fmt: skip
         findings += _check_field(field, text or "", allowed)
         if field != "name":
-            findings += _copied(field, text or "", [u for u in untrusted if u])
+            findings += _copied(field, text or "", evidence)
     order = {f: i for i, f in enumerate(FIELDS)}
     return sorted(findings, key=lambda f: (order[f.field], f.start, f.end, f.kind))
 
