@@ -4,10 +4,12 @@
 Runs MetaClaw under the README's production command (uvicorn, one worker per core; or
 gunicorn with ``--server sync|gthread``) on PostgreSQL + Redis (a database of its own,
 ``metaclaw_bench``) and drives it over HTTP with concurrent keep-alive clients. Prints
-incidents/s and p50/p99 latency for the single and the batch endpoint.
+incidents/s and p50/p99 latency for the single and the batch endpoint, in ``--repeats`` rounds
+(each round's figures, then their median and spread), each round beside a baseline measured
+on the same server with the same clients: ``GET /livez``, a request that does no work.
 
     python benchmarks/ingest.py [--server uvicorn] [--workers N] [--clients 16] [--duration 10]
-                                [--door fast|django|both] [--sizes 10k,1M]
+                                [--door fast|django|both] [--sizes 10k,1M] [--repeats 3]
 
 ``--sizes``: the figures are printed with the project already holding each of these numbers of
 incidents (copied inside PostgreSQL, ``_growth.py``), so that the cost of a bigger table shows;
@@ -27,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import uuid
 
@@ -81,6 +84,9 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--door", choices=["fast", "django", "both"], default="fast")
     parser.add_argument(
+        "--repeats", type=int, default=3, help="rounds at each size (median and spread printed)"
+    )
+    parser.add_argument(
         "--sizes",
         default="10k,1M",
         help="incidents stored before each measurement (default 10k,1M)",
@@ -124,7 +130,8 @@ def main() -> None:
         for size, door, figures in summary:
             print(
                 f"  {size:>10,} incidents stored, {door} door: single {figures['single_rps']:6.0f}/s "
-                f"p99 {figures['single_p99']:5.1f} ms; batch {figures['batch_rps']:7.0f}/s"
+                f"p99 {figures['single_p99']:5.1f} ms; batch {figures['batch_rps']:7.0f}/s "
+                f"(medians; baseline GET /livez {figures['base_rps']:.0f}/s)"
             )
 
 
@@ -147,27 +154,24 @@ def preload(size: int) -> None:
         print(f"  grew to {size:,} incidents in {seconds:.1f} s", flush=True)
 
 
+def _spread(values: list[float], fmt: str = "{:.0f}") -> str:
+    """The median and, in brackets, every run's figure: the machine's noise stays visible."""
+    return f"{fmt.format(statistics.median(values))} ({', '.join(fmt.format(v) for v in values)})"
+
+
 def _measure(args, command, env, port, headers, run_id, *, label: str) -> dict[str, float]:
     print(
         f"server: {args.server}, {args.workers} workers, {label}; PostgreSQL + Redis; "
-        f"{os.cpu_count()} cores"
+        f"{os.cpu_count()} cores; {args.repeats} rounds of: baseline, single, batch"
     )
+    runs: dict[str, list[float]] = {k: [] for k in (
+        "base_rps", "base_p99", "single_rps", "single_p50", "single_p99", "batch_rps")}  # fmt: skip
     with Server(command, env, port):
 
-        def single(worker: int, i: int) -> bytes:
-            n = worker * 1_000_000 + i
-            body = json.dumps(incident(f"{run_id}-s-{worker}-{i}", n)).encode()
-            return build_request("POST", "/api/v1/incidents", body, headers)
-
-        result = asyncio.run(
-            run_load(port, single, concurrency=args.clients, duration=args.duration, warmup=3)
-        )
-        figures = {"single_rps": result.rps, "single_p99": result.pct(99)}
-        print(
-            f"single  /api/v1/incidents        clients={args.clients:>3}  "
-            f"{result.rps:8.0f} incidents/s  p50={result.p50:6.1f} ms  p99={result.pct(99):6.1f} ms  "
-            f"statuses={result.statuses}"
-        )
+        def empty(worker: int, i: int) -> bytes:
+            # The baseline: the same server and clients, a request that does no work (liveness,
+            # answered before Django). A slower machine moves it with the figures.
+            return build_request("GET", "/livez", b"", {})
 
         # One serialised batch with a placeholder in every client id: a request is then a
         # cheap bytes.replace, so the load generator does not steal the server's CPU.
@@ -175,20 +179,53 @@ def _measure(args, command, env, port, headers, run_id, *, label: str) -> dict[s
             {"items": [incident(f"{run_id}-b-@@-{j}", j) for j in range(args.batch_size)]}
         ).encode()
 
-        def batch(worker: int, i: int) -> bytes:
-            body = template.replace(b"@@", f"{worker}-{i}".encode())
-            return build_request("POST", "/api/v1/incidents/batch", body, headers)
+        for round_ in range(args.repeats):
 
-        result = asyncio.run(
-            run_load(port, batch, concurrency=args.batch_clients, duration=args.duration)
-        )
-        print(
-            f"batch   /api/v1/incidents/batch  clients={args.batch_clients:>3}  "
-            f"{result.rps * args.batch_size:8.0f} incidents/s  ({result.rps:.1f} batches/s of "
-            f"{args.batch_size})  p50={result.p50:6.1f} ms  p99={result.pct(99):6.1f} ms  "
-            f"statuses={result.statuses}"
-        )
-        figures["batch_rps"] = result.rps * args.batch_size
+            def single(worker: int, i: int, round_: int = round_) -> bytes:
+                n = worker * 1_000_000 + i
+                body = json.dumps(incident(f"{run_id}-s{round_}-{worker}-{i}", n)).encode()
+                return build_request("POST", "/api/v1/incidents", body, headers)
+
+            def batch(worker: int, i: int, round_: int = round_) -> bytes:
+                body = template.replace(b"@@", f"{round_}-{worker}-{i}".encode())
+                return build_request("POST", "/api/v1/incidents/batch", body, headers)
+
+            base = asyncio.run(
+                run_load(port, empty, concurrency=args.clients, duration=args.duration / 2)
+            )
+            result = asyncio.run(
+                run_load(port, single, concurrency=args.clients, duration=args.duration, warmup=3)
+            )
+            print(
+                f"round {round_ + 1}: single  /api/v1/incidents        clients={args.clients:>3}  "
+                f"{result.rps:8.0f} incidents/s  p50={result.p50:6.1f} ms  "
+                f"p99={result.pct(99):6.1f} ms  statuses={result.statuses}   baseline GET /livez: "
+                f"{base.rps:.0f}/s p99 {base.pct(99):.1f} ms"
+            )
+            runs["base_rps"].append(base.rps)
+            runs["base_p99"].append(base.pct(99))
+            runs["single_rps"].append(result.rps)
+            runs["single_p50"].append(result.p50)
+            runs["single_p99"].append(result.pct(99))
+            result = asyncio.run(
+                run_load(port, batch, concurrency=args.batch_clients, duration=args.duration)
+            )
+            print(
+                f"round {round_ + 1}: batch   /api/v1/incidents/batch  "
+                f"clients={args.batch_clients:>3}  {result.rps * args.batch_size:8.0f} "
+                f"incidents/s  ({result.rps:.1f} batches/s of {args.batch_size})  "
+                f"p50={result.p50:6.1f} ms  p99={result.pct(99):6.1f} ms  "
+                f"statuses={result.statuses}"
+            )
+            runs["batch_rps"].append(result.rps * args.batch_size)
+    figures = {k: statistics.median(v) for k, v in runs.items()}
+    print(
+        f"single: {_spread(runs['single_rps'])} incidents/s, p50 "
+        f"{_spread(runs['single_p50'], '{:.1f}')} ms, p99 {_spread(runs['single_p99'], '{:.1f}')} "
+        f"ms (target >= 500/s, p99 <= 50 ms); baseline GET /livez {_spread(runs['base_rps'])}/s, "
+        f"p99 {_spread(runs['base_p99'], '{:.1f}')} ms"
+    )
+    print(f"batch: {_spread(runs['batch_rps'])} incidents/s (target >= 5,000/s)")
     return figures
 
 
