@@ -25,7 +25,7 @@ typed reason in the dashboard) or ``note`` (shown beside the text, blocks nothin
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from typing import Any
@@ -107,7 +107,11 @@ _NEGATION = re.compile(
     r"securely|encrypted|hashed)\b",
     re.I,
 )
-_SENTENCE = re.compile(r"[^.!?\n]+(?:[.!?]+|\n|$)")
+# A sentence ends at a run of stops followed by a space or the end, or at a line's end: the
+# dots of "www.shoplux.com" or "3.5" are inside it (cut there, a finding began in the middle
+# of a link). Only a run's first stop may start a match, and the run is taken whole, so a long
+# run of stops in the traffic costs linear time, not quadratic.
+_SENTENCE_END = re.compile(r"(?<![.!?])[.!?]++(?=\s|$)|\n")
 
 _RULES: list[tuple[str, re.Pattern[str], str, bool]] = [
     # (kind, pattern, message, whether a negation in the sentence cancels it)
@@ -261,15 +265,26 @@ def _segments(text: str) -> list[tuple[int, int, str]]:
     blocks = [m.span() for m in _FENCE.finditer(text or "")]
     for start, end in blocks:
         out.append((start, end, text[start:end]))
-    for m in _SENTENCE.finditer(text or ""):
-        if any(a <= m.start() < b for a, b in blocks):
+    for sentence_start, sentence_end in _sentences(text or ""):
+        if any(a <= sentence_start < b for a, b in blocks):
             continue
-        chunk = m.group(0)
+        chunk = text[sentence_start:sentence_end]
         stripped = chunk.strip(" \t\n-*#>`")
         if stripped:
-            begin = m.start() + chunk.find(stripped)
+            begin = sentence_start + chunk.find(stripped)
             out.append((begin, begin + len(stripped), stripped))
     return [seg for seg in out if len(_WORD.findall(seg[2])) >= COPY_MIN_WORDS]
+
+
+def _sentences(text: str) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of each sentence of ``text``, its closing stops or line end included."""
+    start = 0
+    for m in _SENTENCE_END.finditer(text):
+        if m.end() > start:
+            yield start, m.end()
+        start = m.end()
+    if start < len(text):
+        yield start, len(text)
 
 
 _WORD = re.compile(r"[a-z0-9]+", re.I)
@@ -358,21 +373,23 @@ def risk_check(
 
 def highlighted(text: str, findings: Iterable[dict], field: str) -> list[tuple[str, dict | None]]:
     """``text`` cut into pieces for display: ``(piece, finding)`` where a finding covers it,
-    ``(piece, None)`` elsewhere. Overlapping findings: the first one that starts wins."""
-    spans = sorted(
-        (f for f in findings if f.get("field") == field and f.get("end", 0) > f.get("start", 0)),
-        key=lambda f: (f["start"], -f["end"]),
-    )
+    ``(piece, None)`` elsewhere. Where findings overlap, each piece shows the innermost one
+    (the one that starts last, then the narrowest): a link inside a copied sentence is marked
+    as the link, and the rest of the sentence as copied."""
+    spans = [
+        (max(f["start"], 0), min(f["end"], len(text)), f)
+        for f in findings
+        if f.get("field") == field and f.get("end", 0) > f.get("start", 0)
+    ]
+    cuts = sorted({0, len(text), *(a for a, _, _ in spans), *(b for _, b, _ in spans)})
     pieces: list[tuple[str, dict | None]] = []
-    at = 0
-    for f in spans:
-        start, end = max(f["start"], at), min(f["end"], len(text))
-        if start >= end:
+    for a, b in zip(cuts, cuts[1:], strict=False):
+        if a >= b or a >= len(text):
             continue
-        if start > at:
-            pieces.append((text[at:start], None))
-        pieces.append((text[start:end], f))
-        at = end
-    if at < len(text):
-        pieces.append((text[at:], None))
+        covering = [(start, -end, f) for start, end, f in spans if start <= a and b <= end]
+        finding = max(covering, key=lambda c: (c[0], c[1]))[2] if covering else None
+        if pieces and pieces[-1][1] is finding:
+            pieces[-1] = (pieces[-1][0] + text[a:b], finding)  # one piece per run of the same
+        else:
+            pieces.append((text[a:b], finding))
     return pieces
