@@ -279,9 +279,8 @@ def _segments(text: str) -> list[tuple[int, int, str]]:
 def _sentences(text: str) -> Iterator[tuple[int, int]]:
     """``(start, end)`` of each sentence of ``text``, its closing stops or line end included."""
     start = 0
-    for m in _SENTENCE_END.finditer(text):
-        if m.end() > start:
-            yield start, m.end()
+    for m in _SENTENCE_END.finditer(text):  # each match is a sentence's non-empty end
+        yield start, m.end()
         start = m.end()
     if start < len(text):
         yield start, len(text)
@@ -384,10 +383,14 @@ def highlighted(text: str, findings: Iterable[dict], field: str) -> list[tuple[s
     cuts = sorted({0, len(text), *(a for a, _, _ in spans), *(b for _, b, _ in spans)})
     pieces: list[tuple[str, dict | None]] = []
     for a, b in zip(cuts, cuts[1:], strict=False):
-        if a >= b or a >= len(text):
-            continue
-        covering = [(start, -end, f) for start, end, f in spans if start <= a and b <= end]
-        finding = max(covering, key=lambda c: (c[0], c[1]))[2] if covering else None
+        if a >= len(text):  # a stored finding past the text's end
+            break
+        innermost = max(
+            (span for span in spans if span[0] <= a and b <= span[1]),
+            key=lambda span: (span[0], -span[1]),
+            default=None,
+        )
+        finding = innermost[2] if innermost else None
         if pieces and pieces[-1][1] is finding:
             pieces[-1] = (pieces[-1][0] + text[a:b], finding)  # one piece per run of the same
         else:
