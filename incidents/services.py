@@ -260,14 +260,12 @@ def group_synthesis_claim(*, group_id: int) -> IncidentGroup | None:
     return claimed[0] if claimed else None
 
 
-def group_synthesis_heartbeat(*, group_id: int) -> bool:
-    """Renew a RUNNING group's lease (its ``synthesis_claimed_at``): the worker synthesising it
-    is alive. False when the group is no longer RUNNING."""
-    return bool(
-        IncidentGroup.objects.filter(pk=group_id, synthesis_status=SynthesisStatus.RUNNING).update(
-            synthesis_claimed_at=timezone.now()
-        )
-    )
+def groups_synthesis_heartbeat(*, group_ids: list[int]) -> int:
+    """Renew the leases (``synthesis_claimed_at``) of these groups that are still RUNNING: the
+    worker synthesising them is alive. Returns how many were renewed."""
+    return IncidentGroup.objects.filter(
+        pk__in=group_ids, synthesis_status=SynthesisStatus.RUNNING
+    ).update(synthesis_claimed_at=timezone.now())
 
 
 def group_synthesis_finish(

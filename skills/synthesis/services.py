@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -35,7 +32,6 @@ from django.db import (
     DatabaseError,
     InterfaceError,
     OperationalError,
-    connections,
     transaction,
 )
 from django.db.models import Q
@@ -60,6 +56,7 @@ from skills.synthesis.evidence import (
     group_provenance,
     group_text,
 )
+from skills.synthesis.lease import lease_kept, lease_seconds
 from skills.synthesis.outcome import SynthesisClaimLost, audit_outcome, finish
 from skills.synthesis.prompt import (
     ANSWER_SCHEMA,
@@ -98,11 +95,6 @@ def _setting(name: str, default: float) -> float:
     return float(settings.METACLAW.get(name, default))
 
 
-def lease_seconds() -> float:
-    """A RUNNING group whose claim has not been renewed for this long lost its worker."""
-    return _setting("SYNTHESIS_LEASE_SECONDS", 45)
-
-
 def retry_delay(attempts: int, retry_after: float | None) -> float:
     """Seconds before the next try: the server's Retry-After if it gave one (never sooner), else
     5, 10, 20... s up to ``RETRY_MAX_DELAY_SECONDS``, with jitter so groups spread out."""
@@ -129,7 +121,7 @@ def group_synthesize(
     if group is None:
         return None
     try:
-        with _lease_kept(group_id):
+        with lease_kept(group_id):
             # A new wording of a failure mode that has a group already joins it: one group,
             # one skill. The group it joined is asked for synthesis again if the merge brings
             # news.
@@ -193,34 +185,6 @@ def _retry_later(
         # Still RUNNING: its lease runs out and the sweep puts it back in the queue.
         logger.warning("Could not release group %s for a retry.", group.pk, exc_info=True)
     raise SynthesisRetryLater(reason, countdown=delay, since=since)
-
-
-@contextmanager
-def _lease_kept(group_id: int) -> Iterator[None]:
-    """Renew the claim's lease from a thread while this synthesis runs: a group whose worker
-    died (SIGKILL, a lost machine) goes back to the queue once the lease runs out, within
-    about a minute, instead of waiting out the task's time limits. Not inside a transaction
-    (eager tasks in tests): the renewal would wait on the caller's row lock."""
-    if transaction.get_connection().in_atomic_block:
-        yield
-        return
-    stop = threading.Event()
-
-    def renew() -> None:
-        try:
-            while not stop.wait(lease_seconds() / 4):
-                try:
-                    incident_services.group_synthesis_heartbeat(group_id=group_id)
-                except DatabaseError:
-                    logger.warning("Could not renew the lease of group %s.", group_id)
-        finally:
-            connections.close_all()  # this thread's own connection
-
-    threading.Thread(target=renew, name=f"synthesis-lease-{group_id}", daemon=True).start()
-    try:
-        yield
-    finally:
-        stop.set()
 
 
 def group_synthesis_fail(*, group_id: int, reason: str) -> bool:

@@ -5,14 +5,20 @@ a person's retry of a stuck group."""
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import timedelta
 
 import pytest
+from django.db import connections
 from django.utils import timezone
 
+from base.pii import get_detector
 from incidents import services as incident_services
 from incidents.models import IncidentGroup, SynthesisStatus
+from skills.library.embeddings import get_embedder
+from skills.library.models import SkillRevision
+from skills.synthesis import receivers as synthesis_receivers
 from skills.synthesis import services as synthesis
 from tests.fakes.openai_server import Reply
 from tests.skills.test_synthesis import _waiting_group, answer
@@ -114,7 +120,7 @@ def test_the_sweep_releases_a_running_group_once_its_lease_runs_out(project, set
     group = _waiting_group(project)
     incident_services.group_synthesis_claim(group_id=group.pk)
     assert synthesis.groups_stale_running_release(older_than_seconds=30) == 0
-    assert incident_services.group_synthesis_heartbeat(group_id=group.pk)
+    assert incident_services.groups_synthesis_heartbeat(group_ids=[group.pk]) == 1
     time.sleep(0.05)
     assert synthesis.groups_stale_running_release(older_than_seconds=0.01) == 1
     assert IncidentGroup.objects.get(pk=group.pk).synthesis_status == SynthesisStatus.WAITING
@@ -128,3 +134,42 @@ def test_health_checks_answer_liveness_and_readiness_apart(client, transactional
     assert time.monotonic() - started < 1.0
     assert ready.status_code == 200, ready.content
     assert ready.json()["checks"]["database"] == "ok"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_synthesis_that_outlasts_its_lease_keeps_renewing_its_claim(
+    project, llm_server, settings, monkeypatch
+):
+    # Loaded first, so that loading them holds no lock while the lease is measured.
+    get_embedder()
+    get_detector()
+    settings.METACLAW = {**settings.METACLAW, "SYNTHESIS_LEASE_SECONDS": 1.0}
+    settings.LLM = {**settings.LLM, "TIMEOUT_SECONDS": 10}
+    llm_server.enqueue(Reply(content=answer(), delay=3.0))  # three leases long
+    # Committed, so no eager task may synthesise it first: this test is the worker.
+    monkeypatch.setattr(synthesis_receivers, "enqueue", lambda *args: True)
+    group = _waiting_group(project)
+
+    outcome: dict = {}
+
+    def synthesise() -> None:
+        try:
+            outcome["status"] = synthesis.group_synthesize(group_id=group.pk)
+        finally:
+            connections.close_all()  # this thread's own
+
+    worker = threading.Thread(target=synthesise)
+    worker.start()
+    released = 0
+    while worker.is_alive():
+        # What the sweep does every few seconds: take back groups whose lease ran out.
+        released += synthesis.groups_stale_running_release(older_than_seconds=1.0)
+        time.sleep(0.05)
+    worker.join()
+
+    assert released == 0
+    assert outcome["status"] == SynthesisStatus.PROPOSED
+    group.refresh_from_db()
+    assert group.synthesis_status == SynthesisStatus.PROPOSED
+    assert SkillRevision.objects.filter(source_groups=group).count() == 1
+    assert len(llm_server.chat_requests()) == 1
