@@ -208,7 +208,7 @@ def preload() -> None:
     this before its pool forks, so no child pays for it in front of a proposal. The client is
     thrown away: it opened no connection, and each process makes its own (``_client``)."""
     client = openai.OpenAI(base_url="http://127.0.0.1/v1", api_key="preload")
-    client.chat.completions.with_raw_response.create  # noqa: B018 - the access imports them
+    client.chat.completions.create  # noqa: B018 - the access imports them
 
 
 def complete_json(
@@ -240,15 +240,18 @@ def complete_json(
     _call.deadline = time.monotonic() + cfg.deadline
     while True:
         try:
-            # The raw response: the SDK's errors and retries as always, and the answer read
-            # as JSON here instead of built into the SDK's models (about a millisecond of CPU
-            # a synthesis, for the four fields used below).
-            completions = client.chat.completions.with_raw_response
-            if structured:
-                raw = completions.create(**kwargs, response_format=response_format)
-            else:
-                raw = completions.create(**kwargs)
-            body = _completion_body(raw.content)
+            # The SDK's own request method (``client.post``, documented for endpoints it has no
+            # method for): its errors, retries and hooks as always, without building the
+            # body's typed form or the answer's models. For the four fields used below that
+            # was about 0.5 ms of CPU a synthesis (40 % of the call), measured against
+            # ``chat.completions.create`` on our loopback server.
+            body = _completion_body(
+                client.post(
+                    "/chat/completions",
+                    cast_to=str,
+                    body={**kwargs, "response_format": response_format} if structured else kwargs,
+                )
+            )
             break
         except openai.BadRequestError as exc:
             if structured and _mentions_response_format(exc):
@@ -302,7 +305,7 @@ def complete_json(
     return Completion(parsed=parsed, content=content, usage=usage, model=model)
 
 
-def _completion_body(content: bytes) -> dict[str, Any]:
+def _completion_body(content: str) -> dict[str, Any]:
     """A 200's body as a chat completion object; ValueError when it is not one (a broken
     proxy, a truncated answer)."""
     body = json.loads(content)
