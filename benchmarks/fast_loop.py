@@ -66,7 +66,11 @@ ERRORS = [
 ARGS = ["since", "region", "owner", "status", "currency", "limit", "cursor", "locale", "tier", "tz"]
 
 
-def _payload(group: int, n: int) -> dict:
+def _payload(group: int, n: int, conversation: str = "") -> dict:
+    """Incident ``n`` of failure mode ``group``. ``conversation`` goes into what the agent's
+    user wrote and the tool call's arguments: text that is new in every real conversation.
+    Each burst passes its own, so that no burst finds the PII detector's answers cached by an
+    earlier one (the cache is shared, by content, and the error messages still repeat)."""
     verb, noun = VERBS[group % 10], NOUNS[(group // 10) % 10]
     error_type, template = ERRORS[group % len(ERRORS)]
     arg = ARGS[(group * 7) % 10]
@@ -82,7 +86,7 @@ def _payload(group: int, n: int) -> dict:
             "tool": tool,
         },
         "messages": [
-            {"role": "user", "content": f"Please {verb} my {noun} (request {n})."},
+            {"role": "user", "content": f"Please {verb} my {noun} (request {n}{conversation})."},
             {
                 "role": "assistant",
                 "content": None,
@@ -90,7 +94,10 @@ def _payload(group: int, n: int) -> dict:
                     {
                         "id": f"call_{n}",
                         "type": "function",
-                        "function": {"name": tool, "arguments": json.dumps({arg: f"v{n}"})},
+                        "function": {
+                            "name": tool,
+                            "arguments": json.dumps({arg: f"v{n}{conversation}"}),
+                        },
                     }
                 ],
             },
@@ -429,6 +436,7 @@ def main() -> int:
             (g, n) for g in range(args.groups) for n in range(args.incidents // args.groups)
         ]
         random.Random(7).shuffle(incidents)
+        conversation = f" in conversation {secrets.token_hex(4)}"
         interval = 1.0 / args.rate
         calls_before = llm_calls.value
         cpu_before = meter.read()
@@ -442,7 +450,7 @@ def main() -> int:
             delay = target - time.time()
             if delay > 0:
                 time.sleep(delay)
-            answered_at, group_id, took = post(_payload(group, n), key)
+            answered_at, group_id, took = post(_payload(group, n, conversation), key)
             with lock:
                 results.append((group, answered_at, group_id, took))
 
@@ -506,7 +514,8 @@ def main() -> int:
             return 2
         # Warm up every worker process (imports, the embedding model, DB connections).
         warm_groups = {
-            post(_payload(1000 + i, 0), warm_key)[1] for i in range(args.worker_concurrency * 3)
+            post(_payload(1000 + i, 0, f" in conversation {run}"), warm_key)[1]
+            for i in range(args.worker_concurrency * 3)
         }
         if len(wait_for_proposals(warm_groups, 120)) < len(warm_groups):
             print("Warm-up did not finish; is the worker running?", file=sys.stderr)

@@ -51,11 +51,13 @@ def main() -> None:
     signals.groups_await_synthesis.receivers.clear()  # no worker here: this process synthesises
     get_embedder()
     project = project_create(name="Synthesis cost", slug=f"cost-{secrets.token_hex(3)}")
+    # New text in each run: the PII detector's shared cache must not answer for an earlier one.
+    conversation = f" in conversation {secrets.token_hex(4)}"
     group_ids = []
     for group in range(args.groups):
         for n in range(2):
             (result,) = incident_ingest.incidents_ingest(
-                project=project, items=[IncidentIn(**_payload(group, n))]
+                project=project, items=[IncidentIn(**_payload(group, n, conversation))]
             )
         group_ids.append(result.group_id)
     group_ids = list(dict.fromkeys(group_ids))  # fast_loop.py's payloads make 100 groups at most
