@@ -30,6 +30,9 @@ from incidents import services as incident_services
 logger = logging.getLogger(__name__)
 
 
+MIN_RENEW_INTERVAL_SECONDS = 0.05
+
+
 def lease_seconds() -> float:
     """A RUNNING group whose claim has not been renewed for this long lost its worker."""
     return float(settings.METACLAW.get("SYNTHESIS_LEASE_SECONDS", 45))
@@ -64,8 +67,9 @@ class _Renewer:
 
     def _run(self) -> None:
         while True:
-            # Read each time: a setting changed meanwhile (a test's) takes effect at once.
-            time.sleep(lease_seconds() / 4)
+            # Read each time: a setting changed meanwhile (a test's) takes effect at once. Never
+            # a busy loop, even with a lease of 0 s.
+            time.sleep(max(MIN_RENEW_INTERVAL_SECONDS, lease_seconds() / 4))
             group_ids = self.held()
             if not group_ids:
                 continue
