@@ -38,6 +38,12 @@ def lease_seconds() -> float:
     return float(settings.METACLAW.get("SYNTHESIS_LEASE_SECONDS", 45))
 
 
+def _interval() -> float:
+    # Read each time: a setting changed meanwhile (a test's) takes effect. Never a busy loop,
+    # even with a lease of 0 s.
+    return max(MIN_RENEW_INTERVAL_SECONDS, lease_seconds() / 4)
+
+
 class _Renewer:
     """The groups this process holds, and the thread that renews their leases."""
 
@@ -45,6 +51,9 @@ class _Renewer:
         self._lock = threading.Lock()
         self._held: Counter[int] = Counter()
         self._thread: threading.Thread | None = None
+        # Set by ``hold``: the thread then takes the lease's length again, so that a shorter
+        # one (set since it last slept) is renewed in time.
+        self._woken = threading.Event()
 
     def hold(self, group_id: int) -> None:
         with self._lock:
@@ -54,6 +63,7 @@ class _Renewer:
                     target=self._run, name="synthesis-leases", daemon=True
                 )
                 self._thread.start()
+        self._woken.set()
 
     def release(self, group_id: int) -> None:
         with self._lock:
@@ -66,10 +76,15 @@ class _Renewer:
             return sorted(self._held)
 
     def _run(self) -> None:
+        due = time.monotonic() + _interval()
         while True:
-            # Read each time: a setting changed meanwhile (a test's) takes effect at once. Never
-            # a busy loop, even with a lease of 0 s.
-            time.sleep(max(MIN_RENEW_INTERVAL_SECONDS, lease_seconds() / 4))
+            self._woken.wait(timeout=max(0.0, due - time.monotonic()))
+            if self._woken.is_set():
+                self._woken.clear()
+                due = min(due, time.monotonic() + _interval())
+            if time.monotonic() < due:
+                continue
+            due = time.monotonic() + _interval()
             group_ids = self.held()
             if not group_ids:
                 continue
@@ -88,6 +103,7 @@ class _Renewer:
         self._lock = threading.Lock()
         self._held = Counter()
         self._thread = None
+        self._woken = threading.Event()
 
 
 _renewer = _Renewer()

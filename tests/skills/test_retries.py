@@ -20,6 +20,7 @@ from skills.library.embeddings import get_embedder
 from skills.library.models import SkillRevision
 from skills.synthesis import receivers as synthesis_receivers
 from skills.synthesis import services as synthesis
+from skills.synthesis.lease import lease_kept
 from tests.fakes.openai_server import Reply
 from tests.skills.test_synthesis import _waiting_group, answer
 
@@ -143,6 +144,8 @@ def test_a_synthesis_that_outlasts_its_lease_keeps_renewing_its_claim(
     # Loaded first, so that loading them holds no lock while the lease is measured.
     get_embedder()
     get_detector()
+    with lease_kept(0):  # the process's renewer now sleeps a quarter of the default lease (45 s)
+        pass
     settings.METACLAW = {**settings.METACLAW, "SYNTHESIS_LEASE_SECONDS": 1.0}
     settings.LLM = {**settings.LLM, "TIMEOUT_SECONDS": 10}
     llm_server.enqueue(Reply(content=answer(), delay=3.0))  # three leases long
