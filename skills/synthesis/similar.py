@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from django.conf import settings
+from django.db import connection
 from django.db.models import Exists, OuterRef, Q
 
 from base.errors import Conflict
@@ -69,14 +70,17 @@ SKILLS = Skill._meta.db_table
 
 
 def latest_revisions(project: Project) -> list[Standing]:
-    rows = (
-        SkillRevision.objects.filter(
-            skill__project=project,
-            status__in=[RevisionStatus.APPROVED, RevisionStatus.PROPOSED],
-        )
-        .order_by("skill_id", "-number")
-        .values_list("id", "skill_id", "skill__slug", "skill__category")[:5000]
-    )
+    """The revision that stands for each of the project's skills: its newest approved or
+    proposed one."""
+    rows = SkillRevision.objects.filter(
+        skill__project=project,
+        status__in=[RevisionStatus.APPROVED, RevisionStatus.PROPOSED],
+    ).order_by("skill_id", "-number")
+    if connection.features.can_distinct_on_fields:
+        # One row per skill from PostgreSQL, however many revisions each has piled up (a skill
+        # revised after every regression); elsewhere the first row of each skill is kept below.
+        rows = rows.distinct("skill_id")
+    rows = rows.values_list("id", "skill_id", "skill__slug", "skill__category")[:5000]
     latest: dict[int, Standing] = {}
     for revision_id, skill_id, slug, category in rows:
         if skill_id not in latest:

@@ -768,3 +768,31 @@ def test_an_evidence_draft_is_rolled_back_when_the_group_was_released_meanwhile(
     group.refresh_from_db()
     assert group.synthesis_status == SynthesisStatus.WAITING
     assert not SkillRevision.objects.exists()
+
+
+def test_each_skill_stands_once_for_ranking_by_its_newest_approved_or_proposed_revision(project):
+    from skills.versions.services import skill_revision_reject
+
+    content = {"description": "When dates fail.", "instructions": "Send ISO 8601 dates."}
+    first = _approved(project, slug="iso-dates", name="ISO dates", **content)
+    edited = skill_revision_propose(
+        project=project,
+        draft=RevisionDraft(
+            slug="iso-dates", name="ISO dates", origin=Origin.HUMAN, parent=first, **content
+        ),
+    )
+    rejected = skill_revision_propose(
+        project=project,
+        draft=RevisionDraft(
+            slug="iso-dates", name="ISO dates, again", origin=Origin.HUMAN, parent=edited, **content
+        ),
+    )
+    skill_revision_reject(revision=rejected, actor=None, reason="worse", actor_label="test")
+    other = _approved(project, slug="retry-later", name="Retry later", **content)
+
+    standing = similar.latest_revisions(project)
+
+    assert sorted((s.slug, s.revision_id) for s in standing) == [
+        ("iso-dates", edited.pk),
+        ("retry-later", other.pk),
+    ]
