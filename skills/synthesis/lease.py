@@ -92,6 +92,8 @@ class _Renewer:
                 incident_services.groups_synthesis_heartbeat(group_ids=group_ids)
             except DatabaseError:
                 logger.warning("Could not renew the leases of groups %s.", group_ids)
+            except Exception:  # noqa: BLE001 - the one renewer of the process must live on
+                logger.exception("Renewing the leases of groups %s failed.", group_ids)
             finally:
                 # Hand this thread's connection back (to the pool, or closed): it renews a few
                 # times a minute and must not keep one of the pool's connections meanwhile.
