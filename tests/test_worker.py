@@ -202,3 +202,37 @@ def test_the_worker_keeps_its_database_connection_from_one_task_to_the_next(
     _wait_for(lambda: proposed(second), logs=worker)
 
     assert opened_since == 0, "the second task opened a new database connection"
+
+
+def test_each_child_of_a_fresh_worker_connects_to_the_database_before_its_first_task(tmp_path):
+    # A child that connected in its first task made that task, a proposal that a reviewer waits
+    # for, pay for the connection (and the LLM client) after every restart. Nothing is sent
+    # here: the connections must come from the children's start alone.
+    app_name = "metaclaw-test-fresh-worker"
+    redis_process, redis_url = procs.start_redis(tmp_path)  # its own broker: no task reaches it
+    llm = OpenAIServer(default=Reply(content=ANSWER), model="loopback-model").start()
+    env = procs.process_env(redis_url, llm=llm, PGAPPNAME=app_name)
+    process = procs.start_worker(env, tmp_path, "fresh", concurrency=2, beat=False)
+
+    def backends() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = %s",
+                [app_name],
+            )
+            return cursor.fetchone()[0]
+
+    try:
+        procs.wait_ready(tmp_path / "fresh.log", time.monotonic() + 90)
+        _wait_for(lambda: backends() >= 2, timeout=20, what="both children to connect")
+        time.sleep(1.0)
+        assert backends() >= 2, "a child closed its connection again before any task"
+        assert "Task " not in (tmp_path / "fresh.log").read_text()  # no task ran
+        assert not llm.chat_requests()
+    finally:
+        procs.stop(process)
+        llm.stop()
+        redis_process.terminate()
+        redis_process.wait(10)
+        procs.wait_for_backends_to_end(app_name)

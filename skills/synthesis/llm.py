@@ -211,6 +211,14 @@ def preload() -> None:
     client.chat.completions.create  # noqa: B018 - the access imports them
 
 
+def client_prepare() -> None:
+    """Build this process's client for the configured endpoint now (a worker's child calls it
+    before its first task), so that the first proposal does not wait for it."""
+    cfg = config()
+    if cfg is not None:
+        _client(cfg)
+
+
 def complete_json(
     messages: list[dict[str, Any]],
     schema: dict[str, Any],
