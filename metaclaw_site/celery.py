@@ -86,19 +86,26 @@ def _load_before_the_pool_forks(**kwargs) -> None:
         # spaCy and Presidio finish setting up on their first analysis: once, here, rather
         # than in each child's first proposal (about 25 ms there, measured).
         detector.find(["Warm-up: Jane Doe called from +1 202 555 0143 on 3 May 1990."])
-    # Connected now, not at import: receivers run in the order they were connected, and
-    # Celery's Django fixup connects its own here, just before this function, which closes every
-    # database connection and pool a child inherited. Run before it, it closed ours too.
-    worker_process_init.connect(
-        _connect_before_the_first_task, weak=False, dispatch_uid="metaclaw-connect-first"
-    )
+    pool = getattr(kwargs.get("sender"), "pool_cls", None)
+    if pool is not None and not getattr(pool, "__module__", "").endswith(".prefork"):
+        # Threads (or solo) run the tasks in this process, which never forks: connect now.
+        _connect_before_the_first_task()
+    else:
+        # In each child. Connected now, not at import: receivers run in the order they were
+        # connected, and Celery's Django fixup connects its own just before this function,
+        # which closes every database connection and pool a child inherited. Run before it,
+        # it closed ours too.
+        worker_process_init.connect(
+            _connect_before_the_first_task, weak=False, dispatch_uid="metaclaw-connect-first"
+        )
     gc.collect()
     gc.freeze()  # and keep what boot loaded out of the children's garbage collections
 
 
 def _connect_before_the_first_task(**kwargs) -> None:
-    """In each prefork child, before it takes a task: open its database pool and build its LLM
-    client (TLS context, connection pool), which nothing may do before the fork. Measured on a
+    """Before the first task (in each prefork child, or in a worker of threads): open the
+    database pool and build the LLM client (TLS context, connection pool), which nothing may
+    do before a fork. Measured on a
     2-core machine, a fresh child's first proposal took 166-225 ms against about 65 ms for its
     next ones; with this and the warm-up analysis above, 110-157 ms (what remains is the
     first use of each table by the new database backend, of the cache's Redis connection and

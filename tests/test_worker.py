@@ -204,15 +204,19 @@ def test_the_worker_keeps_its_database_connection_from_one_task_to_the_next(
     assert opened_since == 0, "the second task opened a new database connection"
 
 
-def test_each_child_of_a_fresh_worker_connects_to_the_database_before_its_first_task(tmp_path):
-    # A child that connected in its first task made that task, a proposal that a reviewer waits
-    # for, pay for the connection (and the LLM client) after every restart. Nothing is sent
-    # here: the connections must come from the children's start alone.
+@pytest.mark.parametrize(("pool", "connections"), [("prefork", 2), ("threads", 1)])
+def test_a_fresh_worker_connects_to_the_database_before_its_first_task(
+    tmp_path, pool: str, connections: int
+):
+    # A worker that connected in its first task made that task, a proposal that a reviewer
+    # waits for, pay for the connection (and the LLM client) after every restart. Nothing is
+    # sent here: the connections must come from the start alone (prefork: one in each of the
+    # two children; threads: the process's pool, which keeps one open).
     app_name = "metaclaw-test-fresh-worker"
     redis_process, redis_url = procs.start_redis(tmp_path)  # its own broker: no task reaches it
     llm = OpenAIServer(default=Reply(content=ANSWER), model="loopback-model").start()
     env = procs.process_env(redis_url, llm=llm, PGAPPNAME=app_name)
-    process = procs.start_worker(env, tmp_path, "fresh", concurrency=2, beat=False)
+    process = procs.start_worker(env, tmp_path, "fresh", concurrency=2, beat=False, pool=pool)
 
     def backends() -> int:
         with connection.cursor() as cursor:
@@ -225,9 +229,9 @@ def test_each_child_of_a_fresh_worker_connects_to_the_database_before_its_first_
 
     try:
         procs.wait_ready(tmp_path / "fresh.log", time.monotonic() + 90)
-        _wait_for(lambda: backends() >= 2, timeout=20, what="both children to connect")
+        _wait_for(lambda: backends() >= connections, timeout=20, what="the connections")
         time.sleep(1.0)
-        assert backends() >= 2, "a child closed its connection again before any task"
+        assert backends() >= connections, "a connection was closed again before any task"
         assert "Task " not in (tmp_path / "fresh.log").read_text()  # no task ran
         assert not llm.chat_requests()
     finally:
