@@ -15,6 +15,7 @@ from kombu import Connection
 
 from metaclaw_site.celery import app as celery_app
 from skills.synthesis import tasks
+from tests import factories
 from tests.fakes.openai_server import OpenAIServer, Reply, skill_answer
 from tests.faults import procs
 
@@ -33,6 +34,17 @@ def iso_dates_reply(slug: str, name: str, case: str = "", delay: float = 0.0) ->
             instructions=f"Convert relative dates to ISO 8601 (YYYY-MM-DD) first{about}.",
         ),
     )
+
+
+def ingest_failure_modes(api, key: str, count: int) -> None:
+    """One incident in each of ``count`` failure modes (agents ``agent-0``…, errors
+    ``Failure0Error``…): ``count`` new groups, each waiting for a synthesis."""
+    for n in range(count):
+        payload = factories.incident_payload(
+            agent={"name": f"agent-{n}", "version": "1.0"},
+            error={"type": f"Failure{n}Error", "message": f"failure mode {n}"},
+        )
+        assert api.post("/api/v1/incidents", payload, key=key).status_code in (200, 202)
 
 
 @dataclass

@@ -18,9 +18,8 @@ import pytest
 
 from incidents.models import IncidentGroup, SynthesisStatus
 from skills.library.models import SkillRevision
-from tests import factories
 from tests.fakes.openai_server import Reply
-from tests.faults.synthesis_stack import iso_dates_reply, synthesis_stack
+from tests.faults.synthesis_stack import ingest_failure_modes, iso_dates_reply, synthesis_stack
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
@@ -64,12 +63,7 @@ def test_a_thread_pool_worker_waits_on_a_slow_llm_for_many_groups_with_two_conne
         concurrency=GROUPS,
         METACLAW_DB_POOL_MAX_SIZE=2,
     ):
-        for n in range(GROUPS):
-            payload = factories.incident_payload(
-                agent={"name": f"agent-{n}", "version": "1.0"},
-                error={"type": f"Failure{n}Error", "message": f"failure mode {n}"},
-            )
-            assert api.post("/api/v1/incidents", payload, key=ingest_key).status_code in (200, 202)
+        ingest_failure_modes(api, ingest_key, GROUPS)
         deadline = time.monotonic() + 90
         while (
             IncidentGroup.objects.filter(synthesis_status=SynthesisStatus.PROPOSED).count() < GROUPS

@@ -12,10 +12,9 @@ import pytest
 
 from incidents.models import IncidentGroup, SynthesisStatus
 from skills.library.models import SkillRevision
-from tests import factories
 from tests.fakes.openai_server import Reply
 from tests.faults import procs
-from tests.faults.synthesis_stack import iso_dates_reply, synthesis_stack
+from tests.faults.synthesis_stack import ingest_failure_modes, iso_dates_reply, synthesis_stack
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
@@ -40,12 +39,7 @@ def test_a_worker_killed_mid_synthesis_leaves_no_group_running(
         METACLAW_SYNTHESIS_LEASE_SECONDS=LEASE_SECONDS,
         METACLAW_OUTBOX_SWEEP_AFTER_SECONDS=5,
     ) as stack:
-        for n in range(GROUPS):
-            payload = factories.incident_payload(
-                agent={"name": f"agent-{n}", "version": "1.0"},
-                error={"type": f"Failure{n}Error", "message": f"failure mode {n}"},
-            )
-            assert api.post("/api/v1/incidents", payload, key=ingest_key).status_code in (200, 202)
+        ingest_failure_modes(api, ingest_key, GROUPS)
         deadline = time.monotonic() + 90
         while not IncidentGroup.objects.filter(synthesis_status=SynthesisStatus.RUNNING).exists():
             assert time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
