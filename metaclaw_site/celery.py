@@ -104,15 +104,14 @@ def _load_before_the_pool_forks(**kwargs) -> None:
 
 def _connect_before_the_first_task(**kwargs) -> None:
     """Before the first task (in each prefork child, or in a worker of threads): open the
-    database pool and build the LLM client (TLS context, connection pool), which nothing may
-    do before a fork. Measured on a
-    2-core machine, a fresh child's first proposal took 166-225 ms against about 65 ms for its
-    next ones; with this and the warm-up analysis above, 110-157 ms (what remains is the
-    first use of each table by the new database backend, of the cache's Redis connection and
-    of each code path by the interpreter). A failure here is logged
-    and left to the first task, which meets it again and handles it as it always has: a child
-    must start (Celery kills one that takes more than a few seconds here), so nothing here
-    waits long or raises."""
+    database pool and build the LLM client (TLS context, connection pool), which nothing may do
+    before a fork. ``benchmarks/worker_start.py`` on a 2-core machine: a fresh worker's first
+    proposal took 213 ms against 75 ms for its later ones; with this and the warm-up analysis
+    above, 134 against 63 ms (what remains is the new database backend's first use of each
+    table, the cache's first Redis connection and the interpreter's first run of each path).
+    A failure here is logged and left to the first task, which meets it again and handles it as
+    it always has: a child must start (Celery kills one that takes more than a few seconds
+    here), so nothing here waits long or raises."""
     from django.db import connection
 
     from skills.synthesis import llm
