@@ -1,17 +1,28 @@
 """Scale-out: two web nodes and two fast workers, each a process group of its own on its own
 port, against one PostgreSQL and one Redis (docs/deploy.md). Incidents sent to either node in
 parallel are all stored, every group is synthesised exactly once, and an API key's rate limit
-holds across the nodes (their counts meet in Redis)."""
+holds across the nodes (their counts meet in Redis).
+
+The same nodes again behind PgBouncer in transaction mode (``METACLAW_PGBOUNCER=1``), with two
+server connections for all of them, so that each transaction may run on another server
+connection than the one before: what a deployment with hundreds of processes does."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
+import shutil
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -56,21 +67,8 @@ def _wait_until_listening(port: int, nodes: list[Node], timeout: float = 60.0) -
     pytest.fail("A web node did not start.\n" + "\n".join(n.tail() for n in nodes))
 
 
-@pytest.fixture(scope="module")
-def cluster(django_db_setup, django_db_blocker, tmp_path_factory):
-    from base.counters import redis_client
-
-    redis_client().flushdb()  # no stale task messages or counts from an earlier run
-    logs = tmp_path_factory.mktemp("scale-out")
-    llm = OpenAIServer(default=_answer_for_its_group, model="loopback-model")
-    llm.__enter__()
-    env = procs.process_env(
-        procs.suite_redis_url(),
-        llm=llm,
-        METACLAW_OUTBOX_SWEEP_AFTER_SECONDS=0,
-        ALLOWED_HOSTS="127.0.0.1,localhost",
-        PGAPPNAME=NODE_APP_NAME,
-    )
+def _start_cluster(logs: Path, env: dict[str, str]) -> dict:
+    """Two web nodes (uvicorn) and two fast workers (prefork, one child each)."""
     ports = [procs.free_port(), procs.free_port()]
     nodes: list[Node] = []
     for i, port in enumerate(ports):
@@ -98,11 +96,119 @@ def cluster(django_db_setup, django_db_blocker, tmp_path_factory):
     try:
         for port in ports:
             _wait_until_listening(port, nodes)
-        yield {"urls": [f"http://127.0.0.1:{p}" for p in ports], "nodes": nodes, "llm": llm}
+    except BaseException:
+        _stop(nodes)
+        raise
+    return {"urls": [f"http://127.0.0.1:{p}" for p in ports], "nodes": nodes}
+
+
+def _stop(nodes: list[Node]) -> None:
+    for node in nodes:
+        node.stop()
+
+
+def _cluster_env(
+    llm: OpenAIServer, redis_url: str, database_url: str = "", **settings: object
+) -> dict:
+    return procs.process_env(
+        redis_url,
+        database_url=database_url,
+        llm=llm,
+        METACLAW_OUTBOX_SWEEP_AFTER_SECONDS=0,
+        ALLOWED_HOSTS="127.0.0.1,localhost",
+        PGAPPNAME=NODE_APP_NAME,
+        **settings,
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster(django_db_setup, django_db_blocker, tmp_path_factory):
+    from base.counters import redis_client
+
+    redis_client().flushdb()  # no stale task messages or counts from an earlier run
+    logs = tmp_path_factory.mktemp("scale-out")
+    with OpenAIServer(default=_answer_for_its_group, model="loopback-model") as llm:
+        started = _start_cluster(logs, _cluster_env(llm, procs.suite_redis_url()))
+        try:
+            yield {**started, "llm": llm}
+        finally:
+            _stop(started["nodes"])
+            with django_db_blocker.unblock():
+                procs.wait_for_backends_to_end(NODE_APP_NAME)
+
+
+PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+
+
+class PgBouncer:
+    """A private PgBouncer in transaction mode in front of the suite's PostgreSQL, with
+    ``server_connections`` server connections for all its clients. As root it drops to the
+    postgres user (PgBouncer refuses to run as root)."""
+
+    def __init__(self, database_url: str, server_connections: int = 2) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="metaclaw-pgbouncer-"))
+        self.folder.chmod(0o755)  # readable by the user it runs as
+        self.port = procs.free_port()
+        server = urllib.parse.urlsplit(database_url)
+        (self.folder / "userlist.txt").write_text(f'"{server.username}" ""\n')
+        (self.folder / "pgbouncer.ini").write_text(
+            "[databases]\n"
+            f"* = host={server.hostname} port={server.port or 5432}\n"
+            "[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
+            f"auth_type = trust\nauth_file = {self.folder / 'userlist.txt'}\n"
+            f"pool_mode = transaction\ndefault_pool_size = {server_connections}\n"
+            "max_client_conn = 500\n"
+        )
+        self.url = server._replace(netloc=f"{server.username}@127.0.0.1:{self.port}").geturl()
+        self.log_path = self.folder / "pgbouncer.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        as_postgres = ["-u", "postgres"] if os.geteuid() == 0 else []
+        self.process = subprocess.Popen(
+            [PGBOUNCER, *as_postgres, str(self.folder / "pgbouncer.ini")],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    break
+            assert self.process.poll() is None and time.monotonic() < deadline, self.log()
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-3000:]
+
+    def stop(self) -> None:
+        procs.stop(self.process)
+        self._log.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster_behind_pgbouncer(django_db_setup, django_db_blocker, tmp_path_factory):
+    if not os.path.exists(PGBOUNCER):
+        message = f"no PgBouncer at {PGBOUNCER} (apt-get install -y pgbouncer)"
+        if os.environ.get("METACLAW_REQUIRE_PGBOUNCER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    logs = tmp_path_factory.mktemp("scale-out-pgbouncer")
+    # A Redis of its own: the other cluster's workers, still up, must not take its tasks.
+    redis, redis_url = procs.start_redis(logs)
+    with django_db_blocker.unblock():
+        bouncer = PgBouncer(procs.test_database_url())
+    try:
+        with OpenAIServer(default=_answer_for_its_group, model="loopback-model") as llm:
+            env = _cluster_env(llm, redis_url, database_url=bouncer.url, METACLAW_PGBOUNCER=1)
+            started = _start_cluster(logs, env)
+            try:
+                yield {**started, "llm": llm, "pgbouncer": bouncer}
+            finally:
+                _stop(started["nodes"])
     finally:
-        for node in nodes:
-            node.stop()
-        llm.__exit__(None, None, None)
+        bouncer.stop()  # its server connections end with it
+        redis.terminate()  # a plain child (not a process group of its own)
+        redis.wait(timeout=10)
         with django_db_blocker.unblock():
             procs.wait_for_backends_to_end(NODE_APP_NAME)
 
@@ -135,6 +241,42 @@ def _post(url: str, path: str, body: dict, key: str) -> tuple[int, dict]:
 def test_two_web_nodes_and_two_workers_lose_nothing_and_synthesise_each_group_once(
     project, cluster
 ):
+    _lose_nothing_and_synthesise_each_group_once(project, cluster)
+
+
+def test_behind_pgbouncer_in_transaction_mode_they_lose_nothing_and_synthesise_once(
+    project, cluster_behind_pgbouncer
+):
+    cluster = cluster_behind_pgbouncer
+    _lose_nothing_and_synthesise_each_group_once(project, cluster)
+    # Nothing a node did needed a session: no error in any node's log, nor in PgBouncer's.
+    for node in cluster["nodes"]:
+        log = node.log_path.read_text()
+        assert "Traceback" not in log and "ERROR" not in log, node.tail()
+    bouncer_log = cluster["pgbouncer"].log()
+    assert "ERROR" not in bouncer_log and "WARNING" not in bouncer_log, bouncer_log
+    # Reads go through it too, many at once over its two server connections: the group list,
+    # and the library export, which reads the bundled files with a cursor (on PostgreSQL
+    # directly a server-side one, whose FETCH could reach a server connection without it).
+    admin = factories.make_key(project, ["admin"])
+
+    def read(n: int) -> tuple[int, int]:
+        url = cluster["urls"][n % 2]
+        headers = {"Authorization": f"Bearer {admin}"}
+        request = urllib.request.Request(url + "/api/v1/groups", headers=headers)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            groups = len(json.loads(response.read())["items"])
+        request = urllib.request.Request(url + "/api/v1/skills/export", headers=headers)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            with zipfile.ZipFile(io.BytesIO(response.read())) as archive:
+                return groups, sum(name.endswith("/SKILL.md") for name in archive.namelist())
+
+    skills = SkillRevision.objects.values("skill").distinct().count()  # some were merged
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert set(pool.map(read, range(40))) == {(12, skills)}
+
+
+def _lose_nothing_and_synthesise_each_group_once(project, cluster) -> None:
     key = factories.make_key(project, ["ingest"])
     groups, per_group = 12, 4
     items = [
