@@ -19,6 +19,7 @@ import time
 from django.conf import settings
 from django.core.cache import cache
 
+from base import redis_cluster
 from base.periodic import Periodic
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,10 @@ def redis_client():
         return None
     import redis
 
+    if redis_cluster.enabled():
+        return redis_cluster.client_for(
+            settings.REDIS_URL, socket_timeout=1.0, socket_connect_timeout=1.0
+        )
     return redis.Redis.from_url(
         settings.REDIS_URL, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=30
     )
@@ -106,7 +111,7 @@ def traffic_per_minute(*, project_id: int, minutes: int, now: float | None = Non
     if client is None:
         values = cache.get_many(keys)
         return [int(values.get(k) or 0) for k in keys]
-    return [int(v or 0) for v in client.mget(keys)]
+    return [int(v or 0) for v in redis_cluster.mget(client, keys)]
 
 
 # --- In-process counts, flushed to the same keys in the background ---------------------------
@@ -218,7 +223,11 @@ def _refresh_known(keys: list[tuple[int, int]]) -> None:
     names = [RATE_KEY.format(key_id=key_id, minute=minute) for key_id, minute in keys]
     try:
         client = redis_client()
-        values = client.mget(names) if client is not None else [cache.get(n) for n in names]
+        values = (
+            redis_cluster.mget(client, names)
+            if client is not None
+            else [cache.get(n) for n in names]
+        )
     except Exception:  # noqa: BLE001 - a missed refresh only delays what this node learns
         return
     with _local.lock:

@@ -164,10 +164,15 @@ EMBEDDED = not DATABASE_URL
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
+# REDIS_URL names one node of a Redis Cluster: the cache and the counters use a cluster-aware
+# client (base.redis_cluster); Celery's broker must be elsewhere (CELERY_BROKER_URL).
+REDIS_CLUSTER = bool(REDIS_URL) and env_bool("METACLAW_REDIS_CLUSTER", False)
 if REDIS_URL:
     CACHES = {
         "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "BACKEND": "base.redis_cluster.RedisClusterCache"
+            if REDIS_CLUSTER
+            else "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": os.environ.get("METACLAW_CACHE_PREFIX", "metaclaw"),
         }
@@ -243,6 +248,12 @@ EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
 # notifications, "slow" for the slow loop. Production runs a worker per queue.
 if REDIS_URL:
     CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", REDIS_URL)
+    if REDIS_CLUSTER and "CELERY_BROKER_URL" not in os.environ:
+        # kombu's Redis transport keeps a queue's keys together, which a cluster cannot.
+        raise ImproperlyConfigured(
+            "METACLAW_REDIS_CLUSTER=1: a Redis Cluster cannot be Celery's broker. Set "
+            "CELERY_BROKER_URL to a plain Redis (redis://...) or RabbitMQ (amqp://...)."
+        )
     # A message a worker took and never acknowledged (the worker was SIGKILLed) goes back to
     # the queue after this long. It must outlast the longest countdown (600 s, a retry's
     # backoff), or a delayed task is delivered twice; a lost synthesis is rescued sooner by its

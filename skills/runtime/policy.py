@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from django.core.cache import cache
 
-from base import counters
+from base import counters, redis_cluster
 from base.errors import NotFound
 from base.periodic import Periodic
 from skills.canary import selectors as canary_selectors
@@ -225,7 +225,8 @@ def _read_generations(project_ids: Sequence[int]) -> dict[int, int]:
     if client is None:
         values = cache.get_many(keys)
         return {pid: int(values.get(k) or 0) for pid, k in zip(project_ids, keys, strict=True)}
-    return {pid: int(v or 0) for pid, v in zip(project_ids, client.mget(keys), strict=True)}
+    values = redis_cluster.mget(client, keys)
+    return {pid: int(v or 0) for pid, v in zip(project_ids, values, strict=True)}
 
 
 def policy_snapshot_cached(*, project_id: int, version: int | None = None) -> PolicySnapshot | None:
