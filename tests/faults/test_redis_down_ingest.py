@@ -165,7 +165,11 @@ def test_redis_stopped_for_twenty_seconds_loses_no_incident_and_no_group(project
         assert len(results) == RATE * SEND_FOR
         assert acknowledged <= set(stored)
         assert len(stored) == len(set(stored))  # none twice
-        assert len(formed) >= DOWN_FOR * RATE // PER_GROUP - 2
+        # A new group every half second while Redis was down (40 in 20 s), less what a loaded
+        # machine's senders fell behind by: scripts/test runs this folder beside the rest of the
+        # suite (36 groups from 180 incidents in one such run).
+        assert len(formed) >= len(during) // PER_GROUP - 2
+        assert len(formed) >= DOWN_FOR * RATE // PER_GROUP // 2
         assert len(group_ids) == len(formed)
         assert set(statuses.values()) == {SynthesisStatus.PROPOSED}, (
             statuses,
