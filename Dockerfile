@@ -20,7 +20,7 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /app
 COPY . /app
 RUN pip install -c constraints.txt -e .
-RUN useradd --system --no-create-home --uid 10001 metaclaw \
+RUN useradd --system --create-home --uid 10001 metaclaw \
     && mkdir -p /app/var && chown metaclaw /app/var
 USER metaclaw
 
