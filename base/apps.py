@@ -8,3 +8,10 @@ class BaseConfig(AppConfig):
     # every existing database has them, so moving the code needed no data migration.
     label = "metaclaw_site"
     verbose_name = "MetaClaw"
+
+    def ready(self) -> None:
+        from django.core import checks
+
+        from base.redis_cluster import check_the_setting_matches_the_server
+
+        checks.register(check_the_setting_matches_the_server, checks.Tags.caches)

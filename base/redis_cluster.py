@@ -2,9 +2,10 @@
 of its nodes). A cluster answers a key only on the node that holds its slot and refuses one
 command over keys of several slots, so a plain client fails there: the cache's writes to other
 nodes' slots raise ``MOVED``, rate-limit counts never reach Redis (each web process limits only
-what it counted itself), and the traffic figures raise ``CROSSSLOT``. Here one cluster-aware client (redis-py's ``RedisCluster``) serves
-all keys, and a command over several keys is split by slot. Celery's broker cannot be a cluster
-(settings require ``CELERY_BROKER_URL``): docs/deploy.md."""
+what it counted itself), and the traffic figures raise ``CROSSSLOT``. Here one cluster-aware
+client (redis-py's ``RedisCluster``) serves all keys, and a command over several keys is split
+by slot. Celery's broker cannot be a cluster (settings require ``CELERY_BROKER_URL``), and a
+system check says when the setting and the server disagree: docs/deploy.md."""
 
 from __future__ import annotations
 
@@ -80,3 +81,43 @@ class RedisClusterCache(RedisCache):
     def __init__(self, server, params) -> None:
         super().__init__(server, params)
         self._class = RedisClusterCacheClient
+
+
+def check_the_setting_matches_the_server(app_configs=None, **kwargs) -> list:
+    """A system check (``manage.py check``, and ``migrate`` before every release): REDIS_URL's
+    server is a cluster node exactly when ``METACLAW_REDIS_CLUSTER`` says so. Either mistake is
+    silent at run time (the plain client's failures are swallowed by the counters). When Redis
+    cannot be reached it says nothing: an outage is not a configuration error."""
+    from django.core import checks
+
+    if not settings.REDIS_URL:
+        return []
+    import redis
+
+    try:
+        info = redis.Redis.from_url(
+            settings.REDIS_URL, socket_timeout=1.0, socket_connect_timeout=1.0
+        ).info("cluster")
+    except redis.RedisError:
+        return []
+    is_cluster = bool(int(info.get("cluster_enabled", 0)))
+    if is_cluster and not enabled():
+        return [
+            checks.Error(
+                f"REDIS_URL ({settings.REDIS_URL}) is a node of a Redis Cluster, and "
+                "METACLAW_REDIS_CLUSTER is not set: the cache would fail for keys on other "
+                "nodes and rate limits would not be shared between web processes.",
+                hint="Set METACLAW_REDIS_CLUSTER=1 and CELERY_BROKER_URL (docs/deploy.md).",
+                id="metaclaw.E001",
+            )
+        ]
+    if enabled() and not is_cluster:
+        return [
+            checks.Error(
+                f"METACLAW_REDIS_CLUSTER=1, but REDIS_URL ({settings.REDIS_URL}) is not a node "
+                "of a Redis Cluster.",
+                hint="Unset METACLAW_REDIS_CLUSTER, or point REDIS_URL at a cluster node.",
+                id="metaclaw.E002",
+            )
+        ]
+    return []

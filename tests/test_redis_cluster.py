@@ -256,3 +256,36 @@ def test_the_cluster_cache_spreads_keys_and_splits_each_multi_key_call_by_slot(r
     assert cache.get("gone") is None
     cache.clear()
     assert cache.get_many(names) == {} and cache.get("counter") is None
+
+
+def _manage_check(**settings: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("CELERY_BROKER_URL",)}
+    env.update(DJANGO_SETTINGS_MODULE="metaclaw_site.settings", SECRET_KEY="x" * 50, **settings)
+    return subprocess.run(
+        [sys.executable, str(procs.ROOT / "manage.py"), "check"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_manage_py_check_says_when_the_setting_and_the_redis_server_disagree(redis_cluster):
+    # A cluster node without the setting: silent at run time, so refused before migrating.
+    plain_client = _manage_check(REDIS_URL=redis_cluster["url"], METACLAW_REDIS_CLUSTER="0")
+    assert plain_client.returncode != 0
+    assert "metaclaw.E001" in plain_client.stderr and "METACLAW_REDIS_CLUSTER=1" in (
+        plain_client.stderr
+    )
+    # The setting on a plain Redis.
+    not_a_cluster = _manage_check(
+        REDIS_URL=procs.suite_redis_url(),
+        METACLAW_REDIS_CLUSTER="1",
+        CELERY_BROKER_URL=procs.suite_redis_url(),
+    )
+    assert not_a_cluster.returncode != 0 and "metaclaw.E002" in not_a_cluster.stderr
+    # Both agree.
+    agreed = _manage_check(
+        REDIS_URL=redis_cluster["url"],
+        METACLAW_REDIS_CLUSTER="1",
+        CELERY_BROKER_URL=procs.suite_redis_url(),
+    )
+    assert agreed.returncode == 0, agreed.stderr
+    assert "no issues" in agreed.stdout
