@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.cache.backends.redis import RedisCache, RedisCacheClient
@@ -95,16 +96,18 @@ def check_the_setting_matches_the_server(app_configs=None, **kwargs) -> list:
     import redis
 
     try:
-        info = redis.Redis.from_url(
+        with redis.Redis.from_url(
             settings.REDIS_URL, socket_timeout=1.0, socket_connect_timeout=1.0
-        ).info("cluster")
+        ) as client:
+            info = client.info("cluster")
     except redis.RedisError:
         return []
     is_cluster = bool(int(info.get("cluster_enabled", 0)))
+    address = urlsplit(settings.REDIS_URL).netloc.rpartition("@")[2]  # never its password
     if is_cluster and not enabled():
         return [
             checks.Error(
-                f"REDIS_URL ({settings.REDIS_URL}) is a node of a Redis Cluster, and "
+                f"REDIS_URL ({address}) is a node of a Redis Cluster, and "
                 "METACLAW_REDIS_CLUSTER is not set: the cache would fail for keys on other "
                 "nodes and rate limits would not be shared between web processes.",
                 hint="Set METACLAW_REDIS_CLUSTER=1 and CELERY_BROKER_URL (docs/deploy.md).",
@@ -114,7 +117,7 @@ def check_the_setting_matches_the_server(app_configs=None, **kwargs) -> list:
     if enabled() and not is_cluster:
         return [
             checks.Error(
-                f"METACLAW_REDIS_CLUSTER=1, but REDIS_URL ({settings.REDIS_URL}) is not a node "
+                f"METACLAW_REDIS_CLUSTER=1, but REDIS_URL ({address}) is not a node "
                 "of a Redis Cluster.",
                 hint="Unset METACLAW_REDIS_CLUSTER, or point REDIS_URL at a cluster node.",
                 id="metaclaw.E002",

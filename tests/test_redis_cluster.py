@@ -274,13 +274,14 @@ def test_manage_py_check_says_when_the_setting_and_the_redis_server_disagree(red
     assert "metaclaw.E001" in plain_client.stderr and "METACLAW_REDIS_CLUSTER=1" in (
         plain_client.stderr
     )
-    # The setting on a plain Redis.
+    # The setting on a plain Redis; the message names the server, never its password.
     not_a_cluster = _manage_check(
-        REDIS_URL=procs.suite_redis_url(),
+        REDIS_URL=procs.suite_redis_url().replace("redis://", "redis://:a-password@", 1),
         METACLAW_REDIS_CLUSTER="1",
         CELERY_BROKER_URL=procs.suite_redis_url(),
     )
     assert not_a_cluster.returncode != 0 and "metaclaw.E002" in not_a_cluster.stderr
+    assert "a-password" not in not_a_cluster.stderr
     # Both agree.
     agreed = _manage_check(
         REDIS_URL=redis_cluster["url"],
