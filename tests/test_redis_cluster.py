@@ -1,5 +1,5 @@
 """A Redis Cluster for the cache and the counters (docs/deploy.md): three redis-server nodes of
-our own in cluster mode, two web nodes and a fast worker with ``METACLAW_REDIS_CLUSTER=1``, and
+our own in cluster mode, two web nodes and two fast workers with ``METACLAW_REDIS_CLUSTER=1``, and
 the broker on a plain Redis (a cluster cannot be Celery's broker). With a plain client the
 cache's writes to the other nodes' slots failed (MOVED), the rate-limit counts never reached
 Redis (each node let through its own ten) and the traffic figures raised CROSSSLOT."""
@@ -23,11 +23,17 @@ from incidents.models import IncidentGroup, SynthesisStatus
 from tests import factories
 from tests.fakes.openai_server import OpenAIServer
 from tests.faults import procs
-from tests.test_scale_out import Node, _answer_for_its_group, _wait_until_listening
+from tests.test_scale_out import (
+    NODE_APP_NAME,
+    _answer_for_its_group,
+    _cluster_env,
+    _start_cluster,
+    _stop,
+    _wait_until_listening,
+)
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
-APP_NAME = "metaclaw-test-redis-cluster"
 NODES = 3
 
 
@@ -97,48 +103,25 @@ def redis_cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def nodes_on_the_cluster(django_db_setup, django_db_blocker, tmp_path_factory, redis_cluster):
+    """The scale-out test's two web nodes and two workers, on the cluster; the broker on a
+    plain Redis of its own."""
     logs = tmp_path_factory.mktemp("redis-cluster-nodes")
     broker, broker_url = procs.start_redis(logs)
-    llm = OpenAIServer(default=_answer_for_its_group, model="loopback-model")
-    llm.__enter__()
-    env = procs.process_env(
-        redis_cluster["url"],
-        llm=llm,
-        METACLAW_REDIS_CLUSTER=1,
-        CELERY_BROKER_URL=broker_url,
-        METACLAW_OUTBOX_SWEEP_AFTER_SECONDS=0,
-        PGAPPNAME=APP_NAME,
-    )
-    ports = [procs.free_port(), procs.free_port()]
-    nodes = [
-        Node(
-            f"web-{i}",
-            [sys.executable, "-m", "uvicorn", "metaclaw_site.asgi:application", "--host",
-             "127.0.0.1", "--port", str(port), "--no-access-log", "--lifespan", "off"],
-            env, logs,
-        )
-        for i, port in enumerate(ports)
-    ] + [
-        Node(
-            "worker",
-            [sys.executable, "-m", "celery", "-A", "metaclaw_site", "worker", "-Q", "fast",
-             "-P", "prefork", "-c", "1", "-n", "cluster@%h", "--without-gossip",
-             "--without-mingle", "--without-heartbeat", "-l", "INFO"],
-            env, logs,
-        ),
-    ]  # fmt: skip
     try:
-        for port in ports:
-            _wait_until_listening(port, nodes)
-        yield {"urls": [f"http://127.0.0.1:{p}" for p in ports], "nodes": nodes, "llm": llm}
+        with OpenAIServer(default=_answer_for_its_group, model="loopback-model") as llm:
+            env = _cluster_env(
+                llm, redis_cluster["url"], METACLAW_REDIS_CLUSTER=1, CELERY_BROKER_URL=broker_url
+            )
+            started = _start_cluster(logs, env)
+            try:
+                yield {**started, "llm": llm}
+            finally:
+                _stop(started["nodes"])
     finally:
-        for node in nodes:
-            node.stop()
-        llm.__exit__(None, None, None)
-        broker.terminate()
+        broker.terminate()  # a plain child (not a process group of its own)
         broker.wait(timeout=10)
         with django_db_blocker.unblock():
-            procs.wait_for_backends_to_end(APP_NAME)
+            procs.wait_for_backends_to_end(NODE_APP_NAME)
 
 
 def _send(url: str, payload: dict, key: str) -> int:
