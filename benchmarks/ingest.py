@@ -9,7 +9,8 @@ incidents/s and p50/p99 latency for the single and the batch endpoint, in ``--re
 on the same server with the same clients: ``GET /livez``, a request that does no work.
 
     python benchmarks/ingest.py [--server uvicorn] [--workers N] [--clients 16] [--duration 10]
-                                [--door fast|django|both] [--sizes 10k,1M] [--repeats 3]
+                                [--door fast|django|both] [--group-commit on|off|both]
+                                [--sizes 10k,1M] [--repeats 3]
 
 ``--sizes``: the figures are printed with the project already holding each of these numbers of
 incidents (copied inside PostgreSQL, ``_growth.py``), so that the cost of a bigger table shows;
@@ -17,7 +18,10 @@ incidents (copied inside PostgreSQL, ``_growth.py``), so that the cost of a bigg
 
 ``--door`` picks what serves the routes under uvicorn: the ASGI fast lane (the default, as in
 production), Django's own async stack (``METACLAW_FAST_LANE=0``), or both one after the other on
-the same database, for an A/B of what the fast lane still buys.
+the same database, for an A/B of what the fast lane still buys. ``--group-commit`` does the same
+for the fast lane's group commit (``base.coalescing``: single incidents that arrive while another
+of their key is being stored share the next transaction): on (the default, as in production),
+off (``METACLAW_INGEST_GROUP_COMMIT_MAX_ITEMS=1``: each request its own transaction), or both.
 
 Targets on a 2-core machine: single ≥ 500 incidents/s with p99 ≤ 50 ms at 16 clients;
 batch ≥ 5,000 incidents/s.
@@ -83,6 +87,7 @@ def main() -> None:
         "gunicorn gthread (keep-alive connections stick to one process)",
     )  # fmt: skip
     parser.add_argument("--door", choices=["fast", "django", "both"], default="fast")
+    parser.add_argument("--group-commit", choices=["on", "off", "both"], default="on")
     parser.add_argument(
         "--repeats", type=int, default=3, help="rounds at each size (median and spread printed)"
     )
@@ -100,12 +105,15 @@ def main() -> None:
     run_id = uuid.uuid4().hex[:8]
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     doors = ["fast", "django"] if args.door == "both" else [args.door]
+    group_commits = ["on", "off"] if args.group_commit == "both" else [args.group_commit]
+    # (door, group commit on the fast lane): Django's door has none.
+    variants = [(d, g) for d in doors for g in (group_commits if d == "fast" else [""])]
     summary: list[tuple[int, str, dict]] = []
     for size in parse_sizes(args.sizes):
         if size:
             print(f"\n== with {size:,} incidents stored ==", flush=True)
             preload(size)
-        for door in doors:
+        for door, group_commit in variants:
             port = free_port()
             if args.server == "uvicorn":
                 command = [
@@ -121,15 +129,18 @@ def main() -> None:
                 ] + (["--threads", "4", "--keep-alive", "30"] if args.server == "gthread" else [])  # fmt: skip
             # The door is read at boot (metaclaw_site/asgi.py); the WSGI servers have only Django's.
             env["METACLAW_FAST_LANE"] = "1" if door == "fast" else "0"
+            env["METACLAW_INGEST_GROUP_COMMIT_MAX_ITEMS"] = "1" if group_commit == "off" else "100"
+            label = f"{door} door" + (f", group commit {group_commit}" if group_commit else "")
             figures = _measure(
-                args, command, env, port, headers, f"{run_id}-{size}-{door}", label=f"{door} door"
-            )
-            summary.append((size, door, figures))
+                args, command, env, port, headers, f"{run_id}-{size}-{door}{group_commit}",
+                label=label,
+            )  # fmt: skip
+            summary.append((size, label, figures))
     if len(summary) > 1:
         print("\ngrowth (the same load at each size; flat is what the issue asks for):")
-        for size, door, figures in summary:
+        for size, label, figures in summary:
             print(
-                f"  {size:>10,} incidents stored, {door} door: single {figures['single_rps']:6.0f}/s "
+                f"  {size:>10,} incidents stored, {label}: single {figures['single_rps']:6.0f}/s "
                 f"p99 {figures['single_p99']:5.1f} ms; batch {figures['batch_rps']:7.0f}/s "
                 f"(medians; baseline GET /livez {figures['base_rps']:.0f}/s)"
             )

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
+
+from base.coalescing import Coalescer
 from base.errors import DomainError
 from base.fast_lane import (
     FastResponse,
@@ -21,7 +24,7 @@ from base.fast_lane import (
     in_worker_thread,
 )
 from base.permissions import api_key_label
-from incidents.api import incident_answer, incident_batch_answer, trajectory_batch_answer
+from incidents.api import incident_answers, incident_batch_answer, trajectory_batch_answer
 from incidents.schemas import BatchIn, BatchOut, IncidentAccepted, IncidentIn
 
 INGEST = ("ingest",)
@@ -38,16 +41,22 @@ async def _admitted(headers: dict[str, str], schema: Any, body: bytes):
     return api_key, payload
 
 
+def _answers(key: tuple[Any, int, str], payloads: list[IncidentIn]) -> list[tuple[int, dict]]:
+    project, api_key_id, actor = key
+    return incident_answers(project=project, payloads=payloads, actor=actor, api_key_id=api_key_id)
+
+
+# Concurrent single incidents of one key share a transaction (``base.coalescing``).
+_incidents = Coalescer(_answers, lambda: settings.METACLAW["INGEST_GROUP_COMMIT_MAX_ITEMS"])
+
+
 async def post_incident(*, headers: dict[str, str], query: str, body: bytes) -> FastResponse:
     admitted = await _admitted(headers, IncidentIn, body)
     if isinstance(admitted, FastResponse):
         return admitted
     api_key, payload = admitted
-    status, answer = await in_worker_thread(incident_answer)(
-        project=api_key.project,
-        payload=payload,
-        actor=api_key_label(api_key),
-        api_key_id=api_key.pk,
+    status, answer = await _incidents.call(
+        (api_key.project, api_key.pk, api_key_label(api_key)), payload
     )
     return api_answer(status, _out(IncidentAccepted, answer))
 

@@ -318,6 +318,9 @@ METACLAW = {
     "INGEST_MAX_BODY_BYTES": env_int("METACLAW_INGEST_MAX_BODY_BYTES", 1024 * 1024),
     "BATCH_MAX_BODY_BYTES": env_int("METACLAW_BATCH_MAX_BODY_BYTES", 5 * 1024 * 1024),
     "BATCH_MAX_ITEMS": env_int("METACLAW_BATCH_MAX_ITEMS", 1000),
+    # Single incidents of one key that arrive while another is being stored share the next
+    # transaction on the ASGI fast lane, at most this many (base.coalescing; 1: each alone).
+    "INGEST_GROUP_COMMIT_MAX_ITEMS": env_int("METACLAW_INGEST_GROUP_COMMIT_MAX_ITEMS", 100),
     # SKILL.md imports: the request body (a whole repository's zip), which also bounds what an
     # archive may unpack to (twice this), and each file kept with a skill (binary files too).
     "SKILL_IMPORT_MAX_BYTES": env_int("METACLAW_SKILL_IMPORT_MAX_BYTES", 50 * 1024 * 1024),
