@@ -26,11 +26,13 @@ def _clear_local_caches():
     from django.core.cache import cache
 
     from base.fast_lane import forget_blocked_addresses
+    from base.queue import forget_broker_outage
     from base.services import api_key_cache_clear
 
     cache.clear()
     api_key_cache_clear()
     forget_blocked_addresses()
+    forget_broker_outage()
     yield
 
 
