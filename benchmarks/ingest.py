@@ -10,11 +10,12 @@ on the same server with the same clients: ``GET /livez``, a request that does no
 
     python benchmarks/ingest.py [--server uvicorn] [--workers N] [--clients 16] [--duration 10]
                                 [--door fast|django|both] [--group-commit on|off|both]
-                                [--sizes 10k,1M] [--repeats 3]
+                                [--sizes 10k,1M] [--repeats 3] [--partitioned]
 
 ``--sizes``: the figures are printed with the project already holding each of these numbers of
 incidents (copied inside PostgreSQL, ``_growth.py``), so that the cost of a bigger table shows;
-``--sizes 0`` measures on an empty one.
+``--sizes 0`` measures on an empty one. ``--partitioned``: the incidents table partitioned by month
+first (``manage.py partition_incidents``, ``incidents.partitions``), as at hundreds of millions.
 
 ``--door`` picks what serves the routes under uvicorn: the ASGI fast lane (the default, as in
 production), Django's own async stack (``METACLAW_FAST_LANE=0``), or both one after the other on
@@ -88,6 +89,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--door", choices=["fast", "django", "both"], default="fast")
     parser.add_argument("--group-commit", choices=["on", "off", "both"], default="on")
+    parser.add_argument("--partitioned", action="store_true", help="partition incidents first")
     parser.add_argument(
         "--repeats", type=int, default=3, help="rounds at each size (median and spread printed)"
     )
@@ -102,6 +104,10 @@ def main() -> None:
 
     env = django_ready("metaclaw_bench", redis_db=9, fresh=True)
     key = setup_project()
+    if args.partitioned:
+        from incidents.partitions import incidents_partition
+
+        print(f"incidents partitioned by month: {incidents_partition()['made']}")
     run_id = uuid.uuid4().hex[:8]
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     doors = ["fast", "django"] if args.door == "both" else [args.door]

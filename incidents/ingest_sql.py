@@ -364,7 +364,10 @@ _INCIDENT_ATTNAMES = [f.attname for f in Incident._meta.concrete_fields]
 
 
 def insert_incidents(incidents: list[NewIncident]) -> set[uuid.UUID]:
-    """INSERT ... ON CONFLICT (project, client id) DO NOTHING, returning the ids it stored.
+    """INSERT ... ON CONFLICT DO NOTHING, returning the ids it stored: the conflict is a client
+    id stored already, unique per project (per partition of the project, on a table partitioned
+    by time, ``incidents.partitions``: there no unique key can name these columns alone, hence
+    no conflict target here).
 
     One statement instead of bulk_create plus a read-back: the rows a concurrent request
     stored first are simply not returned. ``incidents`` must be sorted by client id."""
@@ -373,7 +376,7 @@ def insert_incidents(incidents: list[NewIncident]) -> set[uuid.UUID]:
         Incident,
         rows,
         order_by="client_id",
-        tail="ON CONFLICT (project_id, client_id) DO NOTHING RETURNING id",
+        tail="ON CONFLICT DO NOTHING RETURNING id",
     )
     return {_as_uuid(pk) for (pk,) in returned}
 

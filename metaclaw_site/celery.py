@@ -58,6 +58,10 @@ app.conf.beat_schedule = {
         "task": "skills.tasks.sweep_pending_notifications",
         "schedule": 60.0,
     },
+    "ensure-incident-partitions": {
+        "task": "incidents.tasks.ensure_incident_partitions",
+        "schedule": 6 * 3600.0,
+    },
 }
 
 

@@ -167,8 +167,11 @@ def test_every_task_keeps_its_name_and_the_beat_schedule_finds_each():
     from metaclaw_site.celery import app
 
     app.loader.import_default_modules()
-    ours = sorted(name for name in app.tasks if name.startswith(("skills.", "training.")))
+    ours = sorted(
+        name for name in app.tasks if name.startswith(("incidents.", "skills.", "training."))
+    )
     assert ours == [
+        "incidents.tasks.ensure_incident_partitions",
         "skills.tasks.check_canaries",
         "skills.tasks.check_effectiveness",
         "skills.tasks.judge_revision",
