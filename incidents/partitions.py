@@ -3,8 +3,9 @@ of rows (``docs/deploy.md``): ``incidents_partition`` converts it once (``manage
 partition_incidents``), ``incident_partitions_ensure`` keeps a partition per month ready ahead
 of time (the beat runs it daily; it does nothing on a table that is not partitioned).
 
-The shape: ranges of ``received_at`` (UTC months), one partition for every row older than the
-month of the conversion, a DEFAULT partition for whatever arrives outside the months made
+The shape: ranges of ``received_at`` (UTC months); the table as it was becomes the partition of
+everything before the month after the conversion (no row is copied), each later month gets its
+own, and a DEFAULT partition takes whatever arrives outside the months made
 (``incident_partitions_ensure`` moves such rows into their month when it makes it). PostgreSQL
 requires a partitioned table's unique keys to include the partition key, so:
 
@@ -71,10 +72,11 @@ def partitions() -> list[tuple[str, str]]:
 
 def incidents_partition(*, months_ahead: int = 3, now: datetime | None = None) -> dict:
     """Convert the incidents table into one partitioned by month of ``received_at``, keeping
-    every row, index and key; in one transaction, holding the table's lock throughout (ingest
-    waits: the copy takes minutes per ten million rows, so convert before the table is huge or
-    in a quiet hour). On a table partitioned already it only makes the months ahead.
-    Returns what it did: ``{"converted": bool, "rows": n, "made": [partition, ...]}``."""
+    every row, index and key, in one transaction. No row is copied: the table as it is becomes
+    the partition of everything before next month (PostgreSQL checks its rows and adds the
+    ``(id, received_at)`` key's index: seconds per million rows, the table locked meanwhile),
+    and the months after it get partitions of their own. On a table partitioned already it only
+    makes the months ahead. ``{"converted": bool, "rows": n kept, "made": [partition, ...]}``."""
     if connection.vendor != "postgresql":
         raise PartitioningUnavailable("Partitioning the incidents table needs PostgreSQL.")
     now = now or timezone.now()
@@ -85,7 +87,6 @@ def incidents_partition(*, months_ahead: int = 3, now: datetime | None = None) -
         # Deferred foreign-key checks of this transaction's rows must run before ALTER TABLE.
         cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
         cursor.execute(f"LOCK TABLE {TABLE} IN ACCESS EXCLUSIVE MODE")
-        old = f"{TABLE}_unpartitioned"
         cursor.execute(
             "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
             "WHERE conrelid = %s::regclass AND contype = 'f' ORDER BY conname",
@@ -99,8 +100,8 @@ def incidents_partition(*, months_ahead: int = 3, now: datetime | None = None) -
         )
         for table, name in cursor.fetchall():
             cursor.execute(f'ALTER TABLE {table} DROP CONSTRAINT "{name}"')
-        # The indexes that are neither the primary key nor a unique one, as they are defined
-        # now (by name, on this table's name): made again on the partitioned table.
+        # Its indexes as defined now (by name, on this table's name): the partitioned table
+        # gets the same ones, and attaching this table adopts its indexes as their partitions.
         cursor.execute(
             "SELECT i.relname, pg_get_indexdef(x.indexrelid), x.indisunique FROM pg_index x "
             "JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = %s::regclass "
@@ -108,11 +109,15 @@ def incidents_partition(*, months_ahead: int = 3, now: datetime | None = None) -
             [TABLE],
         )
         indexes = cursor.fetchall()
-        cursor.execute(f"ALTER TABLE {TABLE} RENAME TO {old}")
+        bound = _month(now, 1)
+        before = f"{TABLE}_before_{bound:%Y_%m}"
+        cursor.execute(f"ALTER TABLE {TABLE} RENAME TO {before}")
         for name, _, _ in indexes:
-            cursor.execute(f'ALTER INDEX "{name}" RENAME TO "{name[:40]}_unpartitioned"')
+            cursor.execute(f'ALTER INDEX "{name}" RENAME TO "{name[:40]}_before"')
+        # Its key on ``id`` alone gives way to the partitioned table's ``(id, received_at)``.
+        cursor.execute(f'ALTER TABLE {before} DROP CONSTRAINT "{TABLE}_pkey_before"')
         cursor.execute(
-            f"CREATE TABLE {TABLE} (LIKE {old} INCLUDING DEFAULTS INCLUDING CONSTRAINTS) "
+            f"CREATE TABLE {TABLE} (LIKE {before} INCLUDING DEFAULTS INCLUDING CONSTRAINTS) "
             "PARTITION BY RANGE (received_at)"
         )
         cursor.execute(
@@ -123,32 +128,36 @@ def incidents_partition(*, months_ahead: int = 3, now: datetime | None = None) -
                 cursor.execute(definition)
         for name, definition in own_keys:
             cursor.execute(f'ALTER TABLE {TABLE} ADD CONSTRAINT "{name}" {definition}')
-        first = _month(now)
-        made = [
-            _make_partition(cursor, f"{TABLE}_before_{first:%Y_%m}", None, first),
-            _make_partition(cursor, DEFAULT_PARTITION, None, None),
-        ]
-        cursor.execute(f"INSERT INTO {TABLE} SELECT * FROM {old}")
-        rows = cursor.rowcount
-        cursor.execute(f"DROP TABLE {old}")
+        cursor.execute(
+            f"ALTER TABLE {TABLE} ATTACH PARTITION {before} "
+            f"FOR VALUES FROM (MINVALUE) TO ('{bound.isoformat()}')"
+        )
+        cursor.execute(f"SELECT count(*) FROM {before}")
+        rows = cursor.fetchone()[0]
+        made = [before, _make_partition(cursor, DEFAULT_PARTITION, None, None)]
         made += incident_partitions_ensure(months_ahead=months_ahead, now=now)["made"]
     return {"converted": True, "rows": rows, "made": made}
 
 
 def incident_partitions_ensure(*, months_ahead: int = 3, now: datetime | None = None) -> dict:
     """The partitions of this month and the ``months_ahead`` next ones, made where missing
-    (rows that went to the DEFAULT partition in the meantime move into theirs). Idempotent;
-    nothing to do on a table that is not partitioned. ``{"made": [partition, ...]}``."""
+    (rows that went to the DEFAULT partition in the meantime move into theirs); months that the
+    converted table's own partition covers are not made. Idempotent; nothing to do on a table
+    that is not partitioned. ``{"made": [partition, ...]}``."""
     if not is_partitioned():
         return {"made": []}
     now = now or timezone.now()
     have = {name for name, _ in partitions()}
+    covered = max(
+        (name.removeprefix(f"{TABLE}_before_") for name in have if "_before_" in name),
+        default="",
+    )
     made = []
     with transaction.atomic(), connection.cursor() as cursor:
         for ahead in range(months_ahead + 1):
             start, end = _month(now, ahead), _month(now, ahead + 1)
             name = partition_name(start)
-            if name in have:
+            if name in have or f"{start:%Y_%m}" < covered:
                 continue
             # A range the DEFAULT partition holds rows of cannot be made: lift them out first.
             cursor.execute(
@@ -164,13 +173,13 @@ def incident_partitions_ensure(*, months_ahead: int = 3, now: datetime | None = 
 
 
 def _make_partition(cursor, name: str, start: datetime | None, end: datetime | None) -> str:
-    """The partition for ``[start, end)`` (None: unbounded below; both None: the DEFAULT one),
-    with its unique client ids."""
-    if start is None and end is None:
-        values = "DEFAULT"
-    else:
-        low = "MINVALUE" if start is None else f"'{start.isoformat()}'"
-        values = f"FOR VALUES FROM ({low}) TO ('{end.isoformat()}')"
+    """The partition for ``[start, end)`` (both None: the DEFAULT one), with its unique client
+    ids."""
+    values = (
+        "DEFAULT"
+        if start is None or end is None
+        else f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
+    )
     cursor.execute(f"CREATE TABLE {name} PARTITION OF {TABLE} {values}")
     cursor.execute(f"CREATE UNIQUE INDEX {name[:50]}_client ON {name} (project_id, client_id)")
     return name

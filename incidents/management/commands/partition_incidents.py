@@ -24,7 +24,10 @@ class Command(BaseCommand):
         except PartitioningUnavailable as exc:
             raise CommandError(str(exc)) from exc
         if done["converted"]:
-            self.stdout.write(f"Partitioned the incidents table: {done['rows']} rows moved.")
+            self.stdout.write(
+                f"Partitioned the incidents table: its {done['rows']} rows kept where they are, "
+                f"in {done['made'][0]}."
+            )
         else:
             self.stdout.write("The incidents table was partitioned already.")
         made = ", ".join(done["made"]) or "none"
