@@ -13,11 +13,14 @@ Imports nothing of the apps: the fast lane's handlers give it the function to ru
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from base.fast_lane import in_worker_thread
 from base.middleware import database_unavailable
+
+logger = logging.getLogger(__name__)
 
 
 class Coalescer:
@@ -63,11 +66,22 @@ class Coalescer:
         return await answer
 
     async def _lead(self, slot: tuple[int, Hashable], key: Hashable) -> None:
+        batch: list[tuple[Any, asyncio.Future]] = []
         try:
             while queue := self._waiting[slot]:
                 most = max(1, self._max_items())
                 self._waiting[slot] = queue[most:]
-                await self._run(key, queue[:most])
+                batch = queue[:most]
+                await self._run(key, batch)
+        except Exception as exc:
+            # A bug must not leave callers waiting: each of them answers for it.
+            logger.exception("A shared call of %r failed.", key)
+            for _, answer in batch + self._waiting[slot]:
+                _settle(answer, exception=exc)
+        except BaseException:
+            for _, answer in batch + self._waiting[slot]:  # the loop is cancelling this task
+                answer.cancel()
+            raise
         finally:
             del self._waiting[slot]
 
@@ -83,6 +97,8 @@ class Coalescer:
             for one in batch:  # which of them failed it? Each alone.
                 await self._run(key, [one])
             return
+        if len(results) != len(batch):
+            raise ValueError(f"{len(results)} results for {len(batch)} items")
         for (_, answer), result in zip(batch, results, strict=True):
             _settle(answer, result=result)
 
