@@ -34,7 +34,8 @@ class Coalescer:
     (1 switches it off: each call then runs at once on its own thread, as without it). If
     a shared call raises, each of its items is tried again alone, so one item that fails (a
     row the database refuses) fails only its own request; except when the database cannot be
-    reached: then all of them get that error (and their 503) without a retry each."""
+    reached: then all of them, and those who came meanwhile, get that error (and their 503) at
+    once, without a wait each for the same outage."""
 
     def __init__(
         self, run_many: Callable[[Any, list[Any]], Sequence[Any]], max_items: Callable[[], int]
@@ -72,7 +73,7 @@ class Coalescer:
                 most = max(1, self._max_items())
                 self._waiting[slot] = queue[most:]
                 batch = queue[:most]
-                await self._run(key, batch)
+                await self._run(slot, key, batch)
         except Exception as exc:
             # A bug must not leave callers waiting: each of them answers for it.
             logger.exception("A shared call of %r failed.", key)
@@ -85,17 +86,24 @@ class Coalescer:
         finally:
             del self._waiting[slot]
 
-    async def _run(self, key: Hashable, batch: list[tuple[Any, asyncio.Future]]) -> None:
+    async def _run(
+        self, slot: tuple[int, Hashable], key: Hashable, batch: list[tuple[Any, asyncio.Future]]
+    ) -> None:
         items = [item for item, _ in batch]
         try:
             results = await in_worker_thread(self._run_many)(key, items)
         except Exception as exc:  # noqa: BLE001 - handed to the callers, who answer for it
-            if len(batch) == 1 or database_unavailable(exc):
-                for _, answer in batch:
+            if database_unavailable(exc):
+                # Those who came meanwhile would wait for the same outage: they answer now.
+                for _, answer in batch + self._waiting.pop(slot, []):
                     _settle(answer, exception=exc)
+                self._waiting[slot] = []
+                return
+            if len(batch) == 1:
+                _settle(batch[0][1], exception=exc)
                 return
             for one in batch:  # which of them failed it? Each alone.
-                await self._run(key, [one])
+                await self._run(slot, key, [one])
             return
         if len(results) != len(batch):
             raise ValueError(f"{len(results)} results for {len(batch)} items")

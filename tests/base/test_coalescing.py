@@ -97,3 +97,32 @@ def test_switched_off_each_call_runs_alone_and_at_once(max_items):
 
     assert async_to_sync(scenario)() == [10, 20, 30]
     assert sorted(recorder.calls) == [[1], [2], [3]]
+
+
+def test_when_the_database_cannot_be_reached_those_waiting_are_answered_at_once():
+    from django.db import OperationalError
+
+    def unreachable(items):
+        raise OperationalError("connection refused")  # what a pool timeout raises: no SQLSTATE
+
+    recorder = Recorder(answer=unreachable)
+
+    got = run(Coalescer(recorder, lambda: 100), recorder, 1, [2, 3])
+
+    assert all(isinstance(got[n], OperationalError) for n in (1, 2, 3)), got
+    assert recorder.calls == [[1]]  # not once more for those who came meanwhile
+
+
+def test_a_shared_call_that_fails_is_tried_again_item_by_item():
+    def refuse_two(items):
+        if 2 in items:
+            raise RuntimeError("refused")
+        return [item * 10 for item in items]
+
+    recorder = Recorder(answer=refuse_two)
+
+    got = run(Coalescer(recorder, lambda: 100), recorder, 1, [2, 3, 4])
+
+    assert recorder.calls == [[1], [2, 3, 4], [2], [3], [4]]
+    assert isinstance(got[2], RuntimeError)
+    assert {n: got[n] for n in (1, 3, 4)} == {1: 10, 3: 30, 4: 40}
