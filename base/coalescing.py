@@ -88,7 +88,9 @@ class Coalescer:
 
     async def _run(
         self, slot: tuple[int, Hashable], key: Hashable, batch: list[tuple[Any, asyncio.Future]]
-    ) -> None:
+    ) -> Exception | None:
+        """Run ``batch`` and answer its callers. Returns the error when the database could not
+        be reached (everyone waiting has been answered with it), else None."""
         items = [item for item, _ in batch]
         try:
             results = await in_worker_thread(self._run_many)(key, items)
@@ -98,17 +100,22 @@ class Coalescer:
                 for _, answer in batch + self._waiting.pop(slot, []):
                     _settle(answer, exception=exc)
                 self._waiting[slot] = []
-                return
+                return exc
             if len(batch) == 1:
                 _settle(batch[0][1], exception=exc)
-                return
-            for one in batch:  # which of them failed it? Each alone.
-                await self._run(slot, key, [one])
-            return
+                return None
+            for index, one in enumerate(batch):  # which of them failed it? Each alone.
+                unreachable = await self._run(slot, key, [one])
+                if unreachable is not None:
+                    for _, answer in batch[index + 1 :]:
+                        _settle(answer, exception=unreachable)
+                    return unreachable
+            return None
         if len(results) != len(batch):
             raise ValueError(f"{len(results)} results for {len(batch)} items")
         for (_, answer), result in zip(batch, results, strict=True):
             _settle(answer, result=result)
+        return None
 
 
 def _settle(answer: asyncio.Future, *, result: Any = None, exception: Exception | None = None):

@@ -126,3 +126,25 @@ def test_a_shared_call_that_fails_is_tried_again_item_by_item():
     assert recorder.calls == [[1], [2, 3, 4], [2], [3], [4]]
     assert isinstance(got[2], RuntimeError)
     assert {n: got[n] for n in (1, 3, 4)} == {1: 10, 3: 30, 4: 40}
+
+
+def test_when_the_database_goes_away_during_the_retries_the_rest_are_answered_at_once():
+    from django.db import OperationalError
+
+    def refuse_then_unreachable(items):
+        if len(items) > 1:
+            raise RuntimeError("refused")
+        raise OperationalError("connection refused")
+
+    recorder = Recorder()  # the first call answers; those after it go as above
+    recorder.answer = lambda items: (
+        [item * 10 for item in items]
+        if len(recorder.calls) == 1
+        else refuse_then_unreachable(items)
+    )
+
+    got = run(Coalescer(recorder, lambda: 100), recorder, 1, [2, 3, 4])
+
+    assert got[1] == 10
+    assert all(isinstance(got[n], OperationalError) for n in (2, 3, 4)), got
+    assert recorder.calls == [[1], [2, 3, 4], [2]]
